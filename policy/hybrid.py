@@ -1,0 +1,194 @@
+"""`HybridPolicy`: any Hugging Face causal LM as a hybrid AR + one-step block-diffusion model (TiDAR).
+
+The wrapped model is untouched apart from one added mask token. Its default forward is plain causal AR, so HF
+`generate`, TRL and likelihood evaluation work unchanged. The diffusion mode is the same network under a different
+attention pattern (`policy.masks`). The blockrl metadata (`mask_token_id`, `block_size`) travels in the HF config
+under the key `blockrl`, so a converted checkpoint is still a plain `AutoModelForCausalLM` directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from policy.losses import TidarLossOutput, load_balancing_loss, tidar_loss
+from policy.masks import tidar_training_mask, to_additive
+from policy.tokenizer import MASK
+
+METADATA_KEY = "blockrl"
+METADATA_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TidarOutput:
+    ar_logits: torch.Tensor  # [B, S, V] clean half: position t predicts token t+1
+    diff_logits: torch.Tensor  # [B, S, V] mask half: position t predicts token t
+    aux_loss: torch.Tensor | None  # MoE load balancing over real tokens, None for dense models
+
+
+def moe_shape(config) -> tuple[int, int] | None:
+    """(num_experts, top_k) for MoE configs across HF families, None for dense ones."""
+    n = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    k = getattr(config, "num_experts_per_tok", None)
+    return (int(n), int(k)) if n and k else None
+
+
+class HybridPolicy(nn.Module):
+    """A causal LM plus a mask token: AR by default, block diffusion under the TiDAR mask."""
+
+    def __init__(self, model: PreTrainedModel, mask_token_id: int | None = None, block_size: int = 16):
+        super().__init__()
+        self.model = model
+        self.mask_token_id = mask_token_id
+        self.block_size = block_size
+
+    # ------------------------------------------------------------------ construction and I/O
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def is_converted(self) -> bool:
+        return self.mask_token_id is not None
+
+    @property
+    def moe(self) -> tuple[int, int] | None:
+        return moe_shape(self.model.config)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+    ) -> HybridPolicy:
+        """Load a blockrl checkpoint, or a plain HF checkpoint (then `is_converted` is False; call `convert`)."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=attn_implementation, dtype=dtype
+        )
+        meta = getattr(model.config, METADATA_KEY, None) or {}
+        return cls(model, meta.get("mask_token_id"), int(meta.get("block_size", 16)))
+
+    def convert(self, tokenizer: PreTrainedTokenizerBase | None = None, block_size: int | None = None) -> int:
+        """Add the mask token (to the tokenizer when given) and resize the embeddings; returns its id.
+
+        The new embedding row starts at the mean of the existing ones (transformers' mean resizing).
+        """
+        if block_size is not None:
+            self.block_size = block_size
+        if self.is_converted:
+            return self.mask_token_id
+        if tokenizer is not None:
+            tokenizer.add_special_tokens({"mask_token": MASK})
+            mask_id = tokenizer.mask_token_id
+            new_size = max(len(tokenizer), self.model.config.vocab_size)
+        else:
+            mask_id = self.model.config.vocab_size
+            new_size = mask_id + 1
+        self.model.resize_token_embeddings(new_size, mean_resizing=True)
+        self.mask_token_id = int(mask_id)
+        self._write_metadata()
+        return self.mask_token_id
+
+    def _write_metadata(self) -> None:
+        meta = {"format": METADATA_FORMAT, "mask_token_id": self.mask_token_id, "block_size": self.block_size}
+        setattr(self.model.config, METADATA_KEY, meta)
+
+    def save_pretrained(
+        self, path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> None:
+        """Save as an HF directory (safetensors + config with blockrl metadata [+ tokenizer])."""
+        if self.is_converted:
+            self._write_metadata()
+        self.model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    # ------------------------------------------------------------------ forwards
+    def forward(self, *args, **kwargs):
+        """Plain causal AR forward of the wrapped model (HF semantics)."""
+        return self.model(*args, **kwargs)
+
+    def attention_mask_4d(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Bool [Q, KV] or [B, Q, KV] mask -> the 4D form this model's attention implementation reads correctly."""
+        m = mask[None, None] if mask.dim() == 2 else mask[:, None]
+        if self.model.config._attn_implementation == "sdpa":
+            return m
+        return to_additive(m, dtype)  # eager (and others) need an additive mask
+
+    def masked_forward(
+        self,
+        input_ids: torch.Tensor,  # [B, Q]
+        position_ids: torch.Tensor,  # [B, Q]
+        mask: torch.Tensor,  # bool [Q, Q] or [B, Q, Q], True = attend
+        token_mask: torch.Tensor | None = None,  # [B, Q] real tokens, for the MoE aux loss
+        want_aux: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward under an arbitrary mask; returns (logits [B,Q,V], aux loss or None)."""
+        dtype = self.model.get_input_embeddings().weight.dtype
+        base = self.model.base_model
+        kwargs = {"output_router_logits": True} if (want_aux and self.moe) else {}
+        out = base(
+            input_ids=input_ids,
+            attention_mask=self.attention_mask_4d(mask.to(input_ids.device), dtype),
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.model.get_output_embeddings()(out.last_hidden_state)
+        aux = None
+        if kwargs:
+            n_exp, top_k = self.moe
+            aux = load_balancing_loss(out.router_logits, n_exp, top_k, token_mask)
+        return logits, aux
+
+    def tidar_forward(
+        self,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        block_size: int | None = None,
+        shift: int = 0,
+    ) -> TidarOutput:
+        """TiDAR layout `[x | M]` (DESIGN §2). `valid` [B,S] marks real (non-pad) tokens; pads must be on the right.
+
+        Right padding needs no key masking: clean queries never look right, and a mask block only sees the clean
+        prefix before it, so real positions never see a pad.
+        """
+        if not self.is_converted:
+            raise RuntimeError("tidar_forward needs a mask token: call HybridPolicy.convert() first")
+        B, S = input_ids.shape
+        bs = block_size or self.block_size
+        ids = torch.cat([input_ids, torch.full_like(input_ids, self.mask_token_id)], dim=1)
+        pos = torch.arange(S, device=input_ids.device).repeat(2)[None].expand(B, -1)
+        valid2 = None if valid is None else torch.cat([valid, valid], dim=1)
+        logits, aux = self.masked_forward(ids, pos, tidar_training_mask(S, bs, shift), valid2, want_aux=True)
+        return TidarOutput(logits[:, :S], logits[:, S:], aux)
+
+    def tidar_loss(
+        self,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        alpha: float = 1.0,
+        block_size: int | None = None,
+        shift: int = 0,
+    ) -> TidarLossOutput:
+        """TiDAR objective on a right-padded batch; `loss_mask` selects target tokens (e.g. completions only)."""
+        out = self.tidar_forward(input_ids, valid, block_size, shift)
+        coef = (
+            float(getattr(self.model.config, "router_aux_loss_coef", 0.0))
+            if out.aux_loss is not None
+            else 0.0
+        )
+        return tidar_loss(out.ar_logits, out.diff_logits, input_ids, loss_mask, alpha, out.aux_loss, coef)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    return tok

@@ -1,0 +1,128 @@
+"""Attention masks of the hybrid policy, as small pure functions. True = may attend.
+
+Two layouts (DESIGN §2-3):
+- `tidar_training_mask`: the TiDAR training layout over `[clean S | mask S]`.
+- `decode_step_mask`: one decode step's queries: the verify segment plus one proposal block per level.
+
+`to_additive` turns a bool mask into the additive float form that eager attention needs
+(transformers' eager path silently misreads bool 4D masks; sdpa takes either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def block_ids(seq_len: int, block_size: int, shift: int = 0) -> torch.Tensor:
+    """Block index of each position when block boundaries sit at `c*block_size - shift` (first block may be short)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if not 0 <= shift < block_size:
+        raise ValueError(f"shift must be in [0, block_size), got {shift}")
+    return (torch.arange(seq_len) + shift) // block_size
+
+
+def tidar_training_mask(seq_len: int, block_size: int, shift: int = 0) -> torch.Tensor:
+    """TiDAR training mask `[2S, 2S]` over `[x_0..x_{S-1} | m_0..m_{S-1}]` (both halves at positions 0..S-1).
+
+    - clean x_i sees clean x_j for j <= i (causal);
+    - mask m_i, in block b = (i + shift) // block_size starting at s_b = max(0, b*block_size - shift), sees clean x_j
+      for j < s_b and every mask m_j of its own block (bidirectional); nothing else.
+
+    S=6, block_size=3, shift=0 (x = clean, m = mask; rows are queries):
+
+              x0 x1 x2 x3 x4 x5 | m0 m1 m2 m3 m4 m5
+        x0     1  .  .  .  .  . |  .  .  .  .  .  .
+        x1     1  1  .  .  .  . |  .  .  .  .  .  .
+        x2     1  1  1  .  .  . |  .  .  .  .  .  .
+        x3     1  1  1  1  .  . |  .  .  .  .  .  .
+        x4     1  1  1  1  1  . |  .  .  .  .  .  .
+        x5     1  1  1  1  1  1 |  .  .  .  .  .  .
+        m0     .  .  .  .  .  . |  1  1  1  .  .  .
+        m1     .  .  .  .  .  . |  1  1  1  .  .  .
+        m2     .  .  .  .  .  . |  1  1  1  .  .  .
+        m3     1  1  1  .  .  . |  .  .  .  1  1  1
+        m4     1  1  1  .  .  . |  .  .  .  1  1  1
+        m5     1  1  1  .  .  . |  .  .  .  1  1  1
+
+    Labels: x_i predicts x_{i+1} (AR); m_i predicts x_i (diffusion), so slot j of a block predicts the j-th token
+    after the clean prefix it sees.
+    """
+    S = seq_len
+    pos = torch.arange(S)
+    blk = block_ids(S, block_size, shift)
+    start = (blk * block_size - shift).clamp(min=0)  # first position of each mask's block
+    mask = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
+    mask[:S, :S] = pos[None, :] <= pos[:, None]  # clean: causal
+    mask[S:, :S] = pos[None, :] < start[:, None]  # mask -> clean prefix before its block
+    mask[S:, S:] = blk[None, :] == blk[:, None]  # mask -> own block, bidirectional
+    return mask
+
+
+def decode_step_layout(block_size: int, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position offsets (relative to the anchor position b) and segment ids of one decode step's queries.
+
+    Segment 0 is the verify segment `[a, d_1..d_K]` at offsets 0..K; segment 1+l is the proposal block of level
+    `levels[l]` = p, K+1 masks at offsets p+1..p+K+1. Returns `(offsets [Q], segment [Q])`, Q = (K+1)(1+len(levels)).
+    """
+    K = block_size
+    levels = list(levels)
+    if not levels or levels[0] != 0 or sorted(set(levels)) != levels or levels[-1] > K:
+        raise ValueError(f"levels must be strictly increasing within 0..{K} and start at 0, got {levels}")
+    offsets = [torch.arange(K + 1)] + [torch.arange(p + 1, p + K + 2) for p in levels]
+    segment = [torch.full((K + 1,), s) for s in range(1 + len(levels))]
+    return torch.cat(offsets), torch.cat(segment)
+
+
+def decode_step_mask(block_size: int, levels: Sequence[int]) -> torch.Tensor:
+    """Query-vs-query mask `[Q, Q]` of one decode step (every query also sees the whole committed cache).
+
+    - verify slots are causal among themselves;
+    - the proposal of level p sees verify slots 0..p and its own K+1 masks, bidirectionally; nothing else.
+
+    K=2, levels=[0, 2] (v = verify slot, P0/P2 = proposal masks; rows are queries):
+
+                 v0 v1 v2 | P0 P0 P0 | P2 P2 P2
+        v0        1  .  . |  .  .  . |  .  .  .
+        v1        1  1  . |  .  .  . |  .  .  .
+        v2        1  1  1 |  .  .  . |  .  .  .
+        P0 (x3)   1  .  . |  1  1  1 |  .  .  .
+        P2 (x3)   1  1  1 |  .  .  . |  1  1  1
+
+    Proposal p's slot j sits at position b+p+1+j and predicts that position's token given the prefix through b+p.
+    """
+    levels = list(levels)
+    offsets, segment = decode_step_layout(block_size, levels)
+    is_verify = segment == 0
+    level_of = torch.tensor([-1, *levels])[segment]  # level of each proposal query, -1 for verify
+    q_verify, k_verify = is_verify[:, None], is_verify[None, :]
+    causal = q_verify & k_verify & (offsets[None, :] <= offsets[:, None])
+    sees_verify = ~q_verify & k_verify & (offsets[None, :] <= level_of[:, None])
+    own_block = ~q_verify & (segment[:, None] == segment[None, :])
+    return causal | sees_verify | own_block
+
+
+def prefill_mask(prompt_len: int, block_size: int) -> torch.Tensor:
+    """Prefill mask `[P+K+1, P+K+1]`: the prompt causal, then one proposal block of K+1 masks seeing the whole prompt.
+
+    P=3, K=1:
+              t0 t1 t2 | m m
+        t0     1  .  . | . .
+        t1     1  1  . | . .
+        t2     1  1  1 | . .
+        m      1  1  1 | 1 1
+        m      1  1  1 | 1 1
+    """
+    P, n = prompt_len, block_size + 1
+    mask = torch.zeros(P + n, P + n, dtype=torch.bool)
+    mask[:P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+    mask[P:, :P] = True
+    mask[P:, P:] = True
+    return mask
+
+
+def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask (True = attend) -> additive float mask (0 where attend, finfo.min elsewhere)."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)

@@ -1,0 +1,40 @@
+"""Character-level tokenizer for the built-in tasks, built offline as a real `PreTrainedTokenizerFast`.
+
+Decision: one token per character. The built-in traces are copy-heavy and templated, so a char vocabulary keeps the
+vocab tiny (~100), makes every draft slot a single character the drafter can place, and needs no training data to
+build. It is a BPE model with an empty merge list over a fixed alphabet, so `tokenizers` splits any string into its
+characters; unknown characters map to `<unk>`.
+"""
+
+from __future__ import annotations
+
+import string
+
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+MASK = "<mask>"  # added by `HybridPolicy.convert`, not part of the AR vocabulary
+SPECIALS = (PAD, EOS, BOS, UNK)
+ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+
+def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
+    """A fast char-level tokenizer: ids 0..3 are specials, then one id per alphabet character."""
+    if len(set(alphabet)) != len(alphabet):
+        raise ValueError("alphabet has duplicate characters")
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK, fuse_unk=False))
+    core.decoder = decoders.Fuse()  # join characters without separators
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=BOS,
+        unk_token=UNK,
+        padding_side="left",  # decoder-only generation pads on the left
+        model_max_length=4096,
+    )
+    return tok

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random models and the char tokenizer; side effects stay in tmp dirs."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from policy.factory import build_model, tiny_dense_config, tiny_moe_config
+from policy.hybrid import HybridPolicy
+from policy.tokenizer import build_char_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _isolate(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / ".mpl"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / ".hf"))
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tokenizer():
+    return build_char_tokenizer()
+
+
+def make_policy(kind: str, attn: str = "sdpa", vocab_size: int = 37, block_size: int = 4, seed: int = 0):
+    cfg = tiny_moe_config(vocab_size) if kind == "moe" else tiny_dense_config(vocab_size, arch=kind)
+    policy = HybridPolicy(build_model(cfg, seed=seed, attn_implementation=attn))
+    policy.convert(block_size=block_size)
+    policy.eval()
+    return policy

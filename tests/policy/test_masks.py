@@ -1,0 +1,102 @@
+"""Mask builders: exact small pictures and structural invariants (DESIGN §2-3)."""
+
+import pytest
+import torch
+
+from policy import decode_step_mask, prefill_mask, tidar_training_mask
+from policy.masks import decode_step_layout, to_additive
+
+
+def grid(rows: list[str]) -> torch.Tensor:
+    return torch.tensor([[c == "1" for c in r.replace(" ", "")] for r in rows])
+
+
+def test_tidar_mask_exact_picture():
+    """S=4, K=2: clean causal; mask block b sees clean < 2b and its own block."""
+    expected = grid(
+        [
+            "1000 0000",
+            "1100 0000",
+            "1110 0000",
+            "1111 0000",
+            "0000 1100",
+            "0000 1100",
+            "1100 0011",
+            "1100 0011",
+        ]
+    )
+    assert torch.equal(tidar_training_mask(4, 2), expected)
+
+
+def test_tidar_mask_shifted_blocks_partition_positions():
+    """With a shift the first block is short; every block sees exactly the clean prefix before its first slot."""
+    S, K = 11, 4
+    for shift in range(K):
+        m = tidar_training_mask(S, K, shift)
+        for i in range(S):
+            own = m[S + i, S:].nonzero().flatten()
+            start = int(own.min())
+            assert own.tolist() == list(range(start, int(own.max()) + 1))  # contiguous block
+            assert len(own) <= K
+            assert m[S + i, :S].nonzero().flatten().tolist() == list(range(start))
+            assert (start + shift) % K == 0 or start == 0
+
+
+def test_tidar_mask_clean_half_never_sees_masks():
+    m = tidar_training_mask(9, 3, 1)
+    assert not m[:9, 9:].any()
+
+
+def test_decode_step_mask_exact_picture():
+    expected = grid(
+        [
+            "100 000 000",
+            "110 000 000",
+            "111 000 000",
+            "100 111 000",
+            "100 111 000",
+            "100 111 000",
+            "111 000 111",
+            "111 000 111",
+            "111 000 111",
+        ]
+    )
+    assert torch.equal(decode_step_mask(2, [0, 2]), expected)
+
+
+def test_decode_step_layout_positions():
+    off, seg = decode_step_layout(3, [0, 1, 3])
+    assert off[:4].tolist() == [0, 1, 2, 3]
+    assert off[4:8].tolist() == [1, 2, 3, 4]  # level 0 proposal: b+1..b+K+1
+    assert off[12:16].tolist() == [4, 5, 6, 7]  # level 3 proposal
+    assert seg.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+
+
+def test_decode_step_proposal_matches_training_block():
+    """A level-p proposal sees the same prefix a training mask block starting at b+p+1 sees (up to the cache)."""
+    K = 4
+    levels = [0, 2, 4]
+    m = decode_step_mask(K, levels)
+    off, seg = decode_step_layout(K, levels)
+    for s, p in enumerate(levels, start=1):
+        rows = (seg == s).nonzero().flatten()
+        seen_verify = off[m[rows[0]] & (seg == 0)]
+        assert seen_verify.tolist() == list(range(p + 1))
+        assert m[rows][:, rows].all()  # bidirectional inside the block
+
+
+@pytest.mark.parametrize("levels", [[1], [0, 0], [0, 5], []])
+def test_decode_step_rejects_bad_levels(levels):
+    with pytest.raises(ValueError, match="levels"):
+        decode_step_mask(4, levels)
+
+
+def test_prefill_mask():
+    m = prefill_mask(3, 1)
+    assert torch.equal(m, grid(["100 00", "110 00", "111 00", "111 11", "111 11"]))
+
+
+def test_additive_mask_values():
+    m = torch.tensor([[True, False]])
+    a = to_additive(m, torch.float32)
+    assert a[0, 0] == 0 and a[0, 1] == torch.finfo(torch.float32).min
