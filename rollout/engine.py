@@ -1,0 +1,349 @@
+"""Self-speculative block decoding (DESIGN §3): one forward verifies the last draft and drafts the next block.
+
+Per row and step, the queries are the verify segment `[a, d_1..d_K]` at positions b..b+K plus one proposal block of
+K+1 masks per level p (positions b+p+1..b+p+K+1). The verify logits give p_0..p_K; the fused verify accepts na drafts
+and draws one more token; the cache keeps the KV of `a, d_1..d_na` only; the next drafts come from the proposal with
+the largest level p <= na ("closest below"), slots covering positions b+na+2 onward. Prefill is the prompt (causal)
+plus one proposal block, and the AR head samples the first anchor.
+
+The `ar` sampler is the same loop with an empty draft (verify segment = the anchor alone, no proposals): one token
+per forward, our own baseline. Rows are ragged (own length, acceptance, cache extent) and finished rows are refilled
+from the prompt queue (continuous batching). Each row draws its randomness from its own generator seeded by
+(seed, prompt index), so a trajectory does not depend on which other prompts share its batch.
+
+    from rollout import BlockEngine
+    engine = BlockEngine(policy, sampler="lossless", levels=[0, 4, 8], tokenizer=tok)
+    trajs = engine.generate([[2, 70, 71]], max_new_tokens=64, temperature=1.0, seed=0)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernels.verify import verify_reference
+from policy.hybrid import HybridPolicy
+from policy.masks import decode_step_layout, decode_step_mask
+from rollout.cache import RaggedKVCache
+from rollout.processors import constraint_mask, process_logits
+from rollout.types import SamplingParams, Trajectory
+
+SAMPLERS = ("ar", "lossless", "logit_mix")
+
+
+@dataclass
+class _Row:
+    """Book-keeping of one occupied batch slot (tensors for all slots live on the engine)."""
+
+    index: int  # prompt index
+    traj: Trajectory
+    gen: torch.Generator
+    started: float
+
+
+class BlockEngine:
+    def __init__(
+        self,
+        policy: HybridPolicy,
+        sampler: str = "lossless",
+        block_size: int | None = None,
+        levels: Sequence[int] = (0,),
+        max_batch: int = 16,
+        mix_weight: float = 0.5,
+        draft: str = "dirac",
+        draft_temperature: float = 1.0,
+        tokenizer=None,
+        policy_version: int = 0,
+        verify_fn=verify_reference,
+    ):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if sampler != "ar" and not policy.is_converted:
+            raise ValueError(f"sampler {sampler!r} needs a converted policy (mask token); use sampler='ar'")
+        if draft not in ("dirac", "sampled"):
+            raise ValueError(f"draft must be 'dirac' or 'sampled', got {draft!r}")
+        if not 0.0 <= mix_weight <= 1.0:
+            raise ValueError(f"mix_weight must be in [0, 1], got {mix_weight}")
+        self.policy = policy
+        self.sampler = sampler
+        self.K = 0 if sampler == "ar" else (block_size or policy.block_size)
+        self.levels = [] if sampler == "ar" else list(levels)
+        self.max_batch = max_batch
+        self.mix_weight = mix_weight
+        self.draft = draft
+        self.draft_temperature = draft_temperature
+        self.tokenizer = tokenizer
+        self.policy_version = policy_version
+        self.verify_fn = verify_fn
+        self.device = next(policy.parameters()).device
+        if self.K:
+            offsets, _ = decode_step_layout(self.K, self.levels)  # validates levels
+            self._offsets = offsets.to(self.device)
+            self._step_mask = decode_step_mask(self.K, self.levels).to(self.device)
+        else:
+            self._offsets = torch.zeros(1, dtype=torch.long, device=self.device)
+            self._step_mask = torch.ones(1, 1, dtype=torch.bool, device=self.device)
+        self._levels_t = torch.tensor(self.levels or [0], device=self.device)
+
+    @property
+    def query_len(self) -> int:
+        """Queries per row per decode step: (K+1)(1+len(levels)), or 1 for `ar`."""
+        return len(self._offsets)
+
+    # ------------------------------------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        audit: bool = False,
+        **kwargs,
+    ) -> list[Trajectory]:
+        """One Trajectory per prompt, in order. Extra kwargs go to SamplingParams (eos_token_id, stop_strings, ...)."""
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("prompt_ids: every prompt needs at least one token")
+        if "eos_token_id" not in kwargs and self.tokenizer is not None:
+            kwargs["eos_token_id"] = self.tokenizer.eos_token_id
+        if kwargs.get("stop_strings") and self.tokenizer is None:
+            raise ValueError("stop_strings need the engine's tokenizer")
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, **kwargs)
+        self.policy.eval()
+        return _Run(self, prompt_ids, params, audit).run()
+
+
+class _Run:
+    """State of one `generate` call: slots, cache, drafts."""
+
+    def __init__(self, eng: BlockEngine, prompts: list[list[int]], params: SamplingParams, audit: bool):
+        self.eng, self.prompts, self.params, self.audit = eng, prompts, params, audit
+        B, K, dev = min(eng.max_batch, len(prompts)), eng.K, eng.device
+        cfg = eng.policy.config
+        self.V = eng.policy.model.get_output_embeddings().weight.shape[0]
+        self.cache = RaggedKVCache(cfg.num_hidden_layers, B, dev)
+        self.slots: list[_Row | None] = [None] * B
+        self.anchor = torch.zeros(B, dtype=torch.long, device=dev)
+        self.drafts = torch.zeros(B, max(K, 1), dtype=torch.long, device=dev)
+        self.n_drafts = torch.zeros(B, dtype=torch.long, device=dev)
+        self.draft_logits = torch.zeros(B, max(K, 1), self.V, device=dev) if K else None
+        self.banned = constraint_mask(params, self.V, dev)
+        self.results: list[Trajectory | None] = [None] * len(prompts)
+
+    # ---------------------------------------------------------------------------------------------- driver
+    def run(self) -> list[Trajectory]:
+        queue = deque(range(len(self.prompts)))
+        while True:
+            free = [s for s, r in enumerate(self.slots) if r is None]
+            if queue and free:
+                take = [(s, queue.popleft()) for s in free[: len(queue)]]
+                self.prefill(take)
+            active = [s for s, r in enumerate(self.slots) if r is not None]
+            if not active:
+                if not queue:
+                    break
+                continue
+            self.decode_step(active)
+        return self.results
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(
+        self, rows: list[int], ids: torch.Tensor, pos: torch.Tensor, qmask: torch.Tensor
+    ) -> torch.Tensor:
+        """ids/pos [R, Q], qmask bool [R or 1, Q, Q] -> logits [R, Q, V] over cache + queries."""
+        all_rows = len(rows) == len(self.slots)
+        rows_t = None if all_rows else torch.tensor(rows, device=ids.device)
+        T = self.cache.begin(rows_t)
+        R, Q = ids.shape
+        kmask = self.cache.key_mask(rows_t, T)[:, None, :].expand(R, Q, T)
+        mask = torch.cat([kmask, qmask.expand(R, Q, Q)], dim=2)  # [R, Q, T+Q]
+        policy = self.eng.policy
+        out = policy.model(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=policy.attention_mask_4d(mask, policy.model.dtype),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits.float()
+
+    def commit(self, rows: list[int], src: torch.Tensor, counts: torch.Tensor) -> None:
+        self.cache.commit(torch.tensor(rows, device=src.device), src, counts)
+
+    # ---------------------------------------------------------------------------------------------- prefill
+    def prefill(self, take: list[tuple[int, int]]) -> None:
+        """Prompts (causal) + one proposal block of K+1 masks after each; the AR head samples the first anchor."""
+        eng, dev, K = self.eng, self.eng.device, self.eng.K
+        rows = [s for s, _ in take]
+        lens = torch.tensor([len(self.prompts[i]) for _, i in take], device=dev)
+        P = int(lens.max())
+        n = K + 1 if K else 0
+        R, Q = len(take), P + n
+        ids = torch.full((R, Q), eng.policy.mask_token_id or 0, dtype=torch.long, device=dev)
+        for r, (_, i) in enumerate(take):
+            ids[r, : lens[r]] = torch.tensor(self.prompts[i], device=dev)
+        q = torch.arange(Q, device=dev)
+        is_prompt = q[None, :] < lens[:, None]  # [R, Q]
+        is_mask = q[None, :] >= P
+        pos = torch.where(is_mask, lens[:, None] + (q[None, :] - P), torch.where(is_prompt, q[None, :], 0))
+        causal = (q[None, :] <= q[:, None])[None] & is_prompt[:, None, :] & is_prompt[:, :, None]
+        block = is_mask[:, :, None] & (is_prompt[:, None, :] | is_mask[:, None, :])
+        pad_self = (~is_prompt & ~is_mask)[:, :, None] & torch.eye(Q, dtype=torch.bool, device=dev)[None]
+        self.cache.reset_rows(torch.tensor(rows, device=dev))
+        logits = self.forward(rows, ids, pos, causal | block | pad_self)
+        self.commit(rows, q[:P].expand(R, P), lens)
+        for s, i in take:
+            seed = self.params.seed * 1_000_003 + i
+            traj = Trajectory(prompt_ids=list(self.prompts[i]), policy_version=eng.policy_version)
+            traj.audit = [] if self.audit else None
+            self.slots[s] = _Row(i, traj, torch.Generator().manual_seed(seed), time.perf_counter())
+        last = logits[torch.arange(R, device=dev), lens - 1]  # [R, V]: AR distribution of the first token
+        empty = torch.zeros(R, 0, dtype=torch.long, device=dev)
+        out = self.verify(rows, last[:, None], empty, None, torch.zeros(R, dtype=torch.long, device=dev))
+        if K:
+            proposal = logits[:, P:]  # [R, K+1, V] at positions lens..lens+K: level 0 with na = 0
+            self.set_drafts(rows, proposal[:, None], torch.zeros(R, dtype=torch.long, device=dev))
+        self.emit(rows, out, drafts_used=None)
+
+    # ---------------------------------------------------------------------------------------------- decode
+    def decode_step(self, rows: list[int]) -> None:
+        eng, dev, K = self.eng, self.eng.device, self.eng.K
+        rows_t = torch.tensor(rows, device=dev)
+        R = len(rows)
+        if K:
+            L = len(eng.levels)
+            verify_ids = torch.cat([self.anchor[rows_t, None], self.drafts[rows_t]], dim=1)  # [R, K+1]
+            masks = torch.full((R, L * (K + 1)), eng.policy.mask_token_id, dtype=torch.long, device=dev)
+            ids = torch.cat([verify_ids, masks], dim=1)
+        else:
+            ids = self.anchor[rows_t, None]
+        pos = self.cache.lens[rows_t, None] + eng._offsets[None]
+        logits = self.forward(rows, ids, pos, eng._step_mask[None])
+        n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
+        drafts = self.drafts[rows_t, :K]
+        verified = self.verify(
+            rows, logits[:, : K + 1], drafts, self.draft_logits[rows_t] if K else None, n_drafts
+        )
+        accept_len = verified[0].accept_len
+        self.commit(rows, torch.arange(K + 1, device=dev).expand(R, K + 1), accept_len + 1)
+        if K:
+            proposals = logits[:, K + 1 :].view(R, len(eng.levels), K + 1, -1)
+            self.set_drafts(rows, proposals, accept_len)
+        self.emit(rows, verified, drafts_used=drafts)
+
+    def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts):
+        """Processors -> (logit mixing) -> fused verify with per-row uniforms; adds ar_logprobs."""
+        p, eng = self.params, self.eng
+        R, K1, _ = ar_logits.shape
+        target = ar_logits
+        if eng.sampler == "logit_mix" and eng.mix_weight < 1.0 and K1 > 1:
+            w = eng.mix_weight
+            mixed = w * ar_logits[:, :-1] + (1 - w) * draft_logits
+            valid = (torch.arange(K1 - 1, device=ar_logits.device)[None] < n_drafts[:, None])[..., None]
+            target = torch.cat([torch.where(valid, mixed, ar_logits[:, :-1]), ar_logits[:, -1:]], dim=1)
+        target = process_logits(target, p, self.banned)
+        q = None
+        if eng.draft == "sampled" and K1 > 1 and p.temperature > 0:
+            q = torch.softmax(process_logits(draft_logits, p, self.banned) / eng.draft_temperature, dim=-1)
+        u = torch.stack([torch.rand(K1, generator=self.slots[s].gen) for s in rows]).to(ar_logits.device)
+        out = eng.verify_fn(target, drafts, q, n_drafts, u, p.temperature)
+        if p.temperature == 0:
+            ar_lp = torch.zeros_like(out.logprobs)
+        elif target is ar_logits or eng.sampler != "logit_mix":
+            ar_lp = out.logprobs
+        else:
+            lp = torch.log_softmax(process_logits(ar_logits, p, self.banned) / p.temperature, dim=-1)
+            emitted = torch.arange(K1, device=lp.device)[None] <= out.accept_len[:, None]
+            ar_lp = lp.gather(-1, out.tokens.clamp(min=0)[..., None]).squeeze(-1) * emitted
+        return out, ar_lp
+
+    def set_drafts(self, rows: list[int], proposals: torch.Tensor, accept_len: torch.Tensor) -> None:
+        """Next drafts from the closest-below proposal. proposals [R, L, K+1, V], accept_len [R]."""
+        eng, K = self.eng, self.eng.K
+        dev = proposals.device
+        R = len(rows)
+        lvl = torch.searchsorted(eng._levels_t, accept_len, right=True) - 1  # largest level p <= na
+        p = eng._levels_t[lvl]
+        chosen = proposals[torch.arange(R, device=dev), lvl]  # [R, K+1, V]
+        first = accept_len - p + 1  # slot of position b+na+2
+        slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(max=K)  # [R, K]
+        dl = chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1]))  # [R, K, V]
+        n = K - accept_len + p
+        rows_t = torch.tensor(rows, device=dev)
+        self.draft_logits[rows_t] = dl
+        self.n_drafts[rows_t] = n
+        processed = process_logits(dl, self.params, self.banned)
+        if self.eng.draft == "sampled" and self.params.temperature > 0:
+            probs = torch.softmax(processed / self.eng.draft_temperature, dim=-1)
+            u = torch.stack([torch.rand(K, generator=self.slots[s].gen) for s in rows]).to(dev)
+            cdf = probs.cumsum(-1)
+            drafts = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+        else:
+            drafts = processed.argmax(-1)
+        self.drafts[rows_t] = drafts
+
+    # ---------------------------------------------------------------------------------------------- outputs
+    def emit(self, rows: list[int], verified, drafts_used) -> None:
+        """Append each row's committed tokens, cut at stops, free finished slots."""
+        out, ar_lp = verified
+        p = self.params
+        na = out.accept_len.tolist()
+        toks = out.tokens.tolist()
+        blp, alp = out.logprobs.tolist(), ar_lp.tolist()
+        now = time.perf_counter()
+        for r, s in enumerate(rows):
+            row = self.slots[s]
+            t = row.traj
+            n = na[r] + 1
+            if drafts_used is not None:  # a decode step (prefill emits the first anchor)
+                t.accept_counts.append(na[r])
+            t.num_forwards += 1
+            chunk = toks[r][:n]
+            if t.audit is not None:
+                t.audit.append(
+                    {
+                        "drafts": drafts_used[r].tolist() if drafts_used is not None else [],
+                        "accept_len": na[r],
+                        "committed": chunk,
+                    }
+                )
+            start = len(t.tokens)
+            t.tokens += chunk
+            t.behavior_logprobs += blp[r][:n]
+            t.ar_logprobs += alp[r][:n]
+            cut, reason = self.find_stop(t.tokens, start)
+            if cut is not None:
+                del t.tokens[cut:], t.behavior_logprobs[cut:], t.ar_logprobs[cut:]
+                t.finish_reason = reason
+                t.timings["total"] = now - row.started
+                self.results[row.index] = t
+                self.slots[s] = None
+            else:
+                self.anchor[s] = chunk[-1]
+
+    def find_stop(self, tokens: list[int], start: int) -> tuple[int | None, str]:
+        """Length to keep if a stop falls in tokens[start:], else None. EOS is kept; nothing after a stop is."""
+        p = self.params
+        cut, reason = None, ""
+        if p.eos_token_id is not None:
+            for i in range(start, len(tokens)):
+                if tokens[i] == p.eos_token_id:
+                    cut, reason = i + 1, "eos"
+                    break
+        if p.stop_strings:
+            tok = self.eng.tokenizer
+            end = cut or len(tokens)
+            for i in range(start, end):
+                text = tok.decode(tokens[: i + 1])
+                if any(s in text for s in p.stop_strings):
+                    cut, reason = i + 1, "stop_string"
+                    break
+        if (cut is None and len(tokens) >= p.max_new_tokens) or (cut is not None and cut > p.max_new_tokens):
+            cut, reason = p.max_new_tokens, "length"
+        return cut, reason

@@ -1,0 +1,56 @@
+"""Typed records that cross the engine boundary: sampling parameters in, trajectories out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn. Every distribution the samplers test against is the one after these processors."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    eos_token_id: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    banned_token_ids: tuple[int, ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None  # None = all
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Trajectory:
+    """One generated completion and how it was produced."""
+
+    prompt_ids: list[int]
+    tokens: list[int] = field(
+        default_factory=list
+    )  # completion token ids (stop token included, nothing after)
+    behavior_logprobs: list[float] = field(default_factory=list)  # log-prob under the sampler's distribution
+    ar_logprobs: list[float] = field(default_factory=list)  # log-prob under the AR policy at temperature T
+    accept_counts: list[int] = field(default_factory=list)  # drafts accepted at each decode step
+    num_forwards: int = 0  # forward passes this row took part in (prefill included)
+    policy_version: int = 0
+    finish_reason: str = ""  # "eos" | "stop_string" | "length"
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds: "total"
+    audit: list[dict] | None = None  # per step: proposal drafts, accept_len, committed tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.tokens) / max(1, self.num_forwards)

@@ -1,0 +1,230 @@
+"""Block engine properties: greedy token identity with HF, exact lossless sampling, KV eviction, stops, constraints."""
+
+import math
+
+import pytest
+import torch
+
+from policy import HybridPolicy
+from policy.factory import build_model, tiny_dense_config, tiny_moe_config
+from rollout import BlockEngine
+from rollout import engine as engine_mod
+
+PROMPTS = [[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8], [2, 11, 12]]
+
+
+def lively_policy(kind="moe", vocab=37, block_size=4, attn="sdpa", seed=1):
+    """Random tiny model with a large init, so greedy outputs vary (a default init just repeats one token)."""
+    cfg = tiny_moe_config(vocab) if kind == "moe" else tiny_dense_config(vocab)
+    cfg.initializer_range = 0.3
+    policy = HybridPolicy(build_model(cfg, seed=seed, attn_implementation=attn))
+    policy.convert(block_size=block_size)
+    return policy.eval()
+
+
+def hf_greedy(policy, prompt, n):
+    out = policy.model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "levels"),
+    [("ar", [0]), ("lossless", [0]), ("lossless", [0, 1, 2, 3, 4]), ("lossless", [0, 3])],
+)
+@pytest.mark.parametrize("kind", ["moe", "llama"])
+def test_greedy_matches_hf_generate_on_ragged_batch(sampler, levels, kind):
+    """T=0: every sampler's output is token-identical to HF greedy generate (fp32), with slot refills."""
+    policy = lively_policy(kind)
+    eng = BlockEngine(policy, sampler=sampler, levels=levels, max_batch=3)
+    trajs = eng.generate(PROMPTS, max_new_tokens=24, temperature=0)
+    for p, t in zip(PROMPTS, trajs, strict=True):
+        assert t.tokens == hf_greedy(policy, p, 24)
+        assert t.finish_reason == "length"
+
+
+def test_greedy_matches_hf_under_eager_attention():
+    policy = lively_policy("moe", attn="eager")
+    trajs = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=2).generate(PROMPTS, 16, 0)
+    assert [t.tokens for t in trajs] == [hf_greedy(policy, p, 16) for p in PROMPTS]
+
+
+def test_cache_holds_exactly_the_committed_prefix(monkeypatch):
+    """At every forward, the anchor's logits (verify slot 0) equal a from-scratch forward over prompt + tokens."""
+    policy = lively_policy("moe")
+    checked = []
+    orig_forward = engine_mod._Run.forward
+
+    def checking_forward(self, rows, ids, pos, qmask):
+        logits = orig_forward(self, rows, ids, pos, qmask)
+        if self.slots[rows[0]] is not None and self.slots[rows[0]].traj.tokens:  # a decode step
+            for r, s in enumerate(rows):
+                t = self.slots[s].traj
+                ref = policy.model(input_ids=torch.tensor([t.prompt_ids + t.tokens])).logits[0, -1]
+                torch.testing.assert_close(logits[r, 0], ref, atol=1e-4, rtol=1e-4)
+                checked.append(len(t.tokens))
+        return logits
+
+    monkeypatch.setattr(engine_mod._Run, "forward", checking_forward)
+    BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=2).generate(PROMPTS, 20, temperature=1.0)
+    assert len(checked) > 10
+
+
+def test_oracle_drafter_accepts_whole_blocks(monkeypatch):
+    """With drafts equal to the AR greedy continuation, every full step accepts all K drafts."""
+    K = 4
+    policy = lively_policy("moe", block_size=K)
+    refs = {tuple(p): hf_greedy(policy, p, 40) for p in PROMPTS}
+    orig = engine_mod._Run.set_drafts
+
+    def oracle(self, rows, proposals, accept_len):
+        orig(self, rows, proposals, accept_len)
+        for s in rows:
+            t = self.slots[s].traj
+            n = len(t.tokens) + int(accept_len[rows.index(s)]) + 1  # tokens committed after this step
+            cont = refs[tuple(t.prompt_ids)][n : n + K]
+            self.drafts[s, : len(cont)] = torch.tensor(cont)
+            self.n_drafts[s] = len(cont)
+
+    monkeypatch.setattr(engine_mod._Run, "set_drafts", oracle)
+    trajs = BlockEngine(policy, sampler="lossless", levels=[0], max_batch=2).generate(
+        PROMPTS, 26, temperature=0
+    )
+    for p, t in zip(PROMPTS, trajs, strict=True):
+        assert t.tokens == refs[tuple(p)][:26]
+        assert t.accept_counts[:-1] == [K] * (len(t.accept_counts) - 1)
+
+
+def exact_ar_distribution(policy, prompt, n):
+    """P(x_1..x_n | prompt) for every sequence, by enumeration. Returns {tuple: prob}."""
+    V = policy.model.get_output_embeddings().weight.shape[0]
+    seqs = torch.cartesian_prod(*[torch.arange(V)] * n) if n > 1 else torch.arange(V)[:, None]
+    ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
+    with torch.no_grad():
+        logp = torch.log_softmax(policy.model(input_ids=ids).logits.float(), -1)
+    P = len(prompt)
+    lp = sum(logp[:, P - 1 + i].gather(-1, seqs[:, i : i + 1]).squeeze(-1) for i in range(n))
+    return {tuple(s): float(p) for s, p in zip(seqs.tolist(), lp.exp(), strict=True)}
+
+
+def tv_threshold(probs, n, delta=1e-4):
+    """E[TV] <= 0.5 * sum sqrt(p(1-p)/N); McDiarmid adds sqrt(ln(1/delta) / 2N)."""
+    mean = 0.5 * sum(math.sqrt(p * (1 - p) / n) for p in probs)
+    return mean + math.sqrt(math.log(1 / delta) / (2 * n))
+
+
+def empirical_tv(trajs, exact):
+    counts = {}
+    for t in trajs:
+        counts[tuple(t.tokens)] = counts.get(tuple(t.tokens), 0) + 1
+    n = len(trajs)
+    keys = set(exact) | set(counts)
+    return 0.5 * sum(abs(counts.get(k, 0) / n - exact.get(k, 0.0)) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_policy():
+    return lively_policy("moe", vocab=5, block_size=2, seed=3)  # V = 6 with the mask token
+
+
+@pytest.mark.parametrize(("draft", "levels"), [("dirac", [0]), ("sampled", [0]), ("dirac", [0, 1, 2])])
+def test_lossless_is_distributed_as_ar_sampling(small_vocab_policy, draft, levels):
+    """TV distance between lossless samples of 3 tokens and the exact AR distribution is within sampling noise."""
+    policy, prompt, N = small_vocab_policy, [2, 3], 6000
+    exact = exact_ar_distribution(policy, prompt, 3)
+    eng = BlockEngine(
+        policy, sampler="lossless", levels=levels, draft=draft, draft_temperature=0.7, max_batch=N
+    )
+    trajs = eng.generate([prompt] * N, max_new_tokens=3, temperature=1.0, seed=11)
+    assert sum(sum(t.accept_counts) for t in trajs) > N * 0.2  # drafts really were accepted, not all rejected
+    assert empirical_tv(trajs, exact) < tv_threshold(exact.values(), N)
+
+
+def test_tv_check_has_power_against_a_biased_sampler(small_vocab_policy):
+    """Negative control: substituting softmax(draft logits) for a Dirac q (the bias DESIGN forbids) fails the check."""
+    policy, prompt, N = small_vocab_policy, [2, 3], 6000
+    exact = exact_ar_distribution(policy, prompt, 3)
+
+    def biased_verify(target, drafts, q, n, u, T):
+        return engine_mod.verify_reference(
+            target, drafts, None, n, torch.zeros_like(u), T
+        )  # accept iff p(d) > 0
+
+    eng = BlockEngine(policy, sampler="lossless", levels=[0], max_batch=N, verify_fn=biased_verify)
+    trajs = eng.generate([prompt] * N, max_new_tokens=3, temperature=1.0, seed=11)
+    assert empirical_tv(trajs, exact) > tv_threshold(exact.values(), N)
+
+
+def test_logit_mix_weight_one_is_lossless():
+    policy = lively_policy("moe")
+    a = BlockEngine(policy, sampler="lossless", levels=[0, 2]).generate(PROMPTS, 20, temperature=1.0, seed=5)
+    b = BlockEngine(policy, sampler="logit_mix", mix_weight=1.0, levels=[0, 2]).generate(
+        PROMPTS, 20, 1.0, seed=5
+    )
+    for x, y in zip(a, b, strict=True):
+        assert x.tokens == y.tokens and x.behavior_logprobs == y.behavior_logprobs
+
+
+def test_logit_mix_records_behavior_and_ar_logprobs():
+    policy = lively_policy("moe")
+    trajs = BlockEngine(policy, sampler="logit_mix", mix_weight=0.3, levels=[0]).generate(
+        PROMPTS, 20, 1.0, seed=2
+    )
+    for t in trajs:
+        full = t.prompt_ids + t.tokens
+        logp = torch.log_softmax(policy.model(input_ids=torch.tensor([full])).logits[0], -1)
+        ar = [float(logp[len(t.prompt_ids) - 1 + i, tok]) for i, tok in enumerate(t.tokens)]
+        torch.testing.assert_close(torch.tensor(t.ar_logprobs), torch.tensor(ar), atol=1e-4, rtol=1e-4)
+    assert any(
+        abs(a - b) > 1e-3 for t in trajs for a, b in zip(t.ar_logprobs, t.behavior_logprobs, strict=True)
+    )
+
+
+@pytest.mark.parametrize("sampler", ["ar", "lossless"])
+def test_eos_and_stop_strings_cut_inside_chunks(sampler, tokenizer):
+    """Rerunning with EOS / a stop string set to what the free run produced cuts exactly there, nothing after."""
+    policy = lively_policy("moe", vocab=len(tokenizer))
+    prompt = [[tokenizer.bos_token_id, *tokenizer("count e: ", add_special_tokens=False)["input_ids"]]]
+    eng = BlockEngine(policy, sampler=sampler, levels=[0, 2], tokenizer=tokenizer)
+    free = eng.generate(prompt, 30, temperature=0, eos_token_id=None)[0].tokens
+    i = len(free) // 2
+    cut = eng.generate(prompt, 30, temperature=0, eos_token_id=free[i])[0]
+    assert cut.tokens == free[: free.index(free[i]) + 1] and cut.finish_reason == "eos"
+    stop = tokenizer.decode(free[i : i + 2])
+    stopped = eng.generate(prompt, 30, temperature=0, eos_token_id=None, stop_strings=(stop,))[0]
+    text = tokenizer.decode(stopped.tokens)
+    assert text.endswith(stop) and stop not in text[:-1] and stopped.finish_reason == "stop_string"
+    assert len(stopped.ar_logprobs) == len(stopped.tokens)
+
+
+@pytest.mark.parametrize("sampler", ["ar", "lossless", "logit_mix"])
+def test_banned_and_allowed_tokens_hold(sampler):
+    policy = lively_policy("moe")
+    free = BlockEngine(policy, sampler=sampler, levels=[0, 2]).generate(PROMPTS, 20, 1.0, seed=1)
+    common = sorted({t for tr in free for t in tr.tokens})[:6]
+    eng = BlockEngine(policy, sampler=sampler, levels=[0, 2])
+    banned = eng.generate(PROMPTS, 20, 1.0, seed=1, banned_token_ids=tuple(common))
+    assert not {t for tr in banned for t in tr.tokens} & set(common)
+    allowed = eng.generate(PROMPTS, 20, 1.0, seed=1, allowed_token_ids=(3, 4, 5))
+    assert {t for tr in allowed for t in tr.tokens} <= {3, 4, 5}
+
+
+def test_results_do_not_depend_on_batch_size():
+    """Per-row generators: the same seed gives the same trajectories at any max_batch."""
+    policy = lively_policy("llama")
+    a = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=1).generate(PROMPTS, 16, 1.0, seed=9)
+    b = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=4).generate(PROMPTS, 16, 1.0, seed=9)
+    assert [t.tokens for t in a] == [t.tokens for t in b]
+
+
+def test_bad_arguments():
+    policy = lively_policy("moe")
+    with pytest.raises(ValueError, match="sampler"):
+        BlockEngine(policy, sampler="fast")
+    with pytest.raises(ValueError, match="levels"):
+        BlockEngine(policy, levels=[1, 2])
+    with pytest.raises(ValueError, match="prompt"):
+        BlockEngine(policy).generate([[]])
+    with pytest.raises(ValueError, match="temperature"):
+        BlockEngine(policy).generate([[2]], temperature=-1)
