@@ -50,7 +50,7 @@ def verify_reference(
     temperature: float,
 ) -> VerifyOutput:
     """Torch reference of the fused verify (the executable spec; runs on any device)."""
-    R, K1, V = target_logits.shape
+    R, K1, _ = target_logits.shape
     K = K1 - 1
     rows = torch.arange(R, device=target_logits.device)
     slot = torch.arange(K, device=target_logits.device)

@@ -240,7 +240,7 @@ class _Run:
     def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts):
         """Processors -> (logit mixing) -> fused verify with per-row uniforms; adds ar_logprobs."""
         p, eng = self.params, self.eng
-        R, K1, _ = ar_logits.shape
+        K1 = ar_logits.shape[1]
         target = ar_logits
         if eng.sampler == "logit_mix" and eng.mix_weight < 1.0 and K1 > 1:
             w = eng.mix_weight
@@ -292,7 +292,6 @@ class _Run:
     def emit(self, rows: list[int], verified, drafts_used) -> None:
         """Append each row's committed tokens, cut at stops, free finished slots."""
         out, ar_lp = verified
-        p = self.params
         na = out.accept_len.tolist()
         toks = out.tokens.tolist()
         blp, alp = out.logprobs.tolist(), ar_lp.tolist()
