@@ -94,3 +94,52 @@ def verify_reference(
         logp = torch.log_softmax(target_logits.float() / temperature, dim=-1)
         logprobs = logp.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1) * emitted
     return VerifyOutput(accept_len, tokens, logprobs)
+
+
+def verify_triton(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    num_drafts: torch.Tensor,
+    uniforms: torch.Tensor,
+    temperature: float,
+) -> VerifyOutput:
+    """Fused Triton verify; same contract and same tokens as `verify_reference` for the same uniforms."""
+    import triton
+
+    R, K1, V = target_logits.shape
+    K = K1 - 1
+    if draft_tokens.shape != (R, K) or num_drafts.shape != (R,) or uniforms.shape != (R, K1):
+        raise ValueError(
+            f"shape mismatch: logits {tuple(target_logits.shape)}, drafts {tuple(draft_tokens.shape)}, "
+            f"num_drafts {tuple(num_drafts.shape)}, uniforms {tuple(uniforms.shape)}"
+        )
+    if draft_probs is not None and draft_probs.shape != (R, K, V):
+        raise ValueError(f"draft_probs must be {(R, K, V)}, got {tuple(draft_probs.shape)}")
+    interpret = bool(triton.knobs.runtime.interpret)
+    from kernels.verify_triton import verify_kernel
+
+    if target_logits.device.type != "cuda" and not interpret:
+        raise RuntimeError("verify_triton needs CUDA tensors (or TRITON_INTERPRET=1 for testing on CPU)")
+    dev = target_logits.device
+    logits = target_logits.float().contiguous()
+    drafts = draft_tokens.to(torch.int64).contiguous()
+    q = (
+        draft_probs.float().contiguous() if draft_probs is not None else logits
+    )  # dummy pointer when HAS_Q=False
+    accept = torch.zeros(R, dtype=torch.int64, device=dev)
+    tokens = torch.full((R, K1), -1, dtype=torch.int64, device=dev)
+    logprobs = torch.zeros(R, K1, dtype=torch.float32, device=dev)
+    greedy = temperature == 0
+    verify_kernel[(R,)](
+        logits, drafts, q, num_drafts.to(torch.int64).contiguous(), uniforms.float().contiguous(),
+        accept, tokens, logprobs, K, V, 1.0 if greedy else 1.0 / temperature,
+        HAS_Q=draft_probs is not None and not greedy, GREEDY=greedy,
+        BLOCK_V=min(1024, triton.next_power_of_2(V)),
+    )  # fmt: skip
+    return VerifyOutput(accept, tokens, logprobs)
+
+
+def default_verify(device: torch.device):
+    """Triton on CUDA, the torch reference elsewhere."""
+    return verify_triton if torch.device(device).type == "cuda" else verify_reference

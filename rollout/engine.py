@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.verify import verify_reference
+from kernels.verify import default_verify
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
 from rollout.cache import RaggedKVCache
@@ -58,7 +58,7 @@ class BlockEngine:
         draft_temperature: float = 1.0,
         tokenizer=None,
         policy_version: int = 0,
-        verify_fn=verify_reference,
+        verify_fn=None,
     ):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -78,8 +78,8 @@ class BlockEngine:
         self.draft_temperature = draft_temperature
         self.tokenizer = tokenizer
         self.policy_version = policy_version
-        self.verify_fn = verify_fn
         self.device = next(policy.parameters()).device
+        self.verify_fn = verify_fn or default_verify(self.device)  # Triton on CUDA, torch reference on CPU
         if self.K:
             offsets, _ = decode_step_layout(self.K, self.levels)  # validates levels
             self._offsets = offsets.to(self.device)

@@ -2,11 +2,14 @@
 
 import os
 
-import pytest
-import torch
-
+# NOTE: Triton reads TRITON_INTERPRET when triton.language and each kernel are decorated, so it must be set before
+# torch (which imports triton) is imported. CPU test runs use the interpreter; run GPU tests with TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
 
 from policy.factory import build_model, tiny_dense_config, tiny_moe_config
 from policy.hybrid import HybridPolicy
