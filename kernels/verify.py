@@ -41,6 +41,18 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=weights.shape[-1] - 1)
 
 
+def _sample_reference(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> VerifyOutput:
+    """K = 0 case of `verify_reference`: one inverse-CDF (or greedy) draw per row. logits [R, V], u [R]."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return VerifyOutput(
+            torch.zeros_like(tok), tok[:, None], torch.zeros(len(tok), 1, device=logits.device)
+        )
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    tok = inverse_cdf(logp.exp(), u)
+    return VerifyOutput(torch.zeros_like(tok), tok[:, None], logp.gather(-1, tok[:, None]))
+
+
 def verify_reference(
     target_logits: torch.Tensor,
     draft_tokens: torch.Tensor,
@@ -52,6 +64,8 @@ def verify_reference(
     """Torch reference of the fused verify (the executable spec; runs on any device)."""
     R, K1, _ = target_logits.shape
     K = K1 - 1
+    if K == 0:  # no drafts (the `ar` sampler): plain sampling, the hot path of our AR baseline
+        return _sample_reference(target_logits[:, 0], uniforms[:, 0], temperature)
     rows = torch.arange(R, device=target_logits.device)
     slot = torch.arange(K, device=target_logits.device)
     valid = slot[None, :] < num_drafts[:, None]  # [R, K]

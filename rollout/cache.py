@@ -4,12 +4,13 @@ Decision: our own layer class, not `DynamicCache`. Every row of the batch has it
 row keeps only the KV of its accepted verify slots (anchor + na drafts); the proposal blocks and rejected drafts are
 dropped without recomputation. `DynamicCache.crop` can only cut every row at the same length, and appending all Q
 query tokens per step would grow the cache by (K+1)(1+levels) entries per row per step. Implementing the HF layer
-protocol (`update`) means any HF attention module drives this cache unchanged; the engine passes its own 4D mask.
+protocol (`update`) means any HF attention module drives this cache unchanged; the engine supplies the 4D mask.
 
-Storage per layer: keys/values `[B, H, cap, D]`, row r valid on `[0, lens[r])`. A forward for a row subset writes
-its Q new entries into a scratch region at `[T, T+Q)` (T = max length of those rows) and attends over `[0, T+Q)`;
-`commit` then moves each row's kept entries from the scratch region to `[lens[r], lens[r]+n_r)`. When the forward
-covers every row, the returned keys are a view (no copy of the cache per step).
+Layout: keys/values `[B, H, cap, D]`; row r is valid on `[0, lens[r])`. A forward writes row r's Q new entries in
+place at `[lens[r], lens[r]+Q)` and attends over `[0, max lens + Q)`. Because the entries a row keeps (prompt, or
+anchor + accepted drafts) are always a prefix of its queries, committing is just `lens[r] += kept`: rejected drafts
+and proposal blocks stay beyond the new length, invisible, and are overwritten by the next step. Nothing is copied
+or recomputed. When the forward covers every row, the keys handed to attention are a view of the buffer.
 """
 
 from __future__ import annotations
@@ -19,69 +20,55 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 
 class _RaggedState:
-    """State shared by all layers of one cache: row lengths and the rows of the current forward."""
+    """State shared by all layers of one cache: row lengths and the layout of the current forward."""
 
     def __init__(self, batch_size: int, device: torch.device):
         self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.rows: torch.Tensor | None = None  # rows of the current forward (None = all)
-        self.extent = 0  # T: max length over the current rows
-        self.capacity_hint = 64
+        self.write_pos: torch.Tensor | None = None  # [R, Q] cache positions of this forward's queries
+        self.extent = 0  # keys attended over: max(lens of rows) + Q
 
 
 class RaggedLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, state: _RaggedState):
+    def __init__(self, state: _RaggedState, capacity: int):
         super().__init__()
         self.state = state
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.capacity = capacity
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B = self.state.lens.shape[0]
         _, H, _, D = key_states.shape
-        cap = self.state.capacity_hint
-        self.keys = key_states.new_zeros(B, H, cap, D)
-        self.values = value_states.new_zeros(B, H, cap, D)
+        self.keys = key_states.new_zeros(B, H, self.capacity, D)
+        self.values = value_states.new_zeros(B, H, self.capacity, D)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def _ensure_capacity(self, needed: int) -> None:
         cap = self.keys.shape[2]
-        if needed <= cap:
-            return
-        new_cap = max(needed, 2 * cap)
-        grow = (0, 0, 0, new_cap - cap)  # pad the sequence dim
-        self.keys = torch.nn.functional.pad(self.keys, grow)
-        self.values = torch.nn.functional.pad(self.values, grow)
+        if needed > cap:
+            grow = (0, 0, 0, max(needed, 2 * cap) - cap)  # pad the sequence dim
+            self.keys = torch.nn.functional.pad(self.keys, grow)
+            self.values = torch.nn.functional.pad(self.values, grow)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """key_states [R, H, Q, D] for the current rows -> keys over [0, T+Q) for those rows."""
+        """key_states [R, H, Q, D] of the current rows -> their keys over [0, extent)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        T, Q = self.state.extent, key_states.shape[2]
-        self._ensure_capacity(T + Q)
-        rows = self.state.rows
-        self.pending = (key_states, value_states)
-        if rows is None:
-            self.keys[:, :, T : T + Q] = key_states
-            self.values[:, :, T : T + Q] = value_states
-            return self.keys[:, :, : T + Q], self.values[:, :, : T + Q]
-        keys = torch.cat([self.keys[rows, :, :T], key_states], dim=2)
-        values = torch.cat([self.values[rows, :, :T], value_states], dim=2)
-        return keys, values
-
-    def commit(self, rows: torch.Tensor, src: torch.Tensor, dest: torch.Tensor) -> None:
-        """Copy pending query entries `src [R, n]` of `rows [R]` to cache positions `dest [R, n]`."""
-        pk, pv = self.pending
-        local = torch.arange(len(rows), device=src.device)[:, None]
-        self._ensure_capacity(int(dest.max()) + 1)
-        self.keys[rows[:, None], :, dest] = pk[local, :, src]  # [R, n, H, D]
-        self.values[rows[:, None], :, dest] = pv[local, :, src]
-        self.pending = None
+        st = self.state
+        self._ensure_capacity(st.extent)
+        rows = st.rows if st.rows is not None else torch.arange(key_states.shape[0], device=key_states.device)
+        idx = (rows[:, None], slice(None), st.write_pos)  # selects [R, Q, H, D]
+        self.keys[idx] = key_states.transpose(1, 2)
+        self.values[idx] = value_states.transpose(1, 2)
+        if st.rows is None:
+            return self.keys[:, :, : st.extent], self.values[:, :, : st.extent]
+        return self.keys[st.rows, :, : st.extent], self.values[st.rows, :, : st.extent]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.state.extent + query_length, 0
+        return self.state.extent, 0
 
     def get_seq_length(self) -> int:
         return self.state.extent
@@ -91,38 +78,45 @@ class RaggedLayer(CacheLayerMixin):
 
 
 class RaggedKVCache(Cache):
-    """Per-row-length KV cache. Use: `begin(rows)` -> model forward -> `commit(rows, src, counts)`."""
+    """Per-row-length KV cache. Use: `mask = begin(rows, qmask)` -> model forward -> `commit(rows, kept)`."""
 
-    def __init__(self, num_layers: int, batch_size: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self, num_layers: int, batch_size: int, device: torch.device | str = "cpu", capacity: int = 256
+    ):
         self.state = _RaggedState(batch_size, torch.device(device))
-        super().__init__(layers=[RaggedLayer(self.state) for _ in range(num_layers)])
+        super().__init__(layers=[RaggedLayer(self.state, capacity) for _ in range(num_layers)])
 
     @property
     def lens(self) -> torch.Tensor:
         return self.state.lens
 
-    def begin(self, rows: torch.Tensor | None) -> int:
-        """Select the rows of the next forward (None = all); returns T, the cache extent the queries attend over."""
-        self.state.rows = rows
-        lens = self.state.lens if rows is None else self.state.lens[rows]
-        self.state.extent = int(lens.max()) if lens.numel() else 0
-        return self.state.extent
+    def begin(self, rows: torch.Tensor | None, qmask: torch.Tensor) -> torch.Tensor:
+        """Lay out the next forward for `rows` (None = all) with query mask `qmask` bool [R or 1, Q, Q].
 
-    def commit(self, rows: torch.Tensor, src: torch.Tensor, counts: torch.Tensor) -> None:
-        """Keep, for each row, query entries `src[r, :counts[r]]` (indices into this forward's queries).
-
-        Entries past counts[r] are written beyond the new length, where they are invisible and later overwritten.
+        Returns the full bool mask [R, Q, extent]: row r's queries see its cache [0, lens[r]) and, through qmask,
+        the queries written at [lens[r], lens[r]+Q).
         """
-        dest = self.state.lens[rows][:, None] + torch.arange(src.shape[1], device=src.device)[None]
-        for layer in self.layers:
-            layer.commit(rows, src, dest)
-        self.state.lens[rows] += counts
+        st = self.state
+        st.rows = rows
+        lens = st.lens if rows is None else st.lens[rows]
+        Q = qmask.shape[-1]
+        q = torch.arange(Q, device=lens.device)
+        st.write_pos = lens[:, None] + q[None]  # [R, Q]
+        st.extent = int(lens.max()) + Q
+        keys = torch.arange(st.extent, device=lens.device)
+        rel = keys[None] - lens[:, None]  # [R, extent] key position relative to the row's first query
+        in_step = (rel >= 0) & (rel < Q)
+        qm = qmask.expand(len(lens), Q, Q)
+        step = qm.gather(2, rel.clamp(0, Q - 1)[:, None, :].expand(-1, Q, -1))  # [R, Q, extent]
+        return (rel < 0)[:, None, :] | (in_step[:, None, :] & step)
+
+    def commit(self, rows: torch.Tensor | None, kept: torch.Tensor) -> None:
+        """Row r keeps its first kept[r] queries of the last forward (they already sit at lens[r]..)."""
+        if rows is None:
+            self.state.lens += kept
+        else:
+            self.state.lens[rows] += kept
         self.state.rows = None
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         self.state.lens[rows] = 0
-
-    def key_mask(self, rows: torch.Tensor | None, extent: int) -> torch.Tensor:
-        """Bool [R, extent]: which cached positions each row may attend to."""
-        lens = self.state.lens if rows is None else self.state.lens[rows]
-        return torch.arange(extent, device=lens.device)[None] < lens[:, None]

@@ -95,7 +95,7 @@ class BlockEngine:
         return len(self._offsets)
 
     # ------------------------------------------------------------------------------------------------ public API
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         prompt_ids: list[list[int]],
@@ -128,6 +128,7 @@ class _Run:
         cfg = eng.policy.config
         self.V = eng.policy.model.get_output_embeddings().weight.shape[0]
         self.cache = RaggedKVCache(cfg.num_hidden_layers, B, dev)
+        self.dtype = eng.policy.model.dtype
         self.slots: list[_Row | None] = [None] * B
         self.anchor = torch.zeros(B, dtype=torch.long, device=dev)
         self.drafts = torch.zeros(B, max(K, 1), dtype=torch.long, device=dev)
@@ -157,24 +158,22 @@ class _Run:
         self, rows: list[int], ids: torch.Tensor, pos: torch.Tensor, qmask: torch.Tensor
     ) -> torch.Tensor:
         """ids/pos [R, Q], qmask bool [R or 1, Q, Q] -> logits [R, Q, V] over cache + queries."""
-        all_rows = len(rows) == len(self.slots)
-        rows_t = None if all_rows else torch.tensor(rows, device=ids.device)
-        T = self.cache.begin(rows_t)
-        R, Q = ids.shape
-        kmask = self.cache.key_mask(rows_t, T)[:, None, :].expand(R, Q, T)
-        mask = torch.cat([kmask, qmask.expand(R, Q, Q)], dim=2)  # [R, Q, T+Q]
+        rows_t = None if len(rows) == len(self.slots) else torch.tensor(rows, device=ids.device)
+        self._rows_t = rows_t
+        mask = self.cache.begin(rows_t, qmask)  # [R, Q, extent]
         policy = self.eng.policy
         out = policy.model(
             input_ids=ids,
             position_ids=pos,
-            attention_mask=policy.attention_mask_4d(mask, policy.model.dtype),
+            attention_mask=policy.attention_mask_4d(mask, self.dtype),
             past_key_values=self.cache,
             use_cache=True,
         )
         return out.logits.float()
 
-    def commit(self, rows: list[int], src: torch.Tensor, counts: torch.Tensor) -> None:
-        self.cache.commit(torch.tensor(rows, device=src.device), src, counts)
+    def commit(self, kept: torch.Tensor) -> None:
+        """Keep each row's first `kept` queries of the last forward (prompt, or anchor + accepted drafts)."""
+        self.cache.commit(self._rows_t, kept)
 
     # ---------------------------------------------------------------------------------------------- prefill
     def prefill(self, take: list[tuple[int, int]]) -> None:
@@ -197,7 +196,7 @@ class _Run:
         pad_self = (~is_prompt & ~is_mask)[:, :, None] & torch.eye(Q, dtype=torch.bool, device=dev)[None]
         self.cache.reset_rows(torch.tensor(rows, device=dev))
         logits = self.forward(rows, ids, pos, causal | block | pad_self)
-        self.commit(rows, q[:P].expand(R, P), lens)
+        self.commit(lens)
         for s, i in take:
             seed = self.params.seed * 1_000_003 + i
             traj = Trajectory(prompt_ids=list(self.prompts[i]), policy_version=eng.policy_version)
@@ -231,7 +230,7 @@ class _Run:
             rows, logits[:, : K + 1], drafts, self.draft_logits[rows_t] if K else None, n_drafts
         )
         accept_len = verified[0].accept_len
-        self.commit(rows, torch.arange(K + 1, device=dev).expand(R, K + 1), accept_len + 1)
+        self.commit(accept_len + 1)
         if K:
             proposals = logits[:, K + 1 :].view(R, len(eng.levels), K + 1, -1)
             self.set_drafts(rows, proposals, accept_len)
