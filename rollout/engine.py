@@ -18,6 +18,7 @@ from the prompt queue (continuous batching). Each row draws its randomness from 
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -28,11 +29,12 @@ import torch
 from kernels.verify import default_verify
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
+from rollout.auto import AutoSampler
 from rollout.cache import RaggedKVCache
 from rollout.processors import constraint_mask, process_logits
 from rollout.types import SamplingParams, Trajectory
 
-SAMPLERS = ("ar", "lossless", "logit_mix")
+SAMPLERS = ("ar", "lossless", "logit_mix", "auto")
 
 
 @dataclass
@@ -51,7 +53,7 @@ class BlockEngine:
         policy: HybridPolicy,
         sampler: str = "lossless",
         block_size: int | None = None,
-        levels: Sequence[int] = (0,),
+        levels: Sequence[int] | str = (0,),
         max_batch: int = 16,
         mix_weight: float = 0.5,
         draft: str = "dirac",
@@ -71,6 +73,11 @@ class BlockEngine:
         self.policy = policy
         self.sampler = sampler
         self.K = 0 if sampler == "ar" else (block_size or policy.block_size)
+        if sampler == "auto":
+            self._auto = AutoSampler(self._sibling, self.K)
+            levels = (0,)  # auto picks its own level set per call
+        elif levels == "auto":
+            raise ValueError("levels='auto' needs sampler='auto'")
         self.levels = [] if sampler == "ar" else list(levels)
         self.max_batch = max_batch
         self.mix_weight = mix_weight
@@ -88,6 +95,22 @@ class BlockEngine:
             self._offsets = torch.zeros(1, dtype=torch.long, device=self.device)
             self._step_mask = torch.ones(1, 1, dtype=torch.bool, device=self.device)
         self._levels_t = torch.tensor(self.levels or [0], device=self.device)
+
+    def _sibling(self, sampler: str, levels: Sequence[int], max_batch: int) -> BlockEngine:
+        """A concrete engine sharing this one's policy and settings (used by `auto`)."""
+        return BlockEngine(
+            self.policy,
+            sampler,
+            self.K,
+            levels,
+            max_batch,
+            self.mix_weight,
+            self.draft,
+            self.draft_temperature,
+            self.tokenizer,
+            self.policy_version,
+            self.verify_fn,
+        )
 
     @property
     def query_len(self) -> int:
@@ -116,7 +139,39 @@ class BlockEngine:
             raise ValueError("stop_strings need the engine's tokenizer")
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, **kwargs)
         self.policy.eval()
+        if self.sampler == "auto":
+            return self._auto.generate(
+                self.policy,
+                prompt_ids,
+                self.max_batch,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,
+                audit=audit,
+                **kwargs,
+            )
         return _Run(self, prompt_ids, params, audit).run()
+
+    @torch.inference_mode()
+    def time_decode_steps(
+        self, prompt_ids: list[list[int]], steps: int, temperature: float = 1.0
+    ) -> tuple[float, float]:
+        """(prefill seconds, median seconds of one decode step) for this batch of prompts: the cost model's
+        calibration probe, through the same code path as `generate`."""
+        params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
+        run = _Run(self, prompt_ids, params, audit=False)
+        rows = list(range(len(prompt_ids)))
+        t0 = time.perf_counter()
+        run.prefill(list(zip(rows, rows, strict=True)))
+        prefill = time.perf_counter() - t0
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            run.decode_step(rows)
+            times.append(time.perf_counter() - t)
+        return prefill, statistics.median(times)
 
 
 class _Run:
@@ -260,7 +315,7 @@ class _Run:
             lp = torch.log_softmax(process_logits(ar_logits, p, self.banned) / p.temperature, dim=-1)
             emitted = torch.arange(K1, device=lp.device)[None] <= out.accept_len[:, None]
             ar_lp = lp.gather(-1, out.tokens.clamp(min=0)[..., None]).squeeze(-1) * emitted
-        return out, ar_lp
+        return out, ar_lp, n_drafts
 
     def set_drafts(self, rows: list[int], proposals: torch.Tensor, accept_len: torch.Tensor) -> None:
         """Next drafts from the closest-below proposal. proposals [R, L, K+1, V], accept_len [R]."""
@@ -290,8 +345,9 @@ class _Run:
     # ---------------------------------------------------------------------------------------------- outputs
     def emit(self, rows: list[int], verified, drafts_used) -> None:
         """Append each row's committed tokens, cut at stops, free finished slots."""
-        out, ar_lp = verified
+        out, ar_lp, n_drafts = verified
         na = out.accept_len.tolist()
+        n_drafts = n_drafts.tolist()
         toks = out.tokens.tolist()
         blp, alp = out.logprobs.tolist(), ar_lp.tolist()
         now = time.perf_counter()
@@ -301,6 +357,7 @@ class _Run:
             n = na[r] + 1
             if drafts_used is not None:  # a decode step (prefill emits the first anchor)
                 t.accept_counts.append(na[r])
+                t.draft_counts.append(n_drafts[r])
             t.num_forwards += 1
             chunk = toks[r][:n]
             if t.audit is not None:

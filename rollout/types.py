@@ -41,6 +41,7 @@ class Trajectory:
     behavior_logprobs: list[float] = field(default_factory=list)  # log-prob under the sampler's distribution
     ar_logprobs: list[float] = field(default_factory=list)  # log-prob under the AR policy at temperature T
     accept_counts: list[int] = field(default_factory=list)  # drafts accepted at each decode step
+    draft_counts: list[int] = field(default_factory=list)  # drafts offered at each decode step
     num_forwards: int = 0  # forward passes this row took part in (prefill included)
     policy_version: int = 0
     finish_reason: str = ""  # "eos" | "stop_string" | "length"

@@ -78,6 +78,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from rollout.bench import BenchConfig, plot, print_table, run_bench, write_json
+
+    cfg = load_config(BenchConfig, args.config, args.overrides)
+    if not (Path(cfg.checkpoint) / "config.json").is_file():
+        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not a checkpoint directory (no config.json)")
+    results = run_bench(cfg)
+    run_dir = Path(cfg.run_dir)
+    json_path = Path(args.json) if args.json else run_dir / "results.json"
+    write_json(results, json_path, cfg)
+    plot(results, run_dir / "bench.png")
+    print_table(results)
+    print(f"results: {json_path}  plot: {run_dir / 'bench.png'}")
+    return 0
+
+
 def format_eval(result: dict, run_dir: str) -> str:
     s = result["solve"]
     tasks = ", ".join(f"{t} {v['rate']:.0%}" for t, v in s["per_task"].items())
@@ -106,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a field of both stages",
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="HF generate vs engine ar / lossless / logit_mix / auto, side by side")
+    _add_config_args(p, "bench")
+    p.add_argument("--json", default=None, help="write results JSON here (default: <run_dir>/results.json)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("pretrain", help="AR pretraining from scratch on the task corpus")
     _add_config_args(p, "tiny_pretrain")

@@ -79,6 +79,8 @@ class RunConfig(Section):
     """steps between JSONL loss records."""
     checkpoint_every: int = Field(250, ge=1)
     """steps between atomic checkpoints."""
+    snapshot_steps: list[int] = Field(default_factory=list)
+    """steps after which the model is also kept as <run_dir>/step-N (an HF directory), e.g. to convert from."""
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
@@ -171,6 +173,8 @@ def train_loop(cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn,
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.optim.steps:
             append_jsonl(run_dir / "eval.jsonl", {"step": done, **evaluate(cfg, policy, tokenizer, heldout)})
             policy.train()
+        if done in cfg.snapshot_steps:
+            policy.save_pretrained(run_dir / f"step-{done}", tokenizer)
         if done % cfg.checkpoint_every == 0 or done == cfg.optim.steps:
             save_checkpoint(ckpt, policy, tokenizer, {"optimizer": opt.state_dict(), "step": done})
     bar.close()

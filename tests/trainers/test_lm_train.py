@@ -31,9 +31,24 @@ def steps_logged(run: Path) -> list[int]:
 def test_pretrain_then_convert_cli(tmp_path):
     """pretrain writes config, metrics, checkpoint and final; convert turns that into a loadable hybrid."""
     pre, conv = tmp_path / "pre", tmp_path / "conv"
-    assert main(["pretrain", "--set", f"run_dir={pre}", "--set", "optim.steps=10", *FAST]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--set",
+                f"run_dir={pre}",
+                "--set",
+                "optim.steps=10",
+                "--set",
+                "snapshot_steps=[5]",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert (pre / "config.yaml").is_file() and (pre / "final" / "config.json").is_file()
     assert steps_logged(pre) == [5, 10]
+    assert (pre / "step-5" / "config.json").is_file()
     assert "solve" in json.loads((pre / "eval.json").read_text())
     code = main(
         [

@@ -1,0 +1,450 @@
+"""`blockrl bench`: HF `generate` vs engine `ar` vs `lossless` vs `logit_mix` vs `auto`, side by side in one run on
+the same model, prompts, temperature and batch sizes.
+
+Per (batch size, sampler): tokens/s as the median of repeats, ratios vs HF generate and vs engine `ar`, tokens per
+forward, acceptance at draft positions 1..K, the task solve rate (quality parity, Wilson 95% interval), peak RSS
+growth, and the cost model's projected tokens/s next to the measured value. Sweeps (block size, levels, batch size,
+prompt length, logit_mix weight) add rows and a PNG. Prompts are held-out prompts of the built-in tasks; completions
+stop at EOS or max_new_tokens.
+
+    blockrl bench                                   # default: B = 1 and 16, ~5 minutes on 2 CPU cores
+    blockrl bench --set sweep.block_sizes=[4,8,16,32] --json runs/bench/sweep.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from envs.tasks import TaskSample, iter_samples, score
+from policy.hybrid import HybridPolicy, load_tokenizer
+from rollout.cost_model import AcceptanceStats, CostModel, Option
+from rollout.engine import BlockEngine
+from trainers.config import Section
+
+log = logging.getLogger(__name__)
+
+
+class SweepConfig(Section):
+    """Extra single-axis sweeps (each empty list = skipped); run at batch size `batch_size`."""
+
+    batch_size: int = Field(1, ge=1)
+    """batch size of the sweeps."""
+    block_sizes: list[int] = Field(default_factory=list)
+    """K values for lossless, e.g. [4, 8, 16, 32]."""
+    levels: list[list[int]] = Field(default_factory=list)
+    """level sets for lossless."""
+    batch_sizes: list[int] = Field(default_factory=list)
+    """batch sizes for ar vs lossless."""
+    prompt_lens: list[int] = Field(default_factory=list)
+    """extra prompt padding (tokens of a neutral prefix) for ar vs lossless."""
+    mix_weights: list[float] = Field(default_factory=list)
+    """w values for logit_mix."""
+
+
+class BenchConfig(Section):
+    """`blockrl bench` settings."""
+
+    checkpoint: str = "checkpoints/tiny-moe"
+    """converted checkpoint directory."""
+    run_dir: str = "runs/bench"
+    """where results.json and bench.png go."""
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 16])
+    """batch sizes of the default comparison."""
+    prompts_per_row: int = Field(4, ge=1)
+    """prompts per batch slot (n = max(B * this, min_prompts))."""
+    min_prompts: int = Field(12, ge=1)
+    """floor on prompts per run."""
+    tasks: list[str] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
+    """tasks the prompts come from."""
+    seed: int = 7
+    """prompt and sampling seed."""
+    max_new_tokens: int = Field(160, ge=1)
+    """generation budget per prompt."""
+    temperature: float = Field(1.0, ge=0.0)
+    """sampling temperature."""
+    repeats: int = Field(3, ge=1)
+    """timed repeats per cell (median reported)."""
+    levels: list[list[int]] = Field(default_factory=lambda: [[0], [0, 4, 8], [0, 4, 8, 12]])
+    """level sets lossless is run with (all reported; the best is the headline)."""
+    mix_weight: float = Field(0.5, ge=0.0, le=1.0)
+    """w of logit_mix."""
+    mix_levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    """levels of logit_mix."""
+    threads: int = Field(2, ge=1)
+    """torch threads."""
+    sweep: SweepConfig = SweepConfig()
+
+
+@dataclass
+class RunResult:
+    batch_size: int
+    sampler: str  # hf | ar | lossless | logit_mix | auto
+    levels: list[int] = field(default_factory=list)
+    block_size: int = 0
+    mix_weight: float | None = None
+    tokens_per_s: float = 0.0
+    tokens_per_s_runs: list[float] = field(default_factory=list)
+    speedup_vs_hf: float = 0.0
+    speedup_vs_ar: float = 0.0
+    tokens_per_forward: float = 1.0
+    accept_by_position: list[float] = field(default_factory=list)
+    solve_rate: float = 0.0
+    solved: int = 0
+    samples: int = 0
+    tokens_generated: int = 0  # completion tokens of one repeat
+    peak_mem_mb: float = 0.0
+    projected_tokens_per_s: float | None = None
+    choice: str = ""  # auto's pick
+    sweep: str = ""  # which sweep a row belongs to ("" = default comparison)
+    _acc: AcceptanceStats | None = field(default=None, repr=False)  # observed acceptance (for the projection)
+    _option: Option | None = field(default=None, repr=False)  # the concrete option that ran
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+class PeakRSS:
+    """Peak resident-set growth of this process while the block runs (sampled every 2 ms)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def hf_generate(
+    policy, tok, samples: list[TaskSample], B: int, cfg: BenchConfig, seed: int
+) -> list[list[int]]:
+    torch.manual_seed(seed)
+    outs = []
+    for i in range(0, len(samples), B):
+        chunk = [tok.bos_token + s.prompt for s in samples[i : i + B]]
+        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        kw = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if cfg.temperature else {}
+        with torch.inference_mode():
+            gen = policy.model.generate(
+                **enc,
+                **kw,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            outs.append(row[:cut])
+    return outs
+
+
+def run_cell(
+    policy,
+    tok,
+    samples,
+    B: int,
+    cfg: BenchConfig,
+    sampler: str,
+    levels=(0,),
+    block_size=None,
+    mix_weight=None,
+    engine=None,
+) -> tuple[RunResult, list, BlockEngine | None]:
+    """Time `repeats` runs of one sampler on the same prompts; returns the result and the last trajectories."""
+    prompts = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
+    res = RunResult(
+        B,
+        sampler,
+        list(levels) if sampler in ("lossless", "logit_mix") else [],
+        block_size or (policy.block_size if sampler != "ar" else 0),
+        mix_weight,
+    )
+    if sampler != "hf" and engine is None:
+        engine = BlockEngine(
+            policy,
+            sampler=sampler,
+            levels=levels,
+            max_batch=B,
+            block_size=block_size,
+            mix_weight=mix_weight if mix_weight is not None else 0.5,
+            tokenizer=tok,
+        )
+    if engine is not None:  # untimed warm-up (auto calibrates its cost model here, once per batch size)
+        engine.generate(prompts[:B], max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed)
+    else:
+        hf_generate(policy, tok, samples[:B], B, cfg.model_copy(update={"max_new_tokens": 16}), cfg.seed)
+    outs = trajs = None
+    for rep in range(cfg.repeats):
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            if sampler == "hf":
+                outs = hf_generate(policy, tok, samples, B, cfg, cfg.seed + rep)
+            else:
+                trajs = engine.generate(
+                    prompts,
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature,
+                    seed=cfg.seed + rep,
+                )
+                outs = [t.tokens for t in trajs]
+            dt = time.perf_counter() - t0
+        res.tokens_per_s_runs.append(sum(map(len, outs)) / dt)
+        res.peak_mem_mb = max(res.peak_mem_mb, mem.mb)
+    res.tokens_per_s = statistics.median(res.tokens_per_s_runs)
+    res.tokens_generated = sum(map(len, outs))
+    texts = tok.batch_decode(outs, skip_special_tokens=True)
+    res.solved = sum(int(score(s, t) == 1.0) for s, t in zip(samples, texts, strict=True))
+    res.samples = len(samples)
+    res.solve_rate = res.solved / res.samples
+    if trajs is not None:
+        res.tokens_per_forward = sum(t.num_tokens for t in trajs) / max(1, sum(t.num_forwards for t in trajs))
+        if sampler != "ar":
+            acc = AcceptanceStats(res.block_size)
+            for t in trajs:
+                acc.observe(t.accept_counts, t.draft_counts)
+            res.accept_by_position = acc.acceptance_by_position()
+            res._acc = acc
+        res._option = Option("ar") if sampler == "ar" else Option("lossless", tuple(levels))
+        if sampler == "auto":
+            res._option = engine._auto.last_choice
+            res.choice = res._option.name
+    return res, trajs, engine
+
+
+def prompts_for(cfg: BenchConfig, n: int) -> list[TaskSample]:
+    per = -(-n // len(cfg.tasks))
+    pool = [s for t in cfg.tasks for s in iter_samples(t, per, cfg.seed + 1)]
+    g = torch.Generator().manual_seed(cfg.seed)
+    return [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
+
+
+def project(cost: CostModel, res: RunResult, n_prompts: int, n_tokens: int) -> float | None:
+    """Cost-model projection for a run: its option's calibrated step costs, its own observed acceptance.
+    logit_mix is projected with lossless step costs at the same levels (same compute per step)."""
+    if res._option is None or (res._option.name, res.batch_size) not in cost.step_seconds:
+        return None
+    return cost.project_run(res._option, res.batch_size, n_prompts, n_tokens, res._acc)
+
+
+def run_bench(cfg: BenchConfig) -> list[RunResult]:
+    torch.set_num_threads(cfg.threads)
+    policy = HybridPolicy.from_pretrained(cfg.checkpoint)
+    tok = load_tokenizer(cfg.checkpoint)
+    if not policy.is_converted:
+        raise ValueError(
+            f"checkpoint: {cfg.checkpoint} is not a converted blockrl checkpoint (run blockrl convert)"
+        )
+    policy.eval()
+    K = policy.block_size
+    options = [Option("ar")] + [Option("lossless", tuple(lv)) for lv in cfg.levels]
+    if tuple(cfg.mix_levels) not in {o.levels for o in options}:
+        options.append(Option("lossless", tuple(cfg.mix_levels)))
+    cost = CostModel(K)
+    log.info("calibrating the cost model: %d options x batch sizes %s", len(options), cfg.batch_sizes)
+    cost.calibrate(policy, options, cfg.batch_sizes)
+    results: list[RunResult] = []
+    for B in cfg.batch_sizes:
+        n = max(B * cfg.prompts_per_row, cfg.min_prompts)
+        samples = prompts_for(cfg, n)
+        cells = [("hf", {}), ("ar", {})]
+        cells += [("lossless", {"levels": lv}) for lv in cfg.levels]
+        cells += [("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}), ("auto", {})]
+        rows = []
+        for sampler, kw in cells:
+            log.info("bench B=%d %s %s", B, sampler, kw or "")
+            res, _, _ = run_cell(policy, tok, samples, B, cfg, sampler, **kw)
+            rows.append(res)
+        finish_rows(rows, cost)
+        results += rows
+    results += run_sweeps(policy, tok, cfg, cost)
+    return results
+
+
+def finish_rows(rows: list[RunResult], cost: CostModel) -> None:
+    """Ratios against the HF and engine-ar rows of the same group, plus projections."""
+    hf = next((r.tokens_per_s for r in rows if r.sampler == "hf"), None)
+    ar = next((r.tokens_per_s for r in rows if r.sampler == "ar"), None)
+    for r in rows:
+        r.speedup_vs_hf = r.tokens_per_s / hf if hf else 0.0
+        r.speedup_vs_ar = r.tokens_per_s / ar if ar else 0.0
+        r.projected_tokens_per_s = project(cost, r, r.samples, r.tokens_generated)
+
+
+def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult]:
+    sw, out = cfg.sweep, []
+    B = sw.batch_size
+    samples = prompts_for(cfg, max(B * cfg.prompts_per_row, cfg.min_prompts))
+    for K in sw.block_sizes:
+        r, _, _ = run_cell(policy, tok, samples, B, cfg, "lossless", levels=(0,), block_size=K)
+        r.sweep = "block_size"
+        out.append(r)
+    for lv in sw.levels:
+        r, _, _ = run_cell(policy, tok, samples, B, cfg, "lossless", levels=lv)
+        r.sweep = "levels"
+        out.append(r)
+    for w in sw.mix_weights:
+        r, _, _ = run_cell(policy, tok, samples, B, cfg, "logit_mix", levels=cfg.mix_levels, mix_weight=w)
+        r.sweep = "mix_weight"
+        out.append(r)
+    for b in sw.batch_sizes:
+        s = prompts_for(cfg, max(b * cfg.prompts_per_row, cfg.min_prompts))
+        for sampler in ("ar", "lossless"):
+            r, _, _ = run_cell(policy, tok, s, b, cfg, sampler, levels=cfg.mix_levels)
+            r.sweep = "batch_size"
+            out.append(r)
+    for extra in sw.prompt_lens:  # longer prompts: a neutral prefix of spaces
+        padded = [TaskSample(s.task, " " * extra + s.prompt, s.completion, s.entry) for s in samples]
+        for sampler in ("ar", "lossless"):
+            r, _, _ = run_cell(policy, tok, padded, B, cfg, sampler, levels=cfg.mix_levels)
+            r.sweep = f"prompt_len+{extra}"
+            out.append(r)
+    finish_rows(out, cost)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+def write_json(results: list[RunResult], path: Path, cfg: BenchConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"config": cfg.model_dump(mode="json"), "device": device_name(), "threads": cfg.threads}
+    path.write_text(json.dumps({"meta": meta, "runs": [r.to_json() for r in results]}, indent=1))
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "cpu"
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def print_table(results: list[RunResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="blockrl bench (median tokens/s over repeats)")
+    for col in (
+        "B",
+        "sampler",
+        "levels",
+        "tok/s",
+        "vs HF",
+        "vs ar",
+        "TPF",
+        "solve",
+        "proj tok/s",
+        "mem MB",
+        "sweep",
+    ):
+        table.add_column(col, justify="right")
+    for r in results:
+        name = (
+            r.sampler
+            + (f" w={r.mix_weight}" if r.mix_weight is not None else "")
+            + (f" -> {r.choice}" if r.choice else "")
+            + (f" K={r.block_size}" if r.sweep == "block_size" else "")
+        )
+        proj = f"{r.projected_tokens_per_s:.0f}" if r.projected_tokens_per_s else "-"
+        table.add_row(
+            str(r.batch_size),
+            name,
+            str(r.levels or ""),
+            f"{r.tokens_per_s:.0f}",
+            f"{r.speedup_vs_hf:.2f}x" if r.speedup_vs_hf else "-",
+            f"{r.speedup_vs_ar:.2f}x" if r.speedup_vs_ar else "-",
+            f"{r.tokens_per_forward:.2f}",
+            f"{r.solve_rate:.0%} ({r.solved}/{r.samples})",
+            proj,
+            f"{r.peak_mem_mb:.0f}",
+            r.sweep,
+        )
+    Console(width=max(160, Console().width)).print(table)
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in results if not r.sweep]
+    sweeps = sorted({r.sweep for r in results if r.sweep})
+    fig, axes = plt.subplots(1, 2 + len(sweeps), figsize=(6 * (2 + len(sweeps)), 4.5), squeeze=False)
+    ax = axes[0, 0]
+    bss = sorted({r.batch_size for r in main})
+    labels = [f"{r.sampler}{r.levels or ''}" for r in main if r.batch_size == bss[0]]
+    width = 0.8 / max(1, len(bss))
+    for i, B in enumerate(bss):
+        vals = [r.speedup_vs_hf for r in main if r.batch_size == B]
+        ax.bar([j + i * width for j in range(len(vals))], vals, width, label=f"B={B}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(
+        [j + width * (len(bss) - 1) / 2 for j in range(len(labels))],
+        labels,
+        rotation=30,
+        ha="right",
+        fontsize=8,
+    )
+    ax.set_ylabel("tokens/s vs HF generate")
+    ax.legend()
+    ax = axes[0, 1]
+    for r in main:
+        if r.accept_by_position:
+            ax.plot(
+                range(1, len(r.accept_by_position) + 1),
+                r.accept_by_position,
+                marker=".",
+                label=f"B={r.batch_size} {r.sampler}{r.levels}",
+            )
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("P(accept | previous accepted)")
+    ax.legend(fontsize=6)
+    for k, name in enumerate(sweeps, start=2):
+        ax = axes[0, k]
+        rows = [r for r in results if r.sweep == name]
+        ax.bar(
+            [
+                f"{r.sampler}{r.levels if name == 'levels' else ''}"
+                + (f"K{r.block_size}" if name == "block_size" else "")
+                + (f"w{r.mix_weight}" if name == "mix_weight" else "")
+                + (f"B{r.batch_size}" if name == "batch_size" else "")
+                for r in rows
+            ],
+            [r.tokens_per_s for r in rows],
+        )
+        ax.set_title(f"sweep: {name}")
+        ax.set_ylabel("tokens/s")
+        ax.tick_params(axis="x", rotation=30, labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

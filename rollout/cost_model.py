@@ -1,0 +1,189 @@
+"""Measured cost model: decode-step cost vs (batch, sampler/levels) on this device, plus the live acceptance curve,
+projecting tokens/s for each option; `choose` is what `sampler="auto"` uses.
+
+Block decoding pays only where a forward's cost grows slowly with its query length (DESIGN §3, "Regimes"), so
+nothing is assumed: step costs are timed here, on this device, through the engine's own decode step (forward +
+verify + book-keeping), and the acceptance curve is observed live.
+
+Projection. With c_i = P(na >= i) measured at full draft length, the level set decides how many drafts a step has:
+after a step that accepted s, the closest-below proposal p(s) leaves n(s) = K - s + p(s) drafts. That makes na a
+Markov chain, P(na >= i | n) = c_i for i <= n (else 0); its stationary law gives tokens per step E[na] + 1, and
+
+    projected tokens/s = B * tokens_per_step / step_seconds(B, levels).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class AcceptanceStats:
+    """Acceptance curve from decode steps, as a Kaplan-Meier estimate: a step that had n drafts and accepted na
+    puts positions 1..min(na+1, n) at risk and rejects position na+1 when na < n (na == n is censored, since fewer
+    drafts than K were offered). This stays unbiased when levels leave some steps with short drafts."""
+
+    block_size: int
+    at_risk: np.ndarray = None  # [K+1], index i = draft position (0 unused)
+    rejected: np.ndarray = None  # [K+1]
+    steps: int = 0
+
+    def __post_init__(self):
+        if self.at_risk is None:
+            self.at_risk = np.zeros(self.block_size + 1)
+            self.rejected = np.zeros(self.block_size + 1)
+
+    def observe(self, accept_counts: Sequence[int], draft_counts: Sequence[int]) -> None:
+        for na, n in zip(accept_counts, draft_counts, strict=True):
+            n = min(int(n), self.block_size)
+            self.at_risk[1 : min(na + 1, n) + 1] += 1
+            if na < n:
+                self.rejected[na + 1] += 1
+            self.steps += 1
+
+    def survival(self) -> np.ndarray:
+        """c_i = P(na >= i) with K drafts, i = 0..K (c_0 = 1)."""
+        hazard = np.divide(
+            self.rejected, self.at_risk, out=np.ones_like(self.rejected), where=self.at_risk > 0
+        )
+        hazard[0] = 0.0
+        return np.cumprod(1.0 - hazard)
+
+    def acceptance_by_position(self) -> list[float]:
+        """P(draft i accepted | drafts 1..i-1 accepted), i = 1..K."""
+        c = self.survival()
+        return [float(c[i] / c[i - 1]) if c[i - 1] > 0 else 0.0 for i in range(1, len(c))]
+
+    def merge(self, other: AcceptanceStats) -> None:
+        self.at_risk += other.at_risk
+        self.rejected += other.rejected
+        self.steps += other.steps
+
+
+def tokens_per_step(survival: np.ndarray, levels: Sequence[int]) -> float:
+    """Expected committed tokens per decode step under `levels` (stationary law of the draft-count chain)."""
+    K = len(survival) - 1
+    if not levels:  # ar
+        return 1.0
+    lv = np.array(sorted(levels))
+    P = np.zeros((K + 1, K + 1))  # P[s, t]: previous accepted s -> accepted t
+    for s in range(K + 1):
+        p = lv[lv <= s].max()
+        n = K - s + p
+        c = np.r_[survival[: n + 1], 0.0]
+        P[s, : n + 1] = c[:-1] - c[1:]
+    pi = np.full(K + 1, 1.0 / (K + 1))
+    for _ in range(500):
+        pi = pi @ P
+    return float(pi @ np.arange(K + 1)) + 1.0
+
+
+@dataclass(frozen=True)
+class Option:
+    sampler: str  # "ar" | "lossless"
+    levels: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.sampler if self.sampler == "ar" else f"{self.sampler}{list(self.levels)}"
+
+
+def default_options(block_size: int) -> list[Option]:
+    K = block_size
+    sets = [
+        (0,),
+        (0, K // 4, K // 2),
+        (0, K // 4, K // 2, 3 * K // 4),
+        tuple(range(0, K + 1, max(1, K // 8))),
+    ]
+    uniq = sorted({tuple(sorted(set(s))) for s in sets}, key=len)
+    return [Option("ar"), *[Option("lossless", s) for s in uniq]]
+
+
+@dataclass
+class CostModel:
+    """Step seconds per (option, batch) measured on this device, and the live acceptance curve."""
+
+    block_size: int
+    step_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
+    prefill_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
+    acceptance: AcceptanceStats = None
+
+    def __post_init__(self):
+        if self.acceptance is None:
+            self.acceptance = AcceptanceStats(self.block_size)
+
+    def calibrate(
+        self,
+        policy,
+        options: Sequence[Option],
+        batch_sizes: Sequence[int],
+        prompt_len: int = 48,
+        steps: int = 6,
+        repeats: int = 3,
+    ) -> None:
+        """Time real engine decode steps (median over repeats) for each option and batch size."""
+        from rollout.engine import BlockEngine  # local: the engine imports this module
+
+        V = policy.model.get_output_embeddings().weight.shape[0]
+        g = torch.Generator().manual_seed(0)
+        for B in batch_sizes:
+            prompts = torch.randint(4, max(5, V - 2), (B, prompt_len), generator=g).tolist()
+            for opt in options:
+                eng = BlockEngine(
+                    policy,
+                    sampler=opt.sampler,
+                    levels=opt.levels or (0,),
+                    max_batch=B,
+                    block_size=self.block_size,
+                )
+                times = [eng.time_decode_steps(prompts, steps) for _ in range(repeats)]
+                self.step_seconds[(opt.name, B)] = statistics.median(t[1] for t in times)
+                self.prefill_seconds[(opt.name, B)] = statistics.median(t[0] for t in times)
+
+    def project(self, opt: Option, batch_size: int) -> float:
+        """Projected tokens/s of `opt` at `batch_size` (0 if that cell was not calibrated)."""
+        sec = self.step_seconds.get((opt.name, batch_size))
+        if not sec:
+            return 0.0
+        tps = tokens_per_step(self.acceptance.survival(), opt.levels) if opt.sampler != "ar" else 1.0
+        return batch_size * tps / sec
+
+    def project_run(
+        self,
+        opt: Option,
+        batch_size: int,
+        num_prompts: int,
+        num_tokens: int,
+        acceptance: AcceptanceStats | None = None,
+    ) -> float:
+        """Projected tokens/s of a whole `generate` call: one prefill per batch of prompts (it emits one token per
+        prompt), then decode steps of `batch_size` rows committing tokens_per_step tokens each."""
+        sec = self.step_seconds.get((opt.name, batch_size))
+        if not sec:
+            return 0.0
+        acc = acceptance or self.acceptance
+        tps = tokens_per_step(acc.survival(), opt.levels) if opt.sampler != "ar" else 1.0
+        prefill = self.prefill_seconds[(opt.name, batch_size)] * num_prompts / batch_size
+        decode = sec * max(0, num_tokens - num_prompts) / (batch_size * tps)
+        return num_tokens / (prefill + decode)
+
+    def choose(self, options: Sequence[Option], batch_size: int) -> Option:
+        """Best projected option; `ar` unless a speculative option is projected faster (never slower than AR)."""
+        best = max(options, key=lambda o: self.project(o, batch_size))
+        ar = next((o for o in options if o.sampler == "ar"), None)
+        if ar is not None and self.project(best, batch_size) <= self.project(ar, batch_size):
+            return ar
+        return best
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
