@@ -1,0 +1,57 @@
+"""Cost model: acceptance estimation, the tokens-per-step projection, and auto's choice rule."""
+
+import numpy as np
+import pytest
+
+from rollout.cost_model import AcceptanceStats, CostModel, Option, default_options, tokens_per_step
+
+
+def test_tokens_per_step_dense_levels_is_one_plus_sum_of_survival():
+    """With every level available, each step has K drafts: E[tokens] = 1 + sum_k P(na >= k) (DESIGN §3)."""
+    K = 8
+    surv = np.r_[1.0, 0.8 ** np.arange(1, K + 1)]
+    assert tokens_per_step(surv, list(range(K + 1))) == pytest.approx(1 + surv[1:].sum(), rel=1e-6)
+    assert tokens_per_step(surv, []) == 1.0
+
+
+def test_fewer_levels_never_project_more_tokens():
+    K = 16
+    surv = np.r_[1.0, 0.9 ** np.arange(1, K + 1)]
+    dense = tokens_per_step(surv, list(range(K + 1)))
+    sparse = tokens_per_step(surv, [0, 8])
+    single = tokens_per_step(surv, [0])
+    assert single <= sparse <= dense
+
+
+def test_kaplan_meier_recovers_survival_from_censored_steps():
+    """Steps offered fewer than K drafts are censored, not counted as rejections."""
+    rng = np.random.default_rng(0)
+    K, alpha = 8, 0.7
+    acc = AcceptanceStats(K)
+    nas, ns = [], []
+    for _ in range(20000):
+        n = int(rng.integers(1, K + 1))
+        na = 0
+        while na < n and rng.random() < alpha:
+            na += 1
+        nas.append(na)
+        ns.append(n)
+    acc.observe(nas, ns)
+    np.testing.assert_allclose(acc.survival(), alpha ** np.arange(K + 1), atol=0.02)
+    np.testing.assert_allclose(acc.acceptance_by_position(), [alpha] * K, atol=0.03)
+
+
+def test_choose_prefers_ar_unless_speculation_projects_faster():
+    cm = CostModel(4)
+    opts = [Option("ar"), Option("lossless", (0,))]
+    cm.step_seconds = {("ar", 1): 1.0, ("lossless[0]", 1): 2.0}
+    cm.acceptance.observe([0] * 100, [4] * 100)  # nothing ever accepted: 1 token per step
+    assert cm.choose(opts, 1).sampler == "ar"
+    cm.acceptance = AcceptanceStats(4)
+    cm.acceptance.observe([4] * 100, [4] * 100)  # everything accepted: 5 tokens per 2 s
+    assert cm.choose(opts, 1).sampler == "lossless"
+
+
+def test_default_options_are_valid_level_sets():
+    for opt in default_options(16):
+        assert opt.sampler == "ar" or (opt.levels[0] == 0 and max(opt.levels) <= 16)
