@@ -50,9 +50,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def generate_completions(
-    model, tokenizer, prompts: list[str], cfg: EvalConfig, banned_ids: list[int] = ()
-) -> list[str]:
+def generate_completions(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> list[str]:
     """AR completions via HF generate (left padding, BOS-prefixed prompts, pure temperature sampling)."""
     model.eval()
     out: list[str] = []
@@ -70,15 +68,14 @@ def generate_completions(
             max_new_tokens=cfg.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            bad_words_ids=[[t] for t in banned_ids] or None,
         )
         out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
 
-def solve_rate(model, tokenizer, samples: list[TaskSample], cfg: EvalConfig, banned_ids=()) -> dict:
+def solve_rate(model, tokenizer, samples: list[TaskSample], cfg: EvalConfig) -> dict:
     """{"overall": {...}, "per_task": {task: {"solved", "n", "rate", "ci95"}}}."""
-    completions = generate_completions(model, tokenizer, [s.prompt for s in samples], cfg, banned_ids)
+    completions = generate_completions(model, tokenizer, [s.prompt for s in samples], cfg)
     by_task: dict[str, list[int]] = defaultdict(list)
     for s, c in zip(samples, completions, strict=True):
         by_task[s.task].append(int(score(s, c) == 1.0))
@@ -124,3 +121,46 @@ def diffusion_slot_accuracy(
                 hits[j] += (correct & sel).sum()
                 counts[j] += sel.sum()
     return (hits / counts.clamp(min=1)).tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainers.evaluate CHECKPOINT [--samples-per-task N] [--json FILE]`: held-out solve rate (and the
+    diffusion slot accuracy for converted checkpoints) on the data config of a preset."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from policy.hybrid import HybridPolicy, load_tokenizer
+    from trainers.config import load_config
+    from trainers.data import heldout_samples
+    from trainers.lm_train import ConvertConfig
+
+    ap = argparse.ArgumentParser(prog="python -m trainers.evaluate", description=main.__doc__)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--config", default="convert_tiny_moe", help="preset whose data/eval sections are used")
+    ap.add_argument("--samples-per-task", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_config(ConvertConfig, args.config, [f"data.heldout_per_task={args.samples_per_task}"])
+    policy = HybridPolicy.from_pretrained(args.checkpoint)
+    tok = load_tokenizer(args.checkpoint)
+    samples = heldout_samples(cfg.data)
+    out = {"checkpoint": args.checkpoint, "solve": solve_rate(policy.model, tok, samples, cfg.eval)}
+    if policy.is_converted:
+        acc = diffusion_slot_accuracy(policy, tok, samples)
+        out |= {
+            "slot_accuracy": acc,
+            "slot0_accuracy": acc[0],
+            "mean_draft_slot_accuracy": sum(acc[1:]) / (len(acc) - 1),
+        }
+    text = json.dumps(out, indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -192,8 +192,7 @@ def evaluate(cfg: RunConfig, policy: HybridPolicy, tokenizer, heldout) -> dict:
         if per_task.get(s.task, 0) < cfg.eval.samples_per_task:
             per_task[s.task] = per_task.get(s.task, 0) + 1
             subset.append(s)
-    banned = [policy.mask_token_id] if policy.is_converted else []
-    out = {"solve": solve_rate(policy.model, tokenizer, subset, cfg.eval, banned)}
+    out = {"solve": solve_rate(policy.model, tokenizer, subset, cfg.eval)}  # plain AR mode, nothing banned
     if policy.is_converted:
         acc = diffusion_slot_accuracy(policy, tokenizer, subset)
         out["slot_accuracy"] = acc
