@@ -60,7 +60,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Short pretrain -> convert on the smallest preset, then print what was measured."""
+    """Short pretrain -> convert on the smallest preset, then rollouts from the shipped checkpoint."""
     from trainers.lm_train import ConvertConfig, PretrainConfig, convert, pretrain
 
     run = Path(args.run_dir)
@@ -75,7 +75,30 @@ def cmd_demo(args) -> int:
     print("\n== blockrl demo: pretrain -> TiDAR convert on the tiny preset ==")
     print("AR checkpoint:       " + format_eval(pre_eval, pre.run_dir))
     print("converted (hybrid):  " + format_eval(conv_eval, conv.run_dir))
+    if (Path(args.checkpoint) / "config.json").is_file():
+        demo_rollouts(args.checkpoint, run / "rollouts")
     return 0
+
+
+def demo_rollouts(checkpoint: str, run_dir: Path) -> None:
+    """HF generate vs engine ar vs lossless on the shipped checkpoint, batch 1, same prompts (one repeat)."""
+    from policy import HybridPolicy, load_tokenizer
+    from rollout.bench import BenchConfig, finish_rows, prompts_for, run_cell
+    from rollout.cost_model import CostModel
+
+    cfg = BenchConfig(checkpoint=checkpoint, run_dir=str(run_dir), repeats=1, min_prompts=6, threads=2)
+    policy, tok = HybridPolicy.from_pretrained(checkpoint).eval(), load_tokenizer(checkpoint)
+    samples = prompts_for(cfg, cfg.min_prompts)
+    rows = [run_cell(policy, tok, samples, 1, cfg, s, levels=(0, 4, 8))[0] for s in ("hf", "ar", "lossless")]
+    finish_rows(rows, CostModel(policy.block_size))
+    print(
+        f"\n== rollouts from {checkpoint}: batch 1, T={cfg.temperature}, {len(samples)} held-out prompts =="
+    )
+    for r in rows:
+        print(
+            f"{r.sampler:>9}: {r.tokens_per_s:6.0f} tok/s  {r.speedup_vs_hf:4.2f}x vs HF  "
+            f"{r.tokens_per_forward:4.2f} tokens/forward  solved {r.solved}/{r.samples}"
+        )
 
 
 def cmd_bench(args) -> int:
@@ -111,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="short pretrain -> convert on the tiny preset, printing what it measured")
+    p = sub.add_parser(
+        "demo", help="tiny pretrain -> convert, then lossless vs AR rollouts on the shipped checkpoint"
+    )
     p.add_argument("--run-dir", default="runs/demo", help="where the demo writes its runs")
+    p.add_argument(
+        "--checkpoint", default="checkpoints/tiny-moe", help="shipped checkpoint for the rollout part"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
