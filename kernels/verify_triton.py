@@ -41,6 +41,18 @@ def _row_argmax(row_ptr, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _weights(row, q_row, idx, V, inv_t, m, s, resid, d, HAS_Q: tl.constexpr):
+    """Draw weights on one vocabulary chunk: p, or the residual max(0, p - q) (Dirac q: p with d zeroed)."""
+    p = tl.exp(tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t - m) / s
+    if HAS_Q:
+        q = tl.load(q_row + idx, mask=idx < tl.where(resid, V, 0), other=0.0).to(tl.float32)
+        w = tl.where(resid, tl.maximum(p - q, 0.0), p)
+    else:
+        w = tl.where(resid & (idx == d), 0.0, p)
+    return tl.where(idx < V, w, 0.0)
+
+
+@triton.jit
 def verify_kernel(
     logits_ptr, drafts_ptr, q_ptr, ndrafts_ptr, u_ptr, accept_ptr, tokens_ptr, logprobs_ptr,
     K, V, inv_t,
@@ -85,44 +97,23 @@ def verify_kernel(
         d = tl.load(drafts_ptr + r * K + tl.minimum(na, K - 1), mask=K > 0, other=-1)
         d = tl.where(rejected, d, -1)
         m, s = _row_stats(row, V, inv_t, BLOCK_V)
+        q_row = q_ptr + (r * K + tl.minimum(na, K - 1)) * V
         # pass 1: total residual weight, to fall back to p when it vanishes numerically
         total = tl.zeros((), tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            idx = v0 + offs
-            p = tl.exp(tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t - m) / s
-            w = p
-            if HAS_Q:
-                q = tl.load(q_ptr + (r * K + na) * V + idx, mask=idx < tl.where(rejected, V, 0), other=0.0)
-                w = tl.where(rejected, tl.maximum(p - q.to(tl.float32), 0.0), p)
-            else:
-                w = tl.where(rejected & (idx == d), 0.0, p)
-            total += tl.sum(tl.where(idx < V, w, 0.0), 0)
+            w = _weights(row, q_row, v0 + offs, V, inv_t, m, s, rejected, d, HAS_Q)
+            total += tl.sum(w, 0)
         use_resid = rejected & (total > 0)
-        # pass 2: weights' total as the reference sums them (cumulative), then pass 3: inverse CDF
+        # pass 2: the weights' total, then pass 3: inverse CDF against u * total
         cum_total = tl.zeros((), tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            idx = v0 + offs
-            p = tl.exp(tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t - m) / s
-            w = p
-            if HAS_Q:
-                q = tl.load(q_ptr + (r * K + na) * V + idx, mask=idx < tl.where(use_resid, V, 0), other=0.0)
-                w = tl.where(use_resid, tl.maximum(p - q.to(tl.float32), 0.0), p)
-            else:
-                w = tl.where(use_resid & (idx == d), 0.0, p)
-            cum_total += tl.sum(tl.where(idx < V, w, 0.0), 0)
+            cum_total += tl.sum(_weights(row, q_row, v0 + offs, V, inv_t, m, s, use_resid, d, HAS_Q), 0)
         thresh = tl.load(u_ptr + r * K1 + K) * cum_total
         run = tl.zeros((), tl.float32)
         count = tl.zeros((), tl.int64)
         for v0 in range(0, V, BLOCK_V):
             idx = v0 + offs
-            p = tl.exp(tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t - m) / s
-            w = p
-            if HAS_Q:
-                q = tl.load(q_ptr + (r * K + na) * V + idx, mask=idx < tl.where(use_resid, V, 0), other=0.0)
-                w = tl.where(use_resid, tl.maximum(p - q.to(tl.float32), 0.0), p)
-            else:
-                w = tl.where(use_resid & (idx == d), 0.0, p)
-            w = tl.where(idx < V, w, 0.0)
+            w = _weights(row, q_row, idx, V, inv_t, m, s, use_resid, d, HAS_Q)
             cdf = run + tl.cumsum(w, 0)
             count += tl.sum(tl.where((cdf <= thresh) & (idx < V), 1, 0), 0).to(tl.int64)
             run += tl.sum(w, 0)

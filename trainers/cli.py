@@ -27,18 +27,15 @@ def _quiet_env() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--config", default=default, help=f"YAML file or preset name in configs/ (default: {default})"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set optim.lr=0.001 (repeatable)",
-    )
+    _add_set_arg(p, "override a config field, e.g. --set optim.lr=0.001 (repeatable)")
 
 
 def cmd_pretrain(args) -> int:
@@ -141,14 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", default="checkpoints/tiny-moe", help="shipped checkpoint for the rollout part"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of both stages",
-    )
+    _add_set_arg(p, "override a field of both training stages")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="HF generate vs engine ar / lossless / logit_mix / auto, side by side")
