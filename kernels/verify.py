@@ -106,7 +106,8 @@ def verify_reference(
         logprobs = torch.zeros(R, K1, device=target_logits.device)
     else:
         logp = torch.log_softmax(target_logits.float() / temperature, dim=-1)
-        logprobs = logp.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1) * emitted
+        gathered = logp.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logprobs = torch.where(emitted, gathered, 0.0)  # 0 past na (a -inf * 0 would be NaN)
     return VerifyOutput(accept_len, tokens, logprobs)
 
 

@@ -20,7 +20,9 @@ def _row_stats(row_ptr, V, inv_t, BLOCK_V: tl.constexpr):
     for v0 in range(0, V, BLOCK_V):
         x = tl.load(row_ptr + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new)), 0)
+        # NOTE: a chunk (or prefix) that is all -inf (banned, top-k) keeps m_new = -inf: rescale by 0, not exp(nan)
+        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        s = s * alpha + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new)), 0)
         m = m_new
     return m, s
 

@@ -125,4 +125,4 @@ def prefill_mask(prompt_len: int, block_size: int) -> torch.Tensor:
 
 def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool mask (True = attend) -> additive float mask (0 where attend, finfo.min elsewhere)."""
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

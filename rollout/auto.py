@@ -30,7 +30,7 @@ class AutoSampler:
             if t.accept_counts:
                 self.cost.acceptance.observe(t.accept_counts, t.draft_counts)
 
-    def generate(self, policy, prompt_ids, max_batch: int, **kwargs):
+    def generate(self, policy, prompt_ids, max_batch: int, index_offset: int = 0, **kwargs):
         B = min(max_batch, len(prompt_ids))
         if B not in self.calibrated:
             self.cost.calibrate(policy, self.options, [B])
@@ -39,7 +39,7 @@ class AutoSampler:
         if self.cost.acceptance.steps == 0:
             head, prompt_ids = prompt_ids[:B], prompt_ids[B:]
             eng = self.make_engine(self.pilot.sampler, self.pilot.levels, B)
-            pilot = eng.generate(head, **kwargs)
+            pilot = eng.generate(head, index_offset=index_offset, **kwargs)
             self.observe(pilot)
             results += pilot
             if not prompt_ids:
@@ -53,6 +53,9 @@ class AutoSampler:
             self.cost.project(choice, B),
             self.cost.project(self.options[0], B),
         )
-        trajs = self.make_engine(choice.sampler, choice.levels or (0,), B).generate(prompt_ids, **kwargs)
+        offset = index_offset + len(results)  # global prompt index: no random stream is reused
+        trajs = self.make_engine(choice.sampler, choice.levels or (0,), B).generate(
+            prompt_ids, index_offset=offset, **kwargs
+        )
         self.observe(trajs)
         return results + trajs

@@ -128,9 +128,13 @@ class BlockEngine:
         top_k: int = 0,
         seed: int = 0,
         audit: bool = False,
+        index_offset: int = 0,
         **kwargs,
     ) -> list[Trajectory]:
-        """One Trajectory per prompt, in order. Extra kwargs go to SamplingParams (eos_token_id, stop_strings, ...)."""
+        """One Trajectory per prompt, in order. Extra kwargs go to SamplingParams (eos_token_id, stop_strings, ...).
+
+        Prompt i draws its randomness from seed (seed, index_offset + i): callers that split one logical batch into
+        several calls pass the global index, so repeated prompts (GRPO groups) never share a random stream."""
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("prompt_ids: every prompt needs at least one token")
         if "eos_token_id" not in kwargs and self.tokenizer is not None:
@@ -150,9 +154,10 @@ class BlockEngine:
                 top_k=top_k,
                 seed=seed,
                 audit=audit,
+                index_offset=index_offset,
                 **kwargs,
             )
-        return _Run(self, prompt_ids, params, audit).run()
+        return _Run(self, prompt_ids, params, audit, index_offset).run()
 
     @torch.inference_mode()
     def time_decode_steps(
@@ -160,6 +165,10 @@ class BlockEngine:
     ) -> tuple[float, float]:
         """(prefill seconds, median seconds of one decode step) for this batch of prompts: the cost model's
         calibration probe, through the same code path as `generate`."""
+        if len(prompt_ids) > self.max_batch:
+            raise ValueError(
+                f"time_decode_steps: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}"
+            )
         params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
         run = _Run(self, prompt_ids, params, audit=False)
         rows = list(range(len(prompt_ids)))
@@ -177,18 +186,28 @@ class BlockEngine:
 class _Run:
     """State of one `generate` call: slots, cache, drafts."""
 
-    def __init__(self, eng: BlockEngine, prompts: list[list[int]], params: SamplingParams, audit: bool):
+    def __init__(
+        self,
+        eng: BlockEngine,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        audit: bool,
+        index_offset: int = 0,
+    ):
         self.eng, self.prompts, self.params, self.audit = eng, prompts, params, audit
+        self.index_offset = index_offset
         B, K, dev = min(eng.max_batch, len(prompts)), eng.K, eng.device
         cfg = eng.policy.config
         self.V = eng.policy.model.get_output_embeddings().weight.shape[0]
         self.cache = RaggedKVCache(cfg.num_hidden_layers, B, dev)
         self.dtype = eng.policy.model.dtype
+        self.lm_head = eng.policy.model.get_output_embeddings()
         self.slots: list[_Row | None] = [None] * B
         self.anchor = torch.zeros(B, dtype=torch.long, device=dev)
         self.drafts = torch.zeros(B, max(K, 1), dtype=torch.long, device=dev)
         self.n_drafts = torch.zeros(B, dtype=torch.long, device=dev)
         self.draft_logits = torch.zeros(B, max(K, 1), self.V, device=dev) if K else None
+        self.draft_probs = torch.zeros_like(self.draft_logits) if K and eng.draft == "sampled" else None
         self.banned = constraint_mask(params, self.V, dev)
         self.results: list[Trajectory | None] = [None] * len(prompts)
 
@@ -212,19 +231,27 @@ class _Run:
     def forward(
         self, rows: list[int], ids: torch.Tensor, pos: torch.Tensor, qmask: torch.Tensor
     ) -> torch.Tensor:
-        """ids/pos [R, Q], qmask bool [R or 1, Q, Q] -> logits [R, Q, V] over cache + queries."""
+        """ids/pos [R, Q], qmask bool [R or 1, Q, Q] -> final hidden states [R, Q, H] over cache + queries.
+
+        Logits are taken later with `head`, only for the rows that are used (verify slots, the last prompt token,
+        the one proposal block each row drafts from): with a real vocabulary, [R, Q, V] logits for every level
+        would dominate memory."""
         rows_t = None if len(rows) == len(self.slots) else torch.tensor(rows, device=ids.device)
         self._rows_t = rows_t
         mask = self.cache.begin(rows_t, qmask)  # [R, Q, extent]
         policy = self.eng.policy
-        out = policy.model(
+        out = policy.model.base_model(
             input_ids=ids,
             position_ids=pos,
             attention_mask=policy.attention_mask_4d(mask, self.dtype),
             past_key_values=self.cache,
             use_cache=True,
         )
-        return out.logits.float()
+        return out.last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., H] -> fp32 logits [..., V] (the CausalLM's output embedding)."""
+        return self.lm_head(hidden).float()
 
     def commit(self, kept: torch.Tensor) -> None:
         """Keep each row's first `kept` queries of the last forward (prompt, or anchor + accepted drafts)."""
@@ -250,18 +277,18 @@ class _Run:
         block = is_mask[:, :, None] & (is_prompt[:, None, :] | is_mask[:, None, :])
         pad_self = (~is_prompt & ~is_mask)[:, :, None] & torch.eye(Q, dtype=torch.bool, device=dev)[None]
         self.cache.reset_rows(torch.tensor(rows, device=dev))
-        logits = self.forward(rows, ids, pos, causal | block | pad_self)
+        hidden = self.forward(rows, ids, pos, causal | block | pad_self)
         self.commit(lens)
         for s, i in take:
-            seed = self.params.seed * 1_000_003 + i
+            seed = self.params.seed * 1_000_003 + self.index_offset + i
             traj = Trajectory(prompt_ids=list(self.prompts[i]), policy_version=eng.policy_version)
             traj.audit = [] if self.audit else None
             self.slots[s] = _Row(i, traj, torch.Generator().manual_seed(seed), time.perf_counter())
-        last = logits[torch.arange(R, device=dev), lens - 1]  # [R, V]: AR distribution of the first token
+        last = self.head(hidden[torch.arange(R, device=dev), lens - 1])  # [R, V]: AR distribution of token 1
         empty = torch.zeros(R, 0, dtype=torch.long, device=dev)
         out = self.verify(rows, last[:, None], empty, None, torch.zeros(R, dtype=torch.long, device=dev))
         if K:
-            proposal = logits[:, P:]  # [R, K+1, V] at positions lens..lens+K: level 0 with na = 0
+            proposal = hidden[:, P:]  # [R, K+1, H] at positions lens..lens+K: level 0 with na = 0
             self.set_drafts(rows, proposal[:, None], torch.zeros(R, dtype=torch.long, device=dev))
         self.emit(rows, out, drafts_used=None)
 
@@ -278,16 +305,16 @@ class _Run:
         else:
             ids = self.anchor[rows_t, None]
         pos = self.cache.lens[rows_t, None] + eng._offsets[None]
-        logits = self.forward(rows, ids, pos, eng._step_mask[None])
+        hidden = self.forward(rows, ids, pos, eng._step_mask[None])
         n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
         drafts = self.drafts[rows_t, :K]
         verified = self.verify(
-            rows, logits[:, : K + 1], drafts, self.draft_logits[rows_t] if K else None, n_drafts
+            rows, self.head(hidden[:, : K + 1]), drafts, self.draft_logits[rows_t] if K else None, n_drafts
         )
         accept_len = verified[0].accept_len
         self.commit(accept_len + 1)
         if K:
-            proposals = logits[:, K + 1 :].view(R, len(eng.levels), K + 1, -1)
+            proposals = hidden[:, K + 1 :].view(R, len(eng.levels), K + 1, -1)
             self.set_drafts(rows, proposals, accept_len)
         self.emit(rows, verified, drafts_used=drafts)
 
@@ -303,8 +330,8 @@ class _Run:
             target = torch.cat([torch.where(valid, mixed, ar_logits[:, :-1]), ar_logits[:, -1:]], dim=1)
         target = process_logits(target, p, self.banned)
         q = None
-        if eng.draft == "sampled" and K1 > 1 and p.temperature > 0:
-            q = torch.softmax(process_logits(draft_logits, p, self.banned) / eng.draft_temperature, dim=-1)
+        if self.draft_probs is not None and K1 > 1 and p.temperature > 0:
+            q = self.draft_probs[torch.tensor(rows, device=ar_logits.device)]
         u = torch.stack([torch.rand(K1, generator=self.slots[s].gen) for s in rows]).to(ar_logits.device)
         out = eng.verify_fn(target, drafts, q, n_drafts, u, p.temperature)
         if p.temperature == 0:
@@ -314,20 +341,20 @@ class _Run:
         else:
             lp = torch.log_softmax(process_logits(ar_logits, p, self.banned) / p.temperature, dim=-1)
             emitted = torch.arange(K1, device=lp.device)[None] <= out.accept_len[:, None]
-            ar_lp = lp.gather(-1, out.tokens.clamp(min=0)[..., None]).squeeze(-1) * emitted
+            ar_lp = torch.where(emitted, lp.gather(-1, out.tokens.clamp(min=0)[..., None]).squeeze(-1), 0.0)
         return out, ar_lp, n_drafts
 
     def set_drafts(self, rows: list[int], proposals: torch.Tensor, accept_len: torch.Tensor) -> None:
-        """Next drafts from the closest-below proposal. proposals [R, L, K+1, V], accept_len [R]."""
+        """Next drafts from the closest-below proposal. proposals: hidden states [R, L, K+1, H]; accept_len [R]."""
         eng, K = self.eng, self.eng.K
         dev = proposals.device
         R = len(rows)
         lvl = torch.searchsorted(eng._levels_t, accept_len, right=True) - 1  # largest level p <= na
         p = eng._levels_t[lvl]
-        chosen = proposals[torch.arange(R, device=dev), lvl]  # [R, K+1, V]
+        chosen = proposals[torch.arange(R, device=dev), lvl]  # [R, K+1, H]
         first = accept_len - p + 1  # slot of position b+na+2
         slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(max=K)  # [R, K]
-        dl = chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1]))  # [R, K, V]
+        dl = self.head(chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1])))  # [R, K, V]
         n = K - accept_len + p
         rows_t = torch.tensor(rows, device=dev)
         self.draft_logits[rows_t] = dl
@@ -335,6 +362,7 @@ class _Run:
         processed = process_logits(dl, self.params, self.banned)
         if self.eng.draft == "sampled" and self.params.temperature > 0:
             probs = torch.softmax(processed / self.eng.draft_temperature, dim=-1)
+            self.draft_probs[rows_t] = probs  # q, reused by the next verify
             u = torch.stack([torch.rand(K, generator=self.slots[s].gen) for s in rows]).to(dev)
             cdf = probs.cumsum(-1)
             drafts = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
@@ -346,6 +374,10 @@ class _Run:
     def emit(self, rows: list[int], verified, drafts_used) -> None:
         """Append each row's committed tokens, cut at stops, free finished slots."""
         out, ar_lp, n_drafts = verified
+        rows_t = torch.tensor(rows, device=out.tokens.device)
+        self.anchor[rows_t] = out.tokens[
+            torch.arange(len(rows), device=rows_t.device), out.accept_len
+        ]  # last token
         na = out.accept_len.tolist()
         n_drafts = n_drafts.tolist()
         toks = out.tokens.tolist()
@@ -379,23 +411,24 @@ class _Run:
                 t.timings["total"] = now - row.started
                 self.results[row.index] = t
                 self.slots[s] = None
-            else:
-                self.anchor[s] = chunk[-1]
 
     def find_stop(self, tokens: list[int], start: int) -> tuple[int | None, str]:
         """Length to keep if a stop falls in tokens[start:], else None. EOS is kept; nothing after a stop is."""
         p = self.params
         cut, reason = None, ""
         if p.eos_token_id is not None:
+            eos = {p.eos_token_id} if isinstance(p.eos_token_id, int) else set(p.eos_token_id)
             for i in range(start, len(tokens)):
-                if tokens[i] == p.eos_token_id:
+                if tokens[i] in eos:
                     cut, reason = i + 1, "eos"
                     break
         if p.stop_strings:
             tok = self.eng.tokenizer
             end = cut or len(tokens)
+            # a stop string spans at most len(stop) tokens (one char or more each), and none ended before `start`
+            lo = max(0, start - max(map(len, p.stop_strings)))
             for i in range(start, end):
-                text = tok.decode(tokens[: i + 1])
+                text = tok.decode(tokens[lo : i + 1])
                 if any(s in text for s in p.stop_strings):
                     cut, reason = i + 1, "stop_string"
                     break

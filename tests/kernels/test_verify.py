@@ -59,3 +59,23 @@ def test_inverse_cdf_picks_the_bucket():
     w = torch.tensor([[0.0, 1.0, 0.0, 3.0]])
     assert inverse_cdf(w, torch.tensor([0.1])).item() == 1
     assert inverse_cdf(w, torch.tensor([0.3])).item() == 3
+
+
+@needs_triton
+def test_triton_first_vocab_chunk_all_banned():
+    """A fully -inf leading chunk (banned ids, top-k) must not turn the online softmax into NaN."""
+    args = case(R=3, K=2, V=2048, seed=5, peaked=1.0)
+    logits = args[0]
+    logits[:, :, :1024] = float("-inf")
+    args = (logits, args[1] % 1024 + 1024, None, torch.tensor([2, 1, 0]), args[4])
+    ref, tri = verify_reference(*args, 1.0), verify_triton(*args, 1.0)
+    assert torch.equal(ref.tokens, tri.tokens) and not tri.logprobs.isnan().any()
+    assert (tri.tokens[tri.tokens >= 0] >= 1024).all()
+
+
+def test_reference_logprobs_are_zero_past_the_last_emitted_slot():
+    logits, drafts, _, n, u = case()
+    logits[:, :, 0] = float("-inf")
+    out = verify_reference(logits, drafts, None, n, u, 1.0)
+    emitted = torch.arange(5)[None] <= out.accept_len[:, None]
+    assert not out.logprobs.isnan().any() and (out.logprobs[~emitted] == 0).all()

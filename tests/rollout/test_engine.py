@@ -58,14 +58,15 @@ def test_cache_holds_exactly_the_committed_prefix(monkeypatch):
     orig_forward = engine_mod._Run.forward
 
     def checking_forward(self, rows, ids, pos, qmask):
-        logits = orig_forward(self, rows, ids, pos, qmask)
+        hidden = orig_forward(self, rows, ids, pos, qmask)
+        logits = self.head(hidden[:, :1])
         if self.slots[rows[0]] is not None and self.slots[rows[0]].traj.tokens:  # a decode step
             for r, s in enumerate(rows):
                 t = self.slots[s].traj
                 ref = policy.model(input_ids=torch.tensor([t.prompt_ids + t.tokens])).logits[0, -1]
                 torch.testing.assert_close(logits[r, 0], ref, atol=1e-4, rtol=1e-4)
                 checked.append(len(t.tokens))
-        return logits
+        return hidden
 
     monkeypatch.setattr(engine_mod._Run, "forward", checking_forward)
     BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=2).generate(PROMPTS, 20, temperature=1.0)
@@ -227,3 +228,11 @@ def test_bad_arguments():
         BlockEngine(policy).generate([[]])
     with pytest.raises(ValueError, match="temperature"):
         BlockEngine(policy).generate([[2]], temperature=-1)
+
+
+def test_auto_never_reuses_a_random_stream_across_repeated_prompts():
+    """GRPO repeats each prompt G times: auto's pilot/main split must keep every sample's seed distinct."""
+    policy = lively_policy("moe")
+    eng = BlockEngine(policy, sampler="auto", max_batch=2)
+    trajs = eng.generate([[2, 5]] * 6, max_new_tokens=12, temperature=1.0, seed=3)
+    assert len({tuple(t.tokens) for t in trajs}) > 3
