@@ -27,7 +27,7 @@ from pydantic import Field
 
 from envs.tasks import TaskSample, iter_samples, score
 from policy.hybrid import HybridPolicy, load_tokenizer
-from rollout.cost_model import AcceptanceStats, CostModel, Option
+from rollout.cost_model import AcceptanceStats, CostModel, Option, default_options
 from rollout.engine import BlockEngine
 from trainers.config import Section
 
@@ -263,9 +263,8 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         )
     policy.eval()
     K = policy.block_size
-    options = [Option("ar")] + [Option("lossless", tuple(lv)) for lv in cfg.levels]
-    if tuple(cfg.mix_levels) not in {o.levels for o in options}:
-        options.append(Option("lossless", tuple(cfg.mix_levels)))
+    level_sets = {tuple(lv) for lv in [*cfg.levels, cfg.mix_levels]} | {o.levels for o in default_options(K)}
+    options = [Option("ar")] + [Option("lossless", lv) for lv in sorted(level_sets, key=len) if lv]
     cost = CostModel(K)
     log.info("calibrating the cost model: %d options x batch sizes %s", len(options), cfg.batch_sizes)
     cost.calibrate(policy, options, cfg.batch_sizes)
