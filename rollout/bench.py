@@ -82,6 +82,8 @@ class BenchConfig(Section):
     """levels of logit_mix."""
     threads: int = Field(2, ge=1)
     """torch threads."""
+    experts_implementation: str | None = None
+    """MoE experts kernel for every sampler, HF included ("eager", "grouped_mm", ...; None = the model's default)."""
     sweep: SweepConfig = SweepConfig()
 
 
