@@ -263,6 +263,8 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         raise ValueError(
             f"checkpoint: {cfg.checkpoint} is not a converted blockrl checkpoint (run blockrl convert)"
         )
+    if cfg.experts_implementation and policy.moe:
+        policy.model.set_experts_implementation(cfg.experts_implementation)
     policy.eval()
     K = policy.block_size
     level_sets = {tuple(lv) for lv in [*cfg.levels, cfg.mix_levels]} | {o.levels for o in default_options(K)}
