@@ -29,7 +29,7 @@ from envs.tasks import TaskSample, iter_samples, score
 from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.cost_model import AcceptanceStats, CostModel, Option, default_options
 from rollout.engine import BlockEngine
-from trainers.config import Section
+from trainers.config import ConfigError, Section
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
     policy = HybridPolicy.from_pretrained(cfg.checkpoint)
     tok = load_tokenizer(cfg.checkpoint)
     if not policy.is_converted:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint: {cfg.checkpoint} is not a converted blockrl checkpoint (run blockrl convert)"
         )
     if cfg.experts_implementation and policy.moe:
