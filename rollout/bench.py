@@ -27,7 +27,7 @@ from pydantic import Field
 
 from envs.tasks import TaskSample, iter_samples, score
 from policy.hybrid import HybridPolicy, load_tokenizer
-from rollout.cost_model import AcceptanceStats, CostModel, Option, default_options
+from rollout.cost_model import AcceptanceStats, CostModel, Option
 from rollout.engine import BlockEngine
 from trainers.config import ConfigError, Section
 
@@ -110,6 +110,7 @@ class RunResult:
     sweep: str = ""  # which sweep a row belongs to ("" = default comparison)
     _acc: AcceptanceStats | None = field(default=None, repr=False)  # observed acceptance (for the projection)
     _option: Option | None = field(default=None, repr=False)  # the concrete option that ran
+    _lengths: list[int] = field(default_factory=list, repr=False)  # completion lengths of the last repeat
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
@@ -221,6 +222,7 @@ def run_cell(
         res.peak_mem_mb = max(res.peak_mem_mb, mem.mb)
     res.tokens_per_s = statistics.median(res.tokens_per_s_runs)
     res.tokens_generated = sum(map(len, outs))
+    res._lengths = [len(o) for o in outs]
     texts = tok.batch_decode(outs, skip_special_tokens=True)
     res.solved = sum(int(score(s, t) == 1.0) for s, t in zip(samples, texts, strict=True))
     res.samples = len(samples)
@@ -233,7 +235,7 @@ def run_cell(
                 acc.observe(t.accept_counts, t.draft_counts)
             res.accept_by_position = acc.acceptance_by_position()
             res._acc = acc
-        res._option = Option("ar") if sampler == "ar" else Option("lossless", tuple(levels))
+        res._option = Option("ar") if sampler == "ar" else Option(sampler, tuple(levels))
         if sampler == "auto":
             res._option = engine._auto.last_choice
             res.choice = res._option.name
@@ -247,12 +249,12 @@ def prompts_for(cfg: BenchConfig, n: int) -> list[TaskSample]:
     return [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
 
 
-def project(cost: CostModel, res: RunResult, n_prompts: int, n_tokens: int) -> float | None:
+def project(cost: CostModel, res: RunResult) -> float | None:
     """Cost-model projection for a run: its option's calibrated step costs, its own observed acceptance.
     logit_mix is projected with lossless step costs at the same levels (same compute per step)."""
     if res._option is None or (res._option.name, res.batch_size) not in cost.step_seconds:
         return None
-    return cost.project_run(res._option, res.batch_size, n_prompts, n_tokens, res._acc)
+    return cost.project_run(res._option, res.batch_size, res._lengths, res._acc)
 
 
 def run_bench(cfg: BenchConfig) -> list[RunResult]:
@@ -267,11 +269,7 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         policy.model.set_experts_implementation(cfg.experts_implementation)
     policy.eval()
     K = policy.block_size
-    level_sets = {tuple(lv) for lv in [*cfg.levels, cfg.mix_levels]} | {o.levels for o in default_options(K)}
-    options = [Option("ar")] + [Option("lossless", lv) for lv in sorted(level_sets, key=len) if lv]
     cost = CostModel(K)
-    log.info("calibrating the cost model: %d options x batch sizes %s", len(options), cfg.batch_sizes)
-    cost.calibrate(policy, options, cfg.batch_sizes)
     results: list[RunResult] = []
     for B in cfg.batch_sizes:
         n = max(B * cfg.prompts_per_row, cfg.min_prompts)
@@ -283,6 +281,8 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         for sampler, kw in cells:
             log.info("bench B=%d %s %s", B, sampler, kw or "")
             res, _, _ = run_cell(policy, tok, samples, B, cfg, sampler, **kw)
+            if res._option is not None:  # time this option's steps now, in the machine state the run just saw
+                cost.calibrate(policy, [res._option], [B], steps=12, tails=True)
             rows.append(res)
         finish_rows(rows, cost)
         results += rows
@@ -290,14 +290,15 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
     return results
 
 
-def finish_rows(rows: list[RunResult], cost: CostModel) -> None:
-    """Ratios against the HF and engine-ar rows of the same group, plus projections."""
+def finish_rows(rows: list[RunResult], cost: CostModel | None) -> None:
+    """Ratios against the HF and engine-ar rows of the same group, plus projections (when a cost model is given:
+    sweep rows change K or prompts, which the main calibration does not cover)."""
     hf = next((r.tokens_per_s for r in rows if r.sampler == "hf"), None)
     ar = next((r.tokens_per_s for r in rows if r.sampler == "ar"), None)
     for r in rows:
         r.speedup_vs_hf = r.tokens_per_s / hf if hf else 0.0
         r.speedup_vs_ar = r.tokens_per_s / ar if ar else 0.0
-        r.projected_tokens_per_s = project(cost, r, r.samples, r.tokens_generated)
+        r.projected_tokens_per_s = project(cost, r) if cost is not None else None
 
 
 def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult]:
@@ -328,7 +329,7 @@ def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult
             r, _, _ = run_cell(policy, tok, padded, B, cfg, sampler, levels=cfg.mix_levels)
             r.sweep = f"prompt_len+{extra}"
             out.append(r)
-    finish_rows(out, cost)
+    finish_rows(out, None)
     return out
 
 

@@ -26,6 +26,7 @@ class _RaggedState:
         self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.rows: torch.Tensor | None = None  # rows of the current forward (None = all)
         self.write_pos: torch.Tensor | None = None  # [R, Q] cache positions of this forward's queries
+        self.uniform_start: int | None = None  # common length when every row of the forward has the same one
         self.extent = 0  # keys attended over: max(lens of rows) + Q
 
 
@@ -59,6 +60,11 @@ class RaggedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         st = self.state
         self._ensure_capacity(st.extent)
+        if st.write_pos is None:  # all rows, same length: a plain slice write, no index_put
+            start = st.uniform_start
+            self.keys[:, :, start : st.extent] = key_states
+            self.values[:, :, start : st.extent] = value_states
+            return self.keys[:, :, : st.extent], self.values[:, :, : st.extent]
         rows = st.rows if st.rows is not None else torch.arange(key_states.shape[0], device=key_states.device)
         idx = (rows[:, None], slice(None), st.write_pos)  # selects [R, Q, H, D]
         self.keys[idx] = key_states.transpose(1, 2)
@@ -90,19 +96,26 @@ class RaggedKVCache(Cache):
     def lens(self) -> torch.Tensor:
         return self.state.lens
 
-    def begin(self, rows: torch.Tensor | None, qmask: torch.Tensor) -> torch.Tensor:
+    def begin(self, rows: torch.Tensor | None, qmask: torch.Tensor) -> torch.Tensor | None:
         """Lay out the next forward for `rows` (None = all) with query mask `qmask` bool [R or 1, Q, Q].
 
         Returns the full bool mask [R, Q, extent]: row r's queries see its cache [0, lens[r]) and, through qmask,
-        the queries written at [lens[r], lens[r]+Q).
+        the queries written at [lens[r], lens[r]+Q). Returns None when no mask is needed at all (every row has the
+        same length and a single query: plain AR decoding without raggedness, e.g. batch 1).
         """
         st = self.state
         st.rows = rows
         lens = st.lens if rows is None else st.lens[rows]
         Q = qmask.shape[-1]
+        lo, hi = int(lens.min()), int(lens.max())
+        st.extent = hi + Q
+        st.uniform_start = lo if lo == hi else None
+        if st.uniform_start is not None and rows is None:
+            st.write_pos = None  # contiguous slice write, see RaggedLayer.update
+            if Q == 1:
+                return None
         q = torch.arange(Q, device=lens.device)
         st.write_pos = lens[:, None] + q[None]  # [R, Q]
-        st.extent = int(lens.max()) + Q
         keys = torch.arange(st.extent, device=lens.device)
         rel = keys[None] - lens[:, None]  # [R, extent] key position relative to the row's first query
         in_step = (rel >= 0) & (rel < Q)

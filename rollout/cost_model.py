@@ -86,7 +86,7 @@ def tokens_per_step(survival: np.ndarray, levels: Sequence[int]) -> float:
 
 @dataclass(frozen=True)
 class Option:
-    sampler: str  # "ar" | "lossless"
+    sampler: str  # "ar" | "lossless" | "logit_mix" (its steps cost a little more: mixing and AR log-probs)
     levels: tuple[int, ...] = ()
 
     @property
@@ -124,17 +124,27 @@ class CostModel:
         policy,
         options: Sequence[Option],
         batch_sizes: Sequence[int],
-        prompt_len: int = 48,
+        prompt_len: int = 96,  # a mid-generation context for the built-in tasks (prompt ~30 + completion ~130)
         steps: int = 6,
         repeats: int = 3,
+        tails: bool = False,
     ) -> None:
-        """Time real engine decode steps (median over repeats) for each option and batch size."""
+        """Time real engine steps (median over repeats) per option and batch size: one decode step, and the
+        prefill of that many prompts. `tails` also times the smaller batches a run passes through as its rows
+        finish (B/2, B/4, 1), and single-row prefills (continuous batching refills rows one at a time)."""
         from rollout.engine import BlockEngine  # local: the engine imports this module
 
         V = policy.model.get_output_embeddings().weight.shape[0]
         g = torch.Generator().manual_seed(0)
-        for B in batch_sizes:
-            prompts = torch.randint(4, max(5, V - 2), (B, prompt_len), generator=g).tolist()
+        sizes = set(batch_sizes)
+        if tails:
+            sizes |= {max(1, b // d) for b in batch_sizes for d in (2, 4)} | {1}
+        for B in sorted(sizes):
+            # ragged lengths, as in real batches (a uniform batch would time the no-mask fast path)
+            prompts = [
+                torch.randint(4, max(5, V - 2), (prompt_len - (7 * i) % 24,), generator=g).tolist()
+                for i in range(B)
+            ]
             for opt in options:
                 eng = BlockEngine(
                     policy,
@@ -147,8 +157,17 @@ class CostModel:
                 self.step_seconds[(opt.name, B)] = statistics.median(t[1] for t in times)
                 self.prefill_seconds[(opt.name, B)] = statistics.median(t[0] for t in times)
 
+    def step_cost(self, opt: Option, b: int) -> float:
+        """Seconds of one decode step with b active rows: linear between the calibrated batch sizes."""
+        pts = sorted(n for (name, n) in self.step_seconds if name == opt.name)
+        return float(np.interp(b, pts, [self.step_seconds[(opt.name, n)] for n in pts]))
+
+    def prefill_cost(self, opt: Option, rows: int) -> float:
+        pts = sorted(n for (name, n) in self.prefill_seconds if name == opt.name)
+        return float(np.interp(rows, pts, [self.prefill_seconds[(opt.name, n)] for n in pts]))
+
     def project(self, opt: Option, batch_size: int) -> float:
-        """Projected tokens/s of `opt` at `batch_size` (0 if that cell was not calibrated)."""
+        """Projected steady-state tokens/s of `opt` with `batch_size` busy rows (0 if not calibrated)."""
         sec = self.step_seconds.get((opt.name, batch_size))
         if not sec:
             return 0.0
@@ -159,20 +178,37 @@ class CostModel:
         self,
         opt: Option,
         batch_size: int,
-        num_prompts: int,
-        num_tokens: int,
+        lengths: Sequence[int],
         acceptance: AcceptanceStats | None = None,
     ) -> float:
-        """Projected tokens/s of a whole `generate` call: one prefill per batch of prompts (it emits one token per
-        prompt), then decode steps of `batch_size` rows committing tokens_per_step tokens each."""
-        sec = self.step_seconds.get((opt.name, batch_size))
-        if not sec:
+        """Projected tokens/s of a whole `generate` call over prompts whose completions have `lengths`.
+
+        Replays the engine's schedule: a first prefill of `batch_size` rows (it emits one token per row), decode
+        steps in which every active row commits tokens_per_step tokens, a one-row prefill per refilled slot, and
+        the tail in which the batch drains. Step and prefill costs are the calibrated ones at each active count.
+        """
+        if (opt.name, batch_size) not in self.step_seconds:
             return 0.0
         acc = acceptance or self.acceptance
         tps = tokens_per_step(acc.survival(), opt.levels) if opt.sampler != "ar" else 1.0
-        prefill = self.prefill_seconds[(opt.name, batch_size)] * num_prompts / batch_size
-        decode = sec * max(0, num_tokens - num_prompts) / (batch_size * tps)
-        return num_tokens / (prefill + decode)
+        steps_left = [max(0.0, (n - 1) / tps) for n in lengths]  # decode steps each prompt needs
+        queue = list(range(len(lengths)))[::-1]
+        active = [queue.pop() for _ in range(min(batch_size, len(queue)))]
+        seconds = self.prefill_cost(opt, len(active))
+        remaining = {i: steps_left[i] for i in active}
+        while remaining:
+            dt = min(remaining.values())  # advance to the next finishing row
+            whole = max(1.0, np.ceil(dt)) if dt > 0 else 0.0
+            seconds += whole * self.step_cost(opt, len(remaining))
+            for i in list(remaining):
+                remaining[i] -= whole
+                if remaining[i] <= 1e-9:
+                    del remaining[i]
+                    if queue:
+                        j = queue.pop()
+                        seconds += self.prefill_cost(opt, 1)
+                        remaining[j] = steps_left[j]
+        return sum(lengths) / seconds
 
     def choose(self, options: Sequence[Option], batch_size: int) -> Option:
         """Best projected option; `ar` unless a speculative option is projected faster (never slower than AR)."""

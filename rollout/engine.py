@@ -238,12 +238,12 @@ class _Run:
         would dominate memory."""
         rows_t = None if len(rows) == len(self.slots) else torch.tensor(rows, device=ids.device)
         self._rows_t = rows_t
-        mask = self.cache.begin(rows_t, qmask)  # [R, Q, extent]
+        mask = self.cache.begin(rows_t, qmask)  # [R, Q, extent] or None (uniform single-query step)
         policy = self.eng.policy
         out = policy.model.base_model(
             input_ids=ids,
             position_ids=pos,
-            attention_mask=policy.attention_mask_4d(mask, self.dtype),
+            attention_mask=None if mask is None else policy.attention_mask_4d(mask, self.dtype),
             past_key_values=self.cache,
             use_cache=True,
         )

@@ -1,0 +1,42 @@
+"""The shipped checkpoint loads as a hybrid and as a plain HF causal LM, and HF generate runs on it."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from policy import HybridPolicy, load_tokenizer
+
+CKPT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-moe"
+
+
+def test_loads_as_hybrid_with_metadata():
+    policy = HybridPolicy.from_pretrained(CKPT)
+    tok = load_tokenizer(CKPT)
+    assert policy.is_converted and policy.block_size == 16 and policy.moe == (8, 2)
+    assert tok.mask_token_id == policy.mask_token_id
+    assert (CKPT / "model.safetensors").stat().st_size <= 20 * 1000 * 1000
+
+
+def test_loads_as_plain_hf_and_generates():
+    model = AutoModelForCausalLM.from_pretrained(CKPT)
+    tok = load_tokenizer(CKPT)
+    ids = tok(tok.bos_token + "reverse: planet\n", return_tensors="pt", add_special_tokens=False)
+    out = model.generate(
+        **ids,
+        max_new_tokens=60,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "<answer>tenalp</answer>" in text  # the trained model really solves a held-out-style prompt
+
+
+def test_ar_half_of_tidar_equals_plain_forward():
+    policy = HybridPolicy.from_pretrained(CKPT)
+    x = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            policy.tidar_forward(x).ar_logits, policy(input_ids=x).logits, atol=1e-5, rtol=1e-5
+        )
