@@ -117,7 +117,7 @@ class RunResult:
 
 
 class PeakRSS:
-    """Peak resident-set growth of this process while the block runs (sampled every 2 ms)."""
+    """Peak resident-set growth of this process while the block runs (sampled every 20 ms)."""
 
     def __enter__(self):
         self.base = self.peak = self._rss()
@@ -127,7 +127,9 @@ class PeakRSS:
         return self
 
     def _poll(self):
-        while not self._stop.wait(0.002):
+        while not self._stop.wait(
+            0.02
+        ):  # a sparse poll: a busy thread would steal GIL time from the timed run
             self.peak = max(self.peak, self._rss())
 
     @staticmethod
@@ -168,78 +170,111 @@ def hf_generate(
     return outs
 
 
-def run_cell(
-    policy,
-    tok,
-    samples,
-    B: int,
-    cfg: BenchConfig,
-    sampler: str,
-    levels=(0,),
-    block_size=None,
-    mix_weight=None,
-    engine=None,
-) -> tuple[RunResult, list, BlockEngine | None]:
-    """Time `repeats` runs of one sampler on the same prompts; returns the result and the last trajectories."""
-    prompts = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
-    res = RunResult(
-        B,
-        sampler,
-        list(levels) if sampler in ("lossless", "logit_mix") else [],
-        block_size or (policy.block_size if sampler != "ar" else 0),
-        mix_weight,
-    )
-    if sampler != "hf" and engine is None:
-        engine = BlockEngine(
+class Cell:
+    """One sampler configuration on one batch of prompts: an engine (or HF generate), warmed up, timed run by run."""
+
+    def __init__(self, policy, tok, samples, B: int, cfg: BenchConfig, sampler: str, levels=(0,), block_size=None,
+                 mix_weight=None):  # fmt: skip
+        self.policy, self.tok, self.samples, self.B, self.cfg, self.sampler = (
             policy,
-            sampler=sampler,
-            levels=levels,
-            max_batch=B,
-            block_size=block_size,
-            mix_weight=mix_weight if mix_weight is not None else 0.5,
-            tokenizer=tok,
+            tok,
+            samples,
+            B,
+            cfg,
+            sampler,
         )
-    if engine is not None:  # untimed warm-up (auto calibrates its cost model here, once per batch size)
-        engine.generate(prompts[:B], max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed)
-    else:
-        hf_generate(policy, tok, samples[:B], B, cfg.model_copy(update={"max_new_tokens": 16}), cfg.seed)
-    outs = trajs = None
-    for rep in range(cfg.repeats):
+        self.levels = tuple(levels)
+        self.prompts = [
+            [tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples
+        ]
+        self.res = RunResult(
+            B,
+            sampler,
+            list(levels) if sampler in ("lossless", "logit_mix") else [],
+            block_size or (policy.block_size if sampler != "ar" else 0),
+            mix_weight,
+        )
+        self.engine = None
+        if sampler != "hf":
+            self.engine = BlockEngine(
+                policy,
+                sampler=sampler,
+                levels=levels,
+                max_batch=B,
+                block_size=block_size,
+                mix_weight=mix_weight if mix_weight is not None else 0.5,
+                tokenizer=tok,
+            )
+        self.outs: list[list[int]] = []
+        self.trajs = None
+
+    def warm_up(self) -> None:
+        """Untimed (auto calibrates its cost model here, once per batch size)."""
+        if self.engine is not None:
+            self.engine.generate(self.prompts[: self.B], max_new_tokens=16, temperature=self.cfg.temperature,
+                                 seed=self.cfg.seed)  # fmt: skip
+        else:
+            short = self.cfg.model_copy(update={"max_new_tokens": 16})
+            hf_generate(self.policy, self.tok, self.samples[: self.B], self.B, short, self.cfg.seed)
+
+    def run_once(self, rep: int) -> None:
+        cfg = self.cfg
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            if sampler == "hf":
-                outs = hf_generate(policy, tok, samples, B, cfg, cfg.seed + rep)
+            if self.engine is None:
+                self.outs = hf_generate(self.policy, self.tok, self.samples, self.B, cfg, cfg.seed + rep)
             else:
-                trajs = engine.generate(
-                    prompts,
-                    max_new_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature,
-                    seed=cfg.seed + rep,
-                )
-                outs = [t.tokens for t in trajs]
+                self.trajs = self.engine.generate(self.prompts, max_new_tokens=cfg.max_new_tokens,
+                                                  temperature=cfg.temperature, seed=cfg.seed + rep)  # fmt: skip
+                self.outs = [t.tokens for t in self.trajs]
             dt = time.perf_counter() - t0
-        res.tokens_per_s_runs.append(sum(map(len, outs)) / dt)
-        res.peak_mem_mb = max(res.peak_mem_mb, mem.mb)
-    res.tokens_per_s = statistics.median(res.tokens_per_s_runs)
-    res.tokens_generated = sum(map(len, outs))
-    res._lengths = [len(o) for o in outs]
-    texts = tok.batch_decode(outs, skip_special_tokens=True)
-    res.solved = sum(int(score(s, t) == 1.0) for s, t in zip(samples, texts, strict=True))
-    res.samples = len(samples)
-    res.solve_rate = res.solved / res.samples
-    if trajs is not None:
-        res.tokens_per_forward = sum(t.num_tokens for t in trajs) / max(1, sum(t.num_forwards for t in trajs))
-        if sampler != "ar":
-            acc = AcceptanceStats(res.block_size)
-            for t in trajs:
-                acc.observe(t.accept_counts, t.draft_counts)
-            res.accept_by_position = acc.acceptance_by_position()
-            res._acc = acc
-        res._option = Option("ar") if sampler == "ar" else Option(sampler, tuple(levels))
-        if sampler == "auto":
-            res._option = engine._auto.last_choice
-            res.choice = res._option.name
-    return res, trajs, engine
+        self.res.tokens_per_s_runs.append(sum(map(len, self.outs)) / dt)
+        self.res.peak_mem_mb = max(self.res.peak_mem_mb, mem.mb)
+
+    def finish(self) -> RunResult:
+        """Median speed, quality and acceptance of the last repeat."""
+        res, outs, trajs = self.res, self.outs, self.trajs
+        res.tokens_per_s = statistics.median(res.tokens_per_s_runs)
+        res.tokens_generated = sum(map(len, outs))
+        res._lengths = [len(o) for o in outs]
+        texts = self.tok.batch_decode(outs, skip_special_tokens=True)
+        res.solved = sum(int(score(s, t) == 1.0) for s, t in zip(self.samples, texts, strict=True))
+        res.samples = len(self.samples)
+        res.solve_rate = res.solved / res.samples
+        if trajs is not None:
+            res.tokens_per_forward = sum(t.num_tokens for t in trajs) / max(
+                1, sum(t.num_forwards for t in trajs)
+            )
+            if self.sampler != "ar":
+                acc = AcceptanceStats(res.block_size)
+                for t in trajs:
+                    acc.observe(t.accept_counts, t.draft_counts)
+                res.accept_by_position = acc.acceptance_by_position()
+                res._acc = acc
+            res._option = Option("ar") if self.sampler == "ar" else Option(self.sampler, self.levels)
+            if self.sampler == "auto":
+                res._option = self.engine._auto.last_choice
+                res.choice = res._option.name
+        return res
+
+
+def run_cells(cells: list[Cell], repeats: int) -> list[RunResult]:
+    """Warm every cell up, then time the repeats round-robin across cells, so that a slow phase of a noisy machine
+    hits every sampler alike instead of one cell."""
+    for c in cells:
+        c.warm_up()
+    for rep in range(repeats):
+        for c in cells:
+            log.info("bench B=%d %s %s repeat %d", c.B, c.sampler, list(c.levels), rep + 1)
+            c.run_once(rep)
+    return [c.finish() for c in cells]
+
+
+def run_cell(policy, tok, samples, B: int, cfg: BenchConfig, sampler: str, **kw) -> tuple[RunResult, list]:
+    """A single cell, timed on its own (demo and sweeps)."""
+    cell = Cell(policy, tok, samples, B, cfg, sampler, **kw)
+    res = run_cells([cell], cfg.repeats)[0]
+    return res, cell.trajs
 
 
 def prompts_for(cfg: BenchConfig, n: int) -> list[TaskSample]:
@@ -274,16 +309,15 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
     for B in cfg.batch_sizes:
         n = max(B * cfg.prompts_per_row, cfg.min_prompts)
         samples = prompts_for(cfg, n)
-        cells = [("hf", {}), ("ar", {})]
-        cells += [("lossless", {"levels": lv}) for lv in cfg.levels]
-        cells += [("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}), ("auto", {})]
-        rows = []
-        for sampler, kw in cells:
-            log.info("bench B=%d %s %s", B, sampler, kw or "")
-            res, _, _ = run_cell(policy, tok, samples, B, cfg, sampler, **kw)
-            if res._option is not None:  # time this option's steps now, in the machine state the run just saw
+        specs = [("hf", {}), ("ar", {})]
+        specs += [("lossless", {"levels": lv}) for lv in cfg.levels]
+        specs += [("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}), ("auto", {})]
+        rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
+        for res in rows:
+            if (
+                res._option is not None
+            ):  # time this option's steps now, in the machine state the runs just saw
                 cost.calibrate(policy, [res._option], [B], steps=12, tails=True)
-            rows.append(res)
         finish_rows(rows, cost)
         results += rows
     results += run_sweeps(policy, tok, cfg, cost)
@@ -306,27 +340,27 @@ def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult
     B = sw.batch_size
     samples = prompts_for(cfg, max(B * cfg.prompts_per_row, cfg.min_prompts))
     for K in sw.block_sizes:
-        r, _, _ = run_cell(policy, tok, samples, B, cfg, "lossless", levels=(0,), block_size=K)
+        r, _ = run_cell(policy, tok, samples, B, cfg, "lossless", levels=(0,), block_size=K)
         r.sweep = "block_size"
         out.append(r)
     for lv in sw.levels:
-        r, _, _ = run_cell(policy, tok, samples, B, cfg, "lossless", levels=lv)
+        r, _ = run_cell(policy, tok, samples, B, cfg, "lossless", levels=lv)
         r.sweep = "levels"
         out.append(r)
     for w in sw.mix_weights:
-        r, _, _ = run_cell(policy, tok, samples, B, cfg, "logit_mix", levels=cfg.mix_levels, mix_weight=w)
+        r, _ = run_cell(policy, tok, samples, B, cfg, "logit_mix", levels=cfg.mix_levels, mix_weight=w)
         r.sweep = "mix_weight"
         out.append(r)
     for b in sw.batch_sizes:
         s = prompts_for(cfg, max(b * cfg.prompts_per_row, cfg.min_prompts))
         for sampler in ("ar", "lossless"):
-            r, _, _ = run_cell(policy, tok, s, b, cfg, sampler, levels=cfg.mix_levels)
+            r, _ = run_cell(policy, tok, s, b, cfg, sampler, levels=cfg.mix_levels)
             r.sweep = "batch_size"
             out.append(r)
     for extra in sw.prompt_lens:  # longer prompts: a neutral prefix of spaces
         padded = [TaskSample(s.task, " " * extra + s.prompt, s.completion, s.entry) for s in samples]
         for sampler in ("ar", "lossless"):
-            r, _, _ = run_cell(policy, tok, padded, B, cfg, sampler, levels=cfg.mix_levels)
+            r, _ = run_cell(policy, tok, padded, B, cfg, sampler, levels=cfg.mix_levels)
             r.sweep = f"prompt_len+{extra}"
             out.append(r)
     finish_rows(out, None)

@@ -124,7 +124,7 @@ class CostModel:
         policy,
         options: Sequence[Option],
         batch_sizes: Sequence[int],
-        prompt_len: int = 96,  # a mid-generation context for the built-in tasks (prompt ~30 + completion ~130)
+        prompt_len: int = 64,  # the mean context of a built-in-task rollout (prompt ~30 + half a ~70-token answer)
         steps: int = 6,
         repeats: int = 3,
         tails: bool = False,

@@ -80,13 +80,14 @@ def cmd_demo(args) -> int:
 def demo_rollouts(checkpoint: str, run_dir: Path) -> None:
     """HF generate vs engine ar vs lossless on the shipped checkpoint, batch 1, same prompts (one repeat)."""
     from policy import HybridPolicy, load_tokenizer
-    from rollout.bench import BenchConfig, finish_rows, prompts_for, run_cell
+    from rollout.bench import BenchConfig, Cell, finish_rows, prompts_for, run_cells
     from rollout.cost_model import CostModel
 
     cfg = BenchConfig(checkpoint=checkpoint, run_dir=str(run_dir), repeats=1, min_prompts=6, threads=2)
     policy, tok = HybridPolicy.from_pretrained(checkpoint).eval(), load_tokenizer(checkpoint)
     samples = prompts_for(cfg, cfg.min_prompts)
-    rows = [run_cell(policy, tok, samples, 1, cfg, s, levels=(0, 4, 8))[0] for s in ("hf", "ar", "lossless")]
+    cells = [Cell(policy, tok, samples, 1, cfg, s, levels=(0, 4, 8)) for s in ("hf", "ar", "lossless")]
+    rows = run_cells(cells, cfg.repeats)
     finish_rows(rows, CostModel(policy.block_size))
     print(
         f"\n== rollouts from {checkpoint}: batch 1, T={cfg.temperature}, {len(samples)} held-out prompts =="
