@@ -265,7 +265,7 @@ def run_cells(cells: list[Cell], repeats: int) -> list[RunResult]:
         c.warm_up()
     for rep in range(repeats):
         for c in cells:
-            log.info("bench B=%d %s %s repeat %d", c.B, c.sampler, list(c.levels), rep + 1)
+            log.info("bench B=%d %s %s repeat %d", c.B, c.sampler, c.res.levels or "", rep + 1)
             c.run_once(rep)
     return [c.finish() for c in cells]
 
