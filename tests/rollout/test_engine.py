@@ -236,3 +236,13 @@ def test_auto_never_reuses_a_random_stream_across_repeated_prompts():
     eng = BlockEngine(policy, sampler="auto", max_batch=2)
     trajs = eng.generate([[2, 5]] * 6, max_new_tokens=12, temperature=1.0, seed=3)
     assert len({tuple(t.tokens) for t in trajs}) > 3
+
+
+@pytest.mark.parametrize("sampler", ["ar", "lossless"])
+def test_top_k_1_and_tiny_top_p_sample_the_argmax(sampler):
+    """Processors shape the target itself: top_k=1 (or a tiny top_p) at T=1 must reproduce greedy decoding."""
+    policy = lively_policy("moe")
+    eng = BlockEngine(policy, sampler=sampler, levels=[0, 2])
+    greedy = [t.tokens for t in eng.generate(PROMPTS, 16, temperature=0)]
+    assert [t.tokens for t in eng.generate(PROMPTS, 16, temperature=1.0, top_k=1, seed=4)] == greedy
+    assert [t.tokens for t in eng.generate(PROMPTS, 16, temperature=1.0, top_p=1e-6, seed=4)] == greedy
