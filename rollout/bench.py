@@ -357,14 +357,27 @@ def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult
             r, _ = run_cell(policy, tok, s, b, cfg, sampler, levels=cfg.mix_levels)
             r.sweep = "batch_size"
             out.append(r)
-    for extra in sw.prompt_lens:  # longer prompts: a neutral prefix of spaces
-        padded = [TaskSample(s.task, " " * extra + s.prompt, s.completion, s.entry) for s in samples]
+    for (
+        extra
+    ) in sw.prompt_lens:  # longer prompts: worked examples of other prompts as context (in-distribution)
+        padded = [TaskSample(s.task, worked_prefix(samples, i, extra) + s.prompt, s.completion, s.entry)
+                  for i, s in enumerate(samples)]  # fmt: skip
         for sampler in ("ar", "lossless"):
             r, _ = run_cell(policy, tok, padded, B, cfg, sampler, levels=cfg.mix_levels)
             r.sweep = f"prompt_len+{extra}"
             out.append(r)
-    finish_rows(out, None)
+    for name in dict.fromkeys(r.sweep for r in out):  # ratios within each sweep, against its own ar row
+        finish_rows([r for r in out if r.sweep == name], None)
     return out
+
+
+def worked_prefix(samples: list[TaskSample], i: int, min_chars: int) -> str:
+    """Gold worked examples of the other prompts, whole, until at least `min_chars` characters."""
+    text, j = "", i
+    while len(text) < min_chars:
+        j = (j + 1) % len(samples)
+        text += samples[j].prompt + samples[j].completion + "\n"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
