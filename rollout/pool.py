@@ -1,0 +1,118 @@
+"""`RolloutPool`: Ray actors hosting `RolloutWorker`s, sharding prompts x group over them and gathering
+trajectories. Only this module (and the driver) import Ray.
+
+- Ray is local by default (`address=None`, temp dir and logs inside the run directory) or joins a cluster.
+- Weights go out once per version: one `ray.put` of the numpy state dict, every worker loads it.
+- Fault tolerance: actors restart (`max_restarts`); a shard whose actor died is re-sent after the restarted actor
+  has been given the current weights again. Results are keyed by global sample index, so nothing is lost or
+  duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError
+
+from rollout.types import Trajectory
+from rollout.worker import RolloutWorker, Shard
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(run_dir: str | Path, address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start local Ray with its temp dir under the run directory, or join `address`."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    tmp = Path(run_dir).resolve() / "ray"
+    tmp.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=num_cpus, _temp_dir=str(tmp), include_dashboard=False, log_to_driver=False)
+
+
+class RolloutPool:
+    def __init__(self, checkpoint: str, num_workers: int, engine_kwargs: dict, num_cpus_per_worker: float = 1.0,
+                 num_gpus_per_worker: float = 0.0, threads: int = 1, max_restarts: int = 3):  # fmt: skip
+        actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
+                               max_restarts=max_restarts)(RolloutWorker)  # fmt: skip
+        self.workers = [actor_cls.remote(checkpoint, engine_kwargs, threads) for _ in range(num_workers)]
+        self.version = 0
+        self._weights_ref = None
+
+    def sync_weights(self, weights: dict, version: int) -> None:
+        """Publish a numpy state dict as `version` to every worker (blocks until loaded)."""
+        self._weights_ref = ray.put(weights)
+        self.version = version
+        ray.get([w.set_weights.remote(version, self._weights_ref) for w in self.workers])
+
+    def submit_shard(self, worker, shard: Shard):
+        return worker.generate.remote(shard)
+
+    def collect(self, prompt_ids: list[list[int]], group_size: int, sampling: dict,
+                shard_size: int | None = None) -> list[Trajectory]:  # fmt: skip
+        """Every prompt repeated `group_size` times (groups contiguous); one Trajectory per sample, in order."""
+        samples = [p for p in prompt_ids for _ in range(group_size)]
+        n = len(samples)
+        size = shard_size or max(1, -(-n // len(self.workers)))
+        shards = [Shard(i, samples[s : s + size], list(range(s, min(n, s + size))), self.version, sampling)
+                  for i, s in enumerate(range(0, n, size))]  # fmt: skip
+        results: dict[int, Trajectory] = {}
+        pending = {}  # ref -> (worker index, shard)
+        queue = list(shards)
+        idle = list(range(len(self.workers)))
+        t0 = time.time()
+        while queue or pending:
+            while queue and idle:
+                w = idle.pop()
+                shard = queue.pop(0)
+                pending[self.submit_shard(self.workers[w], shard)] = (w, shard)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=60)
+            if not done:
+                log.info("rollout: waiting on %d shards (%.0fs)", len(pending), time.time() - t0)
+                continue
+            ref = done[0]
+            w, shard = pending.pop(ref)
+            try:
+                _, indices, trajs = ray.get(ref)
+            except RayActorError:
+                log.warning(
+                    "rollout worker %d died on shard %d: restarting it and resubmitting", w, shard.shard_id
+                )
+                self._reload(w)
+                queue.insert(0, shard)
+                idle.append(w)
+                continue
+            for i, t in zip(indices, trajs, strict=True):
+                if i in results:
+                    raise RuntimeError(f"sample {i} returned twice")
+                results[i] = t
+            idle.append(w)
+        missing = [i for i in range(n) if i not in results]
+        if missing:
+            raise RuntimeError(f"samples {missing[:10]} missing after collection")
+        return [results[i] for i in range(n)]
+
+    def _reload(self, w: int, attempts: int = 60) -> None:
+        """Wait for a restarted actor and give it the current weights."""
+        for _ in range(attempts):
+            try:
+                if self._weights_ref is not None:
+                    ray.get(self.workers[w].set_weights.remote(self.version, self._weights_ref))
+                else:  # still on the checkpoint's weights (version 0): just wait until it is up
+                    ray.get(self.workers[w].ping.remote())
+                return
+            except RayActorError:
+                time.sleep(0.5)
+        raise RuntimeError(f"rollout worker {w} did not come back after a crash")
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []

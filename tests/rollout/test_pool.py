@@ -1,0 +1,70 @@
+"""Ray rollout pool: versioned weight sync, and a worker killed mid-collection loses and duplicates nothing."""
+
+import pytest
+import ray
+
+from policy import HybridPolicy
+from policy.factory import build_model, tiny_moe_config
+from rollout.pool import RolloutPool, init_ray
+from rollout.worker import RolloutWorker, Shard, StaleWeightsError, state_dict_numpy
+
+PROMPTS = [[2, 5, 6], [2, 9], [2, 7, 7, 8], [2, 11]]
+SAMPLING = {"max_new_tokens": 6, "temperature": 1.0, "seed": 3}
+ENGINE = {"sampler": "lossless", "levels": [0, 2], "max_batch": 4}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    policy = HybridPolicy(build_model(tiny_moe_config(37)))
+    policy.convert(block_size=4)
+    policy.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    init_ray(tmp_path_factory.mktemp("run"), num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_worker_in_process_refuses_stale_versions(ckpt):
+    w = RolloutWorker(ckpt, ENGINE)
+    shard = Shard(0, [[2, 5]], [0], policy_version=1, sampling=SAMPLING)
+    with pytest.raises(StaleWeightsError, match="v1"):
+        w.generate(shard)
+    w.set_weights(1, state_dict_numpy(w.policy))
+    _, idx, trajs = w.generate(shard)
+    assert idx == [0] and trajs[0].policy_version == 1
+
+
+class KillingPool(RolloutPool):
+    """Kills the worker that just received the 3rd shard (Ray restarts it)."""
+
+    submitted = 0
+
+    def submit_shard(self, worker, shard):
+        ref = super().submit_shard(worker, shard)
+        KillingPool.submitted += 1
+        if KillingPool.submitted == 3:
+            ray.kill(worker, no_restart=False)
+        return ref
+
+
+def test_pool_survives_a_killed_worker_without_loss_or_duplication(ckpt, local_ray):
+    pool = RolloutPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=0.5)
+    weights = state_dict_numpy(HybridPolicy.from_pretrained(ckpt))
+    pool.sync_weights(weights, version=1)
+    clean = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
+    pool.shutdown()
+
+    killing = KillingPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=0.5)
+    killing.sync_weights(weights, version=1)
+    got = killing.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
+    killing.shutdown()
+    assert KillingPool.submitted > 4  # the killed shard was resubmitted
+    assert len(got) == len(clean) == 8
+    assert [t.tokens for t in got] == [t.tokens for t in clean]  # same samples, each exactly once
+    assert all(t.policy_version == 1 for t in got)
+    assert [t.prompt_ids for t in got] == [p for p in PROMPTS for _ in range(2)]
