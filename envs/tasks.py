@@ -80,6 +80,15 @@ def _sum_trace(e: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _countdown_prompt(e: dict) -> str:
+    m = e["metadata"]
+    return f"countdown: {' '.join(map(str, m['numbers']))} -> {m['target']}\n"
+
+
+def _countdown_trace(e: dict) -> str:
+    return ""  # RL-only task: no worked trace in the corpus; any expression the verifier accepts scores 1
+
+
 TASKS: dict[str, TaskSpec] = {
     "spell_backward": TaskSpec(
         "spell_backward", {"min_word_len": 3, "max_word_len": 9}, _spell_prompt, _spell_trace
@@ -93,7 +102,18 @@ TASKS: dict[str, TaskSpec] = {
         _sum_prompt,
         _sum_trace,
     ),
+    "countdown": TaskSpec(
+        "countdown",
+        {"min_numbers": 3, "max_numbers": 4, "min_target": 10, "max_target": 100},
+        _countdown_prompt,
+        _countdown_trace,
+    ),
 }
+CORPUS_TASKS = (
+    "spell_backward",
+    "letter_counting",
+    "chain_sum",
+)  # tasks with worked traces (pretrain/convert)
 
 
 def _rg():
