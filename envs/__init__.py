@@ -2,13 +2,19 @@
 
 import gymnasium as gym
 
+from envs.calculator import CalculatorEnv
 from envs.tasks import TASKS
 from envs.text_env import RewardError, TaskEnv, TextEnv
 
 ENV_IDS = [f"blockrl/{task}-v0" for task in TASKS]
+MULTI_TURN_ENV_IDS = ["blockrl/calc-chain_sum-v0"]
 
 for _task, _id in zip(TASKS, ENV_IDS, strict=True):
     if _id not in gym.registry:
         gym.register(id=_id, entry_point="envs.text_env:TaskEnv", kwargs={"task": _task})
+if MULTI_TURN_ENV_IDS[0] not in gym.registry:
+    gym.register(
+        id=MULTI_TURN_ENV_IDS[0], entry_point="envs.calculator:CalculatorEnv", kwargs={"task": "chain_sum"}
+    )
 
-__all__ = ["ENV_IDS", "RewardError", "TaskEnv", "TextEnv"]
+__all__ = ["ENV_IDS", "MULTI_TURN_ENV_IDS", "CalculatorEnv", "RewardError", "TaskEnv", "TextEnv"]
