@@ -15,7 +15,6 @@ Markov chain, P(na >= i | n) = c_i for i <= n (else 0); its stationary law gives
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -59,11 +58,6 @@ class AcceptanceStats:
         """P(draft i accepted | drafts 1..i-1 accepted), i = 1..K."""
         c = self.survival()
         return [float(c[i] / c[i - 1]) if c[i - 1] > 0 else 0.0 for i in range(1, len(c))]
-
-    def merge(self, other: AcceptanceStats) -> None:
-        self.at_risk += other.at_risk
-        self.rejected += other.rejected
-        self.steps += other.steps
 
 
 def tokens_per_step(survival: np.ndarray, levels: Sequence[int]) -> float:
@@ -217,9 +211,3 @@ class CostModel:
         if ar is not None and self.project(best, batch_size) <= self.project(ar, batch_size):
             return ar
         return best
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t

@@ -112,11 +112,6 @@ class BlockEngine:
             self.verify_fn,
         )
 
-    @property
-    def query_len(self) -> int:
-        """Queries per row per decode step: (K+1)(1+len(levels)), or 1 for `ar`."""
-        return len(self._offsets)
-
     # ------------------------------------------------------------------------------------------------ public API
     @torch.inference_mode()
     def generate(
