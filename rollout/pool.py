@@ -10,8 +10,10 @@ trajectories. Only this module (and the driver) import Ray.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +35,15 @@ def init_ray(run_dir: str | Path, address: str | None = None, num_cpus: int | No
         ray.init(address=address, log_to_driver=False)
         return
     tmp = Path(run_dir).resolve() / "ray"
+    if len(str(tmp)) > 40:
+        # NOTE: Ray puts AF_UNIX sockets under its temp dir and they are limited to 107 bytes; a deep run dir gets a
+        # short private dir instead, linked from <run_dir>/ray so the logs are still found there.
+        short = Path(tempfile.gettempdir()) / f"brl-{hashlib.sha1(str(tmp).encode()).hexdigest()[:10]}"
+        short.mkdir(parents=True, exist_ok=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if not tmp.exists():
+            tmp.symlink_to(short, target_is_directory=True)
+        tmp = short
     tmp.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=num_cpus, _temp_dir=str(tmp), include_dashboard=False, log_to_driver=False)
 

@@ -99,6 +99,21 @@ def demo_rollouts(checkpoint: str, run_dir: Path) -> None:
         )
 
 
+def cmd_train(args) -> int:
+    from trainers.run import TrainConfig, train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if not (Path(cfg.checkpoint) / "config.json").is_file():
+        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not a checkpoint directory (no config.json)")
+    history = train(cfg, resume=args.resume)
+    if history:
+        first, last = history[0], history[-1]
+        print(f"reward {first['reward/mean']:.2f} -> {last['reward/mean']:.2f} over steps {first['step']}..{last['step']}"
+              f" | tokens/forward {first['rollout/tokens_per_forward']:.1f} -> {last['rollout/tokens_per_forward']:.1f}"
+              f" | metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}")  # fmt: skip
+    return 0
+
+
 def cmd_bench(args) -> int:
     from rollout.bench import BenchConfig, plot, print_table, run_bench, write_json
 
@@ -141,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_set_arg(p, "override a field of both training stages")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="GRPO on the hybrid policy with block-decoded rollouts on Ray workers")
+    _add_config_args(p, "grpo_tiny")
+    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint if present")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="HF generate vs engine ar / lossless / logit_mix / auto, side by side")
     _add_config_args(p, "bench")

@@ -106,7 +106,7 @@ class Learner:
                 if out is not None:
                     diff_loss = masked_ce(out.diff_logits, ids, comp)
                     loss = loss + cfg.lambda_diff * diff_loss
-                    metrics["train/diff_loss"] = float(diff_loss)
+                    metrics["train/diff_loss"] = float(diff_loss.detach())
                 if out is not None and out.aux_loss is not None:
                     loss = loss + float(getattr(policy.config, "router_aux_loss_coef", 0.0)) * out.aux_loss
                 self.opt.zero_grad(set_to_none=True)
