@@ -26,11 +26,11 @@ class DetectorConfig(Section):
     """metrics key, e.g. rollout/tokens_per_forward."""
     direction: Literal["down", "up"] = "down"
     """alarm on a drop (acceptance, reward) or a rise (reward variance)."""
-    warmup: int = Field(5, ge=2)
+    warmup: int = Field(8, ge=2)
     """steps forming the reference window."""
-    delta: float = Field(0.5, ge=0.0)
+    delta: float = Field(1.0, ge=0.0)
     """tolerated deviation, in reference standard deviations."""
-    threshold: float = Field(5.0, gt=0.0)
+    threshold: float = Field(10.0, gt=0.0)
     """Page-Hinkley alarm level, in reference standard deviations."""
     ewma: float = Field(0.3, gt=0.0, le=1.0)
     """smoothing of the reported EWMA."""

@@ -26,7 +26,7 @@ def test_alarm_soon_after_an_acceptance_drop():
 def test_up_direction_for_exploding_variance_and_round_trip():
     cfgs = [DetectorConfig(metric="reward/std", direction="up")]
     mon = DriftMonitor(cfgs)
-    for v in noisy(0.3, 10):
+    for v in noisy(0.3, 12):
         assert not mon.update({"reward/std": v})
     restored = DriftMonitor(cfgs, mon.state_dict())
     fired = [restored.update({"reward/std": v}) for v in noisy(0.6, 10, seed=2)]
