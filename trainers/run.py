@@ -31,6 +31,7 @@ from trainers.config import Section, dump_config
 from trainers.drift import DetectorConfig, DriftMonitor
 from trainers.learner import Learner, LearnerConfig, RolloutBatch
 from trainers.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink
+from trainers.plots import plot_run
 
 log = logging.getLogger(__name__)
 
@@ -219,4 +220,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     finally:
         pool.shutdown()
         sink.close()
+    if (run_dir / "metrics.jsonl").exists():
+        log.info("curves: %s", plot_run(run_dir))
     return history

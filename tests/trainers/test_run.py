@@ -24,6 +24,7 @@ def test_train_smoke_and_resume(tmp_path, capsys):
     assert all(r["rollout/logprob_mismatch"] <= 1e-3 for r in records)  # lossless rollouts are on-policy
     assert all(r["rollout/tokens_per_forward"] > 1.0 for r in records)
     assert (run / "checkpoint" / "trainer_state.pt").is_file() and (run / "config.yaml").is_file()
+    assert (run / "curves.png").stat().st_size > 0
 
 
 def test_train_rejects_a_missing_checkpoint(tmp_path, capsys):
