@@ -57,46 +57,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Short pretrain -> convert on the smallest preset, then rollouts from the shipped checkpoint."""
-    from trainers.lm_train import ConvertConfig, PretrainConfig, convert, pretrain
+    """GRPO on the shipped checkpoint with lossless rollouts on 2 Ray workers; before/after and speed summary."""
+    from trainers.demo import run_demo
 
-    run = Path(args.run_dir)
-    pre = load_config(PretrainConfig, "tiny_pretrain", [f"run_dir={run / 'pretrain'}", *args.overrides])
-    pre_eval = pretrain(pre)
-    conv = load_config(
-        ConvertConfig,
-        "tiny_convert",
-        [f"run_dir={run / 'convert'}", f"init={run / 'pretrain' / 'final'}", *args.overrides],
-    )
-    conv_eval = convert(conv)
-    print("\n== blockrl demo: pretrain -> TiDAR convert on the tiny preset ==")
-    print("AR checkpoint:       " + format_eval(pre_eval, pre.run_dir))
-    print("converted (hybrid):  " + format_eval(conv_eval, conv.run_dir))
-    if (Path(args.checkpoint) / "config.json").is_file():
-        demo_rollouts(args.checkpoint, run / "rollouts")
-    return 0
-
-
-def demo_rollouts(checkpoint: str, run_dir: Path) -> None:
-    """HF generate vs engine ar vs lossless on the shipped checkpoint, batch 1, same prompts (one repeat)."""
-    from policy import HybridPolicy, load_tokenizer
-    from rollout.bench import BenchConfig, Cell, finish_rows, prompts_for, run_cells
-    from rollout.cost_model import CostModel
-
-    cfg = BenchConfig(checkpoint=checkpoint, run_dir=str(run_dir), repeats=1, min_prompts=6, threads=2)
-    policy, tok = HybridPolicy.from_pretrained(checkpoint).eval(), load_tokenizer(checkpoint)
-    samples = prompts_for(cfg, cfg.min_prompts)
-    cells = [Cell(policy, tok, samples, 1, cfg, s, levels=(0, 4, 8)) for s in ("hf", "ar", "lossless")]
-    rows = run_cells(cells, cfg.repeats)
-    finish_rows(rows, CostModel(policy.block_size))
-    print(
-        f"\n== rollouts from {checkpoint}: batch 1, T={cfg.temperature}, {len(samples)} held-out prompts =="
-    )
-    for r in rows:
-        print(
-            f"{r.sampler:>9}: {r.tokens_per_s:6.0f} tok/s  {r.speedup_vs_hf:4.2f}x vs HF  "
-            f"{r.tokens_per_forward:4.2f} tokens/forward  solved {r.solved}/{r.samples}"
-        )
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        raise ConfigError(f"checkpoint: {args.checkpoint} is not a checkpoint directory (no config.json)")
+    return run_demo(args.run_dir, args.checkpoint, args.steps, args.overrides)
 
 
 def cmd_train(args) -> int:
@@ -148,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
-        "demo", help="tiny pretrain -> convert, then lossless vs AR rollouts on the shipped checkpoint"
+        "demo",
+        help="GRPO on the shipped checkpoint: lossless rollouts on 2 Ray workers, before/after summary",
     )
     p.add_argument("--run-dir", default="runs/demo", help="where the demo writes its runs")
-    p.add_argument(
-        "--checkpoint", default="checkpoints/tiny-moe", help="shipped checkpoint for the rollout part"
-    )
-    _add_set_arg(p, "override a field of both training stages")
+    p.add_argument("--checkpoint", default="checkpoints/tiny-moe", help="converted checkpoint to train")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps (default 20)")
+    _add_set_arg(p, "override a field of the GRPO config (configs/grpo_tiny.yaml)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="GRPO on the hybrid policy with block-decoded rollouts on Ray workers")

@@ -108,6 +108,7 @@ class WandbSink:
             path = run_dir / sub
             path.mkdir(parents=True, exist_ok=True)
             os.environ[var] = str(path)
+        os.environ.setdefault("WANDB_SILENT", "true")  # one dense line per step is ours; wandb stays quiet
         import wandb
 
         self.run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, id=resume_id,
