@@ -38,7 +38,7 @@ def heldout_solve_and_speed(checkpoint: str | Path, tok, tasks: list[str], per_t
         if sampler == "lossless":
             solved = sum(
                 score(s, tok.decode(t.tokens, skip_special_tokens=True)) == 1.0
-                for s, t in zip(samples, trajs)
+                for s, t in zip(samples, trajs, strict=True)
             )
             out |= {"solved": solved, "n": len(samples), "ci95": wilson(solved, len(samples))}
     return out
