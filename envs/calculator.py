@@ -13,8 +13,8 @@ import ast
 import operator
 import re
 
-from envs.tasks import ANSWER_RE, TaskSample, iter_samples, score
-from envs.text_env import TextEnv
+from envs.tasks import ANSWER_RE, score
+from envs.text_env import TaskEnv
 
 CALL_RE = re.compile(r"<calc>(.*?)</calc>\s*$", re.DOTALL)
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -44,15 +44,12 @@ def calculate(expr: str) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
-class CalculatorEnv(TextEnv):
+class CalculatorEnv(TaskEnv):
     """Task prompt -> model turns with optional `<calc>` calls -> final `<answer>`; at most `max_turns` model turns."""
 
-    def __init__(self, task: str = "chain_sum", pool_size: int = 10_000, data_seed: int = 2024, max_turns: int = 4,
-                 **kw):  # fmt: skip
-        super().__init__(**kw)
-        self.task, self.max_turns = task, max_turns
-        self.pool = list(iter_samples(task, pool_size, data_seed))
-        self.sample: TaskSample | None = None
+    def __init__(self, task: str = "chain_sum", max_turns: int = 4, **kw):
+        super().__init__(task, **kw)
+        self.max_turns = max_turns
         self.turns = 0
         self.transcript = ""
 
@@ -61,11 +58,10 @@ class CalculatorEnv(TextEnv):
         return f"blockrl/calc-{self.task}-v0"
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        self.sample = self.pool[int(self.np_random.integers(len(self.pool)))]
+        prompt, info = super().reset(seed=seed, options=options)
         self.turns = 0
-        self.transcript = self._last = self.sample.prompt
-        return self.sample.prompt, {"task": self.task}
+        self.transcript = prompt
+        return prompt, info
 
     def step(self, action: str):
         if self.sample is None:
