@@ -231,7 +231,9 @@ class _Run:
         Logits are taken later with `head`, only for the rows that are used (verify slots, the last prompt token,
         the one proposal block each row drafts from): with a real vocabulary, [R, Q, V] logits for every level
         would dominate memory."""
-        rows_t = None if len(rows) == len(self.slots) else torch.tensor(rows, device=ids.device)
+        rows_t = (
+            None if len(rows) == len(self.slots) else self._idx
+        )  # None: every slot, the cache's view path
         self._rows_t = rows_t
         mask = self.cache.begin(rows_t, qmask)  # [R, Q, extent] or None (uniform single-query step)
         policy = self.eng.policy
@@ -257,6 +259,7 @@ class _Run:
         """Prompts (causal) + one proposal block of K+1 masks after each; the AR head samples the first anchor."""
         eng, dev, K = self.eng, self.eng.device, self.eng.K
         rows = [s for s, _ in take]
+        self._idx = torch.tensor(rows, device=dev)  # the slot indices of this pass, built once
         lens = torch.tensor([len(self.prompts[i]) for _, i in take], device=dev)
         P = int(lens.max())
         n = K + 1 if K else 0
@@ -271,7 +274,7 @@ class _Run:
         causal = (q[None, :] <= q[:, None])[None] & is_prompt[:, None, :] & is_prompt[:, :, None]
         block = is_mask[:, :, None] & (is_prompt[:, None, :] | is_mask[:, None, :])
         pad_self = (~is_prompt & ~is_mask)[:, :, None] & torch.eye(Q, dtype=torch.bool, device=dev)[None]
-        self.cache.reset_rows(torch.tensor(rows, device=dev))
+        self.cache.reset_rows(self._idx)
         hidden = self.forward(rows, ids, pos, causal | block | pad_self)
         self.commit(lens)
         for s, i in take:
@@ -290,7 +293,7 @@ class _Run:
     # ---------------------------------------------------------------------------------------------- decode
     def decode_step(self, rows: list[int]) -> None:
         eng, dev, K = self.eng, self.eng.device, self.eng.K
-        rows_t = torch.tensor(rows, device=dev)
+        rows_t = self._idx = torch.tensor(rows, device=dev)  # the slot indices of this pass, built once
         R = len(rows)
         if K:
             L = len(eng.levels)
@@ -326,7 +329,7 @@ class _Run:
         target = process_logits(target, p, self.banned)
         q = None
         if self.draft_probs is not None and K1 > 1 and p.temperature > 0:
-            q = self.draft_probs[torch.tensor(rows, device=ar_logits.device)]
+            q = self.draft_probs[self._idx]
         u = torch.stack([torch.rand(K1, generator=self.slots[s].gen) for s in rows]).to(ar_logits.device)
         out = eng.verify_fn(target, drafts, q, n_drafts, u, p.temperature)
         if p.temperature == 0:
@@ -351,7 +354,7 @@ class _Run:
         slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(max=K)  # [R, K]
         dl = self.head(chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1])))  # [R, K, V]
         n = K - accept_len + p
-        rows_t = torch.tensor(rows, device=dev)
+        rows_t = self._idx
         self.draft_logits[rows_t] = dl
         self.n_drafts[rows_t] = n
         processed = process_logits(dl, self.params, self.banned)
@@ -369,7 +372,7 @@ class _Run:
     def emit(self, rows: list[int], verified, drafts_used) -> None:
         """Append each row's committed tokens, cut at stops, free finished slots."""
         out, ar_lp, n_drafts = verified
-        rows_t = torch.tensor(rows, device=out.tokens.device)
+        rows_t = self._idx
         self.anchor[rows_t] = out.tokens[
             torch.arange(len(rows), device=rows_t.device), out.accept_len
         ]  # last token

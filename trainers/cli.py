@@ -81,7 +81,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from rollout.bench import BenchConfig, plot, print_table, run_bench, write_json
+    from rollout.bench import BenchConfig, run_bench
+    from rollout.bench_report import plot, print_table, write_json
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
     if not (Path(cfg.checkpoint) / "config.json").is_file():
