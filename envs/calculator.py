@@ -47,6 +47,8 @@ def calculate(expr: str) -> str:
 class CalculatorEnv(TaskEnv):
     """Task prompt -> model turns with optional `<calc>` calls -> final `<answer>`; at most `max_turns` model turns."""
 
+    turn_stops = ("</calc>",)  # a model turn that calls the tool ends here; the env replies
+
     def __init__(self, task: str = "chain_sum", max_turns: int = 4, **kw):
         super().__init__(task, **kw)
         self.max_turns = max_turns

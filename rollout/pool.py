@@ -26,14 +26,8 @@ from rollout.worker import RolloutWorker, Shard
 log = logging.getLogger(__name__)
 
 
-def init_ray(run_dir: str | Path, address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start local Ray with its temp dir under the run directory, or join `address`."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return
+def ray_temp_dir(run_dir: str | Path) -> Path:
+    """`<run_dir>/ray`, or a short private dir linked from it when that path is too long for Ray's sockets."""
     tmp = Path(run_dir).resolve() / "ray"
     if len(str(tmp)) > 40:
         # NOTE: Ray puts AF_UNIX sockets under its temp dir and they are limited to 107 bytes; a deep run dir gets a
@@ -45,14 +39,28 @@ def init_ray(run_dir: str | Path, address: str | None = None, num_cpus: int | No
             tmp.symlink_to(short, target_is_directory=True)
         tmp = short
     tmp.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=num_cpus, _temp_dir=str(tmp), include_dashboard=False, log_to_driver=False)
+    return tmp
+
+
+def init_ray(run_dir: str | Path, address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start local Ray with its temp dir under the run directory, or join `address`."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    ray.init(
+        num_cpus=num_cpus, _temp_dir=str(ray_temp_dir(run_dir)), include_dashboard=False, log_to_driver=False
+    )
 
 
 class RolloutPool:
     def __init__(self, checkpoint: str, num_workers: int, engine_kwargs: dict, num_cpus_per_worker: float = 1.0,
                  num_gpus_per_worker: float = 0.0, threads: int = 1, max_restarts: int = 3):  # fmt: skip
-        actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
-                               max_restarts=max_restarts)(RolloutWorker)  # fmt: skip
+        # SPREAD: on a cluster the workers land on different nodes, so one node's loss costs a fraction of the pool
+        actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=max_restarts,
+                               scheduling_strategy="SPREAD")(RolloutWorker)  # fmt: skip
         self.workers = [actor_cls.remote(checkpoint, engine_kwargs, threads) for _ in range(num_workers)]
         self.version = 0
         self._weights_ref = None
@@ -62,6 +70,11 @@ class RolloutPool:
         self._weights_ref = ray.put(weights)
         self.version = version
         ray.get([w.set_weights.remote(version, self._weights_ref) for w in self.workers])
+
+    def worker_nodes(self) -> list[str]:
+        """The Ray node id each worker runs on."""
+        where = lambda _self: ray.get_runtime_context().get_node_id()  # noqa: E731 (runs inside the actor)
+        return ray.get([w.__ray_call__.remote(where) for w in self.workers])
 
     def submit_shard(self, worker, shard: Shard):
         return worker.generate.remote(shard)
@@ -74,6 +87,19 @@ class RolloutPool:
         size = shard_size or max(1, -(-n // len(self.workers)))
         shards = [Shard(i, samples[s : s + size], list(range(s, min(n, s + size))), self.version, sampling)
                   for i, s in enumerate(range(0, n, size))]  # fmt: skip
+        return self._run(shards, n)
+
+    def collect_episodes(self, env_id: str, env_seeds: list[int], group_size: int, sampling: dict,
+                         shard_size: int | None = None) -> list[Trajectory]:  # fmt: skip
+        """Multi-turn: one episode of `env_id` per (seed, group member), groups contiguous, in order."""
+        seeds = [s for s in env_seeds for _ in range(group_size)]
+        n = len(seeds)
+        size = shard_size or max(1, -(-n // len(self.workers)))
+        shards = [Shard(i, [], list(range(s, min(n, s + size))), self.version, sampling, env_id, seeds[s : s + size])
+                  for i, s in enumerate(range(0, n, size))]  # fmt: skip
+        return self._run(shards, n)
+
+    def _run(self, shards: list[Shard], n: int) -> list[Trajectory]:
         results: dict[int, Trajectory] = {}
         pending = {}  # ref -> (worker index, shard)
         queue = list(shards)

@@ -47,6 +47,12 @@ class Trajectory:
     finish_reason: str = ""  # "eos" | "stop_string" | "length"
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds: "total"
     audit: list[dict] | None = None  # per step: proposal drafts, accept_len, committed tokens
+    # multi-turn episodes (rollout/multiturn.py): `tokens` interleaves model turns and env turns
+    env_mask: list[int] | None = (
+        None  # per token: 1 = the model generated it (trained on), 0 = env observation
+    )
+    turn_ends: list[int] = field(default_factory=list)  # index in `tokens` of each model turn's last token
+    turn_rewards: list[float] = field(default_factory=list)  # env reward after each model turn
 
     @property
     def num_tokens(self) -> int:

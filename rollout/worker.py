@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from policy.hybrid import HybridPolicy
+from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.engine import BlockEngine
+from rollout.multiturn import run_episodes
 from rollout.types import Trajectory
 
 
@@ -27,6 +28,8 @@ class Shard:
     indices: list[int]  # global sample indices: seeds and de-duplication
     policy_version: int
     sampling: dict = field(default_factory=dict)  # BlockEngine.generate keyword arguments
+    env_id: str | None = None  # multi-turn: run `env_id` episodes (rollout/multiturn.py) instead of prompts
+    env_seeds: list[int] | None = None  # one env.reset seed per sample when env_id is set
 
 
 class StaleWeightsError(RuntimeError):
@@ -41,6 +44,7 @@ class RolloutWorker:
     def __init__(self, checkpoint: str, engine_kwargs: dict, threads: int = 1):
         torch.set_num_threads(threads)
         self.policy = HybridPolicy.from_pretrained(checkpoint).eval()
+        self.tokenizer = load_tokenizer(checkpoint)
         self.engine_kwargs = engine_kwargs
         self.version = 0
 
@@ -59,7 +63,13 @@ class RolloutWorker:
                                     f"v{self.version}")  # fmt: skip
         if shard.indices != list(range(shard.indices[0], shard.indices[0] + len(shard.indices))):
             raise ValueError(f"shard {shard.shard_id}: indices must be a contiguous range")
-        engine = BlockEngine(self.policy, policy_version=self.version, **self.engine_kwargs)
+        engine = BlockEngine(
+            self.policy, policy_version=self.version, tokenizer=self.tokenizer, **self.engine_kwargs
+        )
+        if shard.env_id is not None:
+            trajs = run_episodes(engine, self.tokenizer, shard.env_id, shard.env_seeds, shard.sampling,
+                                 index_offset=shard.indices[0])  # fmt: skip
+            return shard.shard_id, shard.indices, trajs
         # index_offset = the global index: a sample's seed is the same whichever worker runs it, and on retries
         trajs = engine.generate(shard.prompt_ids, index_offset=shard.indices[0], **shard.sampling)
         return shard.shard_id, shard.indices, trajs

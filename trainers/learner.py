@@ -9,6 +9,7 @@ on-policy; logit_mix rollouts get truncated importance weights against their `be
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from policy.hybrid import HybridPolicy
 from policy.losses import masked_ce
 from rollout.types import Trajectory
 from trainers.config import Section
+from trainers.ppo import PPOConfig, ValueHead, gae, value_loss, whiten
 from trainers.rl_losses import GRPOConfig, LossInputs, group_advantages, grpo_loss
 
 
@@ -36,38 +38,52 @@ class LearnerConfig(Section):
     """weight of the diffusion self-distillation loss on the rollouts (0 = drafter left to drift)."""
     temperature: float = Field(1.0, gt=0.0)
     """sampling temperature of the rollouts: learner log-probs are taken at the same T."""
+    algo: Literal["grpo", "ppo"] = "grpo"
+    """group-relative advantages (GRPO) or a value head with GAE over tokens (PPO)."""
     grpo: GRPOConfig = GRPOConfig()
+    """policy loss: clipping, aggregation, KL, truncated IS (shared by GRPO and PPO)."""
+    ppo: PPOConfig = PPOConfig()
 
 
 @dataclass(frozen=True)
 class RolloutBatch:
     """Rollouts as right-padded tensors; token-level tensors are aligned with `input_ids`."""
 
-    input_ids: torch.Tensor  # [B, S] prompt + completion
+    input_ids: torch.Tensor  # [B, S] prompt + completion (model and env turns)
     valid: torch.Tensor  # [B, S] real tokens
-    completion: torch.Tensor  # [B, S] 1 on model-generated tokens (loss positions)
+    completion: torch.Tensor  # [B, S] 1 on model-generated tokens (loss positions; env tokens are 0)
     behavior_logprobs: torch.Tensor  # [B, S] at completion positions, else 0
-    ar_logprobs: torch.Tensor  # [B, S]
-    rewards: torch.Tensor  # [B]
+    ar_logprobs: torch.Tensor  # [B, S] AR policy of the rollout's version
+    rewards: torch.Tensor  # [B] episode reward
+    token_rewards: torch.Tensor  # [B, S] each turn's reward on its last model token (PPO)
     group_size: int
+    policy_version: int  # oldest policy version among the rollouts
 
     @staticmethod
     def from_trajectories(trajs: list[Trajectory], rewards: list[float], group_size: int, pad_id: int):
+        """`rewards[i]` is trajectory i's episode reward; for multi-turn trajectories its per-turn rewards (which
+        must sum to it) are placed at their turns' ends, otherwise it sits on the last completion token."""
         if len(trajs) % group_size:
             raise ValueError(f"{len(trajs)} trajectories do not split into groups of {group_size}")
         S = max(len(t.prompt_ids) + len(t.tokens) for t in trajs)
         B = len(trajs)
         ids = torch.full((B, S), pad_id, dtype=torch.long)
         valid, comp = torch.zeros(B, S), torch.zeros(B, S)
-        blp, alp = torch.zeros(B, S), torch.zeros(B, S)
+        blp, alp, tok_r = torch.zeros(B, S), torch.zeros(B, S), torch.zeros(B, S)
         for i, t in enumerate(trajs):
             P, n = len(t.prompt_ids), len(t.tokens)
             ids[i, : P + n] = torch.tensor(t.prompt_ids + t.tokens)
             valid[i, : P + n] = 1
-            comp[i, P : P + n] = 1
+            comp[i, P : P + n] = torch.tensor(t.env_mask, dtype=torch.float) if t.env_mask is not None else 1
             blp[i, P : P + n] = torch.tensor(t.behavior_logprobs)
             alp[i, P : P + n] = torch.tensor(t.ar_logprobs)
-        return RolloutBatch(ids, valid, comp, blp, alp, torch.tensor(rewards, dtype=torch.float), group_size)
+            if t.turn_ends:
+                for end, r in zip(t.turn_ends, t.turn_rewards, strict=True):
+                    tok_r[i, P + end] += r
+            elif n:
+                tok_r[i, P + n - 1] = rewards[i]
+        return RolloutBatch(ids, valid, comp, blp, alp, torch.tensor(rewards, dtype=torch.float), tok_r,
+                            group_size, min(t.policy_version for t in trajs))  # fmt: skip
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -78,44 +94,102 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
 
 
 class Learner:
-    def __init__(self, policy: HybridPolicy, cfg: LearnerConfig):
-        self.policy, self.cfg = policy, cfg
-        self.opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    """One RL update per rollout batch. `version` counts updates: it is the policy version the workers get next."""
+
+    def __init__(self, policy: HybridPolicy, cfg: LearnerConfig, version: int = 0):
+        self.policy, self.cfg, self.version = policy, cfg, version
+        groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+        self.value_head = None
+        if cfg.algo == "ppo":
+            self.value_head = ValueHead(policy.model.config.hidden_size)
+            groups.append({"params": list(self.value_head.parameters()), "lr": cfg.ppo.value_lr})
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.opt.state_dict(), "version": self.version}
+        if self.value_head is not None:
+            state["value_head"] = self.value_head.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.version = state.get("version", self.version)
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+
+    def _forward(self, ids, valid, need_diff: bool, need_values: bool):
+        """AR logits [B,S,V], diffusion logits or None, MoE aux or None, values [B,S] (V before token t) or None."""
+        out = self.policy.tidar_forward(ids, valid) if need_diff else None
+        values = None
+        if need_values or out is None:
+            plain = self.policy(input_ids=ids, attention_mask=valid, output_hidden_states=need_values)
+            if need_values:
+                values = F.pad(self.value_head(plain.hidden_states[-1])[:, :-1], (1, 0))
+        logits = out.ar_logits if out is not None else plain.logits
+        diff, aux = (out.diff_logits, out.aux_loss) if out is not None else (None, None)
+        return logits, diff, aux, values
+
+    def _advantages(
+        self, batch: RolloutBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """GRPO: [B] group-normalised. PPO: [B, S] GAE over model tokens, plus rollout-time values and returns."""
+        if self.cfg.algo == "grpo":
+            return group_advantages(batch.rewards, batch.group_size, self.cfg.grpo.scale), None, None
+        with torch.no_grad():
+            *_, values = self._forward(batch.input_ids, batch.valid, need_diff=False, need_values=True)
+        adv, returns = gae(
+            batch.token_rewards, values, batch.completion, self.cfg.ppo.gamma, self.cfg.ppo.lam
+        )
+        if self.cfg.ppo.whiten:
+            adv = whiten(adv, batch.completion)
+        return adv, values, returns
 
     def step(self, batch: RolloutBatch) -> dict[str, float]:
         cfg, policy = self.cfg, self.policy
         policy.train()
-        adv = group_advantages(batch.rewards, batch.group_size, cfg.grpo.scale)
-        old = batch.ar_logprobs  # exact AR log-probs of the rollout policy (pi_old)
+        adv, old_values, returns = self._advantages(batch)
+        staleness = self.version - batch.policy_version
+        if (
+            staleness > 0
+        ):  # async: pi_old is the learner now; the rollout policy is the IS behaviour distribution
+            with torch.no_grad():
+                logits, *_ = self._forward(batch.input_ids, batch.valid, need_diff=False, need_values=False)
+                old = token_logprobs(logits, batch.input_ids, cfg.temperature)
+            behavior = batch.behavior_logprobs
+        else:  # exact AR log-probs of the rollout policy; logit_mix rollouts carry their own behaviour log-probs
+            old, behavior = batch.ar_logprobs, batch.behavior_logprobs
         B = batch.input_ids.shape[0]
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"rollout/staleness": float(staleness)}
         for epoch in range(cfg.epochs):
             for idx in torch.randperm(B).chunk(cfg.minibatches):
                 ids, valid, comp = batch.input_ids[idx], batch.valid[idx], batch.completion[idx]
-                out = policy.tidar_forward(ids, valid) if cfg.lambda_diff > 0 else None
-                logits = (
-                    out.ar_logits if out is not None else policy(input_ids=ids, attention_mask=valid).logits
+                logits, diff_logits, aux, values = self._forward(
+                    ids, valid, need_diff=cfg.lambda_diff > 0, need_values=self.value_head is not None
                 )
                 learner = token_logprobs(logits, ids, cfg.temperature)
                 if epoch == 0 and "rollout/logprob_mismatch" not in metrics:
-                    diff = (learner.detach() - old[idx]).abs()[comp.bool()]
+                    diff = (learner.detach() - batch.ar_logprobs[idx]).abs()[comp.bool()]
                     metrics["rollout/logprob_mismatch"] = float(diff.mean()) if diff.numel() else 0.0
-                x = LossInputs(learner, old[idx], batch.behavior_logprobs[idx], adv[idx], comp)
-                loss, m = grpo_loss(x, cfg.grpo)
+                loss, m = grpo_loss(LossInputs(learner, old[idx], behavior[idx], adv[idx], comp), cfg.grpo)
                 metrics |= m
-                if out is not None:
-                    diff_loss = masked_ce(out.diff_logits, ids, comp)
+                if values is not None:
+                    v_loss = value_loss(values, old_values[idx], returns[idx], comp, cfg.ppo.value_clip)
+                    loss = loss + cfg.ppo.vf_coef * v_loss
+                    metrics["train/value_loss"] = float(v_loss.detach())
+                if diff_logits is not None:
+                    diff_loss = masked_ce(diff_logits, ids, comp)
                     loss = loss + cfg.lambda_diff * diff_loss
                     metrics["train/diff_loss"] = float(diff_loss.detach())
-                if out is not None and out.aux_loss is not None:
-                    loss = loss + float(getattr(policy.config, "router_aux_loss_coef", 0.0)) * out.aux_loss
+                if aux is not None:
+                    loss = loss + float(getattr(policy.config, "router_aux_loss_coef", 0.0)) * aux
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 metrics["train/grad_norm"] = float(
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 )
                 self.opt.step()
-                metrics["train/loss"] = float(loss)
+                metrics["train/loss"] = float(loss.detach())
+        self.version += 1
         metrics["reward/mean"] = float(batch.rewards.mean())
         metrics["reward/std"] = float(batch.rewards.std(unbiased=False))
         return metrics

@@ -59,6 +59,8 @@ class JSONLSink:
 def format_line(step: int, total: int, m: dict[str, float]) -> str:
     """`step 42/200 | reward 0.61±0.20 | tpf 5.8 | accept 0.71 | tok/s 18.4k | rollout 4.1s train 2.3s sync 0.1s`."""
     parts = [f"step {step}/{total}"]
+    if "eval/solve_rate" in m:
+        parts.append(f"held-out solve {m['eval/solve_rate']:.1%}")
     if "reward/mean" in m:
         parts.append(f"reward {m['reward/mean']:.2f}±{m.get('reward/std', 0.0):.2f}")
     if "rollout/tokens_per_forward" in m:

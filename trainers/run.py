@@ -1,8 +1,11 @@
 """`blockrl train`: the on-policy RL driver. It reads like the algorithm:
 
-    for step:  prompts -> rollouts (Ray workers, block decoding) -> rewards (verifiers) -> learner step
-               (GRPO + lambda_diff diffusion loss) -> weight sync (numpy, versioned) -> drift checks -> log
-               -> atomic checkpoint
+    for step:  weight sync (numpy, versioned) -> prompts or env episodes -> rollouts (Ray workers, block
+               decoding) -> rewards (verifiers / env) -> learner step (GRPO or PPO + lambda_diff diffusion loss)
+               -> drift checks -> log -> atomic checkpoint
+
+`async_rollouts` launches step t+1's rollouts before learner step t, so they run one version behind; the learner
+then takes its own log-probs as pi_old and truncated importance weights against the rollout policy.
 
 Resume (`--resume`) restores the policy, optimizer, RNG, step and drift-detector state from `<run_dir>/checkpoint`
 and drops metrics records past it, so `metrics.jsonl` has each step exactly once.
@@ -18,12 +21,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-from envs.tasks import TaskSample, iter_samples, score
 from policy.hybrid import HybridPolicy, load_tokenizer
-from rollout.cost_model import AcceptanceStats
 from rollout.pool import RolloutPool, init_ray
 from rollout.worker import state_dict_numpy
 from trainers.checkpoint import load_trainer_state, recover, save_checkpoint
@@ -32,6 +32,7 @@ from trainers.drift import DetectorConfig, DriftMonitor
 from trainers.learner import Learner, LearnerConfig, RolloutBatch
 from trainers.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink
 from trainers.plots import plot_run
+from trainers.rollouts import StepRollouts, heldout_eval, rollout_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,21 @@ class TrainConfig(Section):
     steps: int = Field(20, ge=1)
     """RL steps."""
     tasks: list[str] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
-    """task mix (reasoning-gym verifiers score the rewards)."""
+    """task mix, cycled over a step's prompts (repeat a task to weight it); reasoning-gym verifiers score rewards."""
     prompts_per_step: int = Field(16, ge=1)
     """prompts per step; batch = prompts_per_step * group_size."""
     group_size: int = Field(4, ge=2)
     """samples per prompt (GRPO group)."""
     checkpoint_every: int = Field(5, ge=1)
     """steps between atomic checkpoints."""
+    env: str | None = None
+    """multi-turn gymnasium env id (e.g. blockrl/calc-chain_sum-v0) instead of single-turn `tasks` prompts."""
+    async_rollouts: bool = False
+    """one step off-policy: step t+1's rollouts (weights of step t-1) overlap learner step t; truncated IS."""
+    eval_every: int = Field(0, ge=0)
+    """steps between held-out solve-rate evaluations (0 = off); also run before step 1 and after the last step."""
+    eval_per_task: int = Field(60, ge=1)
+    """held-out prompts per task (one sample each, T=rollout temperature, seed-fixed, disjoint seed from training)."""
     wandb: Literal["offline", "online", "disabled"] = "offline"
     """wandb mode."""
     drift_action: Literal["warn", "stop", "raise_lambda_diff"] = "warn"
@@ -100,45 +109,6 @@ class TrainConfig(Section):
         return self.prompts_per_step * self.group_size
 
 
-def step_prompts(cfg: TrainConfig, step: int, pool: dict[str, list[TaskSample]]) -> list[TaskSample]:
-    """The step's prompts: a pure function of (seed, step), so a resumed run draws the same ones."""
-    g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-    out = []
-    for i in range(cfg.prompts_per_step):
-        task = cfg.tasks[i % len(cfg.tasks)]
-        out.append(pool[task][int(torch.randint(len(pool[task]), (1,), generator=g))])
-    return out
-
-
-def rollout_metrics(
-    trajs, samples: list[TaskSample], rewards: list[float], group: int, K: int
-) -> dict[str, float]:
-    acc = AcceptanceStats(K) if K else None
-    for t in trajs:
-        if acc is not None and t.accept_counts:
-            acc.observe(t.accept_counts, t.draft_counts)
-    m = {
-        "rollout/tokens_per_forward": sum(t.num_tokens for t in trajs)
-        / max(1, sum(t.num_forwards for t in trajs)),
-        "rollout/length_mean": sum(t.num_tokens for t in trajs) / len(trajs),
-    }
-    steps = sum(len(t.accept_counts) for t in trajs)
-    if acc is not None and steps:
-        m["rollout/accept_rate"] = sum(sum(t.accept_counts) for t in trajs) / max(
-            1, sum(sum(t.draft_counts) for t in trajs)
-        )
-        for i, a in enumerate(acc.acceptance_by_position(), start=1):
-            m[f"rollout/accept_pos_{i}"] = a
-    for task in sorted({s.task for s in samples}):
-        idx = [i for i, s in enumerate(samples) if s.task == task]
-        rs = [rewards[j * group + k] for j in idx for k in range(group)]
-        m[f"reward/{task}/mean"] = sum(rs) / len(rs)
-        m[f"reward/{task}/pass@{group}"] = sum(
-            max(rewards[j * group : (j + 1) * group]) >= 1.0 for j in idx
-        ) / len(idx)
-    return m
-
-
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "checkpoint"
@@ -151,18 +121,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     start, drift_state, wandb_id = 0, None, None
     if resuming:
         state = load_trainer_state(ckpt)
-        learner.opt.load_state_dict(state["optimizer"])
+        learner.load_state_dict(state["learner"])
         start, drift_state, wandb_id = state["step"], state["drift"], state.get("wandb_id")
         log.info("resumed %s at step %d", run_dir, start)
+    learner.version = start
     drift = DriftMonitor(cfg.drift, drift_state)
-    jsonl = JSONLSink(run_dir / "metrics.jsonl")
-    jsonl.truncate_after(start)
-    sinks = [jsonl, StdoutSink(cfg.steps)]
-    wandb_sink = None
-    if cfg.wandb != "disabled":
-        wandb_sink = WandbSink(run_dir, "blockrl", cfg.model_dump(mode="json"), cfg.wandb, wandb_id)
-        sinks.append(wandb_sink)
-    sink = MultiSink(sinks)
+    sink, wandb_sink = _sinks(cfg, run_dir, start, wandb_id)
 
     init_ray(run_dir, cfg.rollout.address, num_cpus=None)
     r = cfg.rollout
@@ -173,53 +137,88 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         "mix_weight": r.mix_weight,
     }
     pool = RolloutPool(cfg.checkpoint, r.workers, engine_kwargs, r.cpus_per_worker, threads=r.threads)
-    pool.sync_weights(state_dict_numpy(policy), version=start)
-    prompt_pool = {t: list(iter_samples(t, 2000, cfg.seed + 17)) for t in cfg.tasks}
+    sampling = {
+        "max_new_tokens": r.max_new_tokens,
+        "temperature": r.temperature,
+        "eos_token_id": tok.eos_token_id,
+    }
+    rollouts = StepRollouts(
+        pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling
+    )
     K = policy.block_size if r.sampler != "ar" else 0
-    lambda_diff = cfg.learner.lambda_diff
-    history = []
+    history, pending = [], None
     try:
+        if cfg.eval_every and start == 0:
+            _publish(pool, policy, learner.version)
+            sink.log(0, heldout_eval(pool, tok, cfg.tasks, cfg.eval_per_task, sampling))
         for step in range(start, cfg.steps):
-            samples = step_prompts(cfg, step, prompt_pool)
-            prompt_ids = [
-                [tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples
-            ]
             t0 = time.time()
-            sampling = {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "seed": cfg.seed * 100_003 + step,
-                        "eos_token_id": tok.eos_token_id}  # fmt: skip
-            trajs = pool.collect(prompt_ids, cfg.group_size, sampling)
+            if pending is None:  # on-policy: the rollouts use the weights of the last learner step
+                _publish(pool, policy, learner.version)
+                pending = rollouts.launch(step)
+            batch = pending.result()
+            pending = None
+            if (
+                cfg.async_rollouts and step + 1 < cfg.steps
+            ):  # one step off-policy: step+1's rollouts overlap learning
+                _publish(pool, policy, learner.version)
+                pending = rollouts.launch(step + 1)
             t1 = time.time()
-            texts = tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
-            rewards = [score(samples[i // cfg.group_size], text) for i, text in enumerate(texts)]
-            batch = RolloutBatch.from_trajectories(trajs, rewards, cfg.group_size, tok.pad_token_id)
-            metrics = learner.step(batch)
-            t2 = time.time()
-            pool.sync_weights(state_dict_numpy(policy), version=step + 1)
-            t3 = time.time()
-            metrics |= rollout_metrics(trajs, samples, rewards, cfg.group_size, K)
-            n_tok = sum(t.num_tokens for t in trajs)
-            metrics |= {"perf/tok_per_s": n_tok / max(1e-9, t1 - t0), "time/rollout_s": t1 - t0,
-                        "time/train_s": t2 - t1, "time/sync_s": t3 - t2, "train/lambda_diff": learner.cfg.lambda_diff}  # fmt: skip
-            for name in drift.update(metrics):
-                metrics[f"drift/{name.replace('/', '_')}_alarm"] = 1.0
-                log.warning("drift alarm on %s at step %d (action: %s)", name, step + 1, cfg.drift_action)
-                if cfg.drift_action == "raise_lambda_diff":
-                    lambda_diff = max(2 * lambda_diff, 0.1)
-                    learner.cfg = learner.cfg.model_copy(update={"lambda_diff": lambda_diff})
-            metrics |= drift.metrics()
+            metrics = learner.step(RolloutBatch.from_trajectories(batch.trajs, batch.rewards, cfg.group_size,
+                                                                  tok.pad_token_id))  # fmt: skip
+            metrics |= rollout_metrics(batch, cfg.group_size, K)
+            metrics |= {"time/train_s": time.time() - t1, "time/step_s": time.time() - t0,
+                        "train/lambda_diff": learner.cfg.lambda_diff}  # fmt: skip
+            metrics |= _check_drift(drift, metrics, cfg, learner, step)
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                if pending is not None:
+                    pending.result()  # workers are busy with step+1; evaluate after (they hold older weights)
+                _publish(pool, policy, learner.version)
+                metrics |= heldout_eval(pool, tok, cfg.tasks, cfg.eval_per_task, sampling)
             metrics = {k: v for k, v in metrics.items() if isinstance(v, float | int) and math.isfinite(v)}
             sink.log(step + 1, metrics)
             history.append({"step": step + 1, **metrics})
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(ckpt, policy, tok, {"optimizer": learner.opt.state_dict(), "step": step + 1,
+                save_checkpoint(ckpt, policy, tok, {"learner": learner.state_dict(), "step": step + 1,
                                                     "drift": drift.state_dict(),
                                                     "wandb_id": wandb_sink.run_id if wandb_sink else None})  # fmt: skip
             if cfg.drift_action == "stop" and any(k.endswith("_alarm") for k in metrics):
                 log.warning("stopping on drift alarm at step %d", step + 1)
                 break
     finally:
+        if pending is not None:
+            pending.cancel()
+        rollouts.close()
         pool.shutdown()
         sink.close()
     if (run_dir / "metrics.jsonl").exists():
         log.info("curves: %s", plot_run(run_dir))
     return history
+
+
+def _publish(pool: RolloutPool, policy: HybridPolicy, version: int) -> None:
+    """Weight sync: the numpy state dict goes to every worker as `version` (skipped when they already hold it)."""
+    if pool.version != version:
+        pool.sync_weights(state_dict_numpy(policy), version=version)
+
+
+def _check_drift(drift: DriftMonitor, metrics: dict, cfg: TrainConfig, learner: Learner, step: int) -> dict:
+    out = {}
+    for name in drift.update(metrics):
+        out[f"drift/{name.replace('/', '_')}_alarm"] = 1.0
+        log.warning("drift alarm on %s at step %d (action: %s)", name, step + 1, cfg.drift_action)
+        if cfg.drift_action == "raise_lambda_diff":
+            learner.cfg = learner.cfg.model_copy(
+                update={"lambda_diff": max(2 * learner.cfg.lambda_diff, 0.1)}
+            )
+    return out | drift.metrics()
+
+
+def _sinks(cfg: TrainConfig, run_dir: Path, start: int, wandb_id: str | None):
+    jsonl = JSONLSink(run_dir / "metrics.jsonl")
+    jsonl.truncate_after(start)
+    sinks, wandb_sink = [jsonl, StdoutSink(cfg.steps)], None
+    if cfg.wandb != "disabled":
+        wandb_sink = WandbSink(run_dir, "blockrl", cfg.model_dump(mode="json"), cfg.wandb, wandb_id)
+        sinks.append(wandb_sink)
+    return MultiSink(sinks), wandb_sink

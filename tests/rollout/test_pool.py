@@ -5,7 +5,7 @@ import ray
 
 from policy import HybridPolicy
 from policy.factory import build_model, tiny_moe_config
-from rollout.pool import RolloutPool, init_ray
+from rollout.pool import RolloutPool, init_ray, ray_temp_dir
 from rollout.worker import RolloutWorker, Shard, StaleWeightsError, state_dict_numpy
 
 PROMPTS = [[2, 5, 6], [2, 9], [2, 7, 7, 8], [2, 11]]
@@ -68,3 +68,46 @@ def test_pool_survives_a_killed_worker_without_loss_or_duplication(ckpt, local_r
     assert [t.tokens for t in got] == [t.tokens for t in clean]  # same samples, each exactly once
     assert all(t.policy_version == 1 for t in got)
     assert [t.prompt_ids for t in got] == [p for p in PROMPTS for _ in range(2)]
+
+
+def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(ckpt, tmp_path_factory, monkeypatch):
+    """Two Ray nodes on this machine: the workers land on both; removing one node mid-collection still completes the
+    batch on the other, with every sample exactly once and identical to a clean collection."""
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    tmp = tmp_path_factory.mktemp("c")
+    ray_tmp = ray_temp_dir(tmp)
+    (ray_tmp / "ray").mkdir(exist_ok=True)
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))  # Cluster writes its address file under $RAY_TMPDIR/ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": str(ray_tmp)})
+    node = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        init_ray(tmp, address=cluster.address)
+        weights = state_dict_numpy(HybridPolicy.from_pretrained(ckpt))
+        pool = RolloutPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=1)
+        assert len(set(pool.worker_nodes())) == 2
+        pool.sync_weights(weights, version=1)
+        clean = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
+
+        class NodeLosingPool(RolloutPool):
+            submitted = 0
+
+            def submit_shard(self, worker, shard):
+                ref = super().submit_shard(worker, shard)
+                NodeLosingPool.submitted += 1
+                if NodeLosingPool.submitted == 1:
+                    cluster.remove_node(node)
+                return ref
+
+        pool.__class__ = NodeLosingPool
+        lossy = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
+        assert NodeLosingPool.submitted > len(PROMPTS)  # at least one shard was re-sent
+        assert len(set(pool.worker_nodes())) == 1  # the lost node's worker restarted on the surviving node
+        assert [t.tokens for t in lossy] == [t.tokens for t in clean]
+        pool.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -1,0 +1,130 @@
+"""A training step's rollouts: which prompts (or env episodes) a step uses, collecting them on the Ray pool (inline
+or in the background for async one-step-off-policy training), scoring them, and the per-step rollout metrics.
+
+Prompts are a pure function of (seed, step), so a resumed run draws the same ones. Single-turn steps sample task
+prompts and score completions with the reasoning-gym verifiers; multi-turn steps (`env`) run gymnasium episodes whose
+rewards come from the env, turn by turn.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+
+import envs  # noqa: F401 (registers blockrl/... env ids)
+from envs.tasks import TaskSample, iter_samples, score
+from rollout.cost_model import AcceptanceStats
+from rollout.pool import RolloutPool
+from rollout.types import Trajectory
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One step's scored rollouts: `trajs` are prompts x group (groups contiguous)."""
+
+    step: int
+    trajs: list[Trajectory]
+    tasks: list[str]  # per prompt
+    rewards: list[float]  # per trajectory
+    rollout_s: float
+
+
+class StepRollouts:
+    """Produces each step's `StepBatch` from the pool; `launch(step)` runs it in a background thread."""
+
+    def __init__(self, pool: RolloutPool, tok, tasks: list[str], env: str | None, seed: int, prompts_per_step: int,
+                 group_size: int, sampling: dict):  # fmt: skip
+        self.pool, self.tok, self.tasks, self.env = pool, tok, tasks, env
+        self.seed, self.prompts_per_step, self.group_size, self.sampling = (
+            seed,
+            prompts_per_step,
+            group_size,
+            sampling,
+        )
+        self.env_task = gym.make(env).unwrapped.task if env else None
+        self.prompt_pool = (
+            {} if env else {t: list(iter_samples(t, 2000, seed + 17)) for t in dict.fromkeys(tasks)}
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+
+    def step_prompts(self, step: int) -> list[TaskSample]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + step)
+        out = []
+        for i in range(self.prompts_per_step):
+            pool = self.prompt_pool[self.tasks[i % len(self.tasks)]]
+            out.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
+        return out
+
+    def collect(self, step: int) -> StepBatch:
+        t0 = time.time()
+        sampling = self.sampling | {"seed": self.seed * 100_003 + step}
+        if self.env:
+            seeds = [
+                self.seed * 1_000_003 + step * self.prompts_per_step + i for i in range(self.prompts_per_step)
+            ]
+            trajs = self.pool.collect_episodes(self.env, seeds, self.group_size, sampling)
+            return StepBatch(step, trajs, [self.env_task] * len(seeds), [sum(t.turn_rewards) for t in trajs],
+                             time.time() - t0)  # fmt: skip
+        samples = self.step_prompts(step)
+        prompt_ids = [[self.tok.bos_token_id, *self.tok(s.prompt, add_special_tokens=False)["input_ids"]]
+                      for s in samples]  # fmt: skip
+        trajs = self.pool.collect(prompt_ids, self.group_size, sampling)
+        texts = self.tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
+        rewards = [score(samples[i // self.group_size], text) for i, text in enumerate(texts)]
+        return StepBatch(step, trajs, [s.task for s in samples], rewards, time.time() - t0)
+
+    def launch(self, step: int) -> Future[StepBatch]:
+        return self._executor.submit(self.collect, step)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def heldout_eval(pool: RolloutPool, tok, tasks: list[str], per_task: int, sampling: dict) -> dict[str, float]:
+    """Held-out solve rate on the task mix (reasoning-gym seed 4242; training draws from seed+17), one sample per
+    prompt with the workers' sampler: exact AR samples when it is lossless or ar."""
+    tasks = list(dict.fromkeys(tasks))
+    samples = [s for t in tasks for s in iter_samples(t, per_task, 4242)]
+    prompt_ids = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
+    trajs = pool.collect(prompt_ids, 1, sampling | {"seed": 99})
+    texts = tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
+    solved = [score(s, text) >= 1.0 for s, text in zip(samples, texts, strict=True)]
+    m = {"eval/solve_rate": sum(solved) / len(solved)}
+    for task in tasks:
+        own = [ok for s, ok in zip(samples, solved, strict=True) if s.task == task]
+        m[f"eval/{task}/solve_rate"] = sum(own) / len(own)
+    return m
+
+
+def rollout_metrics(batch: StepBatch, group: int, K: int) -> dict[str, float]:
+    """Acceptance (tokens per forward, accept rate, by draft position), lengths, reward and pass@group per task."""
+    trajs, rewards = batch.trajs, batch.rewards
+    m = {
+        "rollout/tokens_per_forward": sum(t.num_tokens for t in trajs)
+        / max(1, sum(t.num_forwards for t in trajs)),
+        "rollout/length_mean": sum(t.num_tokens for t in trajs) / len(trajs),
+        "perf/tok_per_s": sum(t.num_tokens for t in trajs) / max(1e-9, batch.rollout_s),
+        "time/rollout_s": batch.rollout_s,
+    }
+    if K and any(t.accept_counts for t in trajs):
+        acc = AcceptanceStats(K)
+        for t in trajs:
+            if t.accept_counts:
+                acc.observe(t.accept_counts, t.draft_counts)
+        m["rollout/accept_rate"] = sum(sum(t.accept_counts) for t in trajs) / max(
+            1, sum(sum(t.draft_counts) for t in trajs)
+        )
+        for i, a in enumerate(acc.acceptance_by_position(), start=1):
+            m[f"rollout/accept_pos_{i}"] = a
+    for task in sorted(set(batch.tasks)):
+        idx = [i for i, t in enumerate(batch.tasks) if t == task]
+        rs = [rewards[j * group + k] for j in idx for k in range(group)]
+        m[f"reward/{task}/mean"] = sum(rs) / len(rs)
+        m[f"reward/{task}/pass@{group}"] = sum(
+            max(rewards[j * group : (j + 1) * group]) >= 1.0 for j in idx
+        ) / len(idx)
+    return m
