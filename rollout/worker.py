@@ -46,6 +46,9 @@ class RolloutWorker:
         self.policy = HybridPolicy.from_pretrained(checkpoint).eval()
         self.tokenizer = load_tokenizer(checkpoint)
         self.engine_kwargs = engine_kwargs
+        self.engine: BlockEngine | None = (
+            None  # built once: `auto` keeps its calibration and acceptance stats
+        )
         self.version = 0
 
     def ping(self) -> int:
@@ -63,9 +66,10 @@ class RolloutWorker:
                                     f"v{self.version}")  # fmt: skip
         if shard.indices != list(range(shard.indices[0], shard.indices[0] + len(shard.indices))):
             raise ValueError(f"shard {shard.shard_id}: indices must be a contiguous range")
-        engine = BlockEngine(
-            self.policy, policy_version=self.version, tokenizer=self.tokenizer, **self.engine_kwargs
-        )
+        if self.engine is None:
+            self.engine = BlockEngine(self.policy, tokenizer=self.tokenizer, **self.engine_kwargs)
+        engine = self.engine
+        engine.policy_version = self.version  # weights load in place into the same policy module
         if shard.env_id is not None:
             trajs = run_episodes(engine, self.tokenizer, shard.env_id, shard.env_seeds, shard.sampling,
                                  index_offset=shard.indices[0])  # fmt: skip
