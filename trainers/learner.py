@@ -93,6 +93,27 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return F.pad(taken, (1, 0))
 
 
+@torch.no_grad()
+def rollout_diagnostics(
+    logits, learner_logprobs, ar_logprobs, behavior_logprobs, mask, temperature: float
+) -> dict:
+    """Rollout-vs-learner mismatch over model tokens: mean |learner - rollout AR| log-prob, k3 KL(behaviour ||
+    learner), normalised ESS of the raw importance weights pi_learner / pi_behavior, and the policy's entropy."""
+    m = mask.bool()
+    if not m.any():
+        return {}
+    log_w = (learner_logprobs - behavior_logprobs)[m]
+    w = log_w.exp()
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # predicts tokens 1..S-1
+    entropy = -(logp.exp() * logp).sum(-1)
+    return {
+        "rollout/logprob_mismatch": float((learner_logprobs - ar_logprobs)[m].abs().mean()),
+        "rollout/mismatch_kl": float((w - 1 - log_w).mean()),
+        "rollout/is_ess": float(w.sum() ** 2 / (w.numel() * (w**2).sum())),
+        "train/entropy": float(entropy[m[:, 1:]].mean()),
+    }
+
+
 class Learner:
     """One RL update per rollout batch. `version` counts updates: it is the policy version the workers get next."""
 
@@ -168,8 +189,8 @@ class Learner:
                 )
                 learner = token_logprobs(logits, ids, cfg.temperature)
                 if epoch == 0 and "rollout/logprob_mismatch" not in metrics:
-                    diff = (learner.detach() - batch.ar_logprobs[idx]).abs()[comp.bool()]
-                    metrics["rollout/logprob_mismatch"] = float(diff.mean()) if diff.numel() else 0.0
+                    metrics |= rollout_diagnostics(logits.detach(), learner.detach(), batch.ar_logprobs[idx],
+                                                   behavior[idx], comp, cfg.temperature)  # fmt: skip
                 loss, m = grpo_loss(LossInputs(learner, old[idx], behavior[idx], adv[idx], comp), cfg.grpo)
                 metrics |= m
                 if values is not None:

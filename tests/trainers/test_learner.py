@@ -55,4 +55,7 @@ def test_learner_step_moves_probability_towards_rewarded_samples():
     metrics = learner.step(batch)
     assert target_logprob() > before
     assert metrics["rollout/logprob_mismatch"] <= 1e-3
+    # on-policy lossless rollouts: importance weights are all 1 (ESS 1, KL 0), and the policy is not collapsed
+    assert abs(metrics["rollout/is_ess"] - 1) < 1e-5 and abs(metrics["rollout/mismatch_kl"]) < 1e-5
+    assert metrics["train/entropy"] > 0.1
     assert {"train/loss", "train/diff_loss", "train/clipfrac", "reward/mean"} <= set(metrics)
