@@ -17,7 +17,9 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -109,6 +111,17 @@ TASKS: dict[str, TaskSpec] = {
         _countdown_trace,
     ),
 }
+
+
+def check_task(name: str) -> str:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in: {sorted(TASKS)}")
+    return name
+
+
+TaskName = Annotated[str, AfterValidator(check_task)]
+"""A config field holding a built-in task name (pydantic validates it)."""
+
 CORPUS_TASKS = (
     "spell_backward",
     "letter_counting",

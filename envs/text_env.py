@@ -12,6 +12,7 @@ raises `RewardError` naming the env and prompt (`on_reward_error="raise"`, the d
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +64,12 @@ class TextEnv(gym.Env):
         return self._last if self.render_mode == "ansi" else None
 
 
+@functools.lru_cache(maxsize=16)
+def _task_pool(task: str, size: int, seed: int) -> tuple[TaskSample, ...]:
+    """Shared by every env of the same task: a multi-turn batch builds one env per episode."""
+    return tuple(iter_samples(task, size, seed))
+
+
 class TaskEnv(TextEnv):
     """Single-turn env of one built-in task: prompt -> completion -> verifier reward, episode ends."""
 
@@ -70,7 +77,7 @@ class TaskEnv(TextEnv):
                  reward_fn: Callable[[TaskSample, str], float] = score, **kw):  # fmt: skip
         super().__init__(**kw)
         self.task = task
-        self.pool = list(iter_samples(task, pool_size, data_seed))  # fixed pool; reset(seed) picks from it
+        self.pool = _task_pool(task, pool_size, data_seed)  # fixed pool; reset(seed) picks from it
         self.reward_fn = reward_fn
         self.sample: TaskSample | None = None
 

@@ -97,6 +97,43 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_trl_bench(args) -> int:
+    """TRL GRPOTrainer step time: its default HF generate vs blockrl's rollout_func, alternated in one run."""
+    from trainers.trl_bench import TRLBenchConfig, format_summary, run_trl_bench, write_report
+
+    cfg = load_config(TRLBenchConfig, args.config, args.overrides)
+    if not (Path(cfg.checkpoint) / "config.json").is_file():
+        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not a checkpoint directory (no config.json)")
+    result = run_trl_bench(cfg)
+    json_path = Path(args.json) if args.json else Path(cfg.run_dir) / "results.json"
+    write_report(result, json_path, Path(cfg.run_dir) / "trl_bench.png")
+    print(format_summary(result))
+    print(f"results: {json_path}  plot: {Path(cfg.run_dir) / 'trl_bench.png'}")
+    return 0
+
+
+def cmd_rollout(args) -> int:
+    """N trajectories on Ray workers -> sharded Parquet in out_dir; a re-run resumes (skips finished shards)."""
+    from rollout.job import RolloutJobConfig, run_job
+
+    s = run_job(load_config(RolloutJobConfig, args.config, args.overrides))
+    reward = "n/a" if s.reward_mean is None else f"{s.reward_mean:.3f}"
+    print(f"{s.num_samples} samples in {s.num_shards} shards ({s.generated_shards} generated now) | "
+          f"{s.tokens} tokens in {s.seconds:.1f}s = {s.tokens_per_s:,.0f} tok/s | tokens/forward "
+          f"{s.tokens_per_forward:.2f} | reward {reward} | {s.out_dir}")  # fmt: skip
+    return 0
+
+
+def cmd_regress(args) -> int:
+    """Nightly reward regression: seeded suite per sampler vs a stored baseline; exit 1 naming failing metrics."""
+    from trainers.regress import RegressConfig, run_regress
+    from trainers.regress_report import format_console
+
+    out = run_regress(load_config(RegressConfig, args.config, args.overrides), args.update_baseline)
+    print(format_console(out))
+    return 1 if out.failed else 0
+
+
 def format_eval(result: dict, run_dir: str) -> str:
     s = result["solve"]
     tasks = ", ".join(f"{t} {v['rate']:.0%}" for t, v in s["per_task"].items())
@@ -133,6 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "bench")
     p.add_argument("--json", default=None, help="write results JSON here (default: <run_dir>/results.json)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("trl-bench", help="TRL GRPOTrainer step time: HF generate vs blockrl rollout_func")
+    p.add_argument("--config", default=None, help="YAML file or preset in configs/ (default: defaults)")
+    _add_set_arg(p, "override a field, e.g. --set steps=16 (repeatable)")
+    p.add_argument("--json", default=None, help="write results JSON here (default: <run_dir>/results.json)")
+    p.set_defaults(func=cmd_trl_bench)
+
+    p = sub.add_parser("rollout", help="N trajectories on Ray workers -> sharded Parquet (resumable)")
+    _add_config_args(p, "rollout")
+    p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser(
+        "regress", help="nightly reward regression vs a stored baseline (exit 1 on a regression)"
+    )
+    _add_config_args(p, "regress")
+    p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline file from this run")
+    p.set_defaults(func=cmd_regress)
 
     p = sub.add_parser("pretrain", help="AR pretraining from scratch on the task corpus")
     _add_config_args(p, "tiny_pretrain")

@@ -9,16 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from envs.tasks import TASKS, TaskSample, iter_samples
+from envs.tasks import TaskName, TaskSample, iter_samples
 from trainers.config import Section
 
 
 class DataConfig(Section):
     """Which tasks, how many samples, and which tokens are targets."""
 
-    tasks: list[str] = Field(
+    tasks: list[TaskName] = Field(
         default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"], min_length=1
     )
     """reasoning-gym tasks of the corpus (envs.tasks.TASKS)."""
@@ -30,14 +30,6 @@ class DataConfig(Section):
     """corpus seed; held-out prompts use seed + 1."""
     exclude_prompt: bool = True
     """train only on completion tokens (the prompt is context, not target)."""
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; built-in: {sorted(TASKS)}")
-        return tasks
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from envs.tasks import TaskName
 from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.pool import RolloutPool, init_ray
+from rollout.settings import EngineSettings, WorkerSettings
 from rollout.worker import state_dict_numpy
 from trainers.checkpoint import load_trainer_state, recover, save_checkpoint
 from trainers.config import Section, dump_config
@@ -37,29 +39,13 @@ from trainers.rollouts import StepRollouts, heldout_eval, rollout_metrics
 log = logging.getLogger(__name__)
 
 
-class RolloutConfig(Section):
+class RolloutConfig(EngineSettings, WorkerSettings):
     """Rollout workers and sampling."""
 
-    workers: int = Field(2, ge=1)
-    """Ray rollout actors."""
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    """Ray CPUs reserved per actor."""
-    threads: int = Field(1, ge=1)
-    """torch threads per actor."""
-    sampler: Literal["ar", "lossless", "logit_mix", "auto"] = "lossless"
-    """rollout sampler."""
-    levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
-    """proposal levels per pass."""
-    mix_weight: float = Field(0.5, ge=0.0, le=1.0)
-    """w of logit_mix."""
-    max_batch: int = Field(16, ge=1)
-    """engine batch per worker."""
     max_new_tokens: int = Field(160, ge=1)
-    """completion budget."""
+    """completion budget (an env episode's budget over all its turns)."""
     temperature: float = Field(1.0, gt=0.0)
     """sampling temperature (the learner uses the same)."""
-    address: str | None = None
-    """Ray cluster address; None = local Ray inside the run dir."""
 
 
 class TrainConfig(Section):
@@ -73,7 +59,7 @@ class TrainConfig(Section):
     """prompt sampling and rollout seeds."""
     steps: int = Field(20, ge=1)
     """RL steps."""
-    tasks: list[str] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
+    tasks: list[TaskName] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
     """task mix, cycled over a step's prompts (repeat a task to weight it); reasoning-gym verifiers score rewards."""
     prompts_per_step: int = Field(16, ge=1)
     """prompts per step; batch = prompts_per_step * group_size."""

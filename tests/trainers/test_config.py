@@ -27,7 +27,7 @@ def test_override_applies_with_yaml_types():
         ("optim.steps=-3", "optim.steps:"),
         ("optim.min_lr_ratio=2", "optim.min_lr_ratio:"),
         ("model.arch=gpt9", "model.arch:"),
-        ("data.tasks=[nope]", "data.tasks:"),
+        ("data.tasks=[chain_sum,nope]", "data.tasks.1:"),
         ("threads=1.5", "threads:"),
     ],
 )
