@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_arg(p, "override a field of the GRPO config (configs/grpo_tiny.yaml)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="GRPO on the hybrid policy with block-decoded rollouts on Ray workers")
+    p = sub.add_parser(
+        "train", help="GRPO or PPO on the hybrid policy with block-decoded rollouts on Ray workers"
+    )
     _add_config_args(p, "grpo_tiny")
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint if present")
     p.set_defaults(func=cmd_train)
