@@ -73,6 +73,8 @@ class TrainConfig(Section):
     """one step off-policy: step t+1's rollouts (weights of step t-1) overlap learner step t; truncated IS."""
     eval_every: int = Field(0, ge=0)
     """steps between held-out solve-rate evaluations (0 = off); also run before step 1 and after the last step."""
+    eval_tasks: list[TaskName] | None = None
+    """tasks of the held-out evaluation (None = the distinct `tasks`)."""
     eval_per_task: int = Field(60, ge=1)
     """held-out prompts per task (one sample each, T=rollout temperature, seed-fixed, disjoint seed from training)."""
     wandb: Literal["offline", "online", "disabled"] = "offline"
@@ -136,7 +138,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     try:
         if cfg.eval_every and start == 0:
             _publish(pool, policy, learner.version)
-            sink.log(0, heldout_eval(pool, tok, cfg.tasks, cfg.eval_per_task, sampling))
+            sink.log(0, heldout_eval(pool, tok, cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, sampling))
         for step in range(start, cfg.steps):
             t0 = time.time()
             if pending is None:  # on-policy: the rollouts use the weights of the last learner step
@@ -160,7 +162,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                 if pending is not None:
                     pending.result()  # workers are busy with step+1; evaluate after (they hold older weights)
                 _publish(pool, policy, learner.version)
-                metrics |= heldout_eval(pool, tok, cfg.tasks, cfg.eval_per_task, sampling)
+                metrics |= heldout_eval(pool, tok, cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, sampling)
             metrics = {k: v for k, v in metrics.items() if isinstance(v, float | int) and math.isfinite(v)}
             sink.log(step + 1, metrics)
             history.append({"step": step + 1, **metrics})
