@@ -15,7 +15,7 @@ so the baseline) stores every sample's solved bit, so the quality tests pair sam
 now: same prompt, same seed (exact McNemar / sign tests, Holm over the run; see regress_stats).
 
     blockrl regress                                  # configs/regress.yaml vs configs/regress_baseline.json
-    blockrl regress --set checkpoint=runs/grpo/final # exit 1 and the failing metrics on a regression
+    blockrl regress --set checkpoint=runs/grpo-tiny/checkpoint # exit 1 and the failing metrics on a regression
     blockrl regress --update-baseline                # rewrite the baseline from this run
 
 The run dir gets config.yaml, results.json (the baseline format), completions.jsonl, report.md and PNG plots.
