@@ -31,6 +31,13 @@ class TidarOutput:
     aux_loss: torch.Tensor | None  # MoE load balancing over real tokens, None for dense models
 
 
+@dataclass
+class ArOutput:
+    logits: torch.Tensor  # [B, S, V] position t predicts token t+1
+    hidden: torch.Tensor  # [B, S, H] last hidden state
+    aux_loss: torch.Tensor | None  # MoE load balancing over real tokens (when asked, MoE only)
+
+
 def moe_shape(config) -> tuple[int, int] | None:
     """(num_experts, top_k) for MoE configs across HF families, None for dense ones."""
     n = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
@@ -146,6 +153,18 @@ class HybridPolicy(nn.Module):
             n_exp, top_k = self.moe
             aux = load_balancing_loss(out.router_logits, n_exp, top_k, token_mask)
         return logits, aux
+
+    def ar_forward(
+        self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, want_aux: bool = False
+    ) -> ArOutput:
+        """Plain causal AR forward of a right-padded batch: logits, last hidden state and (MoE, `want_aux`) the
+        load-balancing loss over real tokens, computed from the router logits with the 2D mask (ENV.md)."""
+        kwargs = {"output_router_logits": True} if (want_aux and self.moe) else {}
+        mask = None if valid is None else valid.long()
+        out = self.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs)
+        logits = self.model.get_output_embeddings()(out.last_hidden_state)
+        aux = load_balancing_loss(out.router_logits, *self.moe, valid) if kwargs else None
+        return ArOutput(logits, out.last_hidden_state, aux)
 
     def tidar_forward(
         self,

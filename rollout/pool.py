@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, RayActorError
 
 from rollout.types import Trajectory
-from rollout.worker import RolloutWorker, Shard
+from rollout.worker import RolloutWorker, Shard, StaleWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,11 @@ class RolloutPool:
         """Publish a numpy state dict as `version` to every worker (blocks until loaded)."""
         self._weights_ref = ray.put(weights)
         self.version = version
-        ray.get([w.set_weights.remote(version, self._weights_ref) for w in self.workers])
+        for w, ref in enumerate([w.set_weights.remote(version, self._weights_ref) for w in self.workers]):
+            try:
+                ray.get(ref)
+            except RayActorError:  # died before loading: wait for the restart and load into the new one
+                self._reload(w)
 
     def worker_nodes(self) -> list[str]:
         """The Ray node id each worker runs on."""
@@ -118,10 +122,11 @@ class RolloutPool:
             w, shard = pending.pop(ref)
             try:
                 _, indices, trajs = ray.get(ref)
-            except RayActorError:
-                log.warning(
-                    "rollout worker %d died on shard %d: restarting it and resubmitting", w, shard.shard_id
-                )
+            except (RayActorError, ObjectLostError, StaleWeightsError) as e:
+                # died mid-shard, lost its node (and the result with it), or restarted while idle and came back on
+                # the checkpoint's weights: give it the current weights and re-run the shard
+                log.warning("rollout worker %d failed shard %d (%s): reloading it and resubmitting", w,
+                            shard.shard_id, type(e).__name__)  # fmt: skip
                 self._reload(w)
                 queue.insert(0, shard)
                 idle.append(w)

@@ -17,16 +17,18 @@ from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.engine import BlockEngine
 from trainers.config import load_config
 from trainers.evaluate import wilson
+from trainers.rollouts import heldout_samples
 from trainers.run import TrainConfig, train
 
 
-def heldout_solve_and_speed(checkpoint: str | Path, tok, tasks: list[str], per_task: int, batch: int) -> dict:
+def heldout_solve_and_speed(
+    checkpoint: str | Path, tok, tasks: list[str], per_task: int, batch: int, seed: int
+) -> dict:
     """Held-out solve rate at T=1 with lossless rollouts, and tokens/s of lossless vs engine ar on the same prompts."""
     torch.set_num_threads(2)
     policy = HybridPolicy.from_pretrained(checkpoint).eval()
-    samples = [
-        s for t in tasks for s in iter_samples(t, per_task, 4242)
-    ]  # disjoint from the training prompt pool
+    train = {s.prompt for t in tasks for s in iter_samples(t, 2000, seed + 17)}  # the RL run's prompt pool
+    samples = heldout_samples(tasks, per_task, exclude=train)
     prompts = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
     out = {}
     for sampler in ("lossless", "ar"):
@@ -48,10 +50,10 @@ def run_demo(run_dir: str, checkpoint: str, steps: int, overrides: list[str]) ->
     cfg = load_config(TrainConfig, "grpo_tiny", [f"run_dir={run_dir}", f"checkpoint={checkpoint}", f"steps={steps}",
                                                  *overrides])  # fmt: skip
     tok = load_tokenizer(checkpoint)
-    before = heldout_solve_and_speed(checkpoint, tok, cfg.tasks, 60, 16)
+    before = heldout_solve_and_speed(checkpoint, tok, cfg.tasks, 60, 16, cfg.seed)
     history = train(cfg)
     ray.shutdown()
-    after = heldout_solve_and_speed(Path(cfg.run_dir) / "checkpoint", tok, cfg.tasks, 60, 16)
+    after = heldout_solve_and_speed(Path(cfg.run_dir) / "checkpoint", tok, cfg.tasks, 60, 16, cfg.seed)
     tpf = [h["rollout/tokens_per_forward"] for h in history]
     print("\n== blockrl demo: GRPO on the shipped checkpoint, lossless rollouts on 2 Ray workers ==")
     for name, r in (("before", before), ("after", after)):

@@ -1,7 +1,7 @@
 """Held-out solve rate of checkpoints on identical prompts and sampling seeds: the before/after measure of an RL run.
 
-Prompts are reasoning-gym's seed-4242 draws (the held-out set `blockrl train` evaluates on; training draws from
-seed + 17), `--per-task` per task; every checkpoint samples each prompt once per `--seeds` value at T = 1 with lossless
+Prompts are reasoning-gym's seed-4242 draws minus any prompt in the RL run's training pool (the held-out set
+`blockrl train` evaluates on; training draws from seed + 17), `--per-task` per task; every checkpoint samples each prompt once per `--seeds` value at T = 1 with lossless
 block decoding (exact AR samples). Reports overall and per-task rates with Wilson 95% intervals.
 
     python -m trainers.heldout_compare checkpoints/tiny-moe runs/grpo-letters/checkpoint --per-task 300
@@ -18,6 +18,7 @@ from envs.tasks import CORPUS_TASKS, iter_samples, score
 from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.engine import BlockEngine
 from trainers.evaluate import wilson
+from trainers.rollouts import heldout_samples
 
 
 def solve_rates(checkpoint: str, tok, samples, seeds: list[int]) -> dict:
@@ -44,11 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-task", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="*", default=[11, 12])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--train-seed", type=int, default=0, help="seed of the RL run: its training prompts are excluded"
+    )
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.checkpoints[0])
-    samples = [s for t in args.tasks for s in iter_samples(t, args.per_task, 4242)]
+    train = {
+        s.prompt for t in args.tasks for s in iter_samples(t, 2000, args.train_seed + 17)
+    }  # RL's prompt pool
+    samples = heldout_samples(args.tasks, args.per_task, exclude=train)
     results = [solve_rates(c, tok, samples, args.seeds) for c in args.checkpoints]
     for r in results:
         lo, hi = r["ci95"]

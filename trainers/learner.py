@@ -8,6 +8,7 @@ on-policy; logit_mix rollouts get truncated importance weights against their `be
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,36 +120,46 @@ class Learner:
 
     def __init__(self, policy: HybridPolicy, cfg: LearnerConfig, version: int = 0):
         self.policy, self.cfg, self.version = policy, cfg, version
+        self.lambda_diff = cfg.lambda_diff  # the drift action may raise it; checkpointed with the learner
+        device = next(policy.parameters()).device
         groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
         self.value_head = None
         if cfg.algo == "ppo":
-            self.value_head = ValueHead(policy.model.config.hidden_size)
+            self.value_head = ValueHead(policy.model.config.hidden_size).to(device)
             groups.append({"params": list(self.value_head.parameters()), "lr": cfg.ppo.value_lr})
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.ref = None  # frozen copy of the starting policy: the KL reference
+        if cfg.grpo.kl_coef > 0:
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
 
     def state_dict(self) -> dict:
-        state = {"optimizer": self.opt.state_dict(), "version": self.version}
+        state = {"optimizer": self.opt.state_dict(), "version": self.version, "lambda_diff": self.lambda_diff}
         if self.value_head is not None:
             state["value_head"] = self.value_head.state_dict()
+        if self.ref is not None:
+            state["ref"] = self.ref.model.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["optimizer"])
         self.version = state.get("version", self.version)
+        self.lambda_diff = state.get("lambda_diff", self.lambda_diff)
         if self.value_head is not None:
             self.value_head.load_state_dict(state["value_head"])
+        if self.ref is not None:
+            self.ref.model.load_state_dict(state["ref"])
 
-    def _forward(self, ids, valid, need_diff: bool, need_values: bool):
+    def _forward(self, ids, valid, need_diff: bool, need_values: bool, need_aux: bool = True):
         """AR logits [B,S,V], diffusion logits or None, MoE aux or None, values [B,S] (V before token t) or None."""
         out = self.policy.tidar_forward(ids, valid) if need_diff else None
-        values = None
-        if need_values or out is None:
-            plain = self.policy(input_ids=ids, attention_mask=valid, output_hidden_states=need_values)
-            if need_values:
-                values = F.pad(self.value_head(plain.hidden_states[-1])[:, :-1], (1, 0))
-        logits = out.ar_logits if out is not None else plain.logits
-        diff, aux = (out.diff_logits, out.aux_loss) if out is not None else (None, None)
-        return logits, diff, aux, values
+        if out is not None and not need_values:
+            return out.ar_logits, out.diff_logits, out.aux_loss, None
+        ar = self.policy.ar_forward(ids, valid, want_aux=need_aux and out is None)
+        # the value of the state that token t is sampled from: the hidden state at t - 1
+        values = F.pad(self.value_head(ar.hidden)[:, :-1], (1, 0)) if need_values else None
+        if out is not None:
+            return out.ar_logits, out.diff_logits, out.aux_loss, values
+        return ar.logits, None, ar.aux_loss, values
 
     def _advantages(
         self, batch: RolloutBatch
@@ -157,7 +168,7 @@ class Learner:
         if self.cfg.algo == "grpo":
             return group_advantages(batch.rewards, batch.group_size, self.cfg.grpo.scale), None, None
         with torch.no_grad():
-            *_, values = self._forward(batch.input_ids, batch.valid, need_diff=False, need_values=True)
+            *_, values = self._forward(batch.input_ids, batch.valid, False, need_values=True, need_aux=False)
         adv, returns = gae(
             batch.token_rewards, values, batch.completion, self.cfg.ppo.gamma, self.cfg.ppo.lam
         )
@@ -174,7 +185,9 @@ class Learner:
             staleness > 0
         ):  # async: pi_old is the learner now; the rollout policy is the IS behaviour distribution
             with torch.no_grad():
-                logits, *_ = self._forward(batch.input_ids, batch.valid, need_diff=False, need_values=False)
+                logits, *_ = self._forward(
+                    batch.input_ids, batch.valid, False, need_values=False, need_aux=False
+                )
                 old = token_logprobs(logits, batch.input_ids, cfg.temperature)
             behavior = batch.behavior_logprobs
         else:  # exact AR log-probs of the rollout policy; logit_mix rollouts carry their own behaviour log-probs
@@ -185,13 +198,19 @@ class Learner:
             for idx in torch.randperm(B).chunk(cfg.minibatches):
                 ids, valid, comp = batch.input_ids[idx], batch.valid[idx], batch.completion[idx]
                 logits, diff_logits, aux, values = self._forward(
-                    ids, valid, need_diff=cfg.lambda_diff > 0, need_values=self.value_head is not None
+                    ids, valid, need_diff=self.lambda_diff > 0, need_values=self.value_head is not None
                 )
                 learner = token_logprobs(logits, ids, cfg.temperature)
+                ref = None
+                if self.ref is not None:
+                    with torch.no_grad():
+                        ref = token_logprobs(self.ref.ar_forward(ids, valid).logits, ids, cfg.temperature)
                 if epoch == 0 and "rollout/logprob_mismatch" not in metrics:
                     metrics |= rollout_diagnostics(logits.detach(), learner.detach(), batch.ar_logprobs[idx],
                                                    behavior[idx], comp, cfg.temperature)  # fmt: skip
-                loss, m = grpo_loss(LossInputs(learner, old[idx], behavior[idx], adv[idx], comp), cfg.grpo)
+                loss, m = grpo_loss(
+                    LossInputs(learner, old[idx], behavior[idx], adv[idx], comp, ref), cfg.grpo
+                )
                 metrics |= m
                 if values is not None:
                     v_loss = value_loss(values, old_values[idx], returns[idx], comp, cfg.ppo.value_clip)
@@ -199,15 +218,14 @@ class Learner:
                     metrics["train/value_loss"] = float(v_loss.detach())
                 if diff_logits is not None:
                     diff_loss = masked_ce(diff_logits, ids, comp)
-                    loss = loss + cfg.lambda_diff * diff_loss
+                    loss = loss + self.lambda_diff * diff_loss
                     metrics["train/diff_loss"] = float(diff_loss.detach())
                 if aux is not None:
                     loss = loss + float(getattr(policy.config, "router_aux_loss_coef", 0.0)) * aux
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                metrics["train/grad_norm"] = float(
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                )
+                params = [*policy.parameters(), *(self.value_head.parameters() if self.value_head else [])]
+                metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
                 self.opt.step()
                 metrics["train/loss"] = float(loss.detach())
         self.version += 1

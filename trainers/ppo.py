@@ -57,15 +57,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     n = m.sum(1)  # [B]
     r = rewards.gather(1, order)
     v = values.gather(1, order)
-    live = torch.arange(S)[None] < n[:, None]  # [B, S] compacted validity
-    adv = torch.zeros(B, S)
-    last = torch.zeros(B)
+    live = torch.arange(S, device=mask.device)[None] < n[:, None]  # [B, S] compacted validity
+    adv = torch.zeros(B, S, device=values.device)
+    last = torch.zeros(B, device=values.device)
     for t in range(int(n.max()) - 1, -1, -1):
-        nxt = torch.where(live[:, t + 1], v[:, t + 1], 0.0) if t + 1 < S else torch.zeros(B)
+        nxt = torch.where(live[:, t + 1], v[:, t + 1], 0.0) if t + 1 < S else torch.zeros_like(last)
         delta = r[:, t] + gamma * nxt - v[:, t]
         last = torch.where(live[:, t], delta + gamma * lam * last, 0.0)
         adv[:, t] = last
-    out_adv = torch.zeros(B, S).scatter(1, order, adv) * m
+    out_adv = torch.zeros_like(adv).scatter(1, order, adv) * m
     return out_adv, (out_adv + values * m) * m
 
 

@@ -51,6 +51,10 @@ class StepRollouts:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
 
+    @property
+    def train_prompts(self) -> set[str]:
+        return {s.prompt for pool in self.prompt_pool.values() for s in pool}
+
     def step_prompts(self, step: int) -> list[TaskSample]:
         g = torch.Generator().manual_seed(self.seed * 7919 + step)
         out = []
@@ -81,14 +85,23 @@ class StepRollouts:
         return self._executor.submit(self.collect, step)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def heldout_eval(pool: RolloutPool, tok, tasks: list[str], per_task: int, sampling: dict) -> dict[str, float]:
-    """Held-out solve rate on the task mix (reasoning-gym seed 4242; training draws from seed+17), one sample per
-    prompt with the workers' sampler: exact AR samples when it is lossless or ar."""
-    tasks = list(dict.fromkeys(tasks))
-    samples = [s for t in tasks for s in iter_samples(t, per_task, 4242)]
+def heldout_samples(tasks: list[str], per_task: int, exclude: set[str] = frozenset()) -> list[TaskSample]:
+    """`per_task` prompts per task from reasoning-gym seed 4242 (training draws from seed + 17), skipping any prompt
+    in `exclude` (the training pool: small tasks repeat prompts across seeds)."""
+    out = []
+    for task in dict.fromkeys(tasks):
+        fresh = (s for s in iter_samples(task, 4 * per_task, 4242) if s.prompt not in exclude)
+        out += [s for _, s in zip(range(per_task), fresh, strict=False)]
+    return out
+
+
+def heldout_eval(pool: RolloutPool, tok, samples: list[TaskSample], sampling: dict) -> dict[str, float]:
+    """Held-out solve rate on `samples`, one sample per prompt with the workers' sampler: exact AR samples when it is
+    lossless or ar."""
+    tasks = list(dict.fromkeys(s.task for s in samples))
     prompt_ids = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
     trajs = pool.collect(prompt_ids, 1, sampling | {"seed": 99})
     texts = tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)

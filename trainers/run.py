@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from envs.tasks import TaskName
 from policy.hybrid import HybridPolicy, load_tokenizer
@@ -34,7 +34,7 @@ from trainers.drift import DetectorConfig, DriftMonitor
 from trainers.learner import Learner, LearnerConfig, RolloutBatch
 from trainers.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink
 from trainers.plots import plot_run
-from trainers.rollouts import StepRollouts, heldout_eval, rollout_metrics
+from trainers.rollouts import StepRollouts, heldout_eval, heldout_samples, rollout_metrics
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,15 @@ class TrainConfig(Section):
     def batch_size(self) -> int:
         return self.prompts_per_step * self.group_size
 
+    @model_validator(mode="after")
+    def _same_temperature(self) -> TrainConfig:
+        if self.learner.temperature != self.rollout.temperature:
+            raise ValueError(
+                f"learner.temperature ({self.learner.temperature}) must equal rollout.temperature "
+                f"({self.rollout.temperature}): the learner's log-probs are the rollout policy's at the same T"
+            )
+        return self
+
 
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     run_dir = Path(cfg.run_dir)
@@ -118,13 +127,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
 
     init_ray(run_dir, cfg.rollout.address, num_cpus=None)
     r = cfg.rollout
-    engine_kwargs = {
-        "sampler": r.sampler,
-        "levels": r.levels,
-        "max_batch": r.max_batch,
-        "mix_weight": r.mix_weight,
-    }
-    pool = RolloutPool(cfg.checkpoint, r.workers, engine_kwargs, r.cpus_per_worker, threads=r.threads)
+    pool = RolloutPool(cfg.checkpoint, r.workers, r.engine_kwargs(), r.cpus_per_worker, threads=r.threads)
     sampling = {
         "max_new_tokens": r.max_new_tokens,
         "temperature": r.temperature,
@@ -134,11 +137,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling
     )
     K = policy.block_size if r.sampler != "ar" else 0
+    heldout = heldout_samples(cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, rollouts.train_prompts)
     history, pending = [], None
     try:
         if cfg.eval_every and start == 0:
             _publish(pool, policy, learner.version)
-            sink.log(0, heldout_eval(pool, tok, cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, sampling))
+            sink.log(0, heldout_eval(pool, tok, heldout, sampling))
         for step in range(start, cfg.steps):
             t0 = time.time()
             if pending is None:  # on-policy: the rollouts use the weights of the last learner step
@@ -156,13 +160,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                                                                   tok.pad_token_id))  # fmt: skip
             metrics |= rollout_metrics(batch, cfg.group_size, K)
             metrics |= {"time/train_s": time.time() - t1, "time/step_s": time.time() - t0,
-                        "train/lambda_diff": learner.cfg.lambda_diff}  # fmt: skip
+                        "train/lambda_diff": learner.lambda_diff}  # fmt: skip
             metrics |= _check_drift(drift, metrics, cfg, learner, step)
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 if pending is not None:
                     pending.result()  # workers are busy with step+1; evaluate after (they hold older weights)
                 _publish(pool, policy, learner.version)
-                metrics |= heldout_eval(pool, tok, cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, sampling)
+                metrics |= heldout_eval(pool, tok, heldout, sampling)
+            if not math.isfinite(metrics["train/loss"]):
+                raise FloatingPointError(
+                    f"train/loss is {metrics['train/loss']} at step {step + 1}; stopping"
+                )
             metrics = {k: v for k, v in metrics.items() if isinstance(v, float | int) and math.isfinite(v)}
             sink.log(step + 1, metrics)
             history.append({"step": step + 1, **metrics})
@@ -174,9 +182,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                 log.warning("stopping on drift alarm at step %d", step + 1)
                 break
     finally:
-        if pending is not None:
-            pending.cancel()
-        rollouts.close()
+        rollouts.close()  # cancels a queued launch; a running collection ends when the pool goes
         pool.shutdown()
         sink.close()
     if (run_dir / "metrics.jsonl").exists():
@@ -196,9 +202,7 @@ def _check_drift(drift: DriftMonitor, metrics: dict, cfg: TrainConfig, learner: 
         out[f"drift/{name.replace('/', '_')}_alarm"] = 1.0
         log.warning("drift alarm on %s at step %d (action: %s)", name, step + 1, cfg.drift_action)
         if cfg.drift_action == "raise_lambda_diff":
-            learner.cfg = learner.cfg.model_copy(
-                update={"lambda_diff": max(2 * learner.cfg.lambda_diff, 0.1)}
-            )
+            learner.lambda_diff = max(2 * learner.lambda_diff, 0.1)
     return out | drift.metrics()
 
 

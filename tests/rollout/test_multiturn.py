@@ -72,8 +72,17 @@ def test_env_turns_interleave_masked_and_model_tokens_stay_exact(setup):
     m = batch.completion.bool()
     assert (lp[m] - batch.ar_logprobs[m]).abs().max() <= 1e-4  # exact on-policy log-probs across turns
     assert int(m.sum()) == sum(sum(e.env_mask) for e in eps)
-    torch.testing.assert_close(batch.token_rewards.sum(1), batch.rewards)
     assert bool((batch.token_rewards[~m] == 0).all())
+    for i, e in enumerate(
+        eps
+    ):  # each turn's reward sits on its last model token, recomputed from the turn's text
+        start, P = 0, len(e.prompt_ids)
+        for k, end in enumerate(e.turn_ends):
+            text = tok.decode(e.tokens[start : end + 1], skip_special_tokens=True)
+            want = 1.0 if k + 1 >= 3 or not text or text[-1] not in ToolEchoEnv.turn_stops else 0.25
+            assert float(batch.token_rewards[i, P + end]) == want
+            start = end + 1 + len(reply)
+        assert float(batch.token_rewards[i].sum()) == sum(e.turn_rewards)
 
 
 def test_episodes_are_reproducible_from_seeds(setup):

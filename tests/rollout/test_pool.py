@@ -70,6 +70,30 @@ def test_pool_survives_a_killed_worker_without_loss_or_duplication(ckpt, local_r
     assert [t.prompt_ids for t in got] == [p for p in PROMPTS for _ in range(2)]
 
 
+def test_pool_recovers_a_worker_that_restarted_while_idle(ckpt, local_ray):
+    """A worker that dies between collections comes back on the checkpoint's weights (version 0): its next shard is
+    refused as stale, and the pool reloads it with the current version and re-runs the shard."""
+    import time
+
+    from ray.exceptions import RayActorError
+
+    pool = RolloutPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=0.5)
+    pool.sync_weights(state_dict_numpy(HybridPolicy.from_pretrained(ckpt)), version=1)
+    clean = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
+    ray.kill(pool.workers[0], no_restart=False)
+    for _ in range(200):  # until the restarted actor answers (on version 0)
+        try:
+            if ray.get(pool.workers[0].ping.remote()) == 0:
+                break
+        except RayActorError:
+            time.sleep(0.1)
+    assert ray.get(pool.workers[0].ping.remote()) == 0
+    again = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
+    assert [t.tokens for t in again] == [t.tokens for t in clean]
+    assert all(t.policy_version == 1 for t in again)
+    pool.shutdown()
+
+
 def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(ckpt, tmp_path_factory, monkeypatch):
     """Two Ray nodes on this machine: the workers land on both; removing one node mid-collection still completes the
     batch on the other, with every sample exactly once and identical to a clean collection."""

@@ -59,3 +59,36 @@ def test_learner_step_moves_probability_towards_rewarded_samples():
     assert abs(metrics["rollout/is_ess"] - 1) < 1e-5 and abs(metrics["rollout/mismatch_kl"]) < 1e-5
     assert metrics["train/entropy"] > 0.1
     assert {"train/loss", "train/diff_loss", "train/clipfrac", "reward/mean"} <= set(metrics)
+
+
+def test_a_stale_batch_takes_the_learner_as_pi_old_with_importance_weights():
+    policy = tiny_policy()
+    trajs = rollouts(policy, G=8, seed=1)
+    rewards = [float(t.tokens[0] % 2) for t in trajs]
+    batch = RolloutBatch.from_trajectories(trajs, rewards, 8, pad_id=0)
+    learner = Learner(policy, LearnerConfig(lr=3e-3, lambda_diff=0.0))
+    first = learner.step(batch)
+    second = learner.step(batch)  # the rollouts are now one policy version old
+    assert first["rollout/staleness"] == 0 and second["rollout/staleness"] == 1
+    assert abs(first["train/is_weight_mean"] - 1) < 1e-6
+    assert abs(second["train/is_weight_mean"] - 1) > 1e-4 and second["rollout/is_ess"] < 1
+
+
+def test_kl_to_the_reference_starts_at_zero_and_grows_as_the_policy_moves():
+    policy = tiny_policy()
+    trajs = rollouts(policy, G=8, seed=1)
+    batch = RolloutBatch.from_trajectories(trajs, [float(t.tokens[0] % 2) for t in trajs], 8, pad_id=0)
+    learner = Learner(policy, LearnerConfig(lr=3e-3, lambda_diff=0.0, grpo={"kl_coef": 0.1}))
+    kls = [learner.step(batch)["train/kl"] for _ in range(3)]
+    assert abs(kls[0]) < 1e-6 and kls[2] > 1e-4
+
+
+def test_moe_aux_loss_is_kept_without_the_diffusion_term():
+    policy = tiny_policy()
+    batch = RolloutBatch.from_trajectories(rollouts(policy), [0.0] * 8, 4, pad_id=0)
+    learner = Learner(policy, LearnerConfig(lambda_diff=0.0))
+    logits, diff, aux, _ = learner._forward(batch.input_ids, batch.valid, need_diff=False, need_values=False)
+    assert diff is None and aux is not None and float(aux) > 0
+    with torch.no_grad():
+        plain = policy(input_ids=batch.input_ids, attention_mask=batch.valid).logits
+    torch.testing.assert_close(logits, plain)

@@ -16,7 +16,8 @@ def test_train_smoke_and_resume(tmp_path, capsys):
     run = tmp_path / "run"
     try:
         assert main(["train", "--set", f"run_dir={run}", "--set", "steps=2", *SMALL]) == 0
-        assert "reward" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "step 1/2 | reward" in out and "step 2/2 | reward" in out  # one dense line per step
         assert main(["train", "--set", f"run_dir={run}", "--set", "steps=3", "--resume", *SMALL]) == 0
     finally:
         ray.shutdown()
