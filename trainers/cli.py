@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", default="runs/demo", help="where the demo writes its runs")
     p.add_argument("--checkpoint", default="checkpoints/tiny-moe", help="converted checkpoint to train")
-    p.add_argument("--steps", type=int, default=20, help="GRPO steps (default 20)")
-    _add_set_arg(p, "override a field of the GRPO config (configs/grpo_tiny.yaml)")
+    p.add_argument("--steps", type=int, default=15, help="GRPO steps (default 15)")
+    _add_set_arg(p, "override a field of the GRPO config (configs/grpo_demo.yaml)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

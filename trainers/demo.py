@@ -47,13 +47,14 @@ def heldout_solve_and_speed(
 
 
 def run_demo(run_dir: str, checkpoint: str, steps: int, overrides: list[str]) -> int:
-    cfg = load_config(TrainConfig, "grpo_tiny", [f"run_dir={run_dir}", f"checkpoint={checkpoint}", f"steps={steps}",
+    cfg = load_config(TrainConfig, "grpo_demo", [f"run_dir={run_dir}", f"checkpoint={checkpoint}", f"steps={steps}",
                                                  *overrides])  # fmt: skip
     tok = load_tokenizer(checkpoint)
-    before = heldout_solve_and_speed(checkpoint, tok, cfg.tasks, 60, 16, cfg.seed)
+    tasks = cfg.eval_tasks or list(dict.fromkeys(cfg.tasks))
+    before = heldout_solve_and_speed(checkpoint, tok, tasks, 100, 16, cfg.seed)
     history = train(cfg)
     ray.shutdown()
-    after = heldout_solve_and_speed(Path(cfg.run_dir) / "checkpoint", tok, cfg.tasks, 60, 16, cfg.seed)
+    after = heldout_solve_and_speed(Path(cfg.run_dir) / "checkpoint", tok, tasks, 100, 16, cfg.seed)
     tpf = [h["rollout/tokens_per_forward"] for h in history]
     print("\n== blockrl demo: GRPO on the shipped checkpoint, lossless rollouts on 2 Ray workers ==")
     for name, r in (("before", before), ("after", after)):
