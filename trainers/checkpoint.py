@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainers.config import ConfigError
+
 STATE_FILE = "trainer_state.pt"
 
 
@@ -48,6 +50,12 @@ def recover(dest: Path) -> None:
     old = dest.with_name(dest.name + ".old")
     if not dest.exists() and old.exists():
         os.replace(old, dest)
+
+
+def require_checkpoint(path: str | Path, field: str = "checkpoint") -> None:
+    """A config error naming `field` unless `path` is an HF checkpoint directory."""
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{field}: {path} is not a checkpoint directory (no config.json)")
 
 
 def save_checkpoint(dest: Path, policy, tokenizer, state: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from trainers.checkpoint import require_checkpoint
 from trainers.config import ConfigError, load_config
 
 
@@ -60,8 +61,7 @@ def cmd_demo(args) -> int:
     """GRPO on the shipped checkpoint with lossless rollouts on 2 Ray workers; before/after and speed summary."""
     from trainers.demo import run_demo
 
-    if not (Path(args.checkpoint) / "config.json").is_file():
-        raise ConfigError(f"checkpoint: {args.checkpoint} is not a checkpoint directory (no config.json)")
+    require_checkpoint(args.checkpoint)
     return run_demo(args.run_dir, args.checkpoint, args.steps, args.overrides)
 
 
@@ -69,8 +69,7 @@ def cmd_train(args) -> int:
     from trainers.run import TrainConfig, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    if not (Path(cfg.checkpoint) / "config.json").is_file():
-        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not a checkpoint directory (no config.json)")
+    require_checkpoint(cfg.checkpoint)
     history = train(cfg, resume=args.resume)
     if history:
         first, last = history[0], history[-1]
@@ -85,8 +84,7 @@ def cmd_bench(args) -> int:
     from rollout.bench_report import plot, print_table, write_json
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
-    if not (Path(cfg.checkpoint) / "config.json").is_file():
-        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not a checkpoint directory (no config.json)")
+    require_checkpoint(cfg.checkpoint)
     results = run_bench(cfg)
     run_dir = Path(cfg.run_dir)
     json_path = Path(args.json) if args.json else run_dir / "results.json"
@@ -102,8 +100,7 @@ def cmd_trl_bench(args) -> int:
     from trainers.trl_bench import TRLBenchConfig, format_summary, run_trl_bench, write_report
 
     cfg = load_config(TRLBenchConfig, args.config, args.overrides)
-    if not (Path(cfg.checkpoint) / "config.json").is_file():
-        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not a checkpoint directory (no config.json)")
+    require_checkpoint(cfg.checkpoint)
     result = run_trl_bench(cfg)
     json_path = Path(args.json) if args.json else Path(cfg.run_dir) / "results.json"
     write_report(result, json_path, Path(cfg.run_dir) / "trl_bench.png")

@@ -31,7 +31,7 @@ from policy.factory import ModelSpec, build_model, count_parameters, make_config
 from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.losses import ar_ce
 from policy.tokenizer import build_char_tokenizer
-from trainers.checkpoint import load_trainer_state, recover, save_checkpoint
+from trainers.checkpoint import load_trainer_state, recover, require_checkpoint, save_checkpoint
 from trainers.config import Section, dump_config
 from trainers.data import Batch, DataConfig, collate, heldout_samples, sample_batch, train_examples
 from trainers.evaluate import EvalConfig, diffusion_slot_accuracy, solve_rate
@@ -259,10 +259,7 @@ def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
         from trainers.config import ConfigError
 
         raise ConfigError("init: convert needs an AR checkpoint directory (--set init=PATH)")
-    if not (src / "config.json").is_file():
-        from trainers.config import ConfigError
-
-        raise ConfigError(f"init: {src} is not a checkpoint directory (no config.json)")
+    require_checkpoint(src, "init")
     dump_config(cfg, run_dir / "config.yaml")
     tokenizer = load_tokenizer(src) if (src / "tokenizer.json").is_file() else build_char_tokenizer()
     policy = HybridPolicy.from_pretrained(src)

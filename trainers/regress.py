@@ -43,6 +43,7 @@ from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.cost_model import AcceptanceStats
 from rollout.engine import BlockEngine
 from rollout.types import Trajectory
+from trainers.checkpoint import require_checkpoint
 from trainers.config import ConfigError, Section, dump_config
 from trainers.evaluate import wilson
 from trainers.regress_stats import (
@@ -365,8 +366,7 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
     if not update_baseline:  # fail fast, before minutes of decoding
         baseline = load_baseline(cfg.baseline)
         notes += check_suite(baseline, cfg, cfg.baseline)
-    if not (Path(cfg.checkpoint) / "config.json").is_file():
-        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not a checkpoint directory (no config.json)")
+    require_checkpoint(cfg.checkpoint)
     run_dir = Path(cfg.run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     torch.set_num_threads(cfg.threads)

@@ -34,23 +34,28 @@ def test_learner_logprobs_match_lossless_rollouts_in_fp32():
     assert torch.equal(batch.ar_logprobs[m], batch.behavior_logprobs[m])  # lossless: behaviour == AR
 
 
-def test_learner_step_moves_probability_towards_rewarded_samples():
-    """Reward = 1 for samples whose first token is the most common one: its log-prob must go up."""
-    policy = tiny_policy()
+def first_token_task(policy):
+    """Rollouts rewarded 1 when their first token is the most common one, and a probe of that token's mean
+    log-prob at the first completion position (which a working learner step must raise)."""
     trajs = rollouts(policy, G=8, seed=1)
     first = [t.tokens[0] for t in trajs]
     target = max(set(first), key=first.count)
-    rewards = [float(f == target) for f in first]
-    batch = RolloutBatch.from_trajectories(trajs, rewards, 8, pad_id=0)
-    learner = Learner(policy, LearnerConfig(lr=3e-3, lambda_diff=0.5, epochs=2))
+    batch = RolloutBatch.from_trajectories(trajs, [float(f == target) for f in first], 8, pad_id=0)
     pos = torch.tensor([len(t.prompt_ids) for t in trajs])
 
-    def target_logprob():
+    def target_logprob() -> float:
         with torch.no_grad():
             logits = policy(input_ids=batch.input_ids, attention_mask=batch.valid).logits
-        lp = torch.log_softmax(logits[torch.arange(len(trajs)), pos - 1], -1)[:, target]
-        return float(lp.mean())
+        return float(torch.log_softmax(logits[torch.arange(len(trajs)), pos - 1], -1)[:, target].mean())
 
+    return batch, target_logprob
+
+
+def test_learner_step_moves_probability_towards_rewarded_samples():
+    """Reward = 1 for samples whose first token is the most common one: its log-prob must go up."""
+    policy = tiny_policy()
+    batch, target_logprob = first_token_task(policy)
+    learner = Learner(policy, LearnerConfig(lr=3e-3, lambda_diff=0.5, epochs=2))
     before = target_logprob()
     metrics = learner.step(batch)
     assert target_logprob() > before

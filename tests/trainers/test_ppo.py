@@ -3,10 +3,10 @@ learner step fits the value head and moves the policy towards rewarded samples."
 
 import torch
 
-from trainers.learner import Learner, LearnerConfig, RolloutBatch
+from trainers.learner import Learner, LearnerConfig
 from trainers.ppo import gae
 
-from .test_learner import rollouts, tiny_policy
+from .test_learner import first_token_task, tiny_policy
 
 
 def gae_reference(rewards, values, gamma, lam):
@@ -46,19 +46,8 @@ def test_gae_with_unit_gamma_and_lambda_is_reward_to_go():
 
 def test_ppo_learner_fits_values_and_reinforces_rewarded_samples():
     policy = tiny_policy()
-    trajs = rollouts(policy, G=8, seed=1)
-    first = [t.tokens[0] for t in trajs]
-    target = max(set(first), key=first.count)
-    rewards = [float(f == target) for f in first]
-    batch = RolloutBatch.from_trajectories(trajs, rewards, 8, pad_id=0)
+    batch, target_logprob = first_token_task(policy)
     learner = Learner(policy, LearnerConfig(lr=3e-3, lambda_diff=0.5, algo="ppo"))
-    pos = torch.tensor([len(t.prompt_ids) for t in trajs])
-
-    def target_logprob():
-        with torch.no_grad():
-            logits = policy(input_ids=batch.input_ids, attention_mask=batch.valid).logits
-        return float(torch.log_softmax(logits[torch.arange(len(trajs)), pos - 1], -1)[:, target].mean())
-
     before = target_logprob()
     losses = [learner.step(batch)["train/value_loss"] for _ in range(6)]
     assert target_logprob() > before
