@@ -7,6 +7,7 @@ fails at start-up with the dotted field path, e.g. `optim.lr: Input should be a 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,20 @@ class Section(BaseModel):
 C = TypeVar("C", bound=BaseModel)
 
 
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def yaml_numbers(x: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; every ML user writes it that way, so read it as the float."""
+    if isinstance(x, str) and _SCI.match(x.strip()):
+        return float(x)
+    if isinstance(x, dict):
+        return {k: yaml_numbers(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [yaml_numbers(v) for v in x]
+    return x
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=c` -> (["a", "b"], yaml value of c)."""
     if "=" not in item:
@@ -40,7 +55,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_numbers(yaml.safe_load(raw)) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
     return path, value
@@ -86,7 +101,7 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()
         p = resolve_config_path(path)
         source = str(p)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml_numbers(yaml.safe_load(p.read_text()) or {})
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
         if not isinstance(data, dict):

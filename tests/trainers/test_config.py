@@ -17,6 +17,8 @@ def test_presets_load():
 def test_override_applies_with_yaml_types():
     cfg = load_config(PretrainConfig, "tiny_pretrain", ["optim.lr=0.01", "data.tasks=[chain_sum]", "seed=7"])
     assert cfg.optim.lr == 0.01 and cfg.data.tasks == ["chain_sum"] and cfg.seed == 7
+    # YAML 1.1 reads 1e-4 (no dot) as a string; configs read it as the number everyone means
+    assert load_config(PretrainConfig, "tiny_pretrain", ["optim.lr=3e-4"]).optim.lr == 3e-4
 
 
 @pytest.mark.parametrize(
