@@ -39,17 +39,20 @@ def test_worker_in_process_refuses_stale_versions(ckpt):
     assert idx == [0] and trajs[0].policy_version == 1
 
 
-class KillingPool(RolloutPool):
-    """Kills the worker that just received the 3rd shard (Ray restarts it)."""
+def fault_on_submit(pool: RolloutPool, at: int, fault) -> list[int]:
+    """Fault injection: right after `pool` submits its `at`-th shard, run `fault(worker)`. Returns the live count of
+    submitted shards (a resubmission makes it exceed the number of shards)."""
+    count, submit = [0], pool.submit_shard
 
-    submitted = 0
-
-    def submit_shard(self, worker, shard):
-        ref = super().submit_shard(worker, shard)
-        KillingPool.submitted += 1
-        if KillingPool.submitted == 3:
-            ray.kill(worker, no_restart=False)
+    def submit_with_fault(worker, shard):
+        ref = submit(worker, shard)
+        count[0] += 1
+        if count[0] == at:
+            fault(worker)
         return ref
+
+    pool.submit_shard = submit_with_fault
+    return count
 
 
 def test_pool_survives_a_killed_worker_without_loss_or_duplication(ckpt, local_ray):
@@ -59,11 +62,14 @@ def test_pool_survives_a_killed_worker_without_loss_or_duplication(ckpt, local_r
     clean = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
     pool.shutdown()
 
-    killing = KillingPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=0.5)
+    killing = RolloutPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=0.5)
+    submitted = fault_on_submit(
+        killing, 3, lambda worker: ray.kill(worker, no_restart=False)
+    )  # Ray restarts it
     killing.sync_weights(weights, version=1)
     got = killing.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
     killing.shutdown()
-    assert KillingPool.submitted > 4  # the killed shard was resubmitted
+    assert submitted[0] > 4  # the killed shard was resubmitted
     assert len(got) == len(clean) == 8
     assert [t.tokens for t in got] == [t.tokens for t in clean]  # same samples, each exactly once
     assert all(t.policy_version == 1 for t in got)
@@ -116,19 +122,9 @@ def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(ckpt, tmp_p
         pool.sync_weights(weights, version=1)
         clean = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
 
-        class NodeLosingPool(RolloutPool):
-            submitted = 0
-
-            def submit_shard(self, worker, shard):
-                ref = super().submit_shard(worker, shard)
-                NodeLosingPool.submitted += 1
-                if NodeLosingPool.submitted == 1:
-                    cluster.remove_node(node)
-                return ref
-
-        pool.__class__ = NodeLosingPool
+        submitted = fault_on_submit(pool, 1, lambda worker: cluster.remove_node(node))
         lossy = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
-        assert NodeLosingPool.submitted > len(PROMPTS)  # at least one shard was re-sent
+        assert submitted[0] > len(PROMPTS)  # at least one shard was re-sent
         assert len(set(pool.worker_nodes())) == 1  # the lost node's worker restarted on the surviving node
         assert [t.tokens for t in lossy] == [t.tokens for t in clean]
         pool.shutdown()
