@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from trainers.config import Section
+from common.config import Section
 
 
 class EngineSettings(Section):

@@ -11,8 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from trainers.checkpoint import require_checkpoint
-from trainers.config import ConfigError, load_config
+from common.checkpoint import require_checkpoint
+from common.config import ConfigError, load_config
+from common.paths import SHIPPED_CHECKPOINT
 
 
 def _quiet_env() -> None:
@@ -40,7 +41,7 @@ def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from trainers.lm_train import PretrainConfig, pretrain
+    from trainers.lm.train import PretrainConfig, pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     result = pretrain(cfg, resume=args.resume)
@@ -49,7 +50,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from trainers.lm_train import ConvertConfig, convert
+    from trainers.lm.train import ConvertConfig, convert
 
     cfg = load_config(ConvertConfig, args.config, args.overrides)
     result = convert(cfg, resume=args.resume)
@@ -59,14 +60,14 @@ def cmd_convert(args) -> int:
 
 def cmd_demo(args) -> int:
     """GRPO on the shipped checkpoint with lossless rollouts on 2 Ray workers; before/after and speed summary."""
-    from trainers.demo import run_demo
+    from trainers.rl.demo import run_demo
 
     require_checkpoint(args.checkpoint)
     return run_demo(args.run_dir, args.checkpoint, args.steps, args.overrides)
 
 
 def cmd_train(args) -> int:
-    from trainers.run import TrainConfig, train
+    from trainers.rl.run import TrainConfig, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     require_checkpoint(cfg.checkpoint)
@@ -80,8 +81,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from rollout.bench import BenchConfig, run_bench
-    from rollout.bench_report import plot, print_table, write_json
+    from rollout.bench.report import plot, print_table, write_json
+    from rollout.bench.run import BenchConfig, run_bench
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
     require_checkpoint(cfg.checkpoint)
@@ -97,7 +98,7 @@ def cmd_bench(args) -> int:
 
 def cmd_trl_bench(args) -> int:
     """TRL GRPOTrainer step time: its default HF generate vs blockrl's rollout_func, alternated in one run."""
-    from trainers.trl_bench import TRLBenchConfig, format_summary, run_trl_bench, write_report
+    from trainers.trl.bench import TRLBenchConfig, format_summary, run_trl_bench, write_report
 
     cfg = load_config(TRLBenchConfig, args.config, args.overrides)
     require_checkpoint(cfg.checkpoint)
@@ -111,7 +112,7 @@ def cmd_trl_bench(args) -> int:
 
 def cmd_rollout(args) -> int:
     """N trajectories on Ray workers -> sharded Parquet in out_dir; a re-run resumes (skips finished shards)."""
-    from rollout.job import RolloutJobConfig, run_job
+    from rollout.batch.job import RolloutJobConfig, run_job
 
     s = run_job(load_config(RolloutJobConfig, args.config, args.overrides))
     reward = "n/a" if s.reward_mean is None else f"{s.reward_mean:.3f}"
@@ -123,8 +124,8 @@ def cmd_rollout(args) -> int:
 
 def cmd_regress(args) -> int:
     """Nightly reward regression: seeded suite per sampler vs a stored baseline; exit 1 naming failing metrics."""
-    from trainers.regress import RegressConfig, run_regress
-    from trainers.regress_report import format_console
+    from trainers.regress.job import RegressConfig, run_regress
+    from trainers.regress.report import format_console
 
     out = run_regress(load_config(RegressConfig, args.config, args.overrides), args.update_baseline)
     print(format_console(out))
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="GRPO on the shipped checkpoint: lossless rollouts on 2 Ray workers, before/after summary",
     )
     p.add_argument("--run-dir", default="runs/demo", help="where the demo writes its runs")
-    p.add_argument("--checkpoint", default="checkpoints/tiny-moe", help="converted checkpoint to train")
+    p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="converted checkpoint to train")
     p.add_argument("--steps", type=int, default=15, help="GRPO steps (default 15)")
     _add_set_arg(p, "override a field of the GRPO config (configs/grpo_demo.yaml)")
     p.set_defaults(func=cmd_demo)

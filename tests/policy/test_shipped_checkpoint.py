@@ -1,13 +1,13 @@
 """The shipped checkpoint loads as a hybrid and as a plain HF causal LM, and HF generate runs on it."""
 
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from common.paths import SHIPPED_CHECKPOINT
 from policy import HybridPolicy, load_tokenizer
 
-CKPT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-moe"
+CKPT = SHIPPED_CHECKPOINT
 
 
 def test_loads_as_hybrid_with_metadata():

@@ -10,7 +10,7 @@ from policy import HybridPolicy
 from policy.factory import build_model, tiny_moe_config
 from rollout import BlockEngine
 from rollout.multiturn import run_episodes
-from trainers.learner import RolloutBatch, token_logprobs
+from trainers.rl.learner import RolloutBatch, token_logprobs
 
 REPLY = "=ok\n"
 

@@ -1,0 +1,72 @@
+"""Atomic checkpoints: an HF model directory plus trainer state, swapped in with renames so a crash never leaves a
+half-written checkpoint behind.
+
+Layout of `<run_dir>/checkpoint/`: the HF files (safetensors, config with blockrl metadata, tokenizer) and
+`trainer_state.pt` (optimizer, step, RNG states, anything else the trainer adds).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import ConfigError
+
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def atomic_dir_write(dest: Path, write) -> None:
+    """Call `write(tmp_dir)`, then replace `dest` by it: rename old away, rename new in, delete old."""
+    dest = Path(dest)
+    tmp, old = dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(dest: Path) -> None:
+    """After a crash between the two renames only `<dest>.old` exists: bring it back."""
+    old = dest.with_name(dest.name + ".old")
+    if not dest.exists() and old.exists():
+        os.replace(old, dest)
+
+
+def require_checkpoint(path: str | Path, field: str = "checkpoint") -> None:
+    """A config error naming `field` unless `path` is an HF checkpoint directory."""
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{field}: {path} is not a checkpoint directory (no config.json)")
+
+
+def save_checkpoint(dest: Path, policy, tokenizer, state: dict[str, Any]) -> None:
+    def write(tmp: Path) -> None:
+        policy.save_pretrained(tmp, tokenizer)
+        torch.save({**state, "rng": rng_state()}, tmp / STATE_FILE)
+
+    atomic_dir_write(dest, write)
+
+
+def load_trainer_state(dest: Path) -> dict[str, Any]:
+    state = torch.load(Path(dest) / STATE_FILE, weights_only=False)
+    set_rng_state(state.pop("rng"))
+    return state

@@ -1,0 +1,125 @@
+"""Typed, validated run configs: YAML presets in `configs/` plus `--set a.b=c` overrides.
+
+Each config class sits beside the code that reads it; this module only composes and loads them. Every class
+forbids unknown keys and is strict about types (an int is accepted where a float is expected), so any mistake
+fails at start-up with the dotted field path, e.g. `optim.lr: Input should be a valid number (got 'fast')`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+from common.paths import CONFIG_DIR, resolve_shipped
+
+
+class ConfigError(ValueError):
+    """Bad user configuration; the CLI prints it and exits with code 2."""
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, strict, no unknown keys."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, validate_default=True, use_attribute_docstrings=True
+    )
+
+
+C = TypeVar("C", bound=BaseModel)
+
+# A path field whose relative default (the shipped checkpoint, the regress baseline) works from any directory.
+ShippedPath = Annotated[str, AfterValidator(resolve_shipped)]
+
+
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def yaml_numbers(x: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; every ML user writes it that way, so read it as the float."""
+    if isinstance(x, str) and _SCI.match(x.strip()):
+        return float(x)
+    if isinstance(x, dict):
+        return {k: yaml_numbers(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [yaml_numbers(v) for v in x]
+    return x
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], yaml value of c)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.001")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml_numbers(yaml.safe_load(raw)) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
+    return path, value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A file path, or the name of a preset in configs/ (with or without .yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.is_file():
+            return cand
+    presets = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {str(name)!r} not found (presets: {', '.join(presets)})")
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:
+    """Load YAML (optional), apply overrides, validate into `cls`. Raises ConfigError naming the field."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = resolve_config_path(path)
+        source = str(p)
+        try:
+            data = yaml_numbers(yaml.safe_load(p.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, *parse_override(item))
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: BaseModel, path: Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,359 @@
+"""What `blockrl rollout` (rollout/batch/job.py) reads and writes: prompt sources, Parquet shards and the resume manifest.
+
+Prompt sources, one `PromptRecord` per distinct prompt:
+- built-in tasks (`envs/tasks.py`, reasoning-gym's first samples at the job seed);
+- a registered gymnasium text env (`blockrl/chain_sum-v0`, multi-turn `blockrl/calc-chain_sum-v0`): prompt j is
+  `env.reset(seed=env_seed(seed, j))`, a hash of (job seed, j);
+- a prompts file, validated record by record (errors name the file and the 1-based line / record / row):
+  `.jsonl` (one JSON object a line), `.json` (one JSON array of objects) or `.parquet` (one row each), fields
+
+    prompt    string, required   the text the completion continues (BOS is prepended)
+    task      string, optional   a label; a built-in task (envs/tasks.py) is scored by its reasoning-gym verifier
+    answer    string or number   the gold answer; required when `task` is built-in
+    metadata  object or JSON     the reasoning-gym entry metadata some verifiers read (e.g. countdown's numbers)
+
+Shards are written to a dot-prefixed temp file, fsynced and renamed, so a `part-NNNNN.parquet` that exists is
+complete. `_manifest.json` pins a hash of what determines the rows, keyed on content, not paths: the config fields
+that change rows, a hash of the loaded prompts and a fingerprint of the checkpoint files (small files hashed whole;
+`.safetensors` by size + header + a strided sample of the tensor bytes, so a 10 GB checkpoint costs ~1 MiB of reads).
+Moving the checkpoint or the prompts file therefore does not break a resume; changing their content does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gymnasium as gym
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import envs  # noqa: F401 (registers the blockrl/... env ids)
+from common.config import ConfigError
+from envs.tasks import TASKS, TaskSample, iter_samples, score
+from rollout.types import Trajectory
+
+if TYPE_CHECKING:
+    from rollout.batch.job import RolloutJobConfig
+
+log = logging.getLogger(__name__)
+
+# Config fields that change how fast the rows are produced, not what they contain: free to change on resume.
+OPERATIONAL = ("out_dir", "workers", "cpus_per_worker", "threads", "address")
+# Config fields that say where the inputs are: the manifest pins their content instead.
+LOCATIONS = ("checkpoint", "prompts_file")
+
+ROW_SCHEMA = pa.schema([
+    ("sample_index", pa.int64()), ("group_index", pa.int64()), ("task", pa.string()), ("prompt", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())), ("tokens", pa.list_(pa.int32())), ("text", pa.string()),
+    ("behavior_logprobs", pa.list_(pa.float32())), ("ar_logprobs", pa.list_(pa.float32())),
+    ("reward", pa.float64()), ("accept_counts", pa.list_(pa.int16())), ("draft_counts", pa.list_(pa.int16())),
+    ("num_forwards", pa.int32()), ("tokens_per_forward", pa.float32()), ("finish_reason", pa.string()),
+    ("policy_version", pa.int64()), ("sampler", pa.string()),
+    ("env_seed", pa.int64()), ("env_mask", pa.list_(pa.int8())), ("turn_ends", pa.list_(pa.int32())),
+    ("turn_rewards", pa.list_(pa.float64())),
+])  # fmt: skip
+
+
+class PromptFileError(ConfigError):
+    """A malformed prompts file: the message names the file and the 1-based line/record/row."""
+
+
+class ManifestMismatchError(ConfigError):
+    """out_dir holds shards written with another config."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: str
+    task: str | None = None  # a label; an env prompt carries the env id
+    entry: dict | None = None  # what the task verifier reads ({"answer", "metadata"}); None = not scored
+    env_seed: int | None = None  # env prompts: the env.reset seed; the env scores the episode
+
+    def reward(self, text: str) -> float | None:
+        if self.task not in TASKS or self.entry is None:
+            return None
+        return score(TaskSample(self.task, self.prompt, "", self.entry), text)
+
+
+# ---------------------------------------------------------------------------------------------- prompt sources
+
+
+def task_prompts(tasks: list[str], n: int, seed: int) -> list[PromptRecord]:
+    """n prompts cycling over `tasks`; each task's prompts are reasoning-gym's first samples at `seed`."""
+    names = [tasks[j % len(tasks)] for j in range(n)]
+    draws = {t: iter(iter_samples(t, names.count(t), seed)) for t in dict.fromkeys(names)}
+    out = []
+    for t in names:
+        s = next(draws[t])
+        out.append(PromptRecord(s.prompt, t, s.entry))
+    return out
+
+
+def env_seed(seed: int, j: int) -> int:
+    """The env.reset seed of prompt j: 32 bits of sha256(job seed, j), so prompts are independent, reproducible."""
+    return int.from_bytes(hashlib.sha256(f"blockrl-rollout:{seed}:{j}".encode()).digest()[:4], "little")
+
+
+def env_prompts(env_id: str, n: int, seed: int) -> list[PromptRecord]:
+    """n prompts of a registered text env: prompt j is the observation of env.reset(seed=env_seed(seed, j)); the
+    workers reset their own env instances with the same seeds (rollout/multiturn.py)."""
+    env = gym.make(env_id).unwrapped
+    out = []
+    for j in range(n):
+        s = env_seed(seed, j)
+        prompt, _ = env.reset(seed=s)
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError(
+                f"env: {env_id} is not a text env (reset returned {type(prompt).__name__} {prompt!r:.40})"
+            )
+        out.append(PromptRecord(prompt, env_id, None, s))
+    env.close()
+    return out
+
+
+def _record(row, where: str) -> PromptRecord:
+    """Validate one input record against the schema above; `where` is "<file>: line N" / "record N" / "row N"."""
+    if not isinstance(row, dict):
+        raise PromptFileError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
+    if row.get("prompt") is None:
+        raise PromptFileError(f"{where}: missing required field 'prompt'")
+    prompt, task, answer, meta = row["prompt"], row.get("task"), row.get("answer"), row.get("metadata")
+    if not isinstance(prompt, str) or not prompt:
+        raise PromptFileError(f"{where}: field 'prompt' must be a non-empty string, got {prompt!r:.60}")
+    if task is not None and not isinstance(task, str):
+        raise PromptFileError(f"{where}: field 'task' must be a string, got {type(task).__name__}")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, str | int | float)):
+        raise PromptFileError(
+            f"{where}: field 'answer' must be a string or number, got {type(answer).__name__}"
+        )
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            raise PromptFileError(f"{where}: field 'metadata' is a string but not JSON") from None
+    if meta is not None and not isinstance(meta, dict):
+        raise PromptFileError(f"{where}: field 'metadata' must be an object, got {type(meta).__name__}")
+    if task in TASKS and answer is None:
+        raise PromptFileError(
+            f"{where}: built-in task {task!r} is scored by its verifier, which needs 'answer'"
+        )
+    entry = None if answer is None else {"answer": str(answer), "metadata": meta or {}}
+    return PromptRecord(prompt, task, entry)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[object, str]]:
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{path}: line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptFileError(f"{where}: not UTF-8 ({e})") from None
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line), where
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[object, str]]:
+    """A .json file holds one JSON array of records; where = "record N" (1-based position in the array)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        hint = "; for one JSON object a line, name the file .jsonl" if e.msg == "Extra data" else ""
+        raise PromptFileError(
+            f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}"
+        ) from None
+    if not isinstance(data, list):
+        raise PromptFileError(f"{path}: a .json prompts file must hold a JSON array of records, got a "
+                              f"{type(data).__name__} (for one JSON object a line, name the file .jsonl)")  # fmt: skip
+    for n, row in enumerate(data, start=1):
+        yield row, f"{path}: record {n}"
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[object, str]]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise PromptFileError(f"{path}: not a readable Parquet file ({e})") from None
+    if "prompt" not in table.column_names:
+        raise PromptFileError(f"{path}: no 'prompt' column (columns: {table.column_names})")
+    for n, row in enumerate(table.to_pylist(), start=1):
+        yield row, f"{path}: row {n}"
+
+
+READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
+
+
+def read_prompts_file(path: str | Path, limit: int | None = None) -> list[PromptRecord]:
+    """Records of a .jsonl / .json / .parquet prompts file (the first `limit`); errors name the file and the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompts_file: {path} not found")
+    if path.suffix not in READERS:
+        raise PromptFileError(f"prompts_file: {path}: expected a .jsonl, .json or .parquet file")
+    out = []
+    for row, where in READERS[path.suffix](path):
+        if limit is not None and len(out) == limit:
+            break
+        out.append(_record(row, where))
+    if not out:
+        raise PromptFileError(f"prompts_file: {path} is empty (no prompt records)")
+    if limit is not None and len(out) < limit:
+        raise PromptFileError(f"prompts_file: {path} holds {len(out)} prompts, num_prompts asks for {limit}")
+    return out
+
+
+def load_prompts(cfg: RolloutJobConfig) -> list[PromptRecord]:
+    if cfg.prompts_file is not None:
+        return read_prompts_file(cfg.prompts_file, cfg.num_prompts)
+    if cfg.env is not None:
+        return env_prompts(cfg.env, cfg.num_prompts, cfg.seed)
+    return task_prompts(cfg.tasks, cfg.num_prompts, cfg.seed)
+
+
+# ---------------------------------------------------------------------------------------------- the manifest
+
+FULL_HASH_BYTES = 16 << 20  # files up to this size are hashed whole
+SAMPLES, CHUNK = 256, 4096  # larger ones: this many evenly spaced chunks of their data
+
+
+def fingerprint_file(path: Path) -> str:
+    """sha256 of a file's size and content: whole for small files; for `.safetensors` its JSON header (names, dtypes,
+    shapes, offsets) plus a strided sample of the tensor bytes; for other large files a strided sample."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        start = 0
+        if path.suffix == ".safetensors" and size >= 8:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n <= size:  # else not a valid safetensors file: sample it like any other
+                h.update(f.read(n))
+                start = 8 + n
+        span = size - start
+        if span <= (SAMPLES * CHUNK if start else FULL_HASH_BYTES):  # small: hash it all
+            f.seek(start)
+            h.update(f.read())
+        else:
+            for k in range(SAMPLES):
+                f.seek(start + (span - CHUNK) * k // (SAMPLES - 1))
+                h.update(f.read(CHUNK))
+    return h.hexdigest()[:16]
+
+
+CHECKPOINT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".json",
+    ".model",
+    ".tiktoken",
+    ".txt",
+)  # weights, config, tokenizer
+
+
+def checkpoint_fingerprint(checkpoint: str | Path) -> dict[str, str]:
+    """{file name: fingerprint} of the files of a checkpoint directory that can change the rows."""
+    files = sorted(p for p in Path(checkpoint).iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    return {p.name: fingerprint_file(p) for p in files}
+
+
+def prompts_fingerprint(records: list[PromptRecord]) -> str:
+    """sha256 of the prompts as loaded (text, label, answer and metadata, env seed), whatever their source."""
+    data = [[r.prompt, r.task, r.entry, r.env_seed] for r in records]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def content_spec(cfg: RolloutJobConfig, records: list[PromptRecord]) -> dict:
+    """Everything that determines the rows: the config minus operational and location fields, plus content
+    fingerprints of the prompts and the checkpoint."""
+    spec = cfg.model_dump(mode="json", exclude={*OPERATIONAL, *LOCATIONS})
+    if cfg.prompts_file is not None or cfg.env is not None:
+        spec.pop("tasks")  # not read
+    spec["checkpoint_files"] = checkpoint_fingerprint(cfg.checkpoint)
+    spec["prompts_sha256"] = prompts_fingerprint(records)
+    return spec
+
+
+def check_manifest(out_dir: Path, spec: dict, num_samples: int) -> None:
+    """Create `_manifest.json`, or check that the one there was written for the same content spec."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    path = out_dir / "_manifest.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old["config_hash"] != digest:
+            diff = sorted(k for k in spec.keys() | old["spec"].keys() if spec.get(k) != old["spec"].get(k))
+            details = "; ".join(f"{k}: {old['spec'].get(k)!r} -> {spec.get(k)!r}" for k in diff)
+            raise ManifestMismatchError(
+                f"{out_dir} holds a rollout made with another config ({details}); use another out_dir, or delete "
+                f"{out_dir} to start over"
+            )
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "._manifest.json.tmp"
+    tmp.write_text(json.dumps({"config_hash": digest, "num_samples": num_samples, "spec": spec}, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- shards on disk
+
+
+def shard_path(out_dir: Path, shard_id: int) -> Path:
+    return out_dir / f"part-{shard_id:05d}.parquet"
+
+
+def write_shard(out_dir: Path, shard_id: int, rows: list[dict]) -> Path:
+    """Atomic: write a dot-prefixed temp file, fsync, rename into place."""
+    final = shard_path(out_dir, shard_id)
+    tmp = out_dir / f".{final.name}.tmp"
+    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), tmp)
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def is_complete(out_dir: Path, shard_id: int, rows: int) -> bool:
+    path = shard_path(out_dir, shard_id)
+    if not path.exists():
+        return False
+    try:
+        return pq.read_metadata(path).num_rows == rows
+    except (pa.ArrowException, OSError):
+        log.warning("rollout: %s is unreadable; regenerating it", path)
+        return False
+
+
+def model_tokens(t: Trajectory) -> int:
+    """Tokens the model generated (env observation tokens of a multi-turn episode excluded)."""
+    return len(t.tokens) if t.env_mask is None else sum(t.env_mask)
+
+
+def trajectory_rows(trajs: list[Trajectory], indices: list[int], records: list[PromptRecord], group_size: int,
+                    tok, samplers: list[str]) -> list[dict]:  # fmt: skip
+    """One ROW_SCHEMA row per sample; an env episode's reward is the sum of its turn rewards."""
+    rows = []
+    for i, t, sampler in zip(indices, trajs, samplers, strict=True):
+        rec = records[i // group_size]
+        text = tok.decode(t.tokens, skip_special_tokens=True)
+        reward = rec.reward(text) if rec.env_seed is None else float(sum(t.turn_rewards))
+        rows.append({"sample_index": i, "group_index": i // group_size, "task": rec.task, "prompt": rec.prompt,
+                     "prompt_ids": t.prompt_ids, "tokens": t.tokens, "text": text,
+                     "behavior_logprobs": t.behavior_logprobs, "ar_logprobs": t.ar_logprobs, "reward": reward,
+                     "accept_counts": t.accept_counts, "draft_counts": t.draft_counts,
+                     "num_forwards": t.num_forwards, "tokens_per_forward": model_tokens(t) / max(1, t.num_forwards),
+                     "finish_reason": t.finish_reason, "policy_version": t.policy_version, "sampler": sampler,
+                     "env_seed": rec.env_seed, "env_mask": t.env_mask, "turn_ends": t.turn_ends,
+                     "turn_rewards": t.turn_rewards})  # fmt: skip
+    return rows

@@ -1,0 +1,366 @@
+"""`blockrl rollout`: N trajectories on Ray rollout workers with any sampler, written as sharded Parquet, resumable.
+
+Prompts come from the built-in tasks, a registered gymnasium text env (single- or multi-turn) or a JSONL / JSON /
+Parquet file (sources, file schema and the manifest: rollout/batch/io.py). Every prompt is repeated `group_size` times
+(groups contiguous); sample i belongs to group i // group_size and draws its randomness from (seed, i), whichever
+worker and shard run it. An env episode's randomness is fixed by its shard (rollout/multiturn.py), and shards are
+fixed by `shard_size`, so env rows are reproducible too.
+
+Decisions:
+- The unit of work and of resume is a shard of `shard_size` consecutive samples, one Parquet file each, written to a
+  dot-prefixed temp file and renamed into place: a file that exists is complete, and a crash loses at most the shards
+  in flight. A re-run skips the shards already on disk.
+- `_manifest.json` pins a hash of everything that changes the rows (config minus operational and path fields, plus
+  content fingerprints of the prompts and the checkpoint); a re-run with a different one errors and lists the fields
+  that differ, rather than mixing two datasets in one directory. Moving the checkpoint or prompts file is fine.
+- Resume is bit-identical for `ar`, `lossless` and `logit_mix`: a row depends only on (config, inputs, sample index).
+  `auto` picks the sampler per engine call from timing calibration and the worker's acceptance history, so a resumed
+  (or re-sharded, or differently-scheduled) auto job can pick differently and write other tokens. Every auto row is
+  still an exact AR sample (auto only chooses among exact samplers), so the dataset has the same distribution; the
+  `sampler` column records the concrete option each row used ("auto" where a shard mixed them unobservably: env
+  episodes, one engine call per turn).
+- Book-keeping files start with `_` or `.` so `pyarrow.parquet.read_table(out_dir)` reads exactly the shards.
+- Generation is pluggable: `RayBackend` (the CLI path; one shard per worker in flight, restart-and-resubmit on a dead
+  worker) or `LocalBackend` (an in-process `RolloutWorker`, for tests and debugging).
+
+    blockrl rollout                                   # configs/rollout.yaml: shipped checkpoint, task mix
+    blockrl rollout --set prompts_file=prompts.jsonl --set num_prompts=null --set sampler=logit_mix
+    blockrl rollout --set env=blockrl/calc-chain_sum-v0 --set out_dir=runs/calc
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import gymnasium as gym
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, ValidationInfo, field_validator
+from tqdm import tqdm
+
+from common.config import ConfigError, ShippedPath, dump_config
+from envs.tasks import TaskName
+from policy.hybrid import load_tokenizer
+from policy.masks import decode_step_layout
+from rollout.batch import io as job_io  # the job's inputs (prompts) and outputs (shards, manifest)
+from rollout.cost_model import Option
+from rollout.settings import EngineSettings, WorkerSettings
+from rollout.types import Trajectory
+from rollout.worker import RolloutWorker, Shard, state_dict_numpy
+
+log = logging.getLogger(__name__)
+
+
+class RolloutJobConfig(EngineSettings, WorkerSettings):
+    """`blockrl rollout`: N = num_prompts * group_size trajectories on Ray workers, written as sharded Parquet."""
+
+    out_dir: str = "runs/rollout"
+    """output: part-NNNNN.parquet shards, _manifest.json, _config.yaml, _summary.json (Ray logs in _run/)."""
+    checkpoint: ShippedPath = "checkpoints/tiny-moe"
+    """converted policy (HF directory) the workers load."""
+    tasks: list[TaskName] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
+    """built-in task mix cycled over the prompts (repeat a task to weight it); ignored with env or prompts_file."""
+    prompts_file: str | None = None
+    """JSONL, JSON (array) or Parquet prompts (schema in rollout/batch/io.py and the README); overrides `tasks`."""
+    env: str | None = None
+    """registered gym text env (e.g. blockrl/chain_sum-v0, multi-turn blockrl/calc-chain_sum-v0); overrides tasks."""
+    num_prompts: int | None = Field(None, ge=1)
+    """distinct prompts; required with tasks/env; with prompts_file, None = every row, else the first num_prompts."""
+    group_size: int = Field(1, ge=1)
+    """samples per prompt (contiguous; group_index = sample_index // group_size)."""
+    seed: int = 0
+    """task-prompt draw, env.reset and sampling seed; sample i is seeded by (seed, i)."""
+    shard_size: int = Field(64, ge=1)
+    """samples per Parquet shard: the unit of work and of resume."""
+    max_new_tokens: int = Field(160, ge=1)
+    """completion budget (an env episode's budget over all its turns, env tokens included)."""
+    temperature: float = Field(1.0, ge=0.0)
+    """sampling temperature (0 = greedy)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """nucleus sampling mass."""
+    top_k: int = Field(0, ge=0)
+    """top-k filter (0 = off)."""
+    stop_strings: list[str] = Field(default_factory=list)
+    """extra stop strings (EOS always stops)."""
+    policy_version: int = Field(0, ge=0)
+    """stamped on every row (e.g. the RL step the checkpoint came from)."""
+
+    @field_validator("env")
+    @classmethod
+    def _known_env(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if info.data.get("prompts_file") is not None:
+            raise ValueError("set either env or prompts_file, not both")
+        if v not in gym.registry:  # rollout.batch.io imported `envs`, which registers the blockrl ids
+            ours = sorted(k for k in gym.registry if k.startswith("blockrl/"))
+            raise ValueError(f"{v!r} is not a registered gym env id; blockrl envs: {ours}")
+        return v
+
+    @field_validator("num_prompts")
+    @classmethod
+    def _needed_with_tasks(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if info.data.get("prompts_file") is None:
+            source = "env" if info.data.get("env") is not None else "tasks"
+            if v is None:
+                raise ValueError(f"required when prompts come from `{source}` (or set prompts_file)")
+            if source == "tasks" and info.data.get("tasks") == []:
+                raise ValueError("prompts from `tasks` need at least one task (or set env / prompts_file)")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+@dataclass
+class ShardResult:
+    shard: Shard
+    trajectories: list[Trajectory]
+    samplers: list[
+        str
+    ]  # per sample: the concrete sampler option it was generated with ("auto" = not observable)
+
+
+def sampler_name(engine_kwargs: dict) -> str:
+    """The configured sampler as `auto` names its options: "ar", "lossless[0, 4, 8]", ...; "auto" stays "auto"."""
+    s = engine_kwargs["sampler"]
+    return s if s == "auto" else Option(s, tuple(engine_kwargs["levels"])).name
+
+
+def auto_state(worker: RolloutWorker) -> tuple[int, str | None, str | None]:
+    """(acceptance steps seen, pilot option, last chosen option) of a worker's `auto` engine; runs in the worker."""
+    auto = getattr(worker.engine, "_auto", None)
+    if auto is None:  # not auto, or no engine built yet (it is built on the first shard)
+        return 0, None, None
+    last = auto.last_choice.name if auto.last_choice is not None else None
+    return auto.cost.acceptance.steps, auto.pilot.name, last
+
+
+def shard_samplers(configured: str, shard: Shard, before: tuple, after: tuple, max_batch: int) -> list[str]:
+    """Per sample of `shard`, the sampler it was generated with, from the worker's auto state around the shard."""
+    n = len(shard.indices)
+    if configured != "auto":
+        return [configured] * n
+    _, pilot, last = after
+    if shard.env_id is not None or last is None:
+        return ["auto"] * n  # one engine call per turn, each may choose: not observable per row
+    if before[0] == 0:  # no acceptance data before this shard: its first batch ran as auto's lossless pilot
+        b = min(max_batch, n)
+        return [pilot] * b + [last] * (n - b)
+    return [last] * n
+
+
+class LocalBackend:
+    """Shards run one after another on an in-process `RolloutWorker` (tests, debugging); torch threads untouched."""
+
+    def __init__(self, checkpoint: str, engine_kwargs: dict, policy_version: int = 0):
+        import torch
+
+        self.worker = RolloutWorker(checkpoint, engine_kwargs, threads=torch.get_num_threads())
+        self.sampler, self.max_batch = sampler_name(engine_kwargs), engine_kwargs["max_batch"]
+        if policy_version:
+            self.worker.set_weights(policy_version, state_dict_numpy(self.worker.policy))
+
+    def run(self, shards: Iterable[Shard]) -> Iterator[ShardResult]:
+        for shard in shards:
+            before = auto_state(self.worker)
+            trajs = self.worker.generate(shard)[2]
+            samplers = shard_samplers(self.sampler, shard, before, auto_state(self.worker), self.max_batch)
+            yield ShardResult(shard, trajs, samplers)
+
+    def close(self) -> None:
+        pass
+
+
+class RayBackend:
+    """One shard per `RolloutPool` worker in flight; shards are yielded as they finish. A dead worker is restarted
+    (with the current weights) and its shard resubmitted."""
+
+    def __init__(self, checkpoint: str, engine_kwargs: dict, policy_version: int, workers: int,
+                 cpus_per_worker: float, threads: int):  # fmt: skip
+        import ray
+
+        from rollout.pool import RolloutPool
+
+        self.pool = RolloutPool(checkpoint, workers, engine_kwargs, cpus_per_worker, threads=threads)
+        self.sampler, self.max_batch = sampler_name(engine_kwargs), engine_kwargs["max_batch"]
+        log.info("rollout: starting %d Ray workers (each loads %s)", workers, checkpoint)
+        ray.get([w.ping.remote() for w in self.pool.workers])  # so that tokens/s measures generation only
+        if policy_version:
+            from policy.hybrid import HybridPolicy
+
+            self.pool.sync_weights(state_dict_numpy(HybridPolicy.from_pretrained(checkpoint)), policy_version)
+
+    def _submit(self, w: int, shard: Shard) -> tuple:
+        """The shard's ref, between two probes of the worker's auto state (an actor runs its calls in order)."""
+        worker = self.pool.workers[w]
+        if self.sampler != "auto":
+            return self.pool.submit_shard(worker, shard), None, None
+        before = worker.__ray_call__.remote(auto_state)
+        ref = self.pool.submit_shard(worker, shard)
+        return ref, before, worker.__ray_call__.remote(auto_state)
+
+    def run(self, shards: Iterable[Shard]) -> Iterator[ShardResult]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        queue, pending, idle = deque(shards), {}, list(range(len(self.pool.workers)))
+        t0 = time.time()
+        while queue or pending:
+            while queue and idle:
+                w, shard = idle.pop(), queue.popleft()
+                ref, before, after = self._submit(w, shard)
+                pending[ref] = (w, shard, before, after)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=60)
+            if not done:
+                log.info("rollout: waiting on %d shards (%.0fs)", len(pending), time.time() - t0)
+                continue
+            w, shard, before, after = pending.pop(done[0])
+            try:
+                trajs = ray.get(done[0])[2]
+                states = ray.get([before, after]) if before is not None else [(0, None, None)] * 2
+            except RayActorError:
+                log.warning(
+                    "rollout worker %d died on shard %d: restarting it and resubmitting", w, shard.shard_id
+                )
+                self.pool._reload(w)  # NOTE: the pool's own restart path (same as RolloutPool.collect)
+                queue.appendleft(shard)
+                idle.append(w)
+                continue
+            idle.append(w)
+            yield ShardResult(shard, trajs, shard_samplers(self.sampler, shard, *states, self.max_batch))
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class JobSummary:
+    out_dir: str
+    num_samples: int
+    num_shards: int
+    generated_shards: int  # this run; the rest were already on disk
+    tokens: int  # model tokens generated this run (env observation tokens excluded)
+    seconds: float
+    tokens_per_forward: float  # model tokens per forward over the whole dataset
+    reward_mean: float | None  # over scored rows of the whole dataset
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def check_checkpoint(cfg: RolloutJobConfig) -> None:
+    """Fail before any work (and before Ray starts) on a checkpoint or level set the engine would refuse."""
+    path = Path(cfg.checkpoint) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not a checkpoint directory (no config.json)")
+    block_size = json.loads(path.read_text()).get("blockrl", {}).get("block_size")
+    if cfg.sampler != "ar" and block_size is None:
+        raise ConfigError(
+            f"sampler: {cfg.sampler!r} needs a converted checkpoint ({cfg.checkpoint} is not); use ar"
+        )
+    if cfg.sampler in ("lossless", "logit_mix"):
+        try:
+            decode_step_layout(block_size, cfg.levels)
+        except ValueError as e:
+            raise ConfigError(f"levels: {e}") from None
+
+
+def make_backend(cfg: RolloutJobConfig, kind: Literal["ray", "local"] = "ray") -> RayBackend | LocalBackend:
+    """Ray workers (local Ray with its temp dir in <out_dir>/_run, or cfg.address), or one in-process worker."""
+    if kind == "local":
+        return LocalBackend(cfg.checkpoint, cfg.engine_kwargs(), cfg.policy_version)
+    from rollout.pool import init_ray
+
+    init_ray(Path(cfg.out_dir) / "_run", cfg.address, num_cpus=None)
+    return RayBackend(cfg.checkpoint, cfg.engine_kwargs(), cfg.policy_version, cfg.workers,
+                      cfg.cpus_per_worker, cfg.threads)  # fmt: skip
+
+
+def plan_shards(cfg: RolloutJobConfig, records, tok, out_dir: Path) -> tuple[int, int, list[Shard]]:
+    """(samples, shards, the shards not yet on disk): shard k holds samples [k * shard_size, (k+1) * shard_size)."""
+    n = len(records) * cfg.group_size
+    encoded = [[tok.bos_token_id, *tok(r.prompt, add_special_tokens=False)["input_ids"]] for r in records]
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "top_k": cfg.top_k, "seed": cfg.seed, "eos_token_id": tok.eos_token_id}  # fmt: skip
+    if cfg.stop_strings:
+        sampling["stop_strings"] = tuple(cfg.stop_strings)
+    num_shards, todo = -(-n // cfg.shard_size), []
+    for k in range(num_shards):
+        idx = list(range(k * cfg.shard_size, min(n, (k + 1) * cfg.shard_size)))  # global sample indices
+        if job_io.is_complete(out_dir, k, len(idx)):
+            continue
+        if cfg.env is not None:  # the worker resets its own env instances with these seeds
+            seeds = [records[i // cfg.group_size].env_seed for i in idx]
+            todo.append(Shard(k, [], idx, cfg.policy_version, sampling, env_id=cfg.env, env_seeds=seeds))
+        else:
+            todo.append(
+                Shard(k, [encoded[i // cfg.group_size] for i in idx], idx, cfg.policy_version, sampling)
+            )
+    return n, num_shards, todo
+
+
+def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSummary:
+    """Generate the shards missing from cfg.out_dir; `backend` defaults to Ray workers (RayBackend)."""
+    out_dir = Path(cfg.out_dir)
+    check_checkpoint(cfg)
+    records = job_io.load_prompts(cfg)
+    tok = load_tokenizer(cfg.checkpoint)
+    job_io.check_manifest(out_dir, job_io.content_spec(cfg, records), len(records) * cfg.group_size)
+    dump_config(cfg, out_dir / "_config.yaml")
+    for stale in out_dir.glob(".part-*.tmp"):  # shards that were in flight when a previous run died
+        stale.unlink()
+    n, num_shards, shards = plan_shards(cfg, records, tok, out_dir)
+    log.info("rollout: %d samples in %d shards, %d to generate -> %s", n, num_shards, len(shards), out_dir)
+    t0, tokens, generated = time.time(), 0, 0
+    if shards:
+        own = backend is None  # a backend we create we also close; a caller's stays open
+        backend = backend or make_backend(cfg)
+        t0 = time.time()  # tokens/s from here: Ray and worker start-up (model load) excluded
+        bar = tqdm(total=n, initial=n - sum(len(s.indices) for s in shards), unit="sample", disable=not progress,
+                   desc="rollout")  # fmt: skip
+        try:
+            for res in backend.run(shards):
+                rows = job_io.trajectory_rows(
+                    res.trajectories, res.shard.indices, records, cfg.group_size, tok, res.samplers
+                )
+                job_io.write_shard(out_dir, res.shard.shard_id, rows)
+                tokens += sum(job_io.model_tokens(t) for t in res.trajectories)
+                generated += 1
+                bar.update(len(res.trajectories))
+                bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
+        finally:
+            bar.close()
+            if own:
+                backend.close()
+    return _summarize(out_dir, n, num_shards, generated, tokens, time.time() - t0)
+
+
+def _summarize(
+    out_dir: Path, n: int, num_shards: int, generated: int, tokens: int, seconds: float
+) -> JobSummary:
+    table = pq.read_table(out_dir, columns=["num_forwards", "tokens", "env_mask", "reward"])
+    mask = table["env_mask"]  # null = every token is the model's
+    plain = pc.sum(pc.if_else(pc.is_null(mask), pc.list_value_length(table["tokens"]), 0)).as_py() or 0
+    model = plain + (pc.sum(pc.list_flatten(mask)).as_py() or 0)
+    rewards = table["reward"].drop_null()
+    summary = JobSummary(str(out_dir), n, num_shards, generated, tokens, seconds,
+                         model / max(1, pc.sum(table["num_forwards"]).as_py()),
+                         pc.mean(rewards).as_py() if len(rewards) else None)  # fmt: skip
+    if table.num_rows != n:
+        raise RuntimeError(f"{out_dir}: {table.num_rows} rows on disk, expected {n}")
+    (out_dir / "_summary.json").write_text(
+        json.dumps({**summary.__dict__, "tokens_per_s": summary.tokens_per_s})
+    )
+    return summary

@@ -1,0 +1,131 @@
+"""Reporting for `blockrl bench`: results JSON (with the device named), a rich table, and a PNG of the runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from rollout.bench.run import BenchConfig, RunResult
+
+
+def write_json(results: list[RunResult], path: Path, cfg: BenchConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"config": cfg.model_dump(mode="json"), "device": device_name(), "threads": cfg.threads}
+    path.write_text(json.dumps({"meta": meta, "runs": [r.to_json() for r in results]}, indent=1))
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "cpu"
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def print_table(results: list[RunResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="blockrl bench (median tokens/s over repeats)")
+    for col in (
+        "B",
+        "sampler",
+        "levels",
+        "tok/s",
+        "vs HF",
+        "vs ar",
+        "TPF",
+        "solve",
+        "proj tok/s",
+        "mem MB",
+        "sweep",
+    ):
+        table.add_column(col, justify="right")
+    for r in results:
+        name = (
+            r.sampler
+            + (f" w={r.mix_weight}" if r.mix_weight is not None else "")
+            + (f" -> {r.choice}" if r.choice else "")
+            + (f" K={r.block_size}" if r.sweep == "block_size" else "")
+        )
+        proj = f"{r.projected_tokens_per_s:.0f}" if r.projected_tokens_per_s else "-"
+        table.add_row(
+            str(r.batch_size),
+            name,
+            str(r.levels or ""),
+            f"{r.tokens_per_s:.0f}",
+            f"{r.speedup_vs_hf:.2f}x" if r.speedup_vs_hf else "-",
+            f"{r.speedup_vs_ar:.2f}x" if r.speedup_vs_ar else "-",
+            f"{r.tokens_per_forward:.2f}",
+            f"{r.solve_rate:.0%} ({r.solved}/{r.samples})",
+            proj,
+            f"{r.peak_mem_mb:.0f}",
+            r.sweep,
+        )
+    Console(width=max(160, Console().width)).print(table)
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in results if not r.sweep]
+    sweeps = sorted({r.sweep for r in results if r.sweep})
+    fig, axes = plt.subplots(1, 2 + len(sweeps), figsize=(6 * (2 + len(sweeps)), 4.5), squeeze=False)
+    ax = axes[0, 0]
+    bss = sorted({r.batch_size for r in main})
+    labels = [f"{r.sampler}{r.levels or ''}" for r in main if r.batch_size == bss[0]]
+    width = 0.8 / max(1, len(bss))
+    for i, B in enumerate(bss):
+        vals = [r.speedup_vs_hf for r in main if r.batch_size == B]
+        ax.bar([j + i * width for j in range(len(vals))], vals, width, label=f"B={B}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(
+        [j + width * (len(bss) - 1) / 2 for j in range(len(labels))],
+        labels,
+        rotation=30,
+        ha="right",
+        fontsize=8,
+    )
+    ax.set_ylabel("tokens/s vs HF generate")
+    ax.legend()
+    ax = axes[0, 1]
+    for r in main:
+        if r.accept_by_position:
+            ax.plot(
+                range(1, len(r.accept_by_position) + 1),
+                r.accept_by_position,
+                marker=".",
+                label=f"B={r.batch_size} {r.sampler}{r.levels}",
+            )
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("P(accept | previous accepted)")
+    ax.legend(fontsize=6)
+    for k, name in enumerate(sweeps, start=2):
+        ax = axes[0, k]
+        rows = [r for r in results if r.sweep == name]
+        ax.bar(
+            [
+                f"{r.sampler}{r.levels if name == 'levels' else ''}"
+                + (f"K{r.block_size}" if name == "block_size" else "")
+                + (f"w{r.mix_weight}" if name == "mix_weight" else "")
+                + (f"B{r.batch_size}" if name == "batch_size" else "")
+                for r in rows
+            ],
+            [r.tokens_per_s for r in rows],
+        )
+        ax.set_title(f"sweep: {name}")
+        ax.set_ylabel("tokens/s")
+        ax.tick_params(axis="x", rotation=30, labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,378 @@
+"""`blockrl bench`: HF `generate` vs engine `ar` vs `lossless` vs `logit_mix` vs `auto`, side by side in one run on
+the same model, prompts, temperature and batch sizes.
+
+Per (batch size, sampler): tokens/s as the median of repeats, ratios vs HF generate and vs engine `ar`, tokens per
+forward, acceptance at draft positions 1..K, the task solve rate (quality parity, Wilson 95% interval), peak RSS
+growth, and the cost model's projected tokens/s next to the measured value. Sweeps (block size, levels, batch size,
+prompt length, logit_mix weight) add rows and a PNG. Prompts are held-out prompts of the built-in tasks; completions
+stop at EOS or max_new_tokens.
+
+    blockrl bench                                   # default: B = 1 and 16, ~5 minutes on 2 CPU cores
+    blockrl bench --set sweep.block_sizes=[4,8,16,32] --json runs/bench/sweep.json
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from pydantic import Field
+
+from common.config import ConfigError, Section, ShippedPath
+from envs.tasks import TaskSample, iter_samples, score
+from policy.hybrid import HybridPolicy, load_tokenizer
+from rollout.cost_model import AcceptanceStats, CostModel, Option
+from rollout.engine import BlockEngine
+
+log = logging.getLogger(__name__)
+
+
+class SweepConfig(Section):
+    """Extra single-axis sweeps (each empty list = skipped); run at batch size `batch_size`."""
+
+    batch_size: int = Field(1, ge=1)
+    """batch size of the sweeps."""
+    block_sizes: list[int] = Field(default_factory=list)
+    """K values for lossless, e.g. [4, 8, 16, 32]."""
+    levels: list[list[int]] = Field(default_factory=list)
+    """level sets for lossless."""
+    batch_sizes: list[int] = Field(default_factory=list)
+    """batch sizes for ar vs lossless."""
+    prompt_lens: list[int] = Field(default_factory=list)
+    """extra prompt padding (tokens of a neutral prefix) for ar vs lossless."""
+    mix_weights: list[float] = Field(default_factory=list)
+    """w values for logit_mix."""
+
+
+class BenchConfig(Section):
+    """`blockrl bench` settings."""
+
+    checkpoint: ShippedPath = "checkpoints/tiny-moe"
+    """converted checkpoint directory."""
+    run_dir: str = "runs/bench"
+    """where results.json and bench.png go."""
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 16])
+    """batch sizes of the default comparison."""
+    prompts_per_row: int = Field(4, ge=1)
+    """prompts per batch slot (n = max(B * this, min_prompts))."""
+    min_prompts: int = Field(12, ge=1)
+    """floor on prompts per run."""
+    tasks: list[str] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
+    """tasks the prompts come from."""
+    seed: int = 7
+    """prompt and sampling seed."""
+    max_new_tokens: int = Field(160, ge=1)
+    """generation budget per prompt."""
+    temperature: float = Field(1.0, ge=0.0)
+    """sampling temperature."""
+    repeats: int = Field(3, ge=1)
+    """timed repeats per cell (median reported)."""
+    levels: list[list[int]] = Field(default_factory=lambda: [[0], [0, 4, 8], [0, 4, 8, 12]])
+    """level sets lossless is run with (all reported; the best is the headline)."""
+    mix_weight: float = Field(0.5, ge=0.0, le=1.0)
+    """w of logit_mix."""
+    mix_levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    """levels of logit_mix."""
+    threads: int = Field(2, ge=1)
+    """torch threads."""
+    experts_implementation: str | None = None
+    """MoE experts kernel for every sampler, HF included ("eager", "grouped_mm", ...; None = the model's default)."""
+    sweep: SweepConfig = SweepConfig()
+
+
+@dataclass
+class RunResult:
+    batch_size: int
+    sampler: str  # hf | ar | lossless | logit_mix | auto
+    levels: list[int] = field(default_factory=list)
+    block_size: int = 0
+    mix_weight: float | None = None
+    tokens_per_s: float = 0.0
+    tokens_per_s_runs: list[float] = field(default_factory=list)
+    speedup_vs_hf: float = 0.0
+    speedup_vs_ar: float = 0.0
+    tokens_per_forward: float = 1.0
+    accept_by_position: list[float] = field(default_factory=list)
+    solve_rate: float = 0.0
+    solved: int = 0
+    samples: int = 0
+    tokens_generated: int = 0  # completion tokens of one repeat
+    peak_mem_mb: float = 0.0
+    projected_tokens_per_s: float | None = None
+    choice: str = ""  # auto's pick
+    sweep: str = ""  # which sweep a row belongs to ("" = default comparison)
+    _acc: AcceptanceStats | None = field(default=None, repr=False)  # observed acceptance (for the projection)
+    _option: Option | None = field(default=None, repr=False)  # the concrete option that ran
+    _lengths: list[int] = field(default_factory=list, repr=False)  # completion lengths of the last repeat
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+class PeakRSS:
+    """Peak resident-set growth of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(
+            0.02
+        ):  # a sparse poll: a busy thread would steal GIL time from the timed run
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def hf_generate(
+    policy, tok, samples: list[TaskSample], B: int, cfg: BenchConfig, seed: int
+) -> list[list[int]]:
+    torch.manual_seed(seed)
+    outs = []
+    for i in range(0, len(samples), B):
+        chunk = [tok.bos_token + s.prompt for s in samples[i : i + B]]
+        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        kw = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if cfg.temperature else {}
+        with torch.inference_mode():
+            gen = policy.model.generate(
+                **enc,
+                **kw,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            outs.append(row[:cut])
+    return outs
+
+
+class Cell:
+    """One sampler configuration on one batch of prompts: an engine (or HF generate), warmed up, timed run by run."""
+
+    def __init__(self, policy, tok, samples, B: int, cfg: BenchConfig, sampler: str, levels=(0,), block_size=None,
+                 mix_weight=None):  # fmt: skip
+        self.policy, self.tok, self.samples, self.B, self.cfg, self.sampler = (
+            policy,
+            tok,
+            samples,
+            B,
+            cfg,
+            sampler,
+        )
+        self.levels = tuple(levels)
+        self.prompts = [
+            [tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples
+        ]
+        self.res = RunResult(
+            B,
+            sampler,
+            list(levels) if sampler in ("lossless", "logit_mix") else [],
+            block_size or (policy.block_size if sampler != "ar" else 0),
+            mix_weight,
+        )
+        self.engine = None
+        if sampler != "hf":
+            self.engine = BlockEngine(
+                policy,
+                sampler=sampler,
+                levels=levels,
+                max_batch=B,
+                block_size=block_size,
+                mix_weight=mix_weight if mix_weight is not None else 0.5,
+                tokenizer=tok,
+            )
+        self.outs: list[list[int]] = []
+        self.trajs = None
+
+    def warm_up(self) -> None:
+        """Untimed (auto calibrates its cost model here, once per batch size)."""
+        if self.engine is not None:
+            self.engine.generate(self.prompts[: self.B], max_new_tokens=16, temperature=self.cfg.temperature,
+                                 seed=self.cfg.seed)  # fmt: skip
+        else:
+            short = self.cfg.model_copy(update={"max_new_tokens": 16})
+            hf_generate(self.policy, self.tok, self.samples[: self.B], self.B, short, self.cfg.seed)
+
+    def run_once(self, rep: int) -> None:
+        cfg = self.cfg
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            if self.engine is None:
+                self.outs = hf_generate(self.policy, self.tok, self.samples, self.B, cfg, cfg.seed + rep)
+            else:
+                self.trajs = self.engine.generate(self.prompts, max_new_tokens=cfg.max_new_tokens,
+                                                  temperature=cfg.temperature, seed=cfg.seed + rep)  # fmt: skip
+                self.outs = [t.tokens for t in self.trajs]
+            dt = time.perf_counter() - t0
+        self.res.tokens_per_s_runs.append(sum(map(len, self.outs)) / dt)
+        self.res.peak_mem_mb = max(self.res.peak_mem_mb, mem.mb)
+
+    def finish(self) -> RunResult:
+        """Median speed, quality and acceptance of the last repeat."""
+        res, outs, trajs = self.res, self.outs, self.trajs
+        res.tokens_per_s = statistics.median(res.tokens_per_s_runs)
+        res.tokens_generated = sum(map(len, outs))
+        res._lengths = [len(o) for o in outs]
+        texts = self.tok.batch_decode(outs, skip_special_tokens=True)
+        res.solved = sum(int(score(s, t) == 1.0) for s, t in zip(self.samples, texts, strict=True))
+        res.samples = len(self.samples)
+        res.solve_rate = res.solved / res.samples
+        if trajs is not None:
+            res.tokens_per_forward = sum(t.num_tokens for t in trajs) / max(
+                1, sum(t.num_forwards for t in trajs)
+            )
+            if self.sampler != "ar":
+                acc = AcceptanceStats(res.block_size)
+                for t in trajs:
+                    acc.observe(t.accept_counts, t.draft_counts)
+                res.accept_by_position = acc.acceptance_by_position()
+                res._acc = acc
+            res._option = Option("ar") if self.sampler == "ar" else Option(self.sampler, self.levels)
+            if self.sampler == "auto":
+                res._option = self.engine._auto.last_choice
+                res.choice = res._option.name
+        return res
+
+
+def run_cells(cells: list[Cell], repeats: int) -> list[RunResult]:
+    """Warm every cell up, then time the repeats round-robin across cells, so that a slow phase of a noisy machine
+    hits every sampler alike instead of one cell."""
+    for c in cells:
+        c.warm_up()
+    for rep in range(repeats):
+        for c in cells:
+            log.info("bench B=%d %s %s repeat %d", c.B, c.sampler, c.res.levels or "", rep + 1)
+            c.run_once(rep)
+    return [c.finish() for c in cells]
+
+
+def run_cell(policy, tok, samples, B: int, cfg: BenchConfig, sampler: str, **kw) -> tuple[RunResult, list]:
+    """A single cell, timed on its own (demo and sweeps)."""
+    cell = Cell(policy, tok, samples, B, cfg, sampler, **kw)
+    res = run_cells([cell], cfg.repeats)[0]
+    return res, cell.trajs
+
+
+def prompts_for(cfg: BenchConfig, n: int) -> list[TaskSample]:
+    per = -(-n // len(cfg.tasks))
+    pool = [s for t in cfg.tasks for s in iter_samples(t, per, cfg.seed + 1)]
+    g = torch.Generator().manual_seed(cfg.seed)
+    return [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
+
+
+def project(cost: CostModel, res: RunResult) -> float | None:
+    """Cost-model projection for a run: its option's calibrated step costs, its own observed acceptance.
+    logit_mix is projected with lossless step costs at the same levels (same compute per step)."""
+    if res._option is None or (res._option.name, res.batch_size) not in cost.step_seconds:
+        return None
+    return cost.project_run(res._option, res.batch_size, res._lengths, res._acc)
+
+
+def run_bench(cfg: BenchConfig) -> list[RunResult]:
+    torch.set_num_threads(cfg.threads)
+    policy = HybridPolicy.from_pretrained(cfg.checkpoint)
+    tok = load_tokenizer(cfg.checkpoint)
+    if not policy.is_converted:
+        raise ConfigError(
+            f"checkpoint: {cfg.checkpoint} is not a converted blockrl checkpoint (run blockrl convert)"
+        )
+    if cfg.experts_implementation and policy.moe:
+        policy.model.set_experts_implementation(cfg.experts_implementation)
+    policy.eval()
+    K = policy.block_size
+    cost = CostModel(K)
+    results: list[RunResult] = []
+    for B in cfg.batch_sizes:
+        n = max(B * cfg.prompts_per_row, cfg.min_prompts)
+        samples = prompts_for(cfg, n)
+        specs = [("hf", {}), ("ar", {})]
+        specs += [("lossless", {"levels": lv}) for lv in cfg.levels]
+        specs += [("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}), ("auto", {})]
+        rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
+        for res in rows:
+            if (
+                res._option is not None
+            ):  # time this option's steps now, in the machine state the runs just saw
+                cost.calibrate(policy, [res._option], [B], steps=12, tails=True)
+        finish_rows(rows, cost)
+        results += rows
+    results += run_sweeps(policy, tok, cfg, cost)
+    return results
+
+
+def finish_rows(rows: list[RunResult], cost: CostModel | None) -> None:
+    """Ratios against the HF and engine-ar rows of the same group, plus projections (when a cost model is given:
+    sweep rows change K or prompts, which the main calibration does not cover)."""
+    hf = next((r.tokens_per_s for r in rows if r.sampler == "hf"), None)
+    ar = next((r.tokens_per_s for r in rows if r.sampler == "ar"), None)
+    for r in rows:
+        r.speedup_vs_hf = r.tokens_per_s / hf if hf else 0.0
+        r.speedup_vs_ar = r.tokens_per_s / ar if ar else 0.0
+        r.projected_tokens_per_s = project(cost, r) if cost is not None else None
+
+
+def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult]:
+    sw, out = cfg.sweep, []
+    B = sw.batch_size
+    samples = prompts_for(cfg, max(B * cfg.prompts_per_row, cfg.min_prompts))
+    for K in sw.block_sizes:
+        r, _ = run_cell(policy, tok, samples, B, cfg, "lossless", levels=(0,), block_size=K)
+        r.sweep = "block_size"
+        out.append(r)
+    for lv in sw.levels:
+        r, _ = run_cell(policy, tok, samples, B, cfg, "lossless", levels=lv)
+        r.sweep = "levels"
+        out.append(r)
+    for w in sw.mix_weights:
+        r, _ = run_cell(policy, tok, samples, B, cfg, "logit_mix", levels=cfg.mix_levels, mix_weight=w)
+        r.sweep = "mix_weight"
+        out.append(r)
+    for b in sw.batch_sizes:
+        s = prompts_for(cfg, max(b * cfg.prompts_per_row, cfg.min_prompts))
+        for sampler in ("ar", "lossless"):
+            r, _ = run_cell(policy, tok, s, b, cfg, sampler, levels=cfg.mix_levels)
+            r.sweep = "batch_size"
+            out.append(r)
+    for (
+        extra
+    ) in sw.prompt_lens:  # longer prompts: worked examples of other prompts as context (in-distribution)
+        padded = [TaskSample(s.task, worked_prefix(samples, i, extra) + s.prompt, s.completion, s.entry)
+                  for i, s in enumerate(samples)]  # fmt: skip
+        for sampler in ("ar", "lossless"):
+            r, _ = run_cell(policy, tok, padded, B, cfg, sampler, levels=cfg.mix_levels)
+            r.sweep = f"prompt_len+{extra}"
+            out.append(r)
+    for name in dict.fromkeys(r.sweep for r in out):  # ratios within each sweep, against its own ar row
+        finish_rows([r for r in out if r.sweep == name], None)
+    return out
+
+
+def worked_prefix(samples: list[TaskSample], i: int, min_chars: int) -> str:
+    """Gold worked examples of the other prompts, whole, until at least `min_chars` characters."""
+    text, j = "", i
+    while len(text) < min_chars:
+        j = (j + 1) % len(samples)
+        text += samples[j].prompt + samples[j].completion + "\n"
+    return text

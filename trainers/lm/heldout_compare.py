@@ -1,0 +1,71 @@
+"""Held-out solve rate of checkpoints on identical prompts and sampling seeds: the before/after measure of an RL run.
+
+Prompts are reasoning-gym's seed-4242 draws minus any prompt in the RL run's training pool (the held-out set
+`blockrl train` evaluates on; training draws from seed + 17), `--per-task` per task; every checkpoint samples each prompt once per `--seeds` value at T = 1 with lossless
+block decoding (exact AR samples). Reports overall and per-task rates with Wilson 95% intervals.
+
+    python -m trainers.lm.heldout_compare checkpoints/tiny-moe runs/grpo-letters/checkpoint --per-task 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from envs.tasks import CORPUS_TASKS, iter_samples, score
+from policy.hybrid import HybridPolicy, load_tokenizer
+from rollout.engine import BlockEngine
+from trainers.lm.evaluate import wilson
+from trainers.rl.rollouts import heldout_samples
+
+
+def solve_rates(checkpoint: str, tok, samples, seeds: list[int]) -> dict:
+    policy = HybridPolicy.from_pretrained(checkpoint).eval()
+    engine = BlockEngine(policy, sampler="lossless", levels=[0, 4, 8], max_batch=32, tokenizer=tok)
+    prompts = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
+    solved = []  # (task, ok) per sample
+    for seed in seeds:
+        trajs = engine.generate(prompts, max_new_tokens=160, temperature=1.0, seed=seed)
+        solved += [(s.task, score(s, tok.decode(t.tokens, skip_special_tokens=True)) >= 1.0)
+                   for s, t in zip(samples, trajs, strict=True)]  # fmt: skip
+    out = {"checkpoint": checkpoint, "n": len(solved), "rate": sum(ok for _, ok in solved) / len(solved),
+           "ci95": wilson(sum(ok for _, ok in solved), len(solved)), "per_task": {}}  # fmt: skip
+    for task in dict.fromkeys(t for t, _ in solved):
+        own = [ok for t, ok in solved if t == task]
+        out["per_task"][task] = {"rate": sum(own) / len(own), "ci95": wilson(sum(own), len(own))}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoints", nargs="+", help="checkpoint directories (the first is the reference)")
+    ap.add_argument("--tasks", nargs="*", default=list(CORPUS_TASKS))
+    ap.add_argument("--per-task", type=int, default=300)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[11, 12])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--train-seed", type=int, default=0, help="seed of the RL run: its training prompts are excluded"
+    )
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(args.checkpoints[0])
+    train = {
+        s.prompt for t in args.tasks for s in iter_samples(t, 2000, args.train_seed + 17)
+    }  # RL's prompt pool
+    samples = heldout_samples(args.tasks, args.per_task, exclude=train)
+    results = [solve_rates(c, tok, samples, args.seeds) for c in args.checkpoints]
+    for r in results:
+        lo, hi = r["ci95"]
+        tasks = ", ".join(f"{t} {v['rate']:.1%}" for t, v in r["per_task"].items())
+        delta = f" ({100 * (r['rate'] - results[0]['rate']):+.1f} pts)" if r is not results[0] else ""
+        print(f"{r['checkpoint']}: {r['rate']:.1%} [{lo:.1%}, {hi:.1%}] of {r['n']}{delta} | {tasks}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""`blockrl pretrain` and `blockrl convert`: AR pretraining from scratch and TiDAR conversion (mid-training).
+
+Both share one loop: seeded batches drawn from the task corpus, AdamW with warmup + cosine decay, a JSONL loss log,
+periodic atomic checkpoints, and exact resume (batches and block shifts are a pure function of (seed, step), so a
+resumed run sees the same data as an uninterrupted one). The loss is the only difference:
+
+- pretrain: next-token CE (+ MoE load balancing) of a freshly built model;
+- convert:  TiDAR's (alpha * CE_AR + CE_diff) / (1 + alpha) on `[x | M]` with K+1-sized mask blocks at a random
+            shift per step, so every draft slot the engine uses at inference (K+1-mask proposals at any offset)
+            is trained.
+
+    blockrl pretrain --config configs/pretrain_tiny_moe.yaml
+    blockrl convert  --config configs/convert_tiny_moe.yaml --set init=runs/pretrain-tiny-moe/final
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from common.checkpoint import load_trainer_state, recover, require_checkpoint, save_checkpoint
+from common.config import Section, dump_config
+from policy.factory import ModelSpec, build_model, count_parameters, make_config
+from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.losses import ar_ce
+from policy.tokenizer import build_char_tokenizer
+from trainers.lm.data import Batch, DataConfig, collate, heldout_samples, sample_batch, train_examples
+from trainers.lm.evaluate import EvalConfig, diffusion_slot_accuracy, solve_rate
+
+log = logging.getLogger(__name__)
+
+
+class OptimConfig(Section):
+    """AdamW with linear warmup and cosine decay."""
+
+    steps: int = Field(1000, ge=1)
+    """optimizer steps."""
+    batch_size: int = Field(32, ge=1)
+    """sequences per step."""
+    lr: float = Field(1e-3, gt=0.0)
+    """peak learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """final lr as a fraction of the peak."""
+    warmup_steps: int = Field(100, ge=0)
+    """linear warmup steps."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """global grad-norm clip."""
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (
+            self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        )
+
+
+class RunConfig(Section):
+    """Fields shared by pretrain and convert."""
+
+    run_dir: str = "runs/lm"
+    """output directory: config.yaml, metrics.jsonl, checkpoint/, final/, eval.json."""
+    seed: int = 0
+    """model-init and batch-sampling seed."""
+    threads: int = Field(1, ge=1)
+    """torch intra-op threads."""
+    log_every: int = Field(20, ge=1)
+    """steps between JSONL loss records."""
+    checkpoint_every: int = Field(250, ge=1)
+    """steps between atomic checkpoints."""
+    snapshot_steps: list[int] = Field(default_factory=list)
+    """steps after which the model is also kept as <run_dir>/step-N (an HF directory), e.g. to convert from."""
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+class PretrainConfig(RunConfig):
+    """`blockrl pretrain`: AR training of a fresh model on the task corpus."""
+
+    model: ModelSpec = ModelSpec()
+
+
+class TidarConfig(Section):
+    """TiDAR conversion settings."""
+
+    block_size: int = Field(16, ge=1, le=64)
+    """K: drafts per block at inference."""
+    alpha: float = Field(1.0, ge=0.0)
+    """weight of the AR term: L = (alpha * AR + diff) / (1 + alpha)."""
+    train_layout: Literal["k_plus_1", "k"] = "k_plus_1"
+    """train mask blocks of K+1 (the inference proposal size) or K tokens."""
+    random_shift: bool = True
+    """draw the block boundary offset per step, so blocks start at every position."""
+
+    @property
+    def train_block_size(self) -> int:
+        return self.block_size + 1 if self.train_layout == "k_plus_1" else self.block_size
+
+
+class ConvertConfig(RunConfig):
+    """`blockrl convert`: TiDAR mid-training from an AR checkpoint directory."""
+
+    init: str = ""
+    """AR checkpoint directory to convert (plain HF or blockrl)."""
+    tidar: TidarConfig = TidarConfig()
+
+
+LossFn = Callable[[Batch, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train_loop(cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn, resume: bool) -> dict:
+    """Shared loop: returns the final evaluation."""
+    run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / "checkpoint"
+    torch.set_num_threads(cfg.threads)
+    heldout = heldout_samples(cfg.data)
+    examples = train_examples(cfg.data, tokenizer, heldout)
+    log.info("corpus: %d training sequences, %d held-out prompts", len(examples), len(heldout))
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    start = 0
+    recover(ckpt)
+    if resume and ckpt.exists():
+        state = load_trainer_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        log.info("resumed from %s at step %d", ckpt, start)
+    metrics_path = run_dir / "metrics.jsonl"
+    truncate_jsonl(metrics_path, start)
+
+    policy.train()
+    t0, tokens = time.time(), 0
+    bar = tqdm(
+        range(start, cfg.optim.steps), initial=start, total=cfg.optim.steps, desc=run_dir.name, unit="step"
+    )
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        batch = collate(
+            sample_batch(examples, cfg.optim.batch_size, gen), tokenizer.pad_token_id, cfg.data.exclude_prompt
+        )
+        lr = cfg.optim.lr_at(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, metrics = loss_fn(batch, gen)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += batch.num_tokens
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.optim.steps:
+            rec = {
+                "step": done,
+                **metrics,
+                "grad_norm": float(gnorm),
+                "lr": lr,
+                "tokens_per_s": tokens / (time.time() - t0),
+                "elapsed_s": time.time() - t0,
+            }
+            append_jsonl(metrics_path, rec)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.optim.steps:
+            append_jsonl(run_dir / "eval.jsonl", {"step": done, **evaluate(cfg, policy, tokenizer, heldout)})
+            policy.train()
+        if done in cfg.snapshot_steps:
+            policy.save_pretrained(run_dir / f"step-{done}", tokenizer)
+        if done % cfg.checkpoint_every == 0 or done == cfg.optim.steps:
+            save_checkpoint(ckpt, policy, tokenizer, {"optimizer": opt.state_dict(), "step": done})
+    bar.close()
+    policy.save_pretrained(run_dir / "final", tokenizer)
+    result = {"step": cfg.optim.steps, **evaluate(cfg, policy, tokenizer, heldout)}
+    append_jsonl(run_dir / "eval.jsonl", result)
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate(cfg: RunConfig, policy: HybridPolicy, tokenizer, heldout) -> dict:
+    per_task: dict[str, int] = {}
+    subset = []
+    for s in heldout:  # first samples_per_task of each task
+        if per_task.get(s.task, 0) < cfg.eval.samples_per_task:
+            per_task[s.task] = per_task.get(s.task, 0) + 1
+            subset.append(s)
+    out = {"solve": solve_rate(policy.model, tokenizer, subset, cfg.eval)}  # plain AR mode, nothing banned
+    if policy.is_converted:
+        acc = diffusion_slot_accuracy(policy, tokenizer, subset)
+        out["slot_accuracy"] = acc
+        out["slot0_accuracy"] = acc[0]
+        out["mean_draft_slot_accuracy"] = sum(acc[1:]) / max(1, len(acc) - 1)
+    return out
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records past `step` (written after the checkpoint a resume starts from), so no step is duplicated."""
+    if not path.exists():
+        return
+    keep = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
+    ]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# ---------------------------------------------------------------------------------------------------- entry points
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
+    run_dir = Path(cfg.run_dir)
+    dump_config(cfg, run_dir / "config.yaml")
+    tokenizer = build_char_tokenizer()
+    if resume and (run_dir / "checkpoint").exists():
+        policy = HybridPolicy.from_pretrained(run_dir / "checkpoint")
+    else:
+        hf_cfg = make_config(
+            cfg.model,
+            len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+        policy = HybridPolicy(build_model(hf_cfg, seed=cfg.seed))
+    log.info("model: %s, %.2fM parameters", cfg.model.arch, count_parameters(policy) / 1e6)
+    moe = policy.moe
+    coef = float(getattr(policy.config, "router_aux_loss_coef", 0.0))
+
+    def loss_fn(batch: Batch, gen: torch.Generator):
+        out = policy.model(
+            input_ids=batch.input_ids, attention_mask=batch.valid, output_router_logits=bool(moe)
+        )
+        ar = ar_ce(out.logits, batch.input_ids, batch.loss_mask)
+        loss = ar + coef * out.aux_loss if moe else ar
+        metrics = {"loss": loss.item(), "ar_loss": ar.item()}
+        if moe:
+            metrics["aux_loss"] = out.aux_loss.item()
+        return loss, metrics
+
+    return train_loop(cfg, policy, tokenizer, loss_fn, resume)
+
+
+def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
+    run_dir = Path(cfg.run_dir)
+    resuming = resume and (run_dir / "checkpoint").exists()
+    src = run_dir / "checkpoint" if resuming else Path(cfg.init)
+    if not cfg.init and not resuming:
+        from common.config import ConfigError
+
+        raise ConfigError("init: convert needs an AR checkpoint directory (--set init=PATH)")
+    require_checkpoint(src, "init")
+    dump_config(cfg, run_dir / "config.yaml")
+    tokenizer = load_tokenizer(src) if (src / "tokenizer.json").is_file() else build_char_tokenizer()
+    policy = HybridPolicy.from_pretrained(src)
+    policy.convert(tokenizer, block_size=cfg.tidar.block_size)
+    log.info(
+        "converting %s: mask token %d, K=%d, training blocks of %d",
+        src,
+        policy.mask_token_id,
+        cfg.tidar.block_size,
+        cfg.tidar.train_block_size,
+    )
+    bs = cfg.tidar.train_block_size
+
+    def loss_fn(batch: Batch, gen: torch.Generator):
+        shift = int(torch.randint(bs, (1,), generator=gen)) if cfg.tidar.random_shift else 0
+        out = policy.tidar_loss(batch.input_ids, batch.loss_mask, batch.valid, cfg.tidar.alpha, bs, shift)
+        return out.loss, out.metrics()
+
+    return train_loop(cfg, policy, tokenizer, loss_fn, resume)

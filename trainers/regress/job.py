@@ -1,0 +1,398 @@
+"""`blockrl regress`: the nightly reward-regression job. A fixed, seeded eval suite (tasks x prompts x samples) is
+decoded in-process by `BlockEngine` with every configured sampler, and compared with a stored baseline JSON.
+
+Per sampler it measures the solve rate (Wilson 95%), the mean reward (prompt-level bootstrap 95%), pass@k (unbiased,
+from n samples per prompt), per-task solve rates, tokens per forward, the accept rate and acceptance by draft
+position, and tok/s with its ratio against the engine's AR path. Throughput is timed in the same run: `repeats`
+passes over the whole suite, alternating the samplers (order reversed every other pass) so a slow phase of a busy
+machine hits them alike; the ratio is the median of per-pass ratios. Every pass uses the same seeds and produces the
+same tokens; quality comes from the first. The gates and their statistics are in `trainers/regress/stats.py`.
+
+Decision: the suite is reproducible bit for bit on one machine (engine rows draw from generators seeded by
+(seed, prompt index)), so an unchanged checkpoint reproduces its baseline exactly there; on other hardware it is a
+fresh sample, and the quality gates keep the whole-run false-alarm rate below `tolerance.alpha`. results.json (and
+so the baseline) stores every sample's solved bit, so the quality tests pair sample i of the baseline with sample i
+now: same prompt, same seed (exact McNemar / sign tests, Holm over the run; see regress_stats).
+
+    blockrl regress                                  # configs/regress.yaml vs configs/regress_baseline.json
+    blockrl regress --set checkpoint=runs/grpo-tiny/checkpoint # exit 1 and the failing metrics on a regression
+    blockrl regress --update-baseline                # rewrite the baseline from this run
+
+The run dir gets config.yaml, results.json (the baseline format), completions.jsonl, report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from tqdm.auto import tqdm
+
+from common.checkpoint import require_checkpoint
+from common.config import ConfigError, Section, ShippedPath, dump_config
+from envs.tasks import CORPUS_TASKS, TASKS, TaskSample, iter_samples, score
+from policy.hybrid import HybridPolicy, load_tokenizer
+from rollout.cost_model import AcceptanceStats
+from rollout.engine import BlockEngine
+from rollout.types import Trajectory
+from trainers.lm.evaluate import wilson
+from trainers.regress.stats import (
+    Check,
+    ToleranceConfig,
+    bits_string,
+    bootstrap_mean_ci,
+    compare,
+    median,
+    pass_at_k,
+)
+
+log = logging.getLogger(__name__)
+FORMAT = "blockrl.regress/1"
+
+
+class SamplerSpec(Section):
+    """One sampler of the suite."""
+
+    name: str
+    """label in the report and the baseline (unique)."""
+    sampler: Literal["ar", "lossless", "logit_mix", "auto"]
+    """engine sampler."""
+    levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    """proposal levels per pass (ignored by ar and auto)."""
+    mix_weight: float = Field(0.5, ge=0.0, le=1.0)
+    """w of logit_mix."""
+
+
+class RegressConfig(Section):
+    """`blockrl regress`: seeded eval suite, samplers, baseline and tolerances."""
+
+    checkpoint: ShippedPath = "checkpoints/tiny-moe"
+    """converted checkpoint under test."""
+    run_dir: str = "runs/regress"
+    """output: config.yaml, results.json, completions.jsonl, report.md, PNGs."""
+    baseline: ShippedPath = "configs/regress_baseline.json"
+    """baseline JSON compared against (rewritten by --update-baseline)."""
+    tasks: list[str] = Field(default_factory=lambda: list(CORPUS_TASKS), min_length=1)
+    """reasoning-gym tasks of the suite (envs.tasks.TASKS)."""
+    prompts_per_task: int = Field(20, ge=1)
+    """prompts per task."""
+    samples_per_prompt: int = Field(4, ge=1)
+    """samples per prompt (n of pass@k)."""
+    pass_k: list[int] = Field(default_factory=lambda: [2, 4])
+    """k values of pass@k (each <= samples_per_prompt; pass@1 is the solve rate)."""
+    prompt_seed: int = 1235
+    """reasoning-gym seed of the prompts (1235 = the shipped checkpoint's held-out prompts)."""
+    seed: int = 0
+    """sampling seed."""
+    temperature: float = Field(1.0, ge=0.0)
+    """sampling temperature (0 = greedy)."""
+    max_new_tokens: int = Field(160, ge=1)
+    """completion budget."""
+    max_batch: int = Field(16, ge=1)
+    """engine batch (rows decoded together, continuous batching)."""
+    repeats: int = Field(2, ge=1)
+    """timed passes over the suite per sampler, samplers alternating (quality from the first)."""
+    threads: int = Field(1, ge=1)
+    """torch threads. NOTE: 2 threads on a busy 2-core machine can be 50x slower (spin-waits); 1 is safe."""
+    samplers: list[SamplerSpec] = Field(
+        default_factory=lambda: [
+            SamplerSpec(name="ar", sampler="ar"),
+            SamplerSpec(name="lossless", sampler="lossless"),
+            SamplerSpec(name="logit_mix", sampler="logit_mix"),
+        ]
+    )
+    """samplers to measure; one must be sampler "ar" (the throughput reference)."""
+    tolerance: ToleranceConfig = ToleranceConfig()
+    wandb: Literal["offline", "online", "disabled"] = "disabled"
+    """wandb mode (dirs inside run_dir)."""
+    wandb_project: str = "blockrl-regress"
+    """wandb project."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RegressConfig:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"tasks: unknown task(s) {unknown}; built-in: {sorted(TASKS)}")
+        names = [s.name for s in self.samplers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"samplers: names must be unique, got {names}")
+        if not any(s.sampler == "ar" for s in self.samplers):
+            raise ValueError("samplers: needs an entry with sampler 'ar' (the throughput reference)")
+        bad = [k for k in self.pass_k if not 1 <= k <= self.samples_per_prompt]
+        if bad:
+            raise ValueError(f"pass_k: {bad} not in 1..samples_per_prompt={self.samples_per_prompt}")
+        return self
+
+    @property
+    def ar_name(self) -> str:
+        return next(s.name for s in self.samplers if s.sampler == "ar")
+
+    def suite(self) -> dict:
+        """What makes two runs comparable (the checkpoint, threads and tolerances are not part of it)."""
+        keys = ("tasks", "prompts_per_task", "samples_per_prompt", "prompt_seed", "seed", "temperature",
+                "max_new_tokens", "max_batch")  # fmt: skip
+        d = {k: v for k, v in self.model_dump(mode="json").items() if k in keys}
+        return d | {"samplers": {s.name: s.model_dump(mode="json", exclude={"name"}) for s in self.samplers}}
+
+
+# ------------------------------------------------------------------------------------------------ records
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskRate(_Record):
+    solved: int
+    n: int
+    rate: float
+    ci95: tuple[float, float]
+
+
+Bits = Annotated[str, StringConstraints(pattern=r"^[01]*$")]
+"""One '0'/'1' per sample of a task, prompt-major: sample j of prompt i at i * samples_per_prompt + j."""
+
+
+class SamplerMetrics(_Record):
+    """Everything measured for one sampler; also the per-sampler entry of the baseline file."""
+
+    sampler: str
+    block_size: int  # K (0 for ar)
+    n_prompts: int
+    n_samples: int
+    solved: int
+    solve_rate: float
+    solve_ci95: tuple[float, float]  # Wilson
+    reward_mean: float
+    reward_std: float
+    reward_ci95: tuple[float, float]  # prompt-level bootstrap
+    pass_at_k: dict[str, float]  # "k" -> unbiased pass@k averaged over prompts
+    pass_at_k_std: dict[str, float]  # its std over prompts
+    per_task: dict[str, TaskRate]
+    mean_length: float
+    tokens_per_forward: float
+    accept_rate: float  # accepted drafts / offered drafts (0 for ar)
+    accept_by_position: list[float]  # P(draft i accepted | 1..i-1 accepted), i = 1..K
+    tok_per_s: float  # median over passes
+    tok_per_s_runs: list[float]
+    speedup_vs_ar: float  # median over passes of tok/s / AR tok/s in the same pass
+    speedup_runs: list[float]
+    rewards_binary: bool = False  # every reward 0 or 1: reward_mean is the solve rate again (not gated)
+    solved_bits: dict[str, Bits] | None = (
+        None  # task -> solved bit per sample, suite order (None: unpaired tests)
+    )
+
+
+class RegressResults(_Record):
+    """results.json of a run, and the baseline file."""
+
+    format: Literal["blockrl.regress/1"] = FORMAT
+    created: str
+    suite: dict
+    meta: dict
+    samplers: dict[str, SamplerMetrics]
+
+
+@dataclass
+class Outcome:
+    results: RegressResults
+    baseline: RegressResults | None
+    checks: list[Check]
+    run_dir: Path
+    baseline_path: Path
+    updated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.failed]
+
+
+# ------------------------------------------------------------------------------------------------ baseline I/O
+def load_baseline(path: str | Path) -> RegressResults:
+    """The baseline file, or a ConfigError naming the file and what is wrong with it."""
+    path = Path(path)
+    hint = "create it with `blockrl regress --update-baseline`"
+    if not path.is_file():
+        raise ConfigError(f"baseline {path}: file not found ({hint})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"baseline {path}: not valid JSON ({e}); fix it or {hint}") from None
+    try:
+        return RegressResults.model_validate(data)
+    except ValidationError as e:
+        lines = [f"baseline {path}: malformed ({hint}):"]
+        for err in e.errors()[:8]:
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            lines.append(f"  {loc}: {'unknown field' if err['type'] == 'extra_forbidden' else err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def check_suite(baseline: RegressResults, cfg: RegressConfig, path: str | Path) -> list[str]:
+    """Raise ConfigError if the baseline was made with another suite; return notes on samplers it has extra."""
+    now, base = cfg.suite(), baseline.suite
+    diff = [
+        f"{k}: baseline {base.get(k)!r} vs config {v!r}"
+        for k, v in now.items()
+        if k != "samplers" and base.get(k) != v
+    ]
+    base_samplers = base.get("samplers", {})
+    for name, spec in now["samplers"].items():
+        if name not in baseline.samplers:
+            diff.append(f"samplers: no baseline for {name!r}")
+        elif base_samplers.get(name) != spec:
+            diff.append(f"samplers.{name}: baseline {base_samplers.get(name)} vs config {spec}")
+    if diff:
+        raise ConfigError(f"baseline {path} was made with a different suite; re-run with --update-baseline to "
+                          "replace it:\n  " + "\n  ".join(diff))  # fmt: skip
+    extra = [s for s in baseline.samplers if s not in now["samplers"]]
+    return [f"baseline sampler {s!r} is not in this config (not compared)" for s in extra]
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+def suite_samples(cfg: RegressConfig) -> list[TaskSample]:
+    return [s for t in cfg.tasks for s in iter_samples(t, cfg.prompts_per_task, cfg.prompt_seed)]
+
+
+def summarize(spec: SamplerSpec, K: int, trajs: list[Trajectory], rewards: np.ndarray,
+              samples: list[TaskSample], cfg: RegressConfig) -> dict:  # fmt: skip
+    """Quality and acceptance of one sampler's pass; `rewards` is [P, n]."""
+    solved = rewards >= 1.0  # [P, n]
+    k, N = int(solved.sum()), solved.size
+    per_prompt = solved.sum(axis=1)  # [P]
+    pk = {str(kk): [pass_at_k(cfg.samples_per_prompt, int(c), kk) for c in per_prompt] for kk in cfg.pass_k}
+    per_task, bits = {}, {}
+    for task in cfg.tasks:
+        rows = [i for i, s in enumerate(samples) if s.task == task]
+        tk, tn = int(solved[rows].sum()), solved[rows].size
+        per_task[task] = TaskRate(solved=tk, n=tn, rate=tk / tn, ci95=wilson(tk, tn))
+        bits[task] = bits_string(solved[rows])
+    n_tok = sum(t.num_tokens for t in trajs)
+    acc = AcceptanceStats(K) if K else None
+    accepted = offered = 0
+    for t in trajs:
+        accepted, offered = accepted + sum(t.accept_counts), offered + sum(t.draft_counts)
+        if acc is not None and t.accept_counts:
+            acc.observe(t.accept_counts, t.draft_counts)
+    return dict(
+        sampler=spec.sampler, block_size=K, n_prompts=len(samples), n_samples=N, solved=k, solve_rate=k / N,
+        solve_ci95=wilson(k, N), reward_mean=float(rewards.mean()),
+        reward_std=float(rewards.std(ddof=1)) if N > 1 else 0.0,
+        reward_ci95=bootstrap_mean_ci(rewards, seed=cfg.seed),
+        pass_at_k={kk: float(np.mean(v)) for kk, v in pk.items()},
+        pass_at_k_std={kk: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for kk, v in pk.items()},
+        per_task=per_task, mean_length=n_tok / len(trajs),
+        tokens_per_forward=n_tok / max(1, sum(t.num_forwards for t in trajs)),
+        accept_rate=accepted / offered if offered else 0.0,
+        accept_by_position=acc.acceptance_by_position() if acc is not None else [],
+        rewards_binary=bool(np.isin(rewards, (0.0, 1.0)).all()), solved_bits=bits,
+    )  # fmt: skip
+
+
+def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple[dict, list[dict]]:
+    """{name: SamplerMetrics} and one completion record per (sampler, sample)."""
+    n = cfg.samples_per_prompt
+    prompt_ids = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
+    ids = [p for p in prompt_ids for _ in range(n)]  # sample j of prompt i has index i * n + j
+    engines = {s.name: BlockEngine(policy, sampler=s.sampler, levels=s.levels, max_batch=cfg.max_batch,
+                                   mix_weight=s.mix_weight, tokenizer=tok) for s in cfg.samplers}  # fmt: skip
+    for eng in engines.values():  # untimed warm-up (auto calibrates its cost model here)
+        eng.generate(ids[: cfg.max_batch], max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed)
+    first: dict[str, list[Trajectory]] = {}
+    tps: dict[str, list[float]] = {s.name: [] for s in cfg.samplers}
+    bar = tqdm(total=cfg.repeats * len(cfg.samplers), desc="regress", unit="pass")
+    for rep in range(cfg.repeats):
+        order = cfg.samplers if rep % 2 == 0 else cfg.samplers[::-1]
+        for spec in order:
+            t0 = time.perf_counter()
+            trajs = engines[spec.name].generate(ids, max_new_tokens=cfg.max_new_tokens,
+                                                temperature=cfg.temperature, seed=cfg.seed)  # fmt: skip
+            dt = time.perf_counter() - t0
+            tps[spec.name].append(sum(t.num_tokens for t in trajs) / dt)
+            first.setdefault(spec.name, trajs)
+            bar.set_postfix_str(f"{spec.name} {tps[spec.name][-1]:.0f} tok/s")
+            bar.update()
+    bar.close()
+    ar = tps[cfg.ar_name]
+    metrics, records = {}, []
+    for spec in cfg.samplers:
+        trajs = first[spec.name]
+        texts = tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
+        rewards = np.array([score(samples[i // n], x) for i, x in enumerate(texts)]).reshape(len(samples), n)
+        ratios = [a / b for a, b in zip(tps[spec.name], ar, strict=True)]
+        metrics[spec.name] = SamplerMetrics(
+            **summarize(spec, engines[spec.name].K, trajs, rewards, samples, cfg),
+            tok_per_s=median(tps[spec.name]), tok_per_s_runs=tps[spec.name],
+            speedup_vs_ar=median(ratios), speedup_runs=ratios,
+        )  # fmt: skip
+        records += [{"sampler": spec.name, "task": samples[i // n].task, "prompt": samples[i // n].prompt,
+                     "sample": i % n, "completion": x, "reward": float(rewards.flat[i]),
+                     "tokens": trajs[i].num_tokens, "forwards": trajs[i].num_forwards}
+                    for i, x in enumerate(texts)]  # fmt: skip
+    return metrics, records
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """sha256 (first 16 hex digits) of the checkpoint's weight files."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ the job
+def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
+    """Measure the suite, compare with the baseline (unless updating it), write the run dir; never exits."""
+    from rollout.bench.report import device_name
+    from trainers.regress.report import log_wandb, write_report
+
+    baseline, notes = None, []
+    if not update_baseline:  # fail fast, before minutes of decoding
+        baseline = load_baseline(cfg.baseline)
+        notes += check_suite(baseline, cfg, cfg.baseline)
+    require_checkpoint(cfg.checkpoint)
+    run_dir = Path(cfg.run_dir)
+    dump_config(cfg, run_dir / "config.yaml")
+    torch.set_num_threads(cfg.threads)
+    policy = HybridPolicy.from_pretrained(cfg.checkpoint)
+    if not policy.is_converted and any(s.sampler != "ar" for s in cfg.samplers):
+        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not converted; only sampler 'ar' can run on it")
+    tok = load_tokenizer(cfg.checkpoint)
+    samples = suite_samples(cfg)
+    log.info("regress: %s, %d prompts x %d samples, samplers %s", cfg.checkpoint, len(samples),
+             cfg.samples_per_prompt, [s.name for s in cfg.samplers])  # fmt: skip
+    metrics, records = measure(cfg, policy, tok, samples)
+    meta = {"checkpoint": cfg.checkpoint, "checkpoint_sha256": checkpoint_fingerprint(cfg.checkpoint),
+            "device": device_name(), "threads": cfg.threads, "torch": torch.__version__}  # fmt: skip
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    results = RegressResults(created=created, suite=cfg.suite(), meta=meta, samplers=metrics)
+    text = results.model_dump_json(indent=1)
+    write_json_atomic(run_dir / "results.json", text)
+    with (run_dir / "completions.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    checks = compare(baseline.samplers, metrics, cfg.tolerance) if baseline is not None else []
+    if baseline is not None and baseline.meta.get("device") != meta["device"]:
+        notes.append(f"baseline device {baseline.meta.get('device')!r} differs: tok/s are not comparable")
+    out = Outcome(results, baseline, checks, run_dir, Path(cfg.baseline), update_baseline, notes)
+    if update_baseline:
+        write_json_atomic(Path(cfg.baseline), text)
+    write_report(out, cfg)
+    if cfg.wandb != "disabled":
+        log_wandb(out, cfg)
+    return out

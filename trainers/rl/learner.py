@@ -1,0 +1,234 @@
+"""The learner: trains the hybrid policy directly on rollouts (DESIGN §5).
+
+Loss = GRPO/PPO-clip on the AR log-probs (the policy is the AR mode) + lambda_diff * TiDAR diffusion CE on the same
+rollout sequences (sampled tokens as labels, so the drafter follows the moving policy) + the MoE load-balancing loss.
+Lossless rollouts are exact AR samples, so `old_logprobs` = the rollout's `ar_logprobs` and the first epoch is
+on-policy; logit_mix rollouts get truncated importance weights against their `behavior_logprobs`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from common.config import Section
+from policy.hybrid import HybridPolicy
+from policy.losses import masked_ce
+from rollout.types import Trajectory
+from trainers.rl.losses import GRPOConfig, LossInputs, group_advantages, grpo_loss
+from trainers.rl.ppo import PPOConfig, ValueHead, gae, value_loss, whiten
+
+
+class LearnerConfig(Section):
+    """Optimisation of the RL step."""
+
+    lr: float = Field(1e-5, gt=0.0)
+    """AdamW learning rate."""
+    epochs: int = Field(1, ge=1)
+    """passes over each rollout batch."""
+    minibatches: int = Field(1, ge=1)
+    """optimizer steps per epoch."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """global grad-norm clip."""
+    lambda_diff: float = Field(0.5, ge=0.0)
+    """weight of the diffusion self-distillation loss on the rollouts (0 = drafter left to drift)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """sampling temperature of the rollouts: learner log-probs are taken at the same T."""
+    algo: Literal["grpo", "ppo"] = "grpo"
+    """group-relative advantages (GRPO) or a value head with GAE over tokens (PPO)."""
+    grpo: GRPOConfig = GRPOConfig()
+    """policy loss: clipping, aggregation, KL, truncated IS (shared by GRPO and PPO)."""
+    ppo: PPOConfig = PPOConfig()
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Rollouts as right-padded tensors; token-level tensors are aligned with `input_ids`."""
+
+    input_ids: torch.Tensor  # [B, S] prompt + completion (model and env turns)
+    valid: torch.Tensor  # [B, S] real tokens
+    completion: torch.Tensor  # [B, S] 1 on model-generated tokens (loss positions; env tokens are 0)
+    behavior_logprobs: torch.Tensor  # [B, S] at completion positions, else 0
+    ar_logprobs: torch.Tensor  # [B, S] AR policy of the rollout's version
+    rewards: torch.Tensor  # [B] episode reward
+    token_rewards: torch.Tensor  # [B, S] each turn's reward on its last model token (PPO)
+    group_size: int
+    policy_version: int  # oldest policy version among the rollouts
+
+    @staticmethod
+    def from_trajectories(trajs: list[Trajectory], rewards: list[float], group_size: int, pad_id: int):
+        """`rewards[i]` is trajectory i's episode reward; for multi-turn trajectories its per-turn rewards (which
+        must sum to it) are placed at their turns' ends, otherwise it sits on the last completion token."""
+        if len(trajs) % group_size:
+            raise ValueError(f"{len(trajs)} trajectories do not split into groups of {group_size}")
+        S = max(len(t.prompt_ids) + len(t.tokens) for t in trajs)
+        B = len(trajs)
+        ids = torch.full((B, S), pad_id, dtype=torch.long)
+        valid, comp = torch.zeros(B, S), torch.zeros(B, S)
+        blp, alp, tok_r = torch.zeros(B, S), torch.zeros(B, S), torch.zeros(B, S)
+        for i, t in enumerate(trajs):
+            P, n = len(t.prompt_ids), len(t.tokens)
+            ids[i, : P + n] = torch.tensor(t.prompt_ids + t.tokens)
+            valid[i, : P + n] = 1
+            comp[i, P : P + n] = torch.tensor(t.env_mask, dtype=torch.float) if t.env_mask is not None else 1
+            blp[i, P : P + n] = torch.tensor(t.behavior_logprobs)
+            alp[i, P : P + n] = torch.tensor(t.ar_logprobs)
+            if t.turn_ends:
+                for end, r in zip(t.turn_ends, t.turn_rewards, strict=True):
+                    tok_r[i, P + end] += r
+            elif n:
+                tok_r[i, P + n - 1] = rewards[i]
+        return RolloutBatch(ids, valid, comp, blp, alp, torch.tensor(rewards, dtype=torch.float), tok_r,
+                            group_size, min(t.policy_version for t in trajs))  # fmt: skip
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, S] log-prob of token t under the logits at t-1 (0 at t = 0), at the sampling temperature."""
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    taken = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return F.pad(taken, (1, 0))
+
+
+@torch.no_grad()
+def rollout_diagnostics(
+    logits, learner_logprobs, ar_logprobs, behavior_logprobs, mask, temperature: float
+) -> dict:
+    """Rollout-vs-learner mismatch over model tokens: mean |learner - rollout AR| log-prob, k3 KL(behaviour ||
+    learner), normalised ESS of the raw importance weights pi_learner / pi_behavior, and the policy's entropy."""
+    m = mask.bool()
+    if not m.any():
+        return {}
+    log_w = (learner_logprobs - behavior_logprobs)[m]
+    w = log_w.exp()
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # predicts tokens 1..S-1
+    entropy = -(logp.exp() * logp).sum(-1)
+    return {
+        "rollout/logprob_mismatch": float((learner_logprobs - ar_logprobs)[m].abs().mean()),
+        "rollout/mismatch_kl": float((w - 1 - log_w).mean()),
+        "rollout/is_ess": float(w.sum() ** 2 / (w.numel() * (w**2).sum())),
+        "train/entropy": float(entropy[m[:, 1:]].mean()),
+    }
+
+
+class Learner:
+    """One RL update per rollout batch. `version` counts updates: it is the policy version the workers get next."""
+
+    def __init__(self, policy: HybridPolicy, cfg: LearnerConfig, version: int = 0):
+        self.policy, self.cfg, self.version = policy, cfg, version
+        self.lambda_diff = cfg.lambda_diff  # the drift action may raise it; checkpointed with the learner
+        device = next(policy.parameters()).device
+        groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+        self.value_head = None
+        if cfg.algo == "ppo":
+            self.value_head = ValueHead(policy.model.config.hidden_size).to(device)
+            groups.append({"params": list(self.value_head.parameters()), "lr": cfg.ppo.value_lr})
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.ref = None  # frozen copy of the starting policy: the KL reference
+        if cfg.grpo.kl_coef > 0:
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.opt.state_dict(), "version": self.version, "lambda_diff": self.lambda_diff}
+        if self.value_head is not None:
+            state["value_head"] = self.value_head.state_dict()
+        if self.ref is not None:
+            state["ref"] = self.ref.model.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.version = state.get("version", self.version)
+        self.lambda_diff = state.get("lambda_diff", self.lambda_diff)
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+        if self.ref is not None:
+            self.ref.model.load_state_dict(state["ref"])
+
+    def _forward(self, ids, valid, need_diff: bool, need_values: bool, need_aux: bool = True):
+        """AR logits [B,S,V], diffusion logits or None, MoE aux or None, values [B,S] (V before token t) or None."""
+        out = self.policy.tidar_forward(ids, valid) if need_diff else None
+        if out is not None and not need_values:
+            return out.ar_logits, out.diff_logits, out.aux_loss, None
+        ar = self.policy.ar_forward(ids, valid, want_aux=need_aux and out is None)
+        # the value of the state that token t is sampled from: the hidden state at t - 1
+        values = F.pad(self.value_head(ar.hidden)[:, :-1], (1, 0)) if need_values else None
+        if out is not None:
+            return out.ar_logits, out.diff_logits, out.aux_loss, values
+        return ar.logits, None, ar.aux_loss, values
+
+    def _advantages(
+        self, batch: RolloutBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """GRPO: [B] group-normalised. PPO: [B, S] GAE over model tokens, plus rollout-time values and returns."""
+        if self.cfg.algo == "grpo":
+            return group_advantages(batch.rewards, batch.group_size, self.cfg.grpo.scale), None, None
+        with torch.no_grad():
+            *_, values = self._forward(batch.input_ids, batch.valid, False, need_values=True, need_aux=False)
+        adv, returns = gae(
+            batch.token_rewards, values, batch.completion, self.cfg.ppo.gamma, self.cfg.ppo.lam
+        )
+        if self.cfg.ppo.whiten:
+            adv = whiten(adv, batch.completion)
+        return adv, values, returns
+
+    def step(self, batch: RolloutBatch) -> dict[str, float]:
+        cfg, policy = self.cfg, self.policy
+        policy.train()
+        adv, old_values, returns = self._advantages(batch)
+        staleness = self.version - batch.policy_version
+        if (
+            staleness > 0
+        ):  # async: pi_old is the learner now; the rollout policy is the IS behaviour distribution
+            with torch.no_grad():
+                logits, *_ = self._forward(
+                    batch.input_ids, batch.valid, False, need_values=False, need_aux=False
+                )
+                old = token_logprobs(logits, batch.input_ids, cfg.temperature)
+            behavior = batch.behavior_logprobs
+        else:  # exact AR log-probs of the rollout policy; logit_mix rollouts carry their own behaviour log-probs
+            old, behavior = batch.ar_logprobs, batch.behavior_logprobs
+        B = batch.input_ids.shape[0]
+        metrics: dict[str, float] = {"rollout/staleness": float(staleness)}
+        for epoch in range(cfg.epochs):
+            for idx in torch.randperm(B).chunk(cfg.minibatches):
+                ids, valid, comp = batch.input_ids[idx], batch.valid[idx], batch.completion[idx]
+                logits, diff_logits, aux, values = self._forward(
+                    ids, valid, need_diff=self.lambda_diff > 0, need_values=self.value_head is not None
+                )
+                learner = token_logprobs(logits, ids, cfg.temperature)
+                ref = None
+                if self.ref is not None:
+                    with torch.no_grad():
+                        ref = token_logprobs(self.ref.ar_forward(ids, valid).logits, ids, cfg.temperature)
+                if epoch == 0 and "rollout/logprob_mismatch" not in metrics:
+                    metrics |= rollout_diagnostics(logits.detach(), learner.detach(), batch.ar_logprobs[idx],
+                                                   behavior[idx], comp, cfg.temperature)  # fmt: skip
+                loss, m = grpo_loss(
+                    LossInputs(learner, old[idx], behavior[idx], adv[idx], comp, ref), cfg.grpo
+                )
+                metrics |= m
+                if values is not None:
+                    v_loss = value_loss(values, old_values[idx], returns[idx], comp, cfg.ppo.value_clip)
+                    loss = loss + cfg.ppo.vf_coef * v_loss
+                    metrics["train/value_loss"] = float(v_loss.detach())
+                if diff_logits is not None:
+                    diff_loss = masked_ce(diff_logits, ids, comp)
+                    loss = loss + self.lambda_diff * diff_loss
+                    metrics["train/diff_loss"] = float(diff_loss.detach())
+                if aux is not None:
+                    loss = loss + float(getattr(policy.config, "router_aux_loss_coef", 0.0)) * aux
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                params = [*policy.parameters(), *(self.value_head.parameters() if self.value_head else [])]
+                metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                self.opt.step()
+                metrics["train/loss"] = float(loss.detach())
+        self.version += 1
+        metrics["reward/mean"] = float(batch.rewards.mean())
+        metrics["reward/std"] = float(batch.rewards.std(unbiased=False))
+        return metrics

@@ -1,0 +1,109 @@
+"""RL losses as pure functions (DESIGN §5): group advantages, clipped policy-gradient loss with three aggregations,
+k3 KL to a reference, truncated importance weights for off-policy (logit_mix or stale) rollouts.
+
+Shapes: B sequences (= prompts x group), G group size, T completion tokens; `mask` [B, T] marks model tokens (env
+tokens of multi-turn episodes and padding are 0). Log-probs are named by their distribution: `learner_logprobs`
+(current policy, with grad), `behavior_logprobs` (what sampled the rollout), `ref_logprobs` (KL reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from common.config import Section
+
+
+class GRPOConfig(Section):
+    """GRPO / PPO-clip objective settings."""
+
+    scale: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the reward std of the group, of the batch, or not at all."""
+    eps_low: float = Field(0.2, ge=0.0)
+    """lower clip: ratio >= 1 - eps_low."""
+    eps_high: float = Field(0.28, ge=0.0)
+    """upper clip: ratio <= 1 + eps_high (clip-higher)."""
+    aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    """token-mean over the batch, mean of per-sequence means, or Dr.GRPO (sum / (B * max_len))."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """weight of the k3 KL to the reference policy (0 = off)."""
+    is_cap: float = Field(2.0, gt=0.0)
+    """truncation C of the importance weight min(pi_learner_old / pi_behavior, C)."""
+    is_level: Literal["token", "sequence", "off"] = "token"
+    """importance correction per token, per sequence (product over tokens), or none."""
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6
+) -> torch.Tensor:
+    """rewards [B] (B = P * G, groups contiguous) -> advantages [B]: reward minus its group mean, scaled."""
+    r = rewards.view(-1, group_size).float()  # [P, G]
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
+    elif scale == "batch":
+        centered = centered / (r.std(unbiased=False) + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+    return centered.reshape(-1)
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor,
+                         cap: float, level: str) -> torch.Tensor:  # fmt: skip
+    """min(pi_old / pi_behavior, C) per token [B, T], or per sequence (broadcast over T); no grad."""
+    with torch.no_grad():
+        log_ratio = (old_logprobs - behavior_logprobs) * mask
+        if level == "off":
+            return torch.ones_like(log_ratio)
+        if level == "sequence":
+            log_ratio = log_ratio.sum(dim=1, keepdim=True).expand_as(log_ratio)
+        elif level != "token":
+            raise ValueError(f"is_level must be token, sequence or off, got {level!r}")
+        return torch.exp(log_ratio).clamp(max=cap)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    m = mask.to(per_token.dtype)
+    if how == "token_mean":
+        return (per_token * m).sum() / m.sum().clamp(min=1.0)
+    if how == "seq_mean":
+        return ((per_token * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
+    if how == "dr_grpo":
+        return (per_token * m).sum() / (m.shape[0] * m.shape[1])
+    raise ValueError(f"aggregation must be token_mean, seq_mean or dr_grpo, got {how!r}")
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    learner_logprobs: torch.Tensor  # [B, T] current policy, requires grad
+    old_logprobs: torch.Tensor  # [B, T] policy that the ratio is taken against (learner at rollout time)
+    behavior_logprobs: torch.Tensor  # [B, T] sampler's distribution (= old for exact lossless rollouts)
+    advantages: torch.Tensor  # [B] or [B, T]
+    mask: torch.Tensor  # [B, T]
+    ref_logprobs: torch.Tensor | None = None  # [B, T]
+
+
+def grpo_loss(x: LossInputs, cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss (+ k3 KL) with truncated IS; returns (loss, metrics)."""
+    adv = x.advantages if x.advantages.dim() == 2 else x.advantages[:, None].expand_as(x.learner_logprobs)
+    ratio = torch.exp(x.learner_logprobs - x.old_logprobs)
+    clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
+    w = truncated_is_weights(x.old_logprobs, x.behavior_logprobs, x.mask, cfg.is_cap, cfg.is_level)
+    per_token = -w * torch.minimum(ratio * adv, clipped * adv)
+    metrics = {}
+    if cfg.kl_coef > 0 and x.ref_logprobs is not None:
+        d = x.ref_logprobs - x.learner_logprobs
+        kl = torch.exp(d) - d - 1  # k3 estimator of KL(learner || ref), >= 0
+        per_token = per_token + cfg.kl_coef * kl
+        metrics["train/kl"] = float(aggregate(kl.detach(), x.mask, "token_mean"))
+    loss = aggregate(per_token, x.mask, cfg.aggregation)
+    with torch.no_grad():
+        m = x.mask.bool()
+        metrics["train/clipfrac"] = (
+            float(((ratio - clipped).abs() > 1e-8)[m].float().mean()) if m.any() else 0.0
+        )
+        metrics["train/is_weight_mean"] = float(w[m].mean()) if m.any() else 1.0
+    return loss, metrics

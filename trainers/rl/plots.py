@@ -1,0 +1,103 @@
+"""PNG curves of RL runs from their `metrics.jsonl`.
+
+- `plot_run(run_dir)` -> `<run_dir>/curves.png`: reward (mean and per task), acceptance (tokens per forward, accept
+  rate) and, when the run evaluates, the held-out solve rate.
+- `plot_compare({label: run_dir}, out)`: acceptance of several runs side by side (e.g. the lambda_diff ablation).
+
+    python -m trainers.rl.plots runs/grpo-abl-ld0 runs/grpo-abl-ld05 --labels "lambda_diff=0" "lambda_diff=0.5" \\
+        --out docs/ablation_lambda_diff.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _series(recs: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in recs if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    plt = _plt()
+    run_dir = Path(run_dir)
+    recs = _records(run_dir)
+    has_eval = any("eval/solve_rate" in r for r in recs)
+    fig, axes = plt.subplots(1, 3 if has_eval else 2, figsize=(16 if has_eval else 11, 4))
+    ax1, ax2 = axes[0], axes[1]
+    ax1.plot(*_series(recs, "reward/mean"), label="all", lw=2)
+    for key in sorted({k for r in recs for k in r if k.startswith("reward/") and k.endswith("/mean")}):
+        if key != "reward/mean":
+            ax1.plot(*_series(recs, key), label=key.split("/")[1], lw=1, alpha=0.7)
+    ax1.set(xlabel="RL step", ylabel="batch reward")
+    ax1.legend(fontsize=7)
+    ax2.plot(*_series(recs, "rollout/tokens_per_forward"), label="tokens per forward")
+    ax2.set(xlabel="RL step", ylabel="tokens per forward")
+    if any("rollout/accept_rate" in r for r in recs):
+        twin = ax2.twinx()
+        twin.plot(*_series(recs, "rollout/accept_rate"), color="tab:orange", label="accept rate")
+        twin.set_ylabel("accept rate")
+    ax2.legend(fontsize=7, loc="lower left")
+    if has_eval:
+        ax3 = axes[2]
+        ax3.plot(*_series(recs, "eval/solve_rate"), "o-", lw=2, label="task mix")
+        for key in sorted({k for r in recs for k in r if k.startswith("eval/") and k.count("/") == 2}):
+            ax3.plot(*_series(recs, key), ".--", lw=1, alpha=0.7, label=key.split("/")[1])
+        ax3.set(xlabel="RL step", ylabel="held-out solve rate (T=1)", ylim=(0, 1.02))
+        ax3.legend(fontsize=7)
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_compare(runs: dict[str, str | Path], out: str | Path) -> Path:
+    """Acceptance rate and tokens per forward per RL step for each run, on shared axes."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, run_dir in runs.items():
+        recs = _records(Path(run_dir))
+        ax1.plot(*_series(recs, "rollout/accept_rate"), label=label)
+        ax2.plot(*_series(recs, "rollout/tokens_per_forward"), label=label)
+    ax1.set(xlabel="RL step", ylabel="draft accept rate")
+    ax2.set(xlabel="RL step", ylabel="tokens per forward")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="compare the acceptance curves of RL runs")
+    p.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
+    p.add_argument("--labels", nargs="*", default=None, help="one label per run (default: directory names)")
+    p.add_argument("--out", required=True, help="PNG path")
+    args = p.parse_args(argv)
+    labels = args.labels or [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        p.error(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
+    print(plot_compare(dict(zip(labels, args.runs, strict=True)), args.out))
+
+
+if __name__ == "__main__":
+    main()

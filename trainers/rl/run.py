@@ -1,0 +1,216 @@
+"""`blockrl train`: the on-policy RL driver. It reads like the algorithm:
+
+    for step:  weight sync (numpy, versioned) -> prompts or env episodes -> rollouts (Ray workers, block
+               decoding) -> rewards (verifiers / env) -> learner step (GRPO or PPO + lambda_diff diffusion loss)
+               -> drift checks -> log -> atomic checkpoint
+
+`async_rollouts` launches step t+1's rollouts before learner step t, so they run one version behind; the learner
+then takes its own log-probs as pi_old and truncated importance weights against the rollout policy.
+
+Resume (`--resume`) restores the policy, optimizer, RNG, step and drift-detector state from `<run_dir>/checkpoint`
+and drops metrics records past it, so `metrics.jsonl` has each step exactly once.
+
+    blockrl train --config configs/grpo_tiny.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from common.checkpoint import load_trainer_state, recover, save_checkpoint
+from common.config import Section, ShippedPath, dump_config
+from common.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink
+from envs.tasks import TaskName
+from policy.hybrid import HybridPolicy, load_tokenizer
+from rollout.pool import RolloutPool, init_ray
+from rollout.settings import EngineSettings, WorkerSettings
+from rollout.worker import state_dict_numpy
+from trainers.rl.drift import DetectorConfig, DriftMonitor
+from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch
+from trainers.rl.plots import plot_run
+from trainers.rl.rollouts import StepRollouts, heldout_eval, heldout_samples, rollout_metrics
+
+log = logging.getLogger(__name__)
+
+
+class RolloutConfig(EngineSettings, WorkerSettings):
+    """Rollout workers and sampling."""
+
+    max_new_tokens: int = Field(160, ge=1)
+    """completion budget (an env episode's budget over all its turns)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """sampling temperature (the learner uses the same)."""
+
+
+class TrainConfig(Section):
+    """`blockrl train`: GRPO on the hybrid policy with block-decoded rollouts."""
+
+    run_dir: str = "runs/grpo"
+    """output: config.yaml, metrics.jsonl, checkpoint/, wandb/."""
+    checkpoint: ShippedPath = "checkpoints/tiny-moe"
+    """converted policy to start from."""
+    seed: int = 0
+    """prompt sampling and rollout seeds."""
+    steps: int = Field(20, ge=1)
+    """RL steps."""
+    tasks: list[TaskName] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
+    """task mix, cycled over a step's prompts (repeat a task to weight it); reasoning-gym verifiers score rewards."""
+    prompts_per_step: int = Field(16, ge=1)
+    """prompts per step; batch = prompts_per_step * group_size."""
+    group_size: int = Field(4, ge=2)
+    """samples per prompt (GRPO group)."""
+    checkpoint_every: int = Field(5, ge=1)
+    """steps between atomic checkpoints."""
+    env: str | None = None
+    """multi-turn gymnasium env id (e.g. blockrl/calc-chain_sum-v0) instead of single-turn `tasks` prompts."""
+    async_rollouts: bool = False
+    """one step off-policy: step t+1's rollouts (weights of step t-1) overlap learner step t; truncated IS."""
+    eval_every: int = Field(0, ge=0)
+    """steps between held-out solve-rate evaluations (0 = off); also run before step 1 and after the last step."""
+    eval_tasks: list[TaskName] | None = None
+    """tasks of the held-out evaluation (None = the distinct `tasks`)."""
+    eval_per_task: int = Field(60, ge=1)
+    """held-out prompts per task (one sample each, T=rollout temperature, seed-fixed, disjoint seed from training)."""
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode."""
+    drift_action: Literal["warn", "stop", "raise_lambda_diff"] = "warn"
+    """what an acceptance-drop or reward-regression alarm does."""
+    drift: list[DetectorConfig] = Field(
+        default_factory=lambda: [
+            DetectorConfig(metric="rollout/tokens_per_forward"),
+            DetectorConfig(metric="reward/mean"),
+            DetectorConfig(metric="reward/std", direction="up"),
+        ]
+    )
+    """drift detectors."""
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @model_validator(mode="after")
+    def _same_temperature(self) -> TrainConfig:
+        if self.learner.temperature != self.rollout.temperature:
+            raise ValueError(
+                f"learner.temperature ({self.learner.temperature}) must equal rollout.temperature "
+                f"({self.rollout.temperature}): the learner's log-probs are the rollout policy's at the same T"
+            )
+        return self
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
+    run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / "checkpoint"
+    recover(ckpt)
+    resuming = resume and ckpt.exists()
+    dump_config(cfg, run_dir / "config.yaml")
+    policy = HybridPolicy.from_pretrained(ckpt if resuming else cfg.checkpoint)
+    tok = load_tokenizer(cfg.checkpoint)
+    learner = Learner(policy, cfg.learner)
+    start, drift_state, wandb_id = 0, None, None
+    if resuming:
+        state = load_trainer_state(ckpt)
+        learner.load_state_dict(state["learner"])
+        start, drift_state, wandb_id = state["step"], state["drift"], state.get("wandb_id")
+        log.info("resumed %s at step %d", run_dir, start)
+    learner.version = start
+    drift = DriftMonitor(cfg.drift, drift_state)
+    sink, wandb_sink = _sinks(cfg, run_dir, start, wandb_id)
+
+    init_ray(run_dir, cfg.rollout.address, num_cpus=None)
+    r = cfg.rollout
+    pool = RolloutPool(cfg.checkpoint, r.workers, r.engine_kwargs(), r.cpus_per_worker, threads=r.threads)
+    sampling = {
+        "max_new_tokens": r.max_new_tokens,
+        "temperature": r.temperature,
+        "eos_token_id": tok.eos_token_id,
+    }
+    rollouts = StepRollouts(
+        pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling
+    )
+    K = policy.block_size if r.sampler != "ar" else 0
+    heldout = heldout_samples(cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, rollouts.train_prompts)
+    history, pending = [], None
+    try:
+        if cfg.eval_every and start == 0:
+            _publish(pool, policy, learner.version)
+            sink.log(0, heldout_eval(pool, tok, heldout, sampling))
+        for step in range(start, cfg.steps):
+            t0 = time.time()
+            if pending is None:  # on-policy: the rollouts use the weights of the last learner step
+                _publish(pool, policy, learner.version)
+                pending = rollouts.launch(step)
+            batch = pending.result()
+            pending = None
+            if (
+                cfg.async_rollouts and step + 1 < cfg.steps
+            ):  # one step off-policy: step+1's rollouts overlap learning
+                _publish(pool, policy, learner.version)
+                pending = rollouts.launch(step + 1)
+            t1 = time.time()
+            metrics = learner.step(RolloutBatch.from_trajectories(batch.trajs, batch.rewards, cfg.group_size,
+                                                                  tok.pad_token_id))  # fmt: skip
+            metrics |= rollout_metrics(batch, cfg.group_size, K)
+            metrics |= {"time/train_s": time.time() - t1, "time/step_s": time.time() - t0,
+                        "train/lambda_diff": learner.lambda_diff}  # fmt: skip
+            metrics |= _check_drift(drift, metrics, cfg, learner, step)
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                if pending is not None:
+                    pending.result()  # workers are busy with step+1; evaluate after (they hold older weights)
+                _publish(pool, policy, learner.version)
+                metrics |= heldout_eval(pool, tok, heldout, sampling)
+            if not math.isfinite(metrics["train/loss"]):
+                raise FloatingPointError(
+                    f"train/loss is {metrics['train/loss']} at step {step + 1}; stopping"
+                )
+            metrics = {k: v for k, v in metrics.items() if isinstance(v, float | int) and math.isfinite(v)}
+            sink.log(step + 1, metrics)
+            history.append({"step": step + 1, **metrics})
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(ckpt, policy, tok, {"learner": learner.state_dict(), "step": step + 1,
+                                                    "drift": drift.state_dict(),
+                                                    "wandb_id": wandb_sink.run_id if wandb_sink else None})  # fmt: skip
+            if cfg.drift_action == "stop" and any(k.endswith("_alarm") for k in metrics):
+                log.warning("stopping on drift alarm at step %d", step + 1)
+                break
+    finally:
+        rollouts.close()  # cancels a queued launch; a running collection ends when the pool goes
+        pool.shutdown()
+        sink.close()
+    if (run_dir / "metrics.jsonl").exists():
+        log.info("curves: %s", plot_run(run_dir))
+    return history
+
+
+def _publish(pool: RolloutPool, policy: HybridPolicy, version: int) -> None:
+    """Weight sync: the numpy state dict goes to every worker as `version` (skipped when they already hold it)."""
+    if pool.version != version:
+        pool.sync_weights(state_dict_numpy(policy), version=version)
+
+
+def _check_drift(drift: DriftMonitor, metrics: dict, cfg: TrainConfig, learner: Learner, step: int) -> dict:
+    out = {}
+    for name in drift.update(metrics):
+        out[f"drift/{name.replace('/', '_')}_alarm"] = 1.0
+        log.warning("drift alarm on %s at step %d (action: %s)", name, step + 1, cfg.drift_action)
+        if cfg.drift_action == "raise_lambda_diff":
+            learner.lambda_diff = max(2 * learner.lambda_diff, 0.1)
+    return out | drift.metrics()
+
+
+def _sinks(cfg: TrainConfig, run_dir: Path, start: int, wandb_id: str | None):
+    jsonl = JSONLSink(run_dir / "metrics.jsonl")
+    jsonl.truncate_after(start)
+    sinks, wandb_sink = [jsonl, StdoutSink(cfg.steps)], None
+    if cfg.wandb != "disabled":
+        wandb_sink = WandbSink(run_dir, "blockrl", cfg.model_dump(mode="json"), cfg.wandb, wandb_id)
+        sinks.append(wandb_sink)
+    return MultiSink(sinks), wandb_sink

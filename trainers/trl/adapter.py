@@ -1,0 +1,404 @@
+"""TRL adapter: blockrl rollouts inside `trl.GRPOTrainer(rollout_func=...)`, with version-checked weight sync and
+the truncated importance correction TRL only applies to vLLM.
+
+    from trl import GRPOConfig
+    from trainers.trl.adapter import BlockGRPOTrainer, BlockRolloutFunc
+
+    rollout = BlockRolloutFunc(sampler="lossless", levels=[0, 4, 8])  # shares the trainer's model: no weight copy
+    trainer = BlockGRPOTrainer(model=model, processing_class=tok, reward_funcs=[reward], args=GRPOConfig(...),
+                               train_dataset=ds, rollout_func=rollout)
+    trainer.train()
+
+How TRL 1.16 calls it (trl/trainer/grpo_trainer.py, `_generate`): `rollout_func(prompts, trainer)` once per generation
+batch, with the prompts ALREADY repeated num_generations times (RepeatSampler), one completion per entry, in order.
+It must return `prompt_ids`, `completion_ids` and `logprobs` (lists of per-sample lists); `env_mask` (1 = model token,
+0 = env/tool token) becomes TRL's tool mask; every other key is forwarded to the reward functions as a kwarg.
+
+Decisions:
+- **Weights.** By default the engine wraps the trainer's own model (one set of weights, nothing to copy), and each
+  call verifies the engine still holds that very module. With a separate engine policy (`policy=`: another device or
+  dtype) the weights are copied with `load_state_dict` whenever the trainer's version moved. The version is
+  `trainer.state.global_step` plus a content fingerprint (per-parameter sums, one read of the weights, cheap next to a
+  rollout). NOTE: not the tensors' in-place version counters: the fused AdamW that HF Trainer picks by default does
+  not bump them. Before every rollout the engine's copy itself is checksummed (`copy_checksum`: a strided sample of
+  each tensor, cast to the copy's dtype, summed on CPU) against the trainer's weights, so a stale, partial or
+  modified copy raises. The engine stamps `policy_version = global_step` on every trajectory.
+- **Log-probs.** `logprobs` are the behaviour log-probs. For `lossless` (and `ar`, `auto`) they equal the AR log-probs
+  at the trainer's temperature, so the batch is on-policy and plain `GRPOTrainer` is correct. For `logit_mix` they
+  are p_mix at draft-covered positions: use `BlockGRPOTrainer`, which scales each token's advantage by
+  w = min(pi_AR / pi_behaviour, C). For the PPO-style losses (grpo, dapo, dr_grpo, bnpo, luspo, cispo, sapo) that is
+  exactly TRL's vLLM path, which multiplies the per-token loss by w (the loss is linear in the advantage, w >= 0).
+- **Sampling** follows the trainer: temperature, top_p, top_k, max_completion_length, EOS ids. min_p,
+  repetition_penalty and generation_kwargs are not supported by the engine and fail at the first call. top_k/top_p
+  make the behaviour log-probs those of the truncated distribution while TRL's are the full softmax, so
+  BlockGRPOTrainer refuses them unless is_mode="off".
+- **Prompts** are tokenized like TRL's own path, honouring the trainer's tools, chat_template and
+  chat_template_kwargs. Seeds derive from `global_step`, so a resumed run does not replay earlier streams.
+- **Multi-turn.** `turn_fn(prompt_text, completion_text) -> reply | None` runs after every turn that ends on one of
+  `stop_strings`; the reply's tokens are appended with `env_mask = 0` and log-prob 0, and generation continues. Without
+  it, `env_mask` is all ones (single turn) when `return_env_mask` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field
+from trl.data_utils import is_conversational
+
+from common.config import Section
+from policy.hybrid import METADATA_KEY, HybridPolicy
+from rollout.engine import BlockEngine
+from rollout.types import Trajectory
+from trainers.trl.trainer import BlockGRPOTrainer, importance_weights  # noqa: F401 (the adapter's public API)
+
+log = logging.getLogger(__name__)
+
+# (prompt text, completion text so far) -> the env's reply, or None when the episode is over
+TurnFn = Callable[[str, str], str | None]
+
+
+class TRLRolloutConfig(Section):
+    """`BlockRolloutFunc` settings; sampling parameters come from the trainer (GRPOConfig)."""
+
+    sampler: Literal["ar", "lossless", "logit_mix", "auto"] = "lossless"
+    """engine sampler; logit_mix is off-policy (train it with BlockGRPOTrainer)."""
+    levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    """proposal levels per forward (must contain 0)."""
+    max_batch: int = Field(16, ge=1)
+    """engine batch (rows decoded together; more prompts are queued)."""
+    mix_weight: float = Field(0.5, ge=0.0, le=1.0)
+    """logit_mix weight w on the AR logits (1 = lossless)."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """completion budget; None = the trainer's max_completion_length."""
+    seed: int = 0
+    """base seed; a call uses seed + 10000 * global_step + (calls earlier at that step), each sample its own stream."""
+    stop_strings: list[str] = Field(default_factory=list)
+    """end a turn at these strings (multi-turn: turn_fn runs after each)."""
+    max_turns: int = Field(1, ge=1, le=100)
+    """model turns per episode when turn_fn is given."""
+    return_env_mask: bool = True
+    """return `env_mask` (all ones for single-turn rollouts)."""
+
+
+@dataclass
+class SyncRecord:
+    """What one call synced and verified (kept in `BlockRolloutFunc.history`)."""
+
+    call: int
+    global_step: int  # trainer.state.global_step at the call = the policy_version generated with
+    fingerprint: int  # hash of the trainer's per-parameter sums (changes with any weight update)
+    shared: bool  # engine policy is the trainer's own module
+    loaded: bool  # weights were copied into a separate engine policy at this call
+    sync_s: float
+    rollout_s: float = 0.0
+    tokens_per_forward: float = 0.0
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> int:
+    """Hash of every parameter's float64 sum: changes with any optimizer step or load, whatever the optimizer."""
+    sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()])
+    return hash(tuple(sums.tolist()))
+
+
+@torch.no_grad()
+def copy_checksum(model: torch.nn.Module, like: torch.nn.Module | None = None, samples: int = 1024) -> dict:
+    """Per-parameter float64 sum, on CPU, of a strided sample (<= ~2 x `samples` entries) of each tensor, first
+    cast to `like`'s dtype for that parameter. Exact for a model and a faithful copy of it on any device or dtype
+    (same entries, same values, same summation order); any optimizer step or stale/partial load changes it."""
+    params = dict(model.named_parameters())
+    dtypes = {name: p.dtype for name, p in (like or model).named_parameters()}
+    if params.keys() != dtypes.keys():
+        missing = sorted(params.keys() ^ dtypes.keys())
+        raise ValueError(
+            f"trl adapter: engine copy and trainer model have different parameters, e.g. {missing[:3]}"
+        )
+    out = {}
+    for name, dtype in dtypes.items():
+        flat = params[name].detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples)]
+        out[name] = sample.to(dtype).cpu().double().sum().item()
+    return out
+
+
+def _unwrap(trainer) -> torch.nn.Module:
+    return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def hybrid_of(model: torch.nn.Module) -> HybridPolicy:
+    """The HF model as a HybridPolicy (no copy), with the mask token / block size its config records."""
+    meta = getattr(model.config, METADATA_KEY, None) or {}
+    return HybridPolicy(model, meta.get("mask_token_id"), int(meta.get("block_size", 16)))
+
+
+@dataclass
+class _Episode:
+    """One sample's completion across turns."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # behaviour log-probs; 0.0 at env tokens
+    env_mask: list[int] = field(default_factory=list)
+    trajs: list[Trajectory] = field(default_factory=list)
+
+    def add(self, ids: list[int], logprobs: list[float], mask: int) -> None:
+        self.ids += ids
+        self.logprobs += logprobs
+        self.env_mask += [mask] * len(ids)
+
+    @property
+    def accept_rate(self) -> float:
+        drafted = sum(sum(t.draft_counts) for t in self.trajs)
+        return sum(sum(t.accept_counts) for t in self.trajs) / drafted if drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return sum(self.env_mask) / max(1, sum(t.num_forwards for t in self.trajs))
+
+
+class BlockRolloutFunc:
+    """`rollout_func` for `trl.GRPOTrainer`: block-decoded rollouts on blockrl's engine, weights synced by version.
+
+    policy: None shares the trainer's model (recommended); a HybridPolicy is a separate copy kept in sync.
+    """
+
+    def __init__(
+        self,
+        config: TRLRolloutConfig | None = None,
+        *,
+        policy: HybridPolicy | None = None,
+        turn_fn: TurnFn | None = None,
+        **overrides,
+    ):
+        self.cfg = config or TRLRolloutConfig(**overrides)
+        if config is not None and overrides:
+            raise ValueError("pass either a TRLRolloutConfig or keyword overrides, not both")
+        if turn_fn is not None and not self.cfg.stop_strings:
+            raise ValueError("turn_fn needs stop_strings: they end a model turn")
+        self.policy = policy
+        self.turn_fn = turn_fn
+        self.engine: BlockEngine | None = None
+        self.history: list[SyncRecord] = []
+        self._synced: tuple[int, int] | None = None  # (global_step, fingerprint) last copied into `policy`
+        self._calls: tuple[int, int] = (-1, -1)  # (global_step, rollout calls at that step - 1): the seed
+
+    @property
+    def off_policy(self) -> bool:
+        """True when `logprobs` (behaviour) differ from the AR policy's: needs BlockGRPOTrainer's correction."""
+        return self.cfg.sampler == "logit_mix" and self.cfg.mix_weight < 1.0
+
+    # ------------------------------------------------------------------------------------------------ weights
+    def sync(self, trainer) -> SyncRecord:
+        """Make the engine generate with the trainer's current weights; raise if that cannot be verified."""
+        t0 = time.perf_counter()
+        model = _unwrap(trainer)
+        step, fp = trainer.state.global_step, weights_fingerprint(model)
+        # policy=hybrid_of(the trainer's model) is shared too
+        shared = self.policy is None or self.policy.model is model
+        loaded = False
+        if self.engine is None:
+            policy = hybrid_of(model) if self.policy is None else self.policy
+            c = self.cfg
+            self.engine = BlockEngine(policy, c.sampler, levels=c.levels, max_batch=c.max_batch,
+                                      mix_weight=c.mix_weight, tokenizer=trainer.processing_class)  # fmt: skip
+            log.info("trl adapter: %s engine on %s", "shared" if shared else "separate-copy", c.sampler)
+        if shared:
+            if self.engine.policy.model is not model:
+                raise RuntimeError(
+                    "trl adapter: the trainer's model is no longer the module the engine wraps (was it wrapped or "
+                    "replaced after the first rollout?); pass policy= for a separate, synced copy"
+                )
+        else:
+            if self._synced != (step, fp):
+                self.policy.model.load_state_dict(model.state_dict())
+                loaded, self._synced = True, (step, fp)
+            self._verify_copy(model, step)
+        self.engine.policy_version = step
+        rec = SyncRecord(len(self.history), step, fp, shared, loaded, time.perf_counter() - t0)
+        self.history.append(rec)
+        return rec
+
+    def _verify_copy(self, model: torch.nn.Module, step: int) -> None:
+        """Checksum the engine's copy itself against the trainer's weights (cast to the copy's dtypes)."""
+        want = copy_checksum(model, like=self.policy.model)
+        got = copy_checksum(self.policy.model)
+        if got != want:
+            bad = [name for name in want if got.get(name) != want[name]]
+            raise RuntimeError(
+                f"trl adapter: the engine's weight copy differs from the trainer's at step {step} "
+                f"({len(bad)} of {len(want)} tensors, e.g. {bad[:3]}); was it modified after the sync, or did "
+                "load_state_dict not reach it?"
+            )
+
+    # ------------------------------------------------------------------------------------------------ rollout
+    def __call__(self, prompts: list, trainer) -> dict[str, list]:
+        rec = self.sync(trainer)
+        tok = trainer.processing_class
+        prompt_ids = tokenize_prompts(prompts, tok, **_chat_settings(trainer))
+        model = _unwrap(trainer)
+        was_training = model.training  # the engine puts the (shared) model in eval mode
+        t0 = time.perf_counter()
+        try:
+            episodes = self._episodes(prompts, prompt_ids, trainer, self._call_seed(rec.global_step))
+        finally:
+            model.train(was_training)
+        rec.rollout_s = time.perf_counter() - t0
+        out = {
+            "prompt_ids": prompt_ids,
+            "completion_ids": [e.ids for e in episodes],
+            "logprobs": [e.logprobs for e in episodes],  # behaviour = AR log-probs for exact samplers
+            "tokens_per_forward": [e.tokens_per_forward for e in episodes],
+            "accept_rate": [e.accept_rate for e in episodes],
+            "policy_version": [rec.global_step] * len(episodes),
+        }
+        if self.cfg.return_env_mask:
+            out["env_mask"] = [e.env_mask for e in episodes]
+        self._log(trainer, episodes, rec)
+        return out
+
+    def _sampling(self, trainer) -> dict:
+        args = trainer.args
+        for name, ok in (("min_p", args.min_p is None), ("repetition_penalty", args.repetition_penalty == 1.0),
+                         ("generation_kwargs", not args.generation_kwargs)):  # fmt: skip
+            if not ok:
+                raise ValueError(
+                    f"GRPOConfig.{name}={getattr(args, name)!r} is not supported by the block engine"
+                )
+        return {
+            "max_new_tokens": self.cfg.max_new_tokens or trainer.max_completion_length,
+            "temperature": trainer.temperature,
+            "top_p": trainer.top_p,
+            "top_k": trainer.top_k or 0,
+            "eos_token_id": tuple(trainer.eos_token_ids),
+            "stop_strings": tuple(self.cfg.stop_strings),
+        }
+
+    def _call_seed(self, step: int) -> int:
+        """seed + 10000 * global_step + (rollout calls earlier at this step): a resumed run continues the streams
+        of an uninterrupted one instead of restarting them."""
+        calls = self._calls[1] + 1 if self._calls[0] == step else 0
+        self._calls = (step, calls)
+        return self.cfg.seed + 10_000 * step + calls
+
+    def _episodes(self, prompts: list, prompt_ids: list[list[int]], trainer, seed: int) -> list[_Episode]:
+        """Generate every sample; with a turn_fn, alternate model turns and env replies up to the budget."""
+        sampling = self._sampling(trainer)
+        budget = sampling.pop("max_new_tokens")
+        n = len(prompt_ids)
+        offset = trainer.accelerator.process_index * n  # each process's samples get their own random streams
+        episodes = [_Episode() for _ in range(n)]
+        todo = list(range(n))
+        tok = trainer.processing_class
+        for turn in range(self.cfg.max_turns if self.turn_fn else 1):
+            left = {i: budget - len(episodes[i].ids) for i in todo}
+            trajs = self.engine.generate(
+                [prompt_ids[i] + episodes[i].ids for i in todo], max_new_tokens=max(left.values()),
+                seed=seed * 100 + turn, index_offset=offset, **sampling,
+            )  # fmt: skip
+            nxt = []
+            for i, t in zip(todo, trajs, strict=True):
+                e = episodes[i]
+                e.trajs.append(t)
+                e.add(t.tokens[: left[i]], t.behavior_logprobs[: left[i]], 1)
+                if self.turn_fn is None or t.finish_reason != "stop_string" or len(t.tokens) >= left[i]:
+                    continue
+                reply = self.turn_fn(_text(prompts[i]), tok.decode(e.ids))
+                if reply is None:
+                    continue
+                r = tok(reply, add_special_tokens=False)["input_ids"][: budget - len(e.ids)]
+                e.add(r, [0.0] * len(r), 0)
+                if len(e.ids) < budget:
+                    nxt.append(i)
+            todo = nxt
+            if not todo:
+                break
+        return episodes
+
+    def _log(self, trainer, episodes: list[_Episode], rec: SyncRecord) -> None:
+        """Acceptance and timing into TRL's per-step metrics (averaged per logging step, like `log_metric`)."""
+        tokens = sum(sum(e.env_mask) for e in episodes)
+        forwards = sum(t.num_forwards for e in episodes for t in e.trajs)
+        drafted = sum(sum(t.draft_counts) for e in episodes for t in e.trajs)
+        accepted = sum(sum(t.accept_counts) for e in episodes for t in e.trajs)
+        rec.tokens_per_forward = tokens / max(1, forwards)
+        metrics = {
+            "rollout/tokens_per_forward": rec.tokens_per_forward,
+            "rollout/accept_rate": accepted / drafted if drafted else 0.0,
+            "rollout/policy_version": float(rec.global_step),
+            "perf/rollout_tok_per_s": tokens / max(rec.rollout_s, 1e-9),
+            "time/rollout_s": rec.rollout_s,
+            "time/sync_s": rec.sync_s,
+        }
+        if self.off_policy:
+            gaps = [abs(b - a) for e in episodes for t in e.trajs
+                    for b, a in zip(t.behavior_logprobs, t.ar_logprobs, strict=True)]  # fmt: skip
+            metrics["rollout/behavior_ar_logp_gap"] = sum(gaps) / max(1, len(gaps))
+        for k, v in metrics.items():
+            if hasattr(trainer, "_log_metric"):  # TRL's reward-function `log_metric` hook
+                trainer._log_metric(k, v)
+            else:
+                mode = "train" if trainer.model.training else "eval"
+                trainer._metrics[mode][k].append(v)
+
+
+def _text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    content = [m["content"] for m in prompt]
+    return "".join(c if isinstance(c, str) else "".join(part.get("text", "") for part in c) for c in content)
+
+
+def _chat_settings(trainer) -> dict:
+    """The chat-template arguments TRL's own `GRPOTrainer._tokenize_prompts` passes (TRL 1.16)."""
+    if getattr(trainer, "environment_factories", None) is not None:
+        raise ValueError(
+            "trl adapter: GRPOTrainer(environment_factory=...) renders each prompt with its environment's tools; "
+            "not supported with BlockRolloutFunc (pass tools= or a turn_fn instead)"
+        )
+    return {
+        "tools": getattr(trainer, "tools", None),
+        "chat_template": getattr(trainer, "chat_template", None),
+        "chat_template_kwargs": getattr(trainer, "chat_template_kwargs", None),
+    }
+
+
+def tokenize_prompts(
+    prompts: list,
+    tok,
+    *,
+    tools: list | None = None,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> list[list[int]]:
+    """Prompt token ids as TRL's own generate path (`GRPOTrainer._tokenize_prompts`) makes them: `tok(text=...)` for
+    strings; for conversational prompts one batched `apply_chat_template(add_generation_prompt=True)` with the
+    trainer's `tools` (None when empty), `chat_template` (TRL's training template, or None for the tokenizer's) and
+    GRPOConfig `chat_template_kwargs`. Image (or other non-text) message parts are refused."""
+    if not prompts:
+        raise ValueError("rollout_func: got no prompts")
+    if not is_conversational({"prompt": prompts[0]}):
+        return [list(ids) for ids in tok(text=prompts)["input_ids"]]
+    for i, prompt in enumerate(prompts):
+        for m in prompt:
+            parts = m["content"] if isinstance(m.get("content"), list) else []
+            if any(part.get("type") != "text" for part in parts):
+                raise ValueError(
+                    f"rollout_func: prompt {i} has non-text message parts; multimodal is not supported"
+                )
+    if chat_template is None and getattr(tok, "chat_template", None) is None:
+        raise ValueError("rollout_func: conversational prompts need a tokenizer with a chat template")
+    out = tok.apply_chat_template(
+        conversation=prompts,
+        tools=tools or None,  # like TRL: some templates render tool boilerplate for tools=[]
+        chat_template=chat_template,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        **(chat_template_kwargs or {}),
+    )
+    return [list(ids) for ids in out["input_ids"]]
