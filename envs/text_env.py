@@ -12,7 +12,6 @@ raises `RewardError` naming the env and prompt (`on_reward_error="raise"`, the d
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,8 @@ from typing import Any
 import gymnasium as gym
 from gymnasium import spaces
 
-from envs.tasks import TaskSample, iter_samples, score
+from envs.splits import ENV_POOL_SEED, ENV_POOL_SIZE, env_prompt_pool
+from envs.tasks import TaskSample, score
 from policy.tokenizer import ALPHABET
 
 MAX_CHARS = 4096
@@ -64,20 +64,14 @@ class TextEnv(gym.Env):
         return self._last if self.render_mode == "ansi" else None
 
 
-@functools.lru_cache(maxsize=16)
-def _task_pool(task: str, size: int, seed: int) -> tuple[TaskSample, ...]:
-    """Shared by every env of the same task: a multi-turn batch builds one env per episode."""
-    return tuple(iter_samples(task, size, seed))
-
-
 class TaskEnv(TextEnv):
     """Single-turn env of one built-in task: prompt -> completion -> verifier reward, episode ends."""
 
-    def __init__(self, task: str, pool_size: int = 10_000, data_seed: int = 2024,
+    def __init__(self, task: str, pool_size: int = ENV_POOL_SIZE, data_seed: int = ENV_POOL_SEED,
                  reward_fn: Callable[[TaskSample, str], float] = score, **kw):  # fmt: skip
         super().__init__(**kw)
         self.task = task
-        self.pool = _task_pool(task, pool_size, data_seed)  # fixed pool; reset(seed) picks from it
+        self.pool = env_prompt_pool(task, pool_size, data_seed)  # fixed pool; reset(seed) picks from it
         self.reward_fn = reward_fn
         self.sample: TaskSample | None = None
 

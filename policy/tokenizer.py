@@ -38,3 +38,13 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
         model_max_length=4096,
     )
     return tok
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt's ids in the training format: BOS (when the tokenizer has one) then the text's own tokens.
+
+    The one place prompts are encoded, for every job and worker (issue: the format the drafter was trained on decides
+    its acceptance). A tokenizer without a BOS token encodes the text alone."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ids if bos is None else [bos, *ids]

@@ -1,45 +1,110 @@
-"""`sampler="auto"`: pick the exact sampler (engine `ar` or `lossless` at some level set) with the best projected
-tokens/s for this device and batch size, from the measured cost model and the live acceptance curve.
+"""`sampler="auto"`: a wrapper over engines that runs, per call, the exact sampler (engine `ar` or `lossless` at some
+level set) with the best projected tokens/s for this device and batch size, from the measured cost model and the
+live acceptance curve.
 
-First call at a batch size: time decode steps of every option (`CostModel.calibrate`). With no acceptance data yet,
-the first chunk of prompts runs as a lossless pilot (its trajectories are exact AR samples, so they are kept as
-results). Every later call projects all options, runs the best, and folds its acceptance back into the curve. AR is
-chosen unless a speculative option is projected faster, so auto is never knowingly slower than plain AR.
+`AutoSampler` has the engine's `generate()` / `run()` signature and builds its engines from an engine factory, so
+jobs hold "an engine" and never look inside one. First call at a batch size: time decode steps of every option
+(`CostModel.calibrate`). With no acceptance data yet, the first chunk of prompts runs as a lossless pilot (its
+trajectories are exact AR samples, so they are kept as results). Every later call projects all options, runs the
+best, and folds its acceptance back into the curve. AR is chosen unless a speculative option is projected faster,
+so auto is never knowingly slower than plain AR. Every trajectory names the option that produced it.
+
+    engine = build_engine(policy, EngineSettings(sampler="auto"), tokenizer=tok)
+    trajs = engine.generate(prompt_ids, max_new_tokens=64)
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from rollout.cost_model import CostModel, Option, default_options
+from policy.hybrid import HybridPolicy
+from rollout.cost_model import CostModel, EngineFactory, default_options
+from rollout.engine import BlockEngine
+from rollout.settings import EngineSettings
+from rollout.types import Option, SamplingParams, Trajectory
 
 log = logging.getLogger(__name__)
 
 
+def engine_factory(policy: HybridPolicy, *, block_size: int | None = None, mix_weight: float = 0.5,
+                   draft: str = "dirac", draft_temperature: float = 1.0, tokenizer=None,
+                   verify_fn=None) -> EngineFactory:
+    """(option, max_batch) -> a BlockEngine on `policy` with these shared settings."""
+
+    def make(opt: Option, max_batch: int) -> BlockEngine:
+        return BlockEngine(policy, opt.sampler, block_size, opt.levels or (0,), max_batch, mix_weight, draft,
+                           draft_temperature, tokenizer, verify_fn=verify_fn)
+
+    return make
+
+
+def build_engine(policy: HybridPolicy, settings: EngineSettings, tokenizer=None) -> BlockEngine | AutoSampler:
+    """The engine a job's `EngineSettings` describe: a BlockEngine, or an AutoSampler over BlockEngines."""
+    make = engine_factory(policy, mix_weight=settings.mix_weight, tokenizer=tokenizer)
+    if settings.sampler == "auto":
+        return AutoSampler(make, policy.block_size, max_batch=settings.max_batch)
+    return make(Option(settings.sampler, tuple(settings.levels)), settings.max_batch)
+
+
+@dataclass(frozen=True)
+class AutoState:
+    """What auto has seen and chosen (for reports; the trajectories themselves name their option)."""
+
+    acceptance_steps: int
+    pilot: str
+    last_choice: str | None
+
+
 class AutoSampler:
-    def __init__(self, make_engine, block_size: int, options: list[Option] | None = None):
-        self.make_engine = make_engine  # (sampler, levels, max_batch) -> BlockEngine
-        self.options = options or default_options(block_size)
+    sampler = "auto"
+
+    def __init__(self, make_engine: EngineFactory, block_size: int, max_batch: int = 16,
+                 options: Sequence[Option] | None = None):
+        self.make_engine = make_engine
+        self.max_batch = max_batch
+        self.options = list(options or default_options(block_size))
         self.cost = CostModel(block_size)
         self.calibrated: set[int] = set()
         self.last_choice: Option | None = None
         self.pilot = next(o for o in self.options if o.sampler != "ar" and len(o.levels) > 1)
+        self.policy_version = 0  # stamped on the trajectories, like BlockEngine.policy_version
 
-    def observe(self, trajs) -> None:
+    def state(self) -> AutoState:
+        last = self.last_choice.name if self.last_choice is not None else None
+        return AutoState(self.cost.acceptance.steps, self.pilot.name, last)
+
+    def observe(self, trajs: Sequence[Trajectory]) -> None:
         for t in trajs:
             if t.accept_counts:
                 self.cost.acceptance.observe(t.accept_counts, t.draft_counts)
 
-    def generate(self, policy, prompt_ids, max_batch: int, index_offset: int = 0, **kwargs):
-        B = min(max_batch, len(prompt_ids))
+    def _engine(self, opt: Option, batch: int) -> BlockEngine:
+        eng = self.make_engine(opt, batch)
+        eng.policy_version = self.policy_version
+        return eng
+
+    def generate(self, prompt_ids: list[list[int]], max_new_tokens: int = 128, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, audit: bool = False, index_offset: int = 0,
+                 **kwargs) -> list[Trajectory]:
+        """BlockEngine.generate's signature and contract (prompt i is seeded by (seed, index_offset + i))."""
+        eng = self._engine(self.options[0], 1)
+        if "eos_token_id" not in kwargs and eng.tokenizer is not None:
+            kwargs["eos_token_id"] = eng.tokenizer.eos_token_id
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, **kwargs)
+        return self.run(prompt_ids, params, index_offset=index_offset, audit=audit)
+
+    def run(self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0,
+            audit: bool = False) -> list[Trajectory]:
+        B = min(self.max_batch, len(prompt_ids))
         if B not in self.calibrated:
-            self.cost.calibrate(policy, self.options, [B])
+            self.cost.calibrate(self.make_engine, self.options, [B])
             self.calibrated.add(B)
-        results = []
+        results: list[Trajectory] = []
         if self.cost.acceptance.steps == 0:
             head, prompt_ids = prompt_ids[:B], prompt_ids[B:]
-            eng = self.make_engine(self.pilot.sampler, self.pilot.levels, B)
-            pilot = eng.generate(head, index_offset=index_offset, **kwargs)
+            pilot = self._engine(self.pilot, B).run(head, params, index_offset, audit)
             self.observe(pilot)
             results += pilot
             if not prompt_ids:
@@ -47,15 +112,9 @@ class AutoSampler:
                 return results
         choice = self.cost.choose(self.options, B)
         self.last_choice = choice
-        log.info(
-            "auto: %s (projected %.0f tok/s; ar %.0f)",
-            choice.name,
-            self.cost.project(choice, B),
-            self.cost.project(self.options[0], B),
-        )
+        log.info("auto: %s (projected %.0f tok/s; ar %.0f)", choice.name, self.cost.project(choice, B),
+                 self.cost.project(self.options[0], B))
         offset = index_offset + len(results)  # global prompt index: no random stream is reused
-        trajs = self.make_engine(choice.sampler, choice.levels or (0,), B).generate(
-            prompt_ids, index_offset=offset, **kwargs
-        )
+        trajs = self._engine(choice, B).run(prompt_ids, params, offset, audit)
         self.observe(trajs)
         return results + trajs

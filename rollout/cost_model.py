@@ -15,11 +15,16 @@ Markov chain, P(na >= i | n) = c_i for i <= n (else 0); its stationary law gives
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from rollout.types import Option
+
+# (option, max_batch) -> an engine running that option; `auto` and the calibration build engines through one
+EngineFactory = Callable[[Option, int], "object"]
 
 
 @dataclass
@@ -78,16 +83,6 @@ def tokens_per_step(survival: np.ndarray, levels: Sequence[int]) -> float:
     return float(pi @ np.arange(K + 1)) + 1.0
 
 
-@dataclass(frozen=True)
-class Option:
-    sampler: str  # "ar" | "lossless" | "logit_mix" (its steps cost a little more: mixing and AR log-probs)
-    levels: tuple[int, ...] = ()
-
-    @property
-    def name(self) -> str:
-        return self.sampler if self.sampler == "ar" else f"{self.sampler}{list(self.levels)}"
-
-
 def default_options(block_size: int) -> list[Option]:
     K = block_size
     sets = [
@@ -115,7 +110,7 @@ class CostModel:
 
     def calibrate(
         self,
-        policy,
+        make_engine: EngineFactory,
         options: Sequence[Option],
         batch_sizes: Sequence[int],
         prompt_len: int = 64,  # the mean context of a built-in-task rollout (prompt ~30 + half a ~70-token answer)
@@ -126,13 +121,11 @@ class CostModel:
         """Time real engine steps (median over repeats) per option and batch size: one decode step, and the
         prefill of that many prompts. `tails` also times the smaller batches a run passes through as its rows
         finish (B/2, B/4, 1), and single-row prefills (continuous batching refills rows one at a time)."""
-        from rollout.engine import BlockEngine  # local: the engine imports this module
-
-        V = policy.model.get_output_embeddings().weight.shape[0]
         g = torch.Generator().manual_seed(0)
         sizes = set(batch_sizes)
         if tails:
             sizes |= {max(1, b // d) for b in batch_sizes for d in (2, 4)} | {1}
+        V = make_engine(options[0], 1).vocab_size
         for B in sorted(sizes):
             # ragged lengths, as in real batches (a uniform batch would time the no-mask fast path)
             prompts = [
@@ -140,13 +133,7 @@ class CostModel:
                 for i in range(B)
             ]
             for opt in options:
-                eng = BlockEngine(
-                    policy,
-                    sampler=opt.sampler,
-                    levels=opt.levels or (0,),
-                    max_batch=B,
-                    block_size=self.block_size,
-                )
+                eng = make_engine(opt, B)
                 times = [eng.time_decode_steps(prompts, steps) for _ in range(repeats)]
                 self.step_seconds[(opt.name, B)] = statistics.median(t[1] for t in times)
                 self.prefill_seconds[(opt.name, B)] = statistics.median(t[0] for t in times)

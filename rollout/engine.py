@@ -29,12 +29,11 @@ import torch
 from kernels.verify import default_verify
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
-from rollout.auto import AutoSampler
 from rollout.cache import RaggedKVCache
 from rollout.processors import constraint_mask, process_logits
-from rollout.types import SamplingParams, Trajectory
+from rollout.types import Option, SamplingParams, Trajectory
 
-SAMPLERS = ("ar", "lossless", "logit_mix", "auto")
+SAMPLERS = ("ar", "lossless", "logit_mix")  # `auto` chooses among these: rollout/auto.py wraps engines
 
 
 @dataclass
@@ -62,6 +61,8 @@ class BlockEngine:
         policy_version: int = 0,
         verify_fn=None,
     ):
+        if sampler == "auto":
+            raise ValueError("sampler 'auto' chooses among engines: build it with rollout.auto.build_engine")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if sampler != "ar" and not policy.is_converted:
@@ -73,11 +74,6 @@ class BlockEngine:
         self.policy = policy
         self.sampler = sampler
         self.K = 0 if sampler == "ar" else (block_size or policy.block_size)
-        if sampler == "auto":
-            self._auto = AutoSampler(self._sibling, self.K)
-            levels = (0,)  # auto picks its own level set per call
-        elif levels == "auto":
-            raise ValueError("levels='auto' needs sampler='auto'")
         self.levels = [] if sampler == "ar" else list(levels)
         self.max_batch = max_batch
         self.mix_weight = mix_weight
@@ -96,21 +92,14 @@ class BlockEngine:
             self._step_mask = torch.ones(1, 1, dtype=torch.bool, device=self.device)
         self._levels_t = torch.tensor(self.levels or [0], device=self.device)
 
-    def _sibling(self, sampler: str, levels: Sequence[int], max_batch: int) -> BlockEngine:
-        """A concrete engine sharing this one's policy and settings (used by `auto`)."""
-        return BlockEngine(
-            self.policy,
-            sampler,
-            self.K,
-            levels,
-            max_batch,
-            self.mix_weight,
-            self.draft,
-            self.draft_temperature,
-            self.tokenizer,
-            self.policy_version,
-            self.verify_fn,
-        )
+    @property
+    def option(self) -> Option:
+        """The concrete sampler this engine runs (stamped on every trajectory)."""
+        return Option(self.sampler, tuple(self.levels))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.policy.model.get_output_embeddings().weight.shape[0]
 
     # ------------------------------------------------------------------------------------------------ public API
     @torch.inference_mode()
@@ -130,28 +119,21 @@ class BlockEngine:
 
         Prompt i draws its randomness from seed (seed, index_offset + i): callers that split one logical batch into
         several calls pass the global index, so repeated prompts (GRPO groups) never share a random stream."""
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("prompt_ids: every prompt needs at least one token")
         if "eos_token_id" not in kwargs and self.tokenizer is not None:
             kwargs["eos_token_id"] = self.tokenizer.eos_token_id
-        if kwargs.get("stop_strings") and self.tokenizer is None:
-            raise ValueError("stop_strings need the engine's tokenizer")
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, **kwargs)
+        return self.run(prompt_ids, params, index_offset=index_offset, audit=audit)
+
+    @torch.inference_mode()
+    def run(
+        self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0, audit: bool = False
+    ) -> list[Trajectory]:
+        """`generate` with the sampling settings as one typed object (what crosses the Ray boundary)."""
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("prompt_ids: every prompt needs at least one token")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need the engine's tokenizer")
         self.policy.eval()
-        if self.sampler == "auto":
-            return self._auto.generate(
-                self.policy,
-                prompt_ids,
-                self.max_batch,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                seed=seed,
-                audit=audit,
-                index_offset=index_offset,
-                **kwargs,
-            )
         return _Run(self, prompt_ids, params, audit, index_offset).run()
 
     @torch.inference_mode()
@@ -279,7 +261,9 @@ class _Run:
         self.commit(lens)
         for s, i in take:
             seed = self.params.seed * 1_000_003 + self.index_offset + i
-            traj = Trajectory(prompt_ids=list(self.prompts[i]), policy_version=eng.policy_version)
+            traj = Trajectory(
+                prompt_ids=list(self.prompts[i]), policy_version=eng.policy_version, sampler=eng.option.name
+            )
             traj.audit = [] if self.audit else None
             self.slots[s] = _Row(i, traj, torch.Generator().manual_seed(seed), time.perf_counter())
         last = self.head(hidden[torch.arange(R, device=dev), lens - 1])  # [R, V]: AR distribution of token 1

@@ -1,46 +1,45 @@
-"""Multi-turn episodes: the engine's model turns interleaved with a gymnasium text env's turns.
+"""Multi-turn episodes: the engine's model turns interleaved with an environment's replies.
 
-All episodes of a batch advance together: one `BlockEngine.generate` call per round decodes every live episode's next
-model turn (stopping at the env's `turn_stops` tool-call tags, EOS or the remaining token budget), each env then replies, and its
-reply is appended as observation tokens. The result is one `Trajectory` per episode whose `tokens` hold the whole
-exchange after the prompt, with `env_mask` (1 = model token, 0 = env token: never trained on), per-turn rewards at
-`turn_ends`, and log-probs (0 on env tokens). The prefix is re-prefilled each round; turns are short next to it.
+`run_turns` is the one loop, shared by gymnasium text envs (`run_episodes`, used by the Ray workers) and the TRL
+adapter's `turn_fn`. All episodes of a batch advance together: one engine call per round decodes every live
+episode's next model turn (stopping at `stop_strings` such as tool-call closing tags, EOS or the remaining token
+budget); `respond` then gives each episode's reply (or ends it), and the reply is appended as observation tokens.
+The result is one `Trajectory` per episode whose `tokens` hold the whole exchange after the prompt, with `env_mask`
+(1 = model token, 0 = env token: never trained on), `turn_ends`, and log-probs (0 on env tokens). The prefix is
+re-prefilled each round; turns are short next to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
+
 import gymnasium as gym
 
 import envs  # noqa: F401 (registers the blockrl/... env ids)
-from rollout.engine import BlockEngine
-from rollout.types import Trajectory
+from policy.tokenizer import encode_prompt
+from rollout.types import SamplingParams, Trajectory
+
+# (episode index, the episode so far, this turn's tokens, this turn's finish reason) -> reply token ids, or None to
+# end the episode. Called after every model turn.
+Respond = Callable[[int, Trajectory, list[int], str], list[int] | None]
 
 
-def run_episodes(engine: BlockEngine, tok, env_id: str, env_seeds: list[int], sampling: dict,
-                 index_offset: int = 0, max_turns: int = 8) -> list[Trajectory]:  # fmt: skip
-    """One episode per seed (`env.reset(seed=...)`); `sampling['max_new_tokens']` budgets each episode's tokens."""
-    sampling = dict(sampling)
-    budget = sampling.pop("max_new_tokens", 128)
-    base_seed = sampling.pop("seed", 0)
-    envs_ = [gym.make(env_id).unwrapped for _ in env_seeds]
-    # a model turn ends where the env takes over: its tool-call closing tags (env.turn_stops), EOS, or the budget
-    stops = tuple(sampling.pop("stop_strings", ())) + tuple(getattr(envs_[0], "turn_stops", ()))
-    eps = []
-    for env, seed in zip(envs_, env_seeds, strict=True):
-        prompt, _ = env.reset(seed=seed)
-        ids = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
-        eps.append(Trajectory(prompt_ids=ids, env_mask=[], policy_version=engine.policy_version))
+def run_turns(engine, prompt_ids: Sequence[list[int]], sampling: SamplingParams, respond: Respond,
+              index_offset: int = 0, max_turns: int = 8, seed_stride: int = 7919) -> list[Trajectory]:
+    """Episodes of up to `max_turns` model turns; `sampling.max_new_tokens` budgets each episode's tokens (model and
+    env). Round r draws from seed `sampling.seed + seed_stride * r` and, per row, (offset + its position among the
+    live rows): deterministic for a given batch."""
+    budget = sampling.max_new_tokens
+    eps = [Trajectory(prompt_ids=list(p), env_mask=[], policy_version=engine.policy_version) for p in prompt_ids]
     live = list(range(len(eps)))
     for turn in range(max_turns):
         live = [i for i in live if len(eps[i].tokens) < budget]
         if not live:
             break
-        # one engine call per round decodes every live episode's turn (ragged rows batch inside the engine); a row
-        # draws from (seed + turn, offset + its position among the live rows), deterministic for the shard
         left = [budget - len(eps[i].tokens) for i in live]
-        outs = engine.generate([eps[i].prompt_ids + eps[i].tokens for i in live], max_new_tokens=max(left),
-                               seed=base_seed + 7919 * turn, stop_strings=stops, index_offset=index_offset,
-                               **sampling)  # fmt: skip
+        params = dataclasses.replace(sampling, max_new_tokens=max(left), seed=sampling.seed + seed_stride * turn)
+        outs = engine.run([eps[i].prompt_ids + eps[i].tokens for i in live], params, index_offset=index_offset)
         still = []
         for i, t, n in zip(live, outs, left, strict=True):
             ep = eps[i]
@@ -52,18 +51,36 @@ def run_episodes(engine: BlockEngine, tok, env_id: str, env_seeds: list[int], sa
             ep.draft_counts += t.draft_counts
             ep.num_forwards += t.num_forwards
             ep.finish_reason = t.finish_reason
-            obs, reward, terminated, truncated, _ = envs_[i].step(
-                tok.decode(t.tokens, skip_special_tokens=True)
-            )
+            ep.sampler = t.sampler if ep.sampler in ("", t.sampler) else "auto"  # turns may run other options
             ep.turn_ends.append(len(ep.tokens) - 1)
-            ep.turn_rewards.append(float(reward))
-            if terminated or truncated or t.finish_reason != "stop_string" or not obs:
+            reply = respond(i, ep, t.tokens, t.finish_reason)
+            if not reply:
                 continue
-            reply = tok(obs, add_special_tokens=False)["input_ids"][: budget - len(ep.tokens)]
+            reply = list(reply)[: budget - len(ep.tokens)]
             _append(ep, reply, [0.0] * len(reply), [0.0] * len(reply), model=False)
             still.append(i)
         live = still
     return eps
+
+
+def run_episodes(engine, tok, env_id: str, env_seeds: list[int], sampling: SamplingParams,
+                 index_offset: int = 0, max_turns: int = 8) -> list[Trajectory]:
+    """One episode of gym env `env_id` per seed (`env.reset(seed=...)`); the env's reward after each model turn goes
+    to `turn_rewards`, and a turn that ends on one of the env's `turn_stops` (its tool-call tags) gets its reply."""
+    envs_ = [gym.make(env_id).unwrapped for _ in env_seeds]
+    # a model turn ends where the env takes over: its tool-call closing tags (env.turn_stops), EOS, or the budget
+    stops = tuple(sampling.stop_strings) + tuple(getattr(envs_[0], "turn_stops", ()))
+    prompts = [encode_prompt(tok, env.reset(seed=seed)[0]) for env, seed in zip(envs_, env_seeds, strict=True)]
+
+    def respond(i: int, ep: Trajectory, turn: list[int], finish: str) -> list[int] | None:
+        obs, reward, terminated, truncated, _ = envs_[i].step(tok.decode(turn, skip_special_tokens=True))
+        ep.turn_rewards.append(float(reward))
+        if terminated or truncated or finish != "stop_string" or not obs:
+            return None
+        return tok(obs, add_special_tokens=False)["input_ids"]
+
+    params = dataclasses.replace(sampling, stop_strings=stops)
+    return run_turns(engine, prompts, params, respond, index_offset=index_offset, max_turns=max_turns)
 
 
 def _append(ep: Trajectory, tokens, behavior, ar, model: bool) -> None:

@@ -3,9 +3,11 @@ trajectories. Only this module (and the driver) import Ray.
 
 - Ray is local by default (`address=None`, temp dir and logs inside the run directory) or joins a cluster.
 - Weights go out once per version: one `ray.put` of the numpy state dict, every worker loads it.
-- Fault tolerance: actors restart (`max_restarts`); a shard whose actor died is re-sent after the restarted actor
-  has been given the current weights again. Results are keyed by global sample index, so nothing is lost or
-  duplicated.
+- One scheduling and fault loop (`run`) serves every job: `collect` (RL steps) and the `blockrl rollout` job both
+  iterate it. Actors restart (`max_restarts`); a shard whose actor died, lost its node (and the result with it),
+  came back on stale weights or did not return within `shard_timeout_s` (a hung worker: it is killed and restarted)
+  is re-sent after the restarted actor has been given the current weights again. Results are keyed by global sample
+  index, so nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import logging
 import os
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ray
 from ray.exceptions import ObjectLostError, RayActorError
 
-from rollout.types import Trajectory
-from rollout.worker import RolloutWorker, Shard, StaleWeightsError
+from rollout.settings import EngineSettings, WorkerSettings
+from rollout.types import SamplingParams, Trajectory
+from rollout.worker import RolloutWorker, Shard, ShardResult, StaleWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +61,27 @@ def init_ray(run_dir: str | Path, address: str | None = None, num_cpus: int | No
 
 
 class RolloutPool:
-    def __init__(self, checkpoint: str, num_workers: int, engine_kwargs: dict, num_cpus_per_worker: float = 1.0,
-                 num_gpus_per_worker: float = 0.0, threads: int = 1, max_restarts: int = 3):  # fmt: skip
+    def __init__(self, checkpoint: str, engine: EngineSettings, num_workers: int = 2,
+                 num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0, threads: int = 1,
+                 max_restarts: int = 3, shard_timeout_s: float = 600.0):
+        if not isinstance(engine, EngineSettings):
+            raise TypeError(f"engine: expected EngineSettings, got {type(engine).__name__}")
         # SPREAD: on a cluster the workers land on different nodes, so one node's loss costs a fraction of the pool
         actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=max_restarts,
-                               scheduling_strategy="SPREAD")(RolloutWorker)  # fmt: skip
-        self.workers = [actor_cls.remote(checkpoint, engine_kwargs, threads) for _ in range(num_workers)]
+                               scheduling_strategy="SPREAD")(RolloutWorker)
+        self.workers = [actor_cls.remote(checkpoint, engine, threads) for _ in range(num_workers)]
+        self.shard_timeout_s = shard_timeout_s
         self.version = 0
         self._weights_ref = None
+
+    @classmethod
+    def from_settings(cls, checkpoint: str, engine: EngineSettings, workers: WorkerSettings) -> RolloutPool:
+        return cls(checkpoint, engine, workers.workers, workers.cpus_per_worker, threads=workers.threads,
+                   shard_timeout_s=workers.shard_timeout_s)
+
+    def wait_ready(self) -> None:
+        """Block until every worker has loaded its checkpoint."""
+        ray.get([w.ping.remote() for w in self.workers])
 
     def sync_weights(self, weights: dict, version: int) -> None:
         """Publish a numpy state dict as `version` to every worker (blocks until loaded)."""
@@ -73,7 +91,7 @@ class RolloutPool:
             try:
                 ray.get(ref)
             except RayActorError:  # died before loading: wait for the restart and load into the new one
-                self._reload(w)
+                self.reload(w)
 
     def worker_nodes(self) -> list[str]:
         """The Ray node id each worker runs on."""
@@ -83,65 +101,79 @@ class RolloutPool:
     def submit_shard(self, worker, shard: Shard):
         return worker.generate.remote(shard)
 
-    def collect(self, prompt_ids: list[list[int]], group_size: int, sampling: dict,
-                shard_size: int | None = None) -> list[Trajectory]:  # fmt: skip
+    def shards(self, n: int, shard_size: int | None) -> list[tuple[int, list[int]]]:
+        """(shard id, global sample indices) covering samples 0..n-1, one shard per worker by default."""
+        size = shard_size or max(1, -(-n // len(self.workers)))
+        return [(i, list(range(s, min(n, s + size)))) for i, s in enumerate(range(0, n, size))]
+
+    def collect(self, prompt_ids: list[list[int]], group_size: int, sampling: SamplingParams,
+                shard_size: int | None = None) -> list[Trajectory]:
         """Every prompt repeated `group_size` times (groups contiguous); one Trajectory per sample, in order."""
         samples = [p for p in prompt_ids for _ in range(group_size)]
-        n = len(samples)
-        size = shard_size or max(1, -(-n // len(self.workers)))
-        shards = [Shard(i, samples[s : s + size], list(range(s, min(n, s + size))), self.version, sampling)
-                  for i, s in enumerate(range(0, n, size))]  # fmt: skip
-        return self._run(shards, n)
+        shards = [Shard(k, [samples[i] for i in idx], idx, self.version, sampling)
+                  for k, idx in self.shards(len(samples), shard_size)]
+        return self.gather(shards, len(samples))
 
-    def collect_episodes(self, env_id: str, env_seeds: list[int], group_size: int, sampling: dict,
-                         shard_size: int | None = None) -> list[Trajectory]:  # fmt: skip
+    def collect_episodes(self, env_id: str, env_seeds: list[int], group_size: int, sampling: SamplingParams,
+                         shard_size: int | None = None) -> list[Trajectory]:
         """Multi-turn: one episode of `env_id` per (seed, group member), groups contiguous, in order."""
         seeds = [s for s in env_seeds for _ in range(group_size)]
-        n = len(seeds)
-        size = shard_size or max(1, -(-n // len(self.workers)))
-        shards = [Shard(i, [], list(range(s, min(n, s + size))), self.version, sampling, env_id, seeds[s : s + size])
-                  for i, s in enumerate(range(0, n, size))]  # fmt: skip
-        return self._run(shards, n)
+        shards = [Shard(k, [], idx, self.version, sampling, env_id, [seeds[i] for i in idx])
+                  for k, idx in self.shards(len(seeds), shard_size)]
+        return self.gather(shards, len(seeds))
 
-    def _run(self, shards: list[Shard], n: int) -> list[Trajectory]:
+    def gather(self, shards: list[Shard], n: int) -> list[Trajectory]:
+        """Run `shards` and return samples 0..n-1 in order; each index exactly once."""
         results: dict[int, Trajectory] = {}
-        pending = {}  # ref -> (worker index, shard)
-        queue = list(shards)
-        idle = list(range(len(self.workers)))
-        t0 = time.time()
-        while queue or pending:
-            while queue and idle:
-                w = idle.pop()
-                shard = queue.pop(0)
-                pending[self.submit_shard(self.workers[w], shard)] = (w, shard)
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=60)
-            if not done:
-                log.info("rollout: waiting on %d shards (%.0fs)", len(pending), time.time() - t0)
-                continue
-            ref = done[0]
-            w, shard = pending.pop(ref)
-            try:
-                _, indices, trajs = ray.get(ref)
-            except (RayActorError, ObjectLostError, StaleWeightsError) as e:
-                # died mid-shard, lost its node (and the result with it), or restarted while idle and came back on
-                # the checkpoint's weights: give it the current weights and re-run the shard
-                log.warning("rollout worker %d failed shard %d (%s): reloading it and resubmitting", w,
-                            shard.shard_id, type(e).__name__)  # fmt: skip
-                self._reload(w)
-                queue.insert(0, shard)
-                idle.append(w)
-                continue
-            for i, t in zip(indices, trajs, strict=True):
+        for res in self.run(shards):
+            for i, t in zip(res.indices, res.trajectories, strict=True):
                 if i in results:
                     raise RuntimeError(f"sample {i} returned twice")
                 results[i] = t
-            idle.append(w)
         missing = [i for i in range(n) if i not in results]
         if missing:
             raise RuntimeError(f"samples {missing[:10]} missing after collection")
         return [results[i] for i in range(n)]
 
-    def _reload(self, w: int, attempts: int = 60) -> None:
+    def run(self, shards: Iterable[Shard]) -> Iterator[ShardResult]:
+        """Yield each shard's result as it finishes, one shard per worker in flight. A shard whose worker died, lost
+        its node, restarted on stale weights or hung past `shard_timeout_s` is resubmitted to the reloaded worker."""
+        queue, pending, idle = deque(shards), {}, list(range(len(self.workers)))
+        t0 = time.time()
+        while queue or pending:
+            while queue and idle:
+                w, shard = idle.pop(), queue.popleft()
+                pending[self.submit_shard(self.workers[w], shard)] = (w, shard, time.time())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=min(60.0, self.shard_timeout_s))
+            if not done:
+                hung = [ref for ref, (_, _, t) in pending.items() if time.time() - t > self.shard_timeout_s]
+                for ref in hung:
+                    w, shard, _ = pending.pop(ref)
+                    log.warning("rollout worker %d: shard %d not back after %.0fs; restarting the worker and "
+                                "resubmitting", w, shard.shard_id, self.shard_timeout_s)
+                    ray.kill(self.workers[w], no_restart=False)
+                    self.reload(w)
+                    queue.appendleft(shard)
+                    idle.append(w)
+                if not hung:
+                    log.info("rollout: waiting on %d shards (%.0fs)", len(pending), time.time() - t0)
+                continue
+            w, shard, _ = pending.pop(done[0])
+            try:
+                res = ray.get(done[0])
+            except (RayActorError, ObjectLostError, StaleWeightsError) as e:
+                # died mid-shard, lost its node (and the result with it), or restarted while idle and came back on
+                # the checkpoint's weights: give it the current weights and re-run the shard
+                log.warning("rollout worker %d failed shard %d (%s): reloading it and resubmitting", w,
+                            shard.shard_id, type(e).__name__)
+                self.reload(w)
+                queue.appendleft(shard)
+                idle.append(w)
+                continue
+            idle.append(w)
+            yield res
+
+    def reload(self, w: int, attempts: int = 120) -> None:
         """Wait for a restarted actor and give it the current weights."""
         for _ in range(attempts):
             try:

@@ -1,12 +1,15 @@
 """Config sections shared by every job that runs rollouts on Ray workers (`blockrl train`, `blockrl rollout`):
 which engine the workers host, and how many workers with what resources. Jobs inherit them, so the YAML keys are
-the same everywhere (`sampler`, `levels`, `workers`, ...)."""
+the same everywhere (`sampler`, `levels`, `workers`, ...).
+
+`EngineSettings` is also what crosses the Ray boundary: the driver validates it (a bad value fails there, naming the
+field) and sends the frozen object; the worker builds its engine from it (`rollout.auto.build_engine`)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.config import Section
 
@@ -23,9 +26,16 @@ class EngineSettings(Section):
     max_batch: int = Field(16, ge=1)
     """engine batch per worker (continuous batching)."""
 
-    def engine_kwargs(self) -> dict:
-        return {"sampler": self.sampler, "levels": list(self.levels), "max_batch": self.max_batch,
-                "mix_weight": self.mix_weight}  # fmt: skip
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if 0 not in v or any(lv < 0 for lv in v) or len(set(v)) != len(v):
+            raise ValueError(f"levels must be distinct, >= 0 and contain 0, got {v}")
+        return v
+
+    def engine_settings(self) -> EngineSettings:
+        """Just the engine fields (jobs inherit this class): the typed object the workers get."""
+        return EngineSettings(**{k: getattr(self, k) for k in EngineSettings.model_fields})
 
 
 class WorkerSettings(Section):
@@ -39,3 +49,9 @@ class WorkerSettings(Section):
     """torch threads per actor."""
     address: str | None = None
     """Ray cluster address ("auto" or host:port); None = local Ray with its temp dir in the run directory."""
+    shard_timeout_s: float = Field(600.0, gt=0.0)
+    """a shard not back after this long counts as a hung worker: it is restarted and the shard resubmitted."""
+
+    def worker_settings(self) -> WorkerSettings:
+        """Just the worker fields (jobs inherit this class)."""
+        return WorkerSettings(**{k: getattr(self, k) for k in WorkerSettings.model_fields})

@@ -1,8 +1,21 @@
-"""Typed records that cross the engine boundary: sampling parameters in, trajectories out."""
+"""Typed records that cross the engine (and Ray) boundary: sampling parameters in, trajectories out, and the
+concrete sampler option (`Option`) that produced them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Option:
+    """A concrete sampler: what `auto` chooses among and what every trajectory records it was generated with."""
+
+    sampler: str  # "ar" | "lossless" | "logit_mix"
+    levels: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.sampler if self.sampler == "ar" else f"{self.sampler}{list(self.levels)}"
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,7 @@ class Trajectory:
     draft_counts: list[int] = field(default_factory=list)  # drafts offered at each decode step
     num_forwards: int = 0  # forward passes this row took part in (prefill included)
     policy_version: int = 0
+    sampler: str = ""  # the concrete option that generated it (`Option.name`); "auto" where turns mixed options
     finish_reason: str = ""  # "eos" | "stop_string" | "length"
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds: "total"
     audit: list[dict] | None = None  # per step: proposal drafts, accept_len, committed tokens
@@ -59,5 +73,11 @@ class Trajectory:
         return len(self.tokens)
 
     @property
+    def num_model_tokens(self) -> int:
+        """Tokens the model generated (env observation tokens of a multi-turn episode excluded)."""
+        return len(self.tokens) if self.env_mask is None else sum(self.env_mask)
+
+    @property
     def tokens_per_forward(self) -> float:
-        return len(self.tokens) / max(1, self.num_forwards)
+        """Model tokens per forward pass (env tokens were never decoded)."""
+        return self.num_model_tokens / max(1, self.num_forwards)

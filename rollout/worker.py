@@ -1,9 +1,11 @@
 """`RolloutWorker`: a plain class hosting one `BlockEngine`; `RolloutPool` wraps it in Ray actors.
 
 The worker is constructible and testable in-process; `ray.remote(num_cpus=...)(RolloutWorker)` is applied only when
-the pool creates actors. Weights arrive as a numpy state dict (zero-copy through the object store) stamped with a
-`policy_version`; a shard asks for the version it must be generated with, and a worker holding another version
-refuses it, so stale weights are never used silently.
+the pool creates actors. Everything crossing the actor boundary is typed: the engine's `EngineSettings` and each
+shard's `SamplingParams` are validated in the driver, and a shard comes back as a `ShardResult`. Weights arrive as a
+numpy state dict (zero-copy through the object store) stamped with a `policy_version`; a shard asks for the version
+it must be generated with, and a worker holding another version refuses it, so stale weights are never used
+silently.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import numpy as np
 import torch
 
 from policy.hybrid import HybridPolicy, load_tokenizer
+from rollout.auto import AutoSampler, build_engine
 from rollout.engine import BlockEngine
 from rollout.multiturn import run_episodes
-from rollout.types import Trajectory
+from rollout.settings import EngineSettings
+from rollout.types import SamplingParams, Trajectory
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,21 @@ class Shard:
     prompt_ids: list[list[int]]
     indices: list[int]  # global sample indices: seeds and de-duplication
     policy_version: int
-    sampling: dict = field(default_factory=dict)  # BlockEngine.generate keyword arguments
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     env_id: str | None = None  # multi-turn: run `env_id` episodes (rollout/multiturn.py) instead of prompts
     env_seeds: list[int] | None = None  # one env.reset seed per sample when env_id is set
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """A finished shard: one trajectory per sample index, in order (each names the sampler option it used)."""
+
+    shard: Shard
+    trajectories: list[Trajectory]
+
+    @property
+    def indices(self) -> list[int]:
+        return self.shard.indices
 
 
 class StaleWeightsError(RuntimeError):
@@ -41,14 +57,15 @@ def state_dict_numpy(policy: HybridPolicy) -> dict[str, np.ndarray]:
 
 
 class RolloutWorker:
-    def __init__(self, checkpoint: str, engine_kwargs: dict, threads: int = 1):
+    def __init__(self, checkpoint: str, engine: EngineSettings, threads: int = 1):
+        if not isinstance(engine, EngineSettings):
+            raise TypeError(f"engine: expected EngineSettings, got {type(engine).__name__}")
         torch.set_num_threads(threads)
         self.policy = HybridPolicy.from_pretrained(checkpoint).eval()
         self.tokenizer = load_tokenizer(checkpoint)
-        self.engine_kwargs = engine_kwargs
-        self.engine: BlockEngine | None = (
-            None  # built once: `auto` keeps its calibration and acceptance stats
-        )
+        self.settings = engine
+        # built once, on the first shard: `auto` keeps its calibration and acceptance stats
+        self.engine: BlockEngine | AutoSampler | None = None
         self.version = 0
 
     def ping(self) -> int:
@@ -60,20 +77,22 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def generate(self, shard: Shard) -> tuple[int, list[int], list[Trajectory]]:
+    def generate(self, shard: Shard) -> ShardResult:
         if shard.policy_version != self.version:
-            raise StaleWeightsError(f"shard {shard.shard_id} wants policy v{shard.policy_version}, worker has "
-                                    f"v{self.version}")  # fmt: skip
+            raise StaleWeightsError(
+                f"shard {shard.shard_id} wants policy v{shard.policy_version}, worker has v{self.version}"
+            )
         if shard.indices != list(range(shard.indices[0], shard.indices[0] + len(shard.indices))):
             raise ValueError(f"shard {shard.shard_id}: indices must be a contiguous range")
         if self.engine is None:
-            self.engine = BlockEngine(self.policy, tokenizer=self.tokenizer, **self.engine_kwargs)
+            self.engine = build_engine(self.policy, self.settings, self.tokenizer)
         engine = self.engine
         engine.policy_version = self.version  # weights load in place into the same policy module
         if shard.env_id is not None:
-            trajs = run_episodes(engine, self.tokenizer, shard.env_id, shard.env_seeds, shard.sampling,
-                                 index_offset=shard.indices[0])  # fmt: skip
-            return shard.shard_id, shard.indices, trajs
-        # index_offset = the global index: a sample's seed is the same whichever worker runs it, and on retries
-        trajs = engine.generate(shard.prompt_ids, index_offset=shard.indices[0], **shard.sampling)
-        return shard.shard_id, shard.indices, trajs
+            trajs = run_episodes(
+                engine, self.tokenizer, shard.env_id, shard.env_seeds, shard.sampling, index_offset=shard.indices[0]
+            )
+        else:
+            # index_offset = the global index: a sample's seed is the same whichever worker runs it, and on retries
+            trajs = engine.run(shard.prompt_ids, shard.sampling, index_offset=shard.indices[0])
+        return ShardResult(shard, trajs)

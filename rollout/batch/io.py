@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Config fields that change how fast the rows are produced, not what they contain: free to change on resume.
-OPERATIONAL = ("out_dir", "workers", "cpus_per_worker", "threads", "address")
+OPERATIONAL = ("out_dir", "workers", "cpus_per_worker", "threads", "address", "shard_timeout_s")
 # Config fields that say where the inputs are: the manifest pins their content instead.
 LOCATIONS = ("checkpoint", "prompts_file")
 
@@ -335,16 +335,11 @@ def is_complete(out_dir: Path, shard_id: int, rows: int) -> bool:
         return False
 
 
-def model_tokens(t: Trajectory) -> int:
-    """Tokens the model generated (env observation tokens of a multi-turn episode excluded)."""
-    return len(t.tokens) if t.env_mask is None else sum(t.env_mask)
-
-
 def trajectory_rows(trajs: list[Trajectory], indices: list[int], records: list[PromptRecord], group_size: int,
-                    tok, samplers: list[str]) -> list[dict]:  # fmt: skip
+                    tok) -> list[dict]:
     """One ROW_SCHEMA row per sample; an env episode's reward is the sum of its turn rewards."""
     rows = []
-    for i, t, sampler in zip(indices, trajs, samplers, strict=True):
+    for i, t in zip(indices, trajs, strict=True):
         rec = records[i // group_size]
         text = tok.decode(t.tokens, skip_special_tokens=True)
         reward = rec.reward(text) if rec.env_seed is None else float(sum(t.turn_rewards))
@@ -352,8 +347,8 @@ def trajectory_rows(trajs: list[Trajectory], indices: list[int], records: list[P
                      "prompt_ids": t.prompt_ids, "tokens": t.tokens, "text": text,
                      "behavior_logprobs": t.behavior_logprobs, "ar_logprobs": t.ar_logprobs, "reward": reward,
                      "accept_counts": t.accept_counts, "draft_counts": t.draft_counts,
-                     "num_forwards": t.num_forwards, "tokens_per_forward": model_tokens(t) / max(1, t.num_forwards),
-                     "finish_reason": t.finish_reason, "policy_version": t.policy_version, "sampler": sampler,
+                     "num_forwards": t.num_forwards, "tokens_per_forward": t.tokens_per_forward,
+                     "finish_reason": t.finish_reason, "policy_version": t.policy_version, "sampler": t.sampler,
                      "env_seed": rec.env_seed, "env_mask": t.env_mask, "turn_ends": t.turn_ends,
                      "turn_rewards": t.turn_rewards})  # fmt: skip
     return rows

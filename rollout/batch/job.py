@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +48,11 @@ from common.config import ConfigError, ShippedPath, dump_config
 from envs.tasks import TaskName
 from policy.hybrid import load_tokenizer
 from policy.masks import decode_step_layout
+from policy.tokenizer import encode_prompt
 from rollout.batch import io as job_io  # the job's inputs (prompts) and outputs (shards, manifest)
-from rollout.cost_model import Option
 from rollout.settings import EngineSettings, WorkerSettings
-from rollout.types import Trajectory
-from rollout.worker import RolloutWorker, Shard, state_dict_numpy
+from rollout.types import SamplingParams
+from rollout.worker import RolloutWorker, Shard, ShardResult, state_dict_numpy
 
 log = logging.getLogger(__name__)
 
@@ -119,123 +118,41 @@ class RolloutJobConfig(EngineSettings, WorkerSettings):
 # ---------------------------------------------------------------------------------------------- backends
 
 
-@dataclass
-class ShardResult:
-    shard: Shard
-    trajectories: list[Trajectory]
-    samplers: list[
-        str
-    ]  # per sample: the concrete sampler option it was generated with ("auto" = not observable)
-
-
-def sampler_name(engine_kwargs: dict) -> str:
-    """The configured sampler as `auto` names its options: "ar", "lossless[0, 4, 8]", ...; "auto" stays "auto"."""
-    s = engine_kwargs["sampler"]
-    return s if s == "auto" else Option(s, tuple(engine_kwargs["levels"])).name
-
-
-def auto_state(worker: RolloutWorker) -> tuple[int, str | None, str | None]:
-    """(acceptance steps seen, pilot option, last chosen option) of a worker's `auto` engine; runs in the worker."""
-    auto = getattr(worker.engine, "_auto", None)
-    if auto is None:  # not auto, or no engine built yet (it is built on the first shard)
-        return 0, None, None
-    last = auto.last_choice.name if auto.last_choice is not None else None
-    return auto.cost.acceptance.steps, auto.pilot.name, last
-
-
-def shard_samplers(configured: str, shard: Shard, before: tuple, after: tuple, max_batch: int) -> list[str]:
-    """Per sample of `shard`, the sampler it was generated with, from the worker's auto state around the shard."""
-    n = len(shard.indices)
-    if configured != "auto":
-        return [configured] * n
-    _, pilot, last = after
-    if shard.env_id is not None or last is None:
-        return ["auto"] * n  # one engine call per turn, each may choose: not observable per row
-    if before[0] == 0:  # no acceptance data before this shard: its first batch ran as auto's lossless pilot
-        b = min(max_batch, n)
-        return [pilot] * b + [last] * (n - b)
-    return [last] * n
-
-
 class LocalBackend:
     """Shards run one after another on an in-process `RolloutWorker` (tests, debugging); torch threads untouched."""
 
-    def __init__(self, checkpoint: str, engine_kwargs: dict, policy_version: int = 0):
+    def __init__(self, checkpoint: str, engine: EngineSettings, policy_version: int = 0):
         import torch
 
-        self.worker = RolloutWorker(checkpoint, engine_kwargs, threads=torch.get_num_threads())
-        self.sampler, self.max_batch = sampler_name(engine_kwargs), engine_kwargs["max_batch"]
+        self.worker = RolloutWorker(checkpoint, engine, threads=torch.get_num_threads())
         if policy_version:
             self.worker.set_weights(policy_version, state_dict_numpy(self.worker.policy))
 
     def run(self, shards: Iterable[Shard]) -> Iterator[ShardResult]:
         for shard in shards:
-            before = auto_state(self.worker)
-            trajs = self.worker.generate(shard)[2]
-            samplers = shard_samplers(self.sampler, shard, before, auto_state(self.worker), self.max_batch)
-            yield ShardResult(shard, trajs, samplers)
+            yield self.worker.generate(shard)
 
     def close(self) -> None:
         pass
 
 
 class RayBackend:
-    """One shard per `RolloutPool` worker in flight; shards are yielded as they finish. A dead worker is restarted
-    (with the current weights) and its shard resubmitted."""
+    """The `RolloutPool`'s scheduling and fault loop (one shard per worker in flight, shards yielded as they finish;
+    a dead, lost or hung worker is restarted with the current weights and its shard resubmitted)."""
 
-    def __init__(self, checkpoint: str, engine_kwargs: dict, policy_version: int, workers: int,
-                 cpus_per_worker: float, threads: int):  # fmt: skip
-        import ray
-
+    def __init__(self, checkpoint: str, engine: EngineSettings, policy_version: int, workers: WorkerSettings):
         from rollout.pool import RolloutPool
 
-        self.pool = RolloutPool(checkpoint, workers, engine_kwargs, cpus_per_worker, threads=threads)
-        self.sampler, self.max_batch = sampler_name(engine_kwargs), engine_kwargs["max_batch"]
-        log.info("rollout: starting %d Ray workers (each loads %s)", workers, checkpoint)
-        ray.get([w.ping.remote() for w in self.pool.workers])  # so that tokens/s measures generation only
+        self.pool = RolloutPool.from_settings(checkpoint, engine, workers)
+        log.info("rollout: starting %d Ray workers (each loads %s)", workers.workers, checkpoint)
+        self.pool.wait_ready()  # so that tokens/s measures generation only
         if policy_version:
             from policy.hybrid import HybridPolicy
 
             self.pool.sync_weights(state_dict_numpy(HybridPolicy.from_pretrained(checkpoint)), policy_version)
 
-    def _submit(self, w: int, shard: Shard) -> tuple:
-        """The shard's ref, between two probes of the worker's auto state (an actor runs its calls in order)."""
-        worker = self.pool.workers[w]
-        if self.sampler != "auto":
-            return self.pool.submit_shard(worker, shard), None, None
-        before = worker.__ray_call__.remote(auto_state)
-        ref = self.pool.submit_shard(worker, shard)
-        return ref, before, worker.__ray_call__.remote(auto_state)
-
     def run(self, shards: Iterable[Shard]) -> Iterator[ShardResult]:
-        import ray
-        from ray.exceptions import RayActorError
-
-        queue, pending, idle = deque(shards), {}, list(range(len(self.pool.workers)))
-        t0 = time.time()
-        while queue or pending:
-            while queue and idle:
-                w, shard = idle.pop(), queue.popleft()
-                ref, before, after = self._submit(w, shard)
-                pending[ref] = (w, shard, before, after)
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=60)
-            if not done:
-                log.info("rollout: waiting on %d shards (%.0fs)", len(pending), time.time() - t0)
-                continue
-            w, shard, before, after = pending.pop(done[0])
-            try:
-                trajs = ray.get(done[0])[2]
-                states = ray.get([before, after]) if before is not None else [(0, None, None)] * 2
-            except RayActorError:
-                log.warning(
-                    "rollout worker %d died on shard %d: restarting it and resubmitting", w, shard.shard_id
-                )
-                self.pool._reload(w)  # NOTE: the pool's own restart path (same as RolloutPool.collect)
-                queue.appendleft(shard)
-                idle.append(w)
-                continue
-            idle.append(w)
-            yield ShardResult(shard, trajs, shard_samplers(self.sampler, shard, *states, self.max_batch))
+        return self.pool.run(shards)
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -280,22 +197,20 @@ def check_checkpoint(cfg: RolloutJobConfig) -> None:
 def make_backend(cfg: RolloutJobConfig, kind: Literal["ray", "local"] = "ray") -> RayBackend | LocalBackend:
     """Ray workers (local Ray with its temp dir in <out_dir>/_run, or cfg.address), or one in-process worker."""
     if kind == "local":
-        return LocalBackend(cfg.checkpoint, cfg.engine_kwargs(), cfg.policy_version)
+        return LocalBackend(cfg.checkpoint, cfg.engine_settings(), cfg.policy_version)
     from rollout.pool import init_ray
 
     init_ray(Path(cfg.out_dir) / "_run", cfg.address, num_cpus=None)
-    return RayBackend(cfg.checkpoint, cfg.engine_kwargs(), cfg.policy_version, cfg.workers,
-                      cfg.cpus_per_worker, cfg.threads)  # fmt: skip
+    return RayBackend(cfg.checkpoint, cfg.engine_settings(), cfg.policy_version, cfg.worker_settings())
 
 
 def plan_shards(cfg: RolloutJobConfig, records, tok, out_dir: Path) -> tuple[int, int, list[Shard]]:
     """(samples, shards, the shards not yet on disk): shard k holds samples [k * shard_size, (k+1) * shard_size)."""
     n = len(records) * cfg.group_size
-    encoded = [[tok.bos_token_id, *tok(r.prompt, add_special_tokens=False)["input_ids"]] for r in records]
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "top_k": cfg.top_k, "seed": cfg.seed, "eos_token_id": tok.eos_token_id}  # fmt: skip
-    if cfg.stop_strings:
-        sampling["stop_strings"] = tuple(cfg.stop_strings)
+    encoded = [encode_prompt(tok, r.prompt) for r in records]
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              top_k=cfg.top_k, seed=cfg.seed, eos_token_id=tok.eos_token_id,
+                              stop_strings=tuple(cfg.stop_strings))
     num_shards, todo = -(-n // cfg.shard_size), []
     for k in range(num_shards):
         idx = list(range(k * cfg.shard_size, min(n, (k + 1) * cfg.shard_size)))  # global sample indices
@@ -332,11 +247,9 @@ def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSu
                    desc="rollout")  # fmt: skip
         try:
             for res in backend.run(shards):
-                rows = job_io.trajectory_rows(
-                    res.trajectories, res.shard.indices, records, cfg.group_size, tok, res.samplers
-                )
+                rows = job_io.trajectory_rows(res.trajectories, res.indices, records, cfg.group_size, tok)
                 job_io.write_shard(out_dir, res.shard.shard_id, rows)
-                tokens += sum(job_io.model_tokens(t) for t in res.trajectories)
+                tokens += sum(t.num_model_tokens for t in res.trajectories)
                 generated += 1
                 bar.update(len(res.trajectories))
                 bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")

@@ -24,10 +24,14 @@ import torch
 from pydantic import Field
 
 from common.config import ConfigError, Section, ShippedPath
-from envs.tasks import TaskSample, iter_samples, score
+from envs import splits
+from envs.tasks import TaskName, TaskSample, score
+from policy.generate import hf_generate
 from policy.hybrid import HybridPolicy, load_tokenizer
-from rollout.cost_model import AcceptanceStats, CostModel, Option
-from rollout.engine import BlockEngine
+from policy.tokenizer import encode_prompt
+from rollout.auto import AutoSampler, engine_factory
+from rollout.cost_model import AcceptanceStats, CostModel
+from rollout.types import Option
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ class BenchConfig(Section):
     """prompts per batch slot (n = max(B * this, min_prompts))."""
     min_prompts: int = Field(12, ge=1)
     """floor on prompts per run."""
-    tasks: list[str] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
+    tasks: list[TaskName] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
     """tasks the prompts come from."""
     seed: int = 7
     """prompt and sampling seed."""
@@ -145,27 +149,9 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def hf_generate(
-    policy, tok, samples: list[TaskSample], B: int, cfg: BenchConfig, seed: int
-) -> list[list[int]]:
-    torch.manual_seed(seed)
-    outs = []
-    for i in range(0, len(samples), B):
-        chunk = [tok.bos_token + s.prompt for s in samples[i : i + B]]
-        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        kw = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if cfg.temperature else {}
-        with torch.inference_mode():
-            gen = policy.model.generate(
-                **enc,
-                **kw,
-                max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-            cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-            outs.append(row[:cut])
-    return outs
+def bench_hf_generate(policy, tok, samples: list[TaskSample], B: int, cfg: BenchConfig, seed: int) -> list[list[int]]:
+    prompts = [s.prompt for s in samples]
+    return hf_generate(policy.model, tok, prompts, cfg.max_new_tokens, cfg.temperature, B, seed)
 
 
 class Cell:
@@ -183,7 +169,7 @@ class Cell:
         )
         self.levels = tuple(levels)
         self.prompts = [
-            [tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples
+            encode_prompt(tok, s.prompt) for s in samples
         ]
         self.res = RunResult(
             B,
@@ -194,15 +180,10 @@ class Cell:
         )
         self.engine = None
         if sampler != "hf":
-            self.engine = BlockEngine(
-                policy,
-                sampler=sampler,
-                levels=levels,
-                max_batch=B,
-                block_size=block_size,
-                mix_weight=mix_weight if mix_weight is not None else 0.5,
-                tokenizer=tok,
-            )
+            make = engine_factory(policy, block_size=block_size, tokenizer=tok,
+                                  mix_weight=mix_weight if mix_weight is not None else 0.5)
+            self.engine = (AutoSampler(make, policy.block_size, max_batch=B) if sampler == "auto"
+                           else make(Option(sampler, self.levels), B))
         self.outs: list[list[int]] = []
         self.trajs = None
 
@@ -213,14 +194,14 @@ class Cell:
                                  seed=self.cfg.seed)  # fmt: skip
         else:
             short = self.cfg.model_copy(update={"max_new_tokens": 16})
-            hf_generate(self.policy, self.tok, self.samples[: self.B], self.B, short, self.cfg.seed)
+            bench_hf_generate(self.policy, self.tok, self.samples[: self.B], self.B, short, self.cfg.seed)
 
     def run_once(self, rep: int) -> None:
         cfg = self.cfg
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             if self.engine is None:
-                self.outs = hf_generate(self.policy, self.tok, self.samples, self.B, cfg, cfg.seed + rep)
+                self.outs = bench_hf_generate(self.policy, self.tok, self.samples, self.B, cfg, cfg.seed + rep)
             else:
                 self.trajs = self.engine.generate(self.prompts, max_new_tokens=cfg.max_new_tokens,
                                                   temperature=cfg.temperature, seed=cfg.seed + rep)  # fmt: skip
@@ -251,7 +232,7 @@ class Cell:
                 res._acc = acc
             res._option = Option("ar") if self.sampler == "ar" else Option(self.sampler, self.levels)
             if self.sampler == "auto":
-                res._option = self.engine._auto.last_choice
+                res._option = self.engine.last_choice
                 res.choice = res._option.name
         return res
 
@@ -277,7 +258,7 @@ def run_cell(policy, tok, samples, B: int, cfg: BenchConfig, sampler: str, **kw)
 
 def prompts_for(cfg: BenchConfig, n: int) -> list[TaskSample]:
     per = -(-n // len(cfg.tasks))
-    pool = [s for t in cfg.tasks for s in iter_samples(t, per, cfg.seed + 1)]
+    pool = splits.bench_prompts(cfg.tasks, per, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     return [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
 
@@ -315,7 +296,7 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
             if (
                 res._option is not None
             ):  # time this option's steps now, in the machine state the runs just saw
-                cost.calibrate(policy, [res._option], [B], steps=12, tails=True)
+                cost.calibrate(engine_factory(policy), [res._option], [B], steps=12, tails=True)
         finish_rows(rows, cost)
         results += rows
     results += run_sweeps(policy, tok, cfg, cost)

@@ -8,8 +8,10 @@ import torch
 from kernels.verify import verify_reference
 from policy import HybridPolicy
 from policy.factory import build_model, tiny_dense_config, tiny_moe_config
+from policy.tokenizer import encode_prompt
 from rollout import BlockEngine
 from rollout import engine as engine_mod
+from rollout.auto import AutoSampler, engine_factory
 
 PROMPTS = [[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8], [2, 11, 12]]
 
@@ -185,7 +187,7 @@ def test_logit_mix_records_behavior_and_ar_logprobs():
 def test_eos_and_stop_strings_cut_inside_chunks(sampler, tokenizer):
     """Rerunning with EOS / a stop string set to what the free run produced cuts exactly there, nothing after."""
     policy = lively_policy("moe", vocab=len(tokenizer))
-    prompt = [[tokenizer.bos_token_id, *tokenizer("count e: ", add_special_tokens=False)["input_ids"]]]
+    prompt = [encode_prompt(tokenizer, "count e: ")]
     eng = BlockEngine(policy, sampler=sampler, levels=[0, 2], tokenizer=tokenizer)
     free = eng.generate(prompt, 30, temperature=0, eos_token_id=None)[0].tokens
     i = len(free) // 2
@@ -233,7 +235,7 @@ def test_bad_arguments():
 def test_auto_never_reuses_a_random_stream_across_repeated_prompts():
     """GRPO repeats each prompt G times: auto's pilot/main split must keep every sample's seed distinct."""
     policy = lively_policy("moe")
-    eng = BlockEngine(policy, sampler="auto", max_batch=2)
+    eng = AutoSampler(engine_factory(policy), policy.block_size, max_batch=2)
     trajs = eng.generate([[2, 5]] * 6, max_new_tokens=12, temperature=1.0, seed=3)
     assert len({tuple(t.tokens) for t in trajs}) > 3
 

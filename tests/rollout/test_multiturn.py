@@ -10,6 +10,7 @@ from policy import HybridPolicy
 from policy.factory import build_model, tiny_moe_config
 from rollout import BlockEngine
 from rollout.multiturn import run_episodes
+from rollout.types import SamplingParams
 from trainers.rl.learner import RolloutBatch, token_logprobs
 
 REPLY = "=ok\n"
@@ -48,7 +49,7 @@ def setup(tmp_path_factory):
 def test_env_turns_interleave_masked_and_model_tokens_stay_exact(setup):
     policy, tok = setup
     eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=8, tokenizer=tok)
-    eps = run_episodes(eng, tok, "test/tool-echo-v0", list(range(12)), {"max_new_tokens": 60, "seed": 5})
+    eps = run_episodes(eng, tok, "test/tool-echo-v0", list(range(12)), SamplingParams(max_new_tokens=60, seed=5))
     reply = tok(REPLY, add_special_tokens=False)["input_ids"]
     multi = [e for e in eps if len(e.turn_ends) > 1]
     assert multi, "no episode reached a second turn"
@@ -88,6 +89,6 @@ def test_env_turns_interleave_masked_and_model_tokens_stay_exact(setup):
 def test_episodes_are_reproducible_from_seeds(setup):
     policy, tok = setup
     eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=8, tokenizer=tok)
-    a = run_episodes(eng, tok, "test/tool-echo-v0", [1, 2, 3], {"max_new_tokens": 40, "seed": 9})
-    b = run_episodes(eng, tok, "test/tool-echo-v0", [1, 2, 3], {"max_new_tokens": 40, "seed": 9})
+    a = run_episodes(eng, tok, "test/tool-echo-v0", [1, 2, 3], SamplingParams(max_new_tokens=40, seed=9))
+    b = run_episodes(eng, tok, "test/tool-echo-v0", [1, 2, 3], SamplingParams(max_new_tokens=40, seed=9))
     assert [e.tokens for e in a] == [e.tokens for e in b]

@@ -6,11 +6,13 @@ import ray
 from policy import HybridPolicy
 from policy.factory import build_model, tiny_moe_config
 from rollout.pool import RolloutPool, init_ray, ray_temp_dir
+from rollout.settings import EngineSettings
+from rollout.types import SamplingParams
 from rollout.worker import RolloutWorker, Shard, StaleWeightsError, state_dict_numpy
 
 PROMPTS = [[2, 5, 6], [2, 9], [2, 7, 7, 8], [2, 11]]
-SAMPLING = {"max_new_tokens": 6, "temperature": 1.0, "seed": 3}
-ENGINE = {"sampler": "lossless", "levels": [0, 2], "max_batch": 4}
+SAMPLING = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)
+ENGINE = EngineSettings(sampler="lossless", levels=[0, 2], max_batch=4)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def test_worker_in_process_refuses_stale_versions(ckpt):
     with pytest.raises(StaleWeightsError, match="v1"):
         w.generate(shard)
     w.set_weights(1, state_dict_numpy(w.policy))
-    _, idx, trajs = w.generate(shard)
-    assert idx == [0] and trajs[0].policy_version == 1
+    res = w.generate(shard)
+    assert res.indices == [0] and res.trajectories[0].policy_version == 1
 
 
 def fault_on_submit(pool: RolloutPool, at: int, fault) -> list[int]:
@@ -56,13 +58,13 @@ def fault_on_submit(pool: RolloutPool, at: int, fault) -> list[int]:
 
 
 def test_pool_survives_a_killed_worker_without_loss_or_duplication(ckpt, local_ray):
-    pool = RolloutPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=0.5)
+    pool = RolloutPool(ckpt, num_workers=2, engine=ENGINE, num_cpus_per_worker=0.5)
     weights = state_dict_numpy(HybridPolicy.from_pretrained(ckpt))
     pool.sync_weights(weights, version=1)
     clean = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
     pool.shutdown()
 
-    killing = RolloutPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=0.5)
+    killing = RolloutPool(ckpt, num_workers=2, engine=ENGINE, num_cpus_per_worker=0.5)
     submitted = fault_on_submit(
         killing, 3, lambda worker: ray.kill(worker, no_restart=False)
     )  # Ray restarts it
@@ -83,7 +85,7 @@ def test_pool_recovers_a_worker_that_restarted_while_idle(ckpt, local_ray):
 
     from ray.exceptions import RayActorError
 
-    pool = RolloutPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=0.5)
+    pool = RolloutPool(ckpt, num_workers=2, engine=ENGINE, num_cpus_per_worker=0.5)
     pool.sync_weights(state_dict_numpy(HybridPolicy.from_pretrained(ckpt)), version=1)
     clean = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
     ray.kill(pool.workers[0], no_restart=False)
@@ -117,7 +119,7 @@ def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(ckpt, tmp_p
     try:
         init_ray(tmp, address=cluster.address)
         weights = state_dict_numpy(HybridPolicy.from_pretrained(ckpt))
-        pool = RolloutPool(ckpt, num_workers=2, engine_kwargs=ENGINE, num_cpus_per_worker=1)
+        pool = RolloutPool(ckpt, num_workers=2, engine=ENGINE, num_cpus_per_worker=1)
         assert len(set(pool.worker_nodes())) == 2
         pool.sync_weights(weights, version=1)
         clean = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)

@@ -12,7 +12,9 @@ import torch
 from pydantic import Field
 
 from common.config import Section
-from envs.tasks import TaskName, TaskSample, iter_samples
+from envs.splits import CORPUS_SEED, corpus, corpus_heldout
+from envs.tasks import TaskName, TaskSample
+from policy.tokenizer import encode_prompt
 
 
 class DataConfig(Section):
@@ -26,8 +28,8 @@ class DataConfig(Section):
     """training samples per task."""
     heldout_per_task: int = Field(200, ge=1)
     """held-out evaluation prompts per task."""
-    seed: int = 1234
-    """corpus seed; held-out prompts use seed + 1."""
+    seed: int = CORPUS_SEED
+    """corpus seed; held-out prompts use seed + 1 (envs/splits.py)."""
     exclude_prompt: bool = True
     """train only on completion tokens (the prompt is context, not target)."""
 
@@ -42,25 +44,19 @@ class Example:
 
 
 def encode(tokenizer, sample: TaskSample) -> Example:
-    p = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+    """`[BOS] prompt completion [EOS]`, the prompt encoded exactly as every rollout encodes it (`encode_prompt`)."""
+    p = encode_prompt(tokenizer, sample.prompt)
     c = tokenizer(sample.completion, add_special_tokens=False)["input_ids"]
-    return Example([tokenizer.bos_token_id, *p, *c, tokenizer.eos_token_id], 1 + len(p), sample.task)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return Example([*p, *c, *eos], len(p), sample.task)
 
 
 def heldout_samples(cfg: DataConfig) -> list[TaskSample]:
-    return [s for t in cfg.tasks for s in iter_samples(t, cfg.heldout_per_task, cfg.seed + 1)]
+    return corpus_heldout(cfg.tasks, cfg.heldout_per_task, cfg.seed)
 
 
 def train_examples(cfg: DataConfig, tokenizer, heldout: list[TaskSample]) -> list[Example]:
-    banned = {s.prompt for s in heldout}
-    out = []
-    for t in cfg.tasks:
-        out += [
-            encode(tokenizer, s)
-            for s in iter_samples(t, cfg.train_per_task, cfg.seed)
-            if s.prompt not in banned
-        ]
-    return out
+    return [encode(tokenizer, s) for s in corpus(cfg.tasks, cfg.train_per_task, heldout, cfg.seed)]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from common.config import Section
 from envs.tasks import TaskSample, score
+from policy.generate import hf_generate
 from trainers.lm.data import collate, encode
 
 
@@ -49,28 +50,10 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-@torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> list[str]:
-    """AR completions via HF generate (left padding, BOS-prefixed prompts, pure temperature sampling)."""
-    model.eval()
-    out: list[str] = []
-    torch.manual_seed(cfg.seed)
-    for i in range(0, len(prompts), cfg.batch_size):
-        chunk = [tokenizer.bos_token + p for p in prompts[i : i + cfg.batch_size]]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        if cfg.temperature > 0:  # pure temperature sampling: HF's default top_k=50 must be switched off
-            sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
-        else:
-            sampling = dict(do_sample=False)
-        gen = model.generate(
-            **enc,
-            **sampling,
-            max_new_tokens=cfg.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
+    """AR completions via HF generate (training-format prompts, pure temperature sampling)."""
+    outs = hf_generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, cfg.seed)
+    return tokenizer.batch_decode(outs, skip_special_tokens=True)
 
 
 def solve_rate(model, tokenizer, samples: list[TaskSample], cfg: EvalConfig) -> dict:

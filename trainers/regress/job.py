@@ -40,10 +40,13 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import require_checkpoint
 from common.config import ConfigError, Section, ShippedPath, dump_config
-from envs.tasks import CORPUS_TASKS, TASKS, TaskSample, iter_samples, score
+from envs import splits
+from envs.tasks import CORPUS_TASKS, TaskName, TaskSample, score
 from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.tokenizer import encode_prompt
+from rollout.auto import build_engine
 from rollout.cost_model import AcceptanceStats
-from rollout.engine import BlockEngine
+from rollout.settings import EngineSettings
 from rollout.types import Trajectory
 from trainers.lm.evaluate import wilson
 from trainers.regress.stats import (
@@ -72,6 +75,10 @@ class SamplerSpec(Section):
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """w of logit_mix."""
 
+    def engine_settings(self, max_batch: int) -> EngineSettings:
+        return EngineSettings(sampler=self.sampler, levels=self.levels, mix_weight=self.mix_weight,
+                              max_batch=max_batch)
+
 
 class RegressConfig(Section):
     """`blockrl regress`: seeded eval suite, samplers, baseline and tolerances."""
@@ -82,7 +89,7 @@ class RegressConfig(Section):
     """output: config.yaml, results.json, completions.jsonl, report.md, PNGs."""
     baseline: ShippedPath = "configs/regress_baseline.json"
     """baseline JSON compared against (rewritten by --update-baseline)."""
-    tasks: list[str] = Field(default_factory=lambda: list(CORPUS_TASKS), min_length=1)
+    tasks: list[TaskName] = Field(default_factory=lambda: list(CORPUS_TASKS), min_length=1)
     """reasoning-gym tasks of the suite (envs.tasks.TASKS)."""
     prompts_per_task: int = Field(20, ge=1)
     """prompts per task."""
@@ -90,8 +97,8 @@ class RegressConfig(Section):
     """samples per prompt (n of pass@k)."""
     pass_k: list[int] = Field(default_factory=lambda: [2, 4])
     """k values of pass@k (each <= samples_per_prompt; pass@1 is the solve rate)."""
-    prompt_seed: int = 1235
-    """reasoning-gym seed of the prompts (1235 = the shipped checkpoint's held-out prompts)."""
+    prompt_seed: int = splits.CORPUS_HELDOUT_SEED
+    """reasoning-gym seed of the prompts (default: the corpus held-out split, never trained on; envs/splits.py)."""
     seed: int = 0
     """sampling seed."""
     temperature: float = Field(1.0, ge=0.0)
@@ -120,9 +127,6 @@ class RegressConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RegressConfig:
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"tasks: unknown task(s) {unknown}; built-in: {sorted(TASKS)}")
         names = [s.name for s in self.samplers]
         if len(set(names)) != len(names):
             raise ValueError(f"samplers: names must be unique, got {names}")
@@ -267,7 +271,7 @@ def write_json_atomic(path: Path, text: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ measurement
 def suite_samples(cfg: RegressConfig) -> list[TaskSample]:
-    return [s for t in cfg.tasks for s in iter_samples(t, cfg.prompts_per_task, cfg.prompt_seed)]
+    return splits.task_prompts(cfg.tasks, cfg.prompts_per_task, cfg.prompt_seed)
 
 
 def summarize(spec: SamplerSpec, K: int, trajs: list[Trajectory], rewards: np.ndarray,
@@ -308,10 +312,9 @@ def summarize(spec: SamplerSpec, K: int, trajs: list[Trajectory], rewards: np.nd
 def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple[dict, list[dict]]:
     """{name: SamplerMetrics} and one completion record per (sampler, sample)."""
     n = cfg.samples_per_prompt
-    prompt_ids = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
+    prompt_ids = [encode_prompt(tok, s.prompt) for s in samples]
     ids = [p for p in prompt_ids for _ in range(n)]  # sample j of prompt i has index i * n + j
-    engines = {s.name: BlockEngine(policy, sampler=s.sampler, levels=s.levels, max_batch=cfg.max_batch,
-                                   mix_weight=s.mix_weight, tokenizer=tok) for s in cfg.samplers}  # fmt: skip
+    engines = {s.name: build_engine(policy, s.engine_settings(cfg.max_batch), tok) for s in cfg.samplers}
     for eng in engines.values():  # untimed warm-up (auto calibrates its cost model here)
         eng.generate(ids[: cfg.max_batch], max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed)
     first: dict[str, list[Trajectory]] = {}

@@ -13,11 +13,12 @@ import ray
 import torch
 
 from common.config import load_config
-from envs.tasks import iter_samples, score
+from envs import splits
+from envs.tasks import score
 from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.tokenizer import encode_prompt
 from rollout.engine import BlockEngine
 from trainers.lm.evaluate import wilson
-from trainers.rl.rollouts import heldout_samples
 from trainers.rl.run import TrainConfig, train
 
 
@@ -27,14 +28,13 @@ def heldout_solve_and_speed(
     """Held-out solve rate at T=1 with lossless rollouts, and tokens/s of lossless vs engine ar on the same prompts."""
     torch.set_num_threads(2)
     policy = HybridPolicy.from_pretrained(checkpoint).eval()
-    train = {s.prompt for t in tasks for s in iter_samples(t, 2000, seed + 17)}  # the RL run's prompt pool
-    samples = heldout_samples(tasks, per_task, exclude=train)
-    prompts = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
+    samples = splits.rl_heldout(tasks, per_task, exclude=splits.rl_train_prompts(tasks, seed))
+    prompts = [encode_prompt(tok, s.prompt) for s in samples]
     out = {}
     for sampler in ("lossless", "ar"):
         eng = BlockEngine(policy, sampler=sampler, levels=[0, 4, 8], max_batch=batch, tokenizer=tok)
         t0 = time.perf_counter()
-        trajs = eng.generate(prompts, max_new_tokens=160, temperature=1.0, seed=99)
+        trajs = eng.generate(prompts, max_new_tokens=160, temperature=1.0, seed=splits.HELDOUT_SAMPLING_SEED)
         dt = time.perf_counter() - t0
         out[f"{sampler}_tok_s"] = sum(t.num_tokens for t in trajs) / dt
         if sampler == "lossless":

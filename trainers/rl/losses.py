@@ -17,6 +17,18 @@ from pydantic import Field
 from common.config import Section
 
 
+class ImportanceConfig(Section):
+    """Truncated importance correction of off-policy rollouts (logit_mix, async): w = min(pi_target / pi_behavior, C).
+    One config for blockrl's learner and for `BlockGRPOTrainer` (TRL)."""
+
+    level: Literal["token", "sequence", "off"] = "token"
+    """per token, per sequence (product over its tokens, broadcast), or no correction."""
+    cap: float = Field(2.0, gt=0.0)
+    """C, the truncation of the weight."""
+    mode: Literal["truncate", "mask"] = "truncate"
+    """truncate: min(ratio, C); mask: the ratio where it is <= C, else 0 (the token or sequence is dropped)."""
+
+
 class GRPOConfig(Section):
     """GRPO / PPO-clip objective settings."""
 
@@ -30,10 +42,8 @@ class GRPOConfig(Section):
     """token-mean over the batch, mean of per-sequence means, or Dr.GRPO (sum / (B * max_len))."""
     kl_coef: float = Field(0.0, ge=0.0)
     """weight of the k3 KL to the reference policy (0 = off)."""
-    is_cap: float = Field(2.0, gt=0.0)
-    """truncation C of the importance weight min(pi_learner_old / pi_behavior, C)."""
-    is_level: Literal["token", "sequence", "off"] = "token"
-    """importance correction per token, per sequence (product over tokens), or none."""
+    importance: ImportanceConfig = ImportanceConfig()
+    """truncated importance weights min(pi_learner_old / pi_behavior, C) for off-policy rollouts."""
 
 
 def group_advantages(
@@ -51,18 +61,23 @@ def group_advantages(
     return centered.reshape(-1)
 
 
-def truncated_is_weights(old_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor,
-                         cap: float, level: str) -> torch.Tensor:  # fmt: skip
-    """min(pi_old / pi_behavior, C) per token [B, T], or per sequence (broadcast over T); no grad."""
+def importance_weights(target_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor,
+                       cfg: ImportanceConfig) -> torch.Tensor:
+    """[B, T] weights correcting behaviour -> target (no grad): min(pi_target / pi_behavior, C) per token, or per
+    sequence (one value per row, broadcast); mode "mask" zeroes ratios above C instead. Masked positions get 1; NaN
+    log-probs count as no correction (like TRL's vLLM path)."""
     with torch.no_grad():
-        log_ratio = (old_logprobs - behavior_logprobs) * mask
-        if level == "off":
-            return torch.ones_like(log_ratio)
-        if level == "sequence":
-            log_ratio = log_ratio.sum(dim=1, keepdim=True).expand_as(log_ratio)
-        elif level != "token":
-            raise ValueError(f"is_level must be token, sequence or off, got {level!r}")
-        return torch.exp(log_ratio).clamp(max=cap)
+        if cfg.level == "off":
+            return torch.ones_like(target_logprobs)
+        diff = torch.nan_to_num((target_logprobs - behavior_logprobs) * mask, nan=0.0)
+        if cfg.level == "sequence":
+            diff = diff.sum(dim=-1, keepdim=True).expand_as(diff)
+        ratio = torch.exp(diff.clamp(max=80.0))  # NOTE: clamp before exp keeps fp32 finite; C is far below e^80
+        if cfg.mode == "truncate":
+            w = ratio.clamp(max=cfg.cap)
+        else:
+            w = torch.where(ratio <= cfg.cap, ratio, torch.zeros_like(ratio))
+        return torch.where(mask.bool(), w, torch.ones_like(w))
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -91,7 +106,7 @@ def grpo_loss(x: LossInputs, cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, f
     adv = x.advantages if x.advantages.dim() == 2 else x.advantages[:, None].expand_as(x.learner_logprobs)
     ratio = torch.exp(x.learner_logprobs - x.old_logprobs)
     clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
-    w = truncated_is_weights(x.old_logprobs, x.behavior_logprobs, x.mask, cfg.is_cap, cfg.is_level)
+    w = importance_weights(x.old_logprobs, x.behavior_logprobs, x.mask, cfg.importance)
     per_token = -w * torch.minimum(ratio * adv, clipped * adv)
     metrics = {}
     if cfg.kl_coef > 0 and x.ref_logprobs is not None:

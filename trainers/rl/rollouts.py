@@ -8,6 +8,7 @@ rewards come from the env, turn by turn.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ import gymnasium as gym
 import torch
 
 import envs  # noqa: F401 (registers blockrl/... env ids)
-from envs.tasks import TaskSample, iter_samples, score
+from envs import splits
+from envs.tasks import TaskSample, score
+from policy.tokenizer import encode_prompt
 from rollout.cost_model import AcceptanceStats
 from rollout.pool import RolloutPool
-from rollout.types import Trajectory
+from rollout.types import SamplingParams, Trajectory
 
 
 @dataclass(frozen=True)
@@ -37,23 +40,18 @@ class StepRollouts:
     """Produces each step's `StepBatch` from the pool; `launch(step)` runs it in a background thread."""
 
     def __init__(self, pool: RolloutPool, tok, tasks: list[str], env: str | None, seed: int, prompts_per_step: int,
-                 group_size: int, sampling: dict):  # fmt: skip
+                 group_size: int, sampling: SamplingParams):
         self.pool, self.tok, self.tasks, self.env = pool, tok, tasks, env
-        self.seed, self.prompts_per_step, self.group_size, self.sampling = (
-            seed,
-            prompts_per_step,
-            group_size,
-            sampling,
-        )
+        self.seed, self.prompts_per_step, self.group_size = seed, prompts_per_step, group_size
+        self.sampling = sampling
         self.env_task = gym.make(env).unwrapped.task if env else None
-        self.prompt_pool = (
-            {} if env else {t: list(iter_samples(t, 2000, seed + 17)) for t in dict.fromkeys(tasks)}
-        )
+        self.prompt_pool = {} if env else splits.rl_prompt_pool(tasks, seed)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
 
     @property
     def train_prompts(self) -> set[str]:
-        return {s.prompt for pool in self.prompt_pool.values() for s in pool}
+        """Every prompt this run can train on (in env mode: the env's own prompt pool)."""
+        return splits.rl_train_prompts(self.tasks, self.seed, self.env_task)
 
     def step_prompts(self, step: int) -> list[TaskSample]:
         g = torch.Generator().manual_seed(self.seed * 7919 + step)
@@ -65,7 +63,7 @@ class StepRollouts:
 
     def collect(self, step: int) -> StepBatch:
         t0 = time.time()
-        sampling = self.sampling | {"seed": self.seed * 100_003 + step}
+        sampling = dataclasses.replace(self.sampling, seed=self.seed * 100_003 + step)
         if self.env:
             seeds = [
                 self.seed * 1_000_003 + step * self.prompts_per_step + i for i in range(self.prompts_per_step)
@@ -74,7 +72,7 @@ class StepRollouts:
             return StepBatch(step, trajs, [self.env_task] * len(seeds), [sum(t.turn_rewards) for t in trajs],
                              time.time() - t0)  # fmt: skip
         samples = self.step_prompts(step)
-        prompt_ids = [[self.tok.bos_token_id, *self.tok(s.prompt, add_special_tokens=False)["input_ids"]]
+        prompt_ids = [encode_prompt(self.tok, s.prompt)
                       for s in samples]  # fmt: skip
         trajs = self.pool.collect(prompt_ids, self.group_size, sampling)
         texts = self.tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
@@ -88,22 +86,12 @@ class StepRollouts:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def heldout_samples(tasks: list[str], per_task: int, exclude: set[str] = frozenset()) -> list[TaskSample]:
-    """`per_task` prompts per task from reasoning-gym seed 4242 (training draws from seed + 17), skipping any prompt
-    in `exclude` (the training pool: small tasks repeat prompts across seeds)."""
-    out = []
-    for task in dict.fromkeys(tasks):
-        fresh = (s for s in iter_samples(task, 4 * per_task, 4242) if s.prompt not in exclude)
-        out += [s for _, s in zip(range(per_task), fresh, strict=False)]
-    return out
-
-
-def heldout_eval(pool: RolloutPool, tok, samples: list[TaskSample], sampling: dict) -> dict[str, float]:
+def heldout_eval(pool: RolloutPool, tok, samples: list[TaskSample], sampling: SamplingParams) -> dict[str, float]:
     """Held-out solve rate on `samples`, one sample per prompt with the workers' sampler: exact AR samples when it is
     lossless or ar."""
     tasks = list(dict.fromkeys(s.task for s in samples))
-    prompt_ids = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
-    trajs = pool.collect(prompt_ids, 1, sampling | {"seed": 99})
+    prompt_ids = [encode_prompt(tok, s.prompt) for s in samples]
+    trajs = pool.collect(prompt_ids, 1, dataclasses.replace(sampling, seed=splits.HELDOUT_SAMPLING_SEED))
     texts = tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
     solved = [score(s, text) >= 1.0 for s, text in zip(samples, texts, strict=True)]
     m = {"eval/solve_rate": sum(solved) / len(solved)}

@@ -26,15 +26,17 @@ from pydantic import Field, model_validator
 from common.checkpoint import load_trainer_state, recover, save_checkpoint
 from common.config import Section, ShippedPath, dump_config
 from common.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink
+from envs import splits
 from envs.tasks import TaskName
 from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.pool import RolloutPool, init_ray
 from rollout.settings import EngineSettings, WorkerSettings
+from rollout.types import SamplingParams
 from rollout.worker import state_dict_numpy
 from trainers.rl.drift import DetectorConfig, DriftMonitor
 from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch
 from trainers.rl.plots import plot_run
-from trainers.rl.rollouts import StepRollouts, heldout_eval, heldout_samples, rollout_metrics
+from trainers.rl.rollouts import StepRollouts, heldout_eval, rollout_metrics
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +129,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
 
     init_ray(run_dir, cfg.rollout.address, num_cpus=None)
     r = cfg.rollout
-    pool = RolloutPool(cfg.checkpoint, r.workers, r.engine_kwargs(), r.cpus_per_worker, threads=r.threads)
-    sampling = {
-        "max_new_tokens": r.max_new_tokens,
-        "temperature": r.temperature,
-        "eos_token_id": tok.eos_token_id,
-    }
+    pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings())
+    sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                              eos_token_id=tok.eos_token_id)
     rollouts = StepRollouts(
         pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling
     )
     K = policy.block_size if r.sampler != "ar" else 0
-    heldout = heldout_samples(cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, rollouts.train_prompts)
+    heldout = splits.rl_heldout(cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, rollouts.train_prompts)
     history, pending = [], None
     try:
         if cfg.eval_every and start == 0:

@@ -31,7 +31,7 @@ Decisions:
 - **Sampling** follows the trainer: temperature, top_p, top_k, max_completion_length, EOS ids. min_p,
   repetition_penalty and generation_kwargs are not supported by the engine and fail at the first call. top_k/top_p
   make the behaviour log-probs those of the truncated distribution while TRL's are the full softmax, so
-  BlockGRPOTrainer refuses them unless is_mode="off".
+  BlockGRPOTrainer refuses them unless `importance=ImportanceConfig(level="off")`.
 - **Prompts** are tokenized like TRL's own path, honouring the trainer's tools, chat_template and
   chat_template_kwargs. Seeds derive from `global_step`, so a resumed run does not replay earlier streams.
 - **Multi-turn.** `turn_fn(prompt_text, completion_text) -> reply | None` runs after every turn that ends on one of
@@ -44,18 +44,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
 from trl.data_utils import is_conversational
 
-from common.config import Section
 from policy.hybrid import METADATA_KEY, HybridPolicy
+from rollout.auto import AutoSampler, build_engine
 from rollout.engine import BlockEngine
-from rollout.types import Trajectory
-from trainers.trl.trainer import BlockGRPOTrainer, importance_weights  # noqa: F401 (the adapter's public API)
+from rollout.multiturn import run_turns
+from rollout.settings import EngineSettings
+from rollout.types import SamplingParams, Trajectory
+from trainers.rl.losses import ImportanceConfig, importance_weights  # noqa: F401 (the adapter's public API)
+from trainers.trl.trainer import BlockGRPOTrainer  # noqa: F401 (the adapter's public API)
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +65,10 @@ log = logging.getLogger(__name__)
 TurnFn = Callable[[str, str], str | None]
 
 
-class TRLRolloutConfig(Section):
-    """`BlockRolloutFunc` settings; sampling parameters come from the trainer (GRPOConfig)."""
+class TRLRolloutConfig(EngineSettings):
+    """`BlockRolloutFunc` settings: the engine (sampler, levels, mix_weight, max_batch; logit_mix is off-policy, so
+    train it with BlockGRPOTrainer); sampling parameters come from the trainer (GRPOConfig)."""
 
-    sampler: Literal["ar", "lossless", "logit_mix", "auto"] = "lossless"
-    """engine sampler; logit_mix is off-policy (train it with BlockGRPOTrainer)."""
-    levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
-    """proposal levels per forward (must contain 0)."""
-    max_batch: int = Field(16, ge=1)
-    """engine batch (rows decoded together; more prompts are queued)."""
-    mix_weight: float = Field(0.5, ge=0.0, le=1.0)
-    """logit_mix weight w on the AR logits (1 = lossless)."""
     max_new_tokens: int | None = Field(None, ge=1)
     """completion budget; None = the trainer's max_completion_length."""
     seed: int = 0
@@ -137,30 +132,6 @@ def hybrid_of(model: torch.nn.Module) -> HybridPolicy:
     return HybridPolicy(model, meta.get("mask_token_id"), int(meta.get("block_size", 16)))
 
 
-@dataclass
-class _Episode:
-    """One sample's completion across turns."""
-
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # behaviour log-probs; 0.0 at env tokens
-    env_mask: list[int] = field(default_factory=list)
-    trajs: list[Trajectory] = field(default_factory=list)
-
-    def add(self, ids: list[int], logprobs: list[float], mask: int) -> None:
-        self.ids += ids
-        self.logprobs += logprobs
-        self.env_mask += [mask] * len(ids)
-
-    @property
-    def accept_rate(self) -> float:
-        drafted = sum(sum(t.draft_counts) for t in self.trajs)
-        return sum(sum(t.accept_counts) for t in self.trajs) / drafted if drafted else 0.0
-
-    @property
-    def tokens_per_forward(self) -> float:
-        return sum(self.env_mask) / max(1, sum(t.num_forwards for t in self.trajs))
-
-
 class BlockRolloutFunc:
     """`rollout_func` for `trl.GRPOTrainer`: block-decoded rollouts on blockrl's engine, weights synced by version.
 
@@ -182,7 +153,7 @@ class BlockRolloutFunc:
             raise ValueError("turn_fn needs stop_strings: they end a model turn")
         self.policy = policy
         self.turn_fn = turn_fn
-        self.engine: BlockEngine | None = None
+        self.engine: BlockEngine | AutoSampler | None = None
         self.history: list[SyncRecord] = []
         self._synced: tuple[int, int] | None = None  # (global_step, fingerprint) last copied into `policy`
         self._calls: tuple[int, int] = (-1, -1)  # (global_step, rollout calls at that step - 1): the seed
@@ -203,10 +174,8 @@ class BlockRolloutFunc:
         loaded = False
         if self.engine is None:
             policy = hybrid_of(model) if self.policy is None else self.policy
-            c = self.cfg
-            self.engine = BlockEngine(policy, c.sampler, levels=c.levels, max_batch=c.max_batch,
-                                      mix_weight=c.mix_weight, tokenizer=trainer.processing_class)  # fmt: skip
-            log.info("trl adapter: %s engine on %s", "shared" if shared else "separate-copy", c.sampler)
+            self.engine = build_engine(policy, self.cfg.engine_settings(), tokenizer=trainer.processing_class)
+            log.info("trl adapter: %s engine on %s", "shared" if shared else "separate-copy", self.cfg.sampler)
         if shared:
             if self.engine.policy.model is not model:
                 raise RuntimeError(
@@ -250,10 +219,10 @@ class BlockRolloutFunc:
         rec.rollout_s = time.perf_counter() - t0
         out = {
             "prompt_ids": prompt_ids,
-            "completion_ids": [e.ids for e in episodes],
-            "logprobs": [e.logprobs for e in episodes],  # behaviour = AR log-probs for exact samplers
+            "completion_ids": [e.tokens for e in episodes],
+            "logprobs": [e.behavior_logprobs for e in episodes],  # behaviour = AR log-probs for exact samplers
             "tokens_per_forward": [e.tokens_per_forward for e in episodes],
-            "accept_rate": [e.accept_rate for e in episodes],
+            "accept_rate": [_accept_rate([e]) for e in episodes],
             "policy_version": [rec.global_step] * len(episodes),
         }
         if self.cfg.return_env_mask:
@@ -261,22 +230,23 @@ class BlockRolloutFunc:
         self._log(trainer, episodes, rec)
         return out
 
-    def _sampling(self, trainer) -> dict:
+    def _sampling(self, trainer, seed: int) -> SamplingParams:
         args = trainer.args
         for name, ok in (("min_p", args.min_p is None), ("repetition_penalty", args.repetition_penalty == 1.0),
-                         ("generation_kwargs", not args.generation_kwargs)):  # fmt: skip
+                         ("generation_kwargs", not args.generation_kwargs)):
             if not ok:
                 raise ValueError(
                     f"GRPOConfig.{name}={getattr(args, name)!r} is not supported by the block engine"
                 )
-        return {
-            "max_new_tokens": self.cfg.max_new_tokens or trainer.max_completion_length,
-            "temperature": trainer.temperature,
-            "top_p": trainer.top_p,
-            "top_k": trainer.top_k or 0,
-            "eos_token_id": tuple(trainer.eos_token_ids),
-            "stop_strings": tuple(self.cfg.stop_strings),
-        }
+        return SamplingParams(
+            max_new_tokens=self.cfg.max_new_tokens or trainer.max_completion_length,
+            temperature=trainer.temperature,
+            top_p=trainer.top_p,
+            top_k=trainer.top_k or 0,
+            seed=seed * 100,  # turn r of the call draws from seed * 100 + r
+            eos_token_id=tuple(trainer.eos_token_ids),
+            stop_strings=tuple(self.cfg.stop_strings),
+        )
 
     def _call_seed(self, step: int) -> int:
         """seed + 10000 * global_step + (rollout calls earlier at this step): a resumed run continues the streams
@@ -285,58 +255,36 @@ class BlockRolloutFunc:
         self._calls = (step, calls)
         return self.cfg.seed + 10_000 * step + calls
 
-    def _episodes(self, prompts: list, prompt_ids: list[list[int]], trainer, seed: int) -> list[_Episode]:
-        """Generate every sample; with a turn_fn, alternate model turns and env replies up to the budget."""
-        sampling = self._sampling(trainer)
-        budget = sampling.pop("max_new_tokens")
-        n = len(prompt_ids)
-        offset = trainer.accelerator.process_index * n  # each process's samples get their own random streams
-        episodes = [_Episode() for _ in range(n)]
-        todo = list(range(n))
+    def _episodes(self, prompts: list, prompt_ids: list[list[int]], trainer, seed: int) -> list[Trajectory]:
+        """Generate every sample; with a turn_fn, alternate model turns and env replies up to the budget
+        (rollout/multiturn.py's loop)."""
         tok = trainer.processing_class
-        for turn in range(self.cfg.max_turns if self.turn_fn else 1):
-            left = {i: budget - len(episodes[i].ids) for i in todo}
-            trajs = self.engine.generate(
-                [prompt_ids[i] + episodes[i].ids for i in todo], max_new_tokens=max(left.values()),
-                seed=seed * 100 + turn, index_offset=offset, **sampling,
-            )  # fmt: skip
-            nxt = []
-            for i, t in zip(todo, trajs, strict=True):
-                e = episodes[i]
-                e.trajs.append(t)
-                e.add(t.tokens[: left[i]], t.behavior_logprobs[: left[i]], 1)
-                if self.turn_fn is None or t.finish_reason != "stop_string" or len(t.tokens) >= left[i]:
-                    continue
-                reply = self.turn_fn(_text(prompts[i]), tok.decode(e.ids))
-                if reply is None:
-                    continue
-                r = tok(reply, add_special_tokens=False)["input_ids"][: budget - len(e.ids)]
-                e.add(r, [0.0] * len(r), 0)
-                if len(e.ids) < budget:
-                    nxt.append(i)
-            todo = nxt
-            if not todo:
-                break
-        return episodes
 
-    def _log(self, trainer, episodes: list[_Episode], rec: SyncRecord) -> None:
+        def respond(i: int, ep: Trajectory, turn: list[int], finish: str) -> list[int] | None:
+            if self.turn_fn is None or finish != "stop_string":
+                return None
+            reply = self.turn_fn(_text(prompts[i]), tok.decode(ep.tokens))
+            return None if reply is None else tok(reply, add_special_tokens=False)["input_ids"]
+
+        offset = trainer.accelerator.process_index * len(prompt_ids)  # each process's samples: their own streams
+        return run_turns(self.engine, prompt_ids, self._sampling(trainer, seed), respond, index_offset=offset,
+                         max_turns=self.cfg.max_turns if self.turn_fn else 1, seed_stride=1)
+
+    def _log(self, trainer, episodes: list[Trajectory], rec: SyncRecord) -> None:
         """Acceptance and timing into TRL's per-step metrics (averaged per logging step, like `log_metric`)."""
-        tokens = sum(sum(e.env_mask) for e in episodes)
-        forwards = sum(t.num_forwards for e in episodes for t in e.trajs)
-        drafted = sum(sum(t.draft_counts) for e in episodes for t in e.trajs)
-        accepted = sum(sum(t.accept_counts) for e in episodes for t in e.trajs)
-        rec.tokens_per_forward = tokens / max(1, forwards)
+        tokens = sum(e.num_model_tokens for e in episodes)
+        rec.tokens_per_forward = tokens / max(1, sum(e.num_forwards for e in episodes))
         metrics = {
             "rollout/tokens_per_forward": rec.tokens_per_forward,
-            "rollout/accept_rate": accepted / drafted if drafted else 0.0,
+            "rollout/accept_rate": _accept_rate(episodes),
             "rollout/policy_version": float(rec.global_step),
             "perf/rollout_tok_per_s": tokens / max(rec.rollout_s, 1e-9),
             "time/rollout_s": rec.rollout_s,
             "time/sync_s": rec.sync_s,
         }
         if self.off_policy:
-            gaps = [abs(b - a) for e in episodes for t in e.trajs
-                    for b, a in zip(t.behavior_logprobs, t.ar_logprobs, strict=True)]  # fmt: skip
+            gaps = [abs(b - a) for e in episodes
+                    for b, a, m in zip(e.behavior_logprobs, e.ar_logprobs, e.env_mask, strict=True) if m]
             metrics["rollout/behavior_ar_logp_gap"] = sum(gaps) / max(1, len(gaps))
         for k, v in metrics.items():
             if hasattr(trainer, "_log_metric"):  # TRL's reward-function `log_metric` hook
@@ -344,6 +292,11 @@ class BlockRolloutFunc:
             else:
                 mode = "train" if trainer.model.training else "eval"
                 trainer._metrics[mode][k].append(v)
+
+
+def _accept_rate(trajs: list[Trajectory]) -> float:
+    drafted = sum(sum(t.draft_counts) for t in trajs)
+    return sum(sum(t.accept_counts) for t in trajs) / drafted if drafted else 0.0
 
 
 def _text(prompt) -> str:

@@ -35,7 +35,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from common.config import Section, ShippedPath
-from envs.tasks import CORPUS_TASKS, TaskSample, iter_samples, score
+from envs import splits
+from envs.tasks import CORPUS_TASKS, TaskName, TaskSample, score
 from policy.hybrid import load_tokenizer
 from rollout.bench.report import device_name
 from trainers.trl.adapter import BlockGRPOTrainer, BlockRolloutFunc
@@ -53,11 +54,11 @@ class TRLBenchConfig(Section):
     """where results.json and trl_bench.png go; TRL's output_dir lives inside it."""
     variants: list[Variant] = Field(default_factory=lambda: ["hf", "lossless"])
     """hf = TRL's default generate; others = BlockRolloutFunc with that sampler."""
-    tasks: list[str] = Field(default_factory=lambda: list(CORPUS_TASKS))
+    tasks: list[TaskName] = Field(default_factory=lambda: list(CORPUS_TASKS))
     """tasks the prompts come from."""
     prompts_per_task: int = Field(32, ge=1)
     """held-out prompts per task in the dataset."""
-    data_seed: int = 1235
+    data_seed: int = splits.CORPUS_HELDOUT_SEED
     """reasoning-gym seed of the prompts (1235 = held out from the shipped model's training)."""
     num_generations: int = Field(4, ge=2)
     """GRPO group size."""
@@ -250,7 +251,7 @@ def run_trl_bench(cfg: TRLBenchConfig) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     torch.set_num_threads(cfg.threads)
     tok = load_tokenizer(cfg.checkpoint)
-    samples = [s for t in cfg.tasks for s in iter_samples(t, cfg.prompts_per_task, cfg.data_seed)]
+    samples = splits.task_prompts(cfg.tasks, cfg.prompts_per_task, cfg.data_seed)
     by_prompt = {tok.bos_token + s.prompt: s for s in samples}  # TRL tokenizes the prompt text as given
     dataset = Dataset.from_list([{"prompt": p} for p in by_prompt])
     baton = _Baton(cfg.variants)

@@ -9,30 +9,7 @@ from __future__ import annotations
 import torch
 from trl import GRPOTrainer
 
-
-def importance_weights(
-    ar_logprobs: torch.Tensor,  # [B, T] pi_AR of the sampled tokens, at the weights that generated them
-    behavior_logprobs: torch.Tensor,  # [B, T] the sampler's distribution (p_mix at draft positions)
-    mask: torch.Tensor,  # [B, T] 1 = model token in the loss
-    mode: str = "token_truncate",
-    clip_max: float = 3.0,
-) -> torch.Tensor:
-    """Per-token weights [B, T] (sequence modes: one value per row, broadcast) correcting behaviour -> AR.
-
-    token_truncate: min(pi_AR / pi_b, C) per token; sequence_truncate: min(prod_t pi_AR / pi_b, C) per row;
-    *_mask: the ratio where it is <= C, else 0 (the sample is dropped). Masked positions get 1. NaN log-probs count
-    as no correction, like TRL's vLLM path."""
-    diff = torch.nan_to_num((ar_logprobs - behavior_logprobs) * mask, nan=0.0)
-    if mode.startswith("sequence"):
-        diff = diff.sum(-1, keepdim=True).expand_as(diff)
-    ratio = torch.exp(diff.clamp(max=80.0))  # NOTE: clamp before exp keeps fp32 finite; C is far below e^80
-    if mode.endswith("truncate"):
-        w = ratio.clamp(max=clip_max)
-    elif mode.endswith("mask"):
-        w = torch.where(ratio <= clip_max, ratio, torch.zeros_like(ratio))
-    else:
-        raise ValueError(f"importance mode must be token_/sequence_ + truncate/mask, got {mode!r}")
-    return torch.where(mask.bool(), w, torch.ones_like(w))
+from trainers.rl.losses import ImportanceConfig, importance_weights
 
 
 class BlockGRPOTrainer(GRPOTrainer):
@@ -43,17 +20,15 @@ class BlockGRPOTrainer(GRPOTrainer):
     weights that generated them (TRL's `old_per_token_logps` when it computed them, else one no-grad forward). With an
     exact sampler (lossless) the weights are 1 up to float noise, and the logged `sampling/*` metrics show it.
 
-    is_mode: token_truncate (default), sequence_truncate, token_mask, sequence_mask, or "off"; is_clip_max: C.
-    GRPOConfig top_k / top_p are refused unless is_mode="off": the rollout's log-probs would then come from the
-    truncated distribution and TRL's from the full softmax, biasing every weight below 1.
+    importance: the same `ImportanceConfig` as blockrl's own learner (level token / sequence / off, cap C, mode
+    truncate / mask). GRPOConfig top_k / top_p are refused unless its level is "off": the rollout's log-probs would
+    then come from the truncated distribution and TRL's from the full softmax, biasing every weight below 1.
     """
 
-    def __init__(self, *args, is_mode: str = "token_truncate", is_clip_max: float = 3.0, **kwargs):
+    def __init__(self, *args, importance: ImportanceConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if is_mode != "off":
-            importance_weights(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), is_mode, is_clip_max)
-        if is_clip_max <= 0:
-            raise ValueError(f"is_clip_max must be > 0, got {is_clip_max}")
+        self.importance = importance or ImportanceConfig()
+        off = self.importance.level == "off"
         if self.use_vllm:
             raise ValueError(
                 "BlockGRPOTrainer: with vLLM use GRPOTrainer's vllm_importance_sampling_correction"
@@ -62,24 +37,23 @@ class BlockGRPOTrainer(GRPOTrainer):
             raise ValueError("BlockGRPOTrainer: loss_type='vespo' weights samples itself; use another loss")
         for name, on in (("top_k", bool(self.args.top_k)), ("top_p", self.args.top_p < 1.0)):
             # NOTE: TRL's log-probs are the full softmax(logits / T), never truncated
-            if on and is_mode != "off":
+            if on and not off:
                 raise ValueError(
                     f"BlockGRPOTrainer: GRPOConfig.{name}={getattr(self.args, name)!r} truncates the sampling "
                     "distribution, so the rollout's log-probs are not comparable with TRL's full-softmax ones and the "
-                    f"importance weights would be biased; unset {name} or pass is_mode='off'"
+                    f"importance weights would be biased; unset {name} or pass importance=ImportanceConfig(level='off')"
                 )
-        self.is_mode, self.is_clip_max = is_mode, is_clip_max
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         behavior = out.get("sampling_per_token_logps")
-        if self.is_mode == "off" or behavior is None:
+        if self.importance.level == "off" or behavior is None:
             return out
         mask = out["completion_mask"] * out.get("tool_mask", 1)
         ar = out.get("old_per_token_logps")
         if ar is None:
             ar = self._ar_logprobs(out)
-        w = importance_weights(ar, behavior, mask, self.is_mode, self.is_clip_max)  # [B, T]
+        w = importance_weights(ar, behavior, mask, self.importance)  # [B, T]
         adv = out["advantages"]
         out["advantages"] = (adv[:, None] if adv.dim() == 1 else adv) * w
         out["importance_weights"] = w
@@ -111,4 +85,4 @@ class BlockGRPOTrainer(GRPOTrainer):
         m["sampling/importance_sampling_ratio/min"].append(ws.min().item())
         m["sampling/importance_sampling_ratio/mean"].append(ws.mean().item())
         m["sampling/importance_sampling_ratio/max"].append(ws.max().item())
-        m["sampling/importance_sampling_clipped_frac"].append((ws >= self.is_clip_max).float().mean().item())
+        m["sampling/importance_sampling_clipped_frac"].append((ws >= self.importance.cap).float().mean().item())

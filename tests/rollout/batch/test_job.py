@@ -331,7 +331,7 @@ def test_auto_rows_name_the_sampler_they_used(tmp_path):
     cfg = config(tmp_path / "out", sampler="auto", num_prompts=3, group_size=2, shard_size=4, max_batch=2)
     backend = make_backend(cfg, kind="local")
     run_job(cfg, backend=backend, progress=False)
-    auto = backend.worker.engine._auto
+    auto = backend.worker.engine  # an AutoSampler: the wrapper over engines
     rows = table(cfg.out_dir).to_pylist()
     assert [r["sampler"] for r in rows[:2]] == [auto.pilot.name] * 2
     assert {r["sampler"] for r in rows} <= {o.name for o in auto.options}

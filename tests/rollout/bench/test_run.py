@@ -4,7 +4,7 @@ import json
 
 from policy import HybridPolicy
 from policy.factory import build_model, tiny_moe_config
-from rollout import BlockEngine
+from rollout.auto import AutoSampler, engine_factory
 from trainers.cli import main
 
 
@@ -68,8 +68,8 @@ def test_bench_cli_writes_json_with_all_samplers(tmp_path, tokenizer):
 def test_auto_sampler_runs_and_reports_its_choice(tokenizer):
     policy = HybridPolicy(build_model(tiny_moe_config(len(tokenizer))))
     policy.convert(tokenizer, block_size=4)
-    eng = BlockEngine(policy, sampler="auto", max_batch=2, tokenizer=tokenizer)
+    eng = AutoSampler(engine_factory(policy, tokenizer=tokenizer), policy.block_size, max_batch=2)
     trajs = eng.generate([[2, 10, 11], [2, 12], [2, 13, 14]], max_new_tokens=8, temperature=1.0)
     assert len(trajs) == 3 and all(1 <= t.num_tokens <= 8 for t in trajs)
-    assert eng._auto.last_choice is not None
-    assert eng._auto.cost.acceptance.steps > 0  # the pilot fed the live acceptance curve
+    assert eng.last_choice is not None and {t.sampler for t in trajs} <= {o.name for o in eng.options}
+    assert eng.cost.acceptance.steps > 0  # the pilot fed the live acceptance curve

@@ -20,12 +20,12 @@ from trl import GRPOConfig, GRPOTrainer
 
 from envs.tasks import iter_samples
 from policy.hybrid import HybridPolicy, load_tokenizer
+from trainers.rl.losses import ImportanceConfig, importance_weights
 from trainers.trl.adapter import (
     BlockGRPOTrainer,
     BlockRolloutFunc,
     TRLRolloutConfig,
     copy_checksum,
-    importance_weights,
     tokenize_prompts,
     weights_fingerprint,
 )
@@ -88,18 +88,18 @@ def test_importance_weights_match_truncated_ratio():
     """Weights are 1 where behaviour == AR (lossless), exactly pi_AR/pi_b below C, C above it, 1 off the mask."""
     ar = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    assert torch.equal(importance_weights(ar, ar.clone(), mask), torch.ones_like(ar))
+    assert torch.equal(importance_weights(ar, ar.clone(), mask, ImportanceConfig()), torch.ones_like(ar))
     behavior = torch.tensor([[-0.5, -4.0, -0.5, -0.1]])  # token 0: pi_b > pi_AR; token 1: pi_AR >> pi_b
-    w = importance_weights(ar, behavior, mask, "token_truncate", clip_max=3.0)
+    w = importance_weights(ar, behavior, mask, ImportanceConfig(cap=3.0))
     assert w[0, 0] == pytest.approx(math.exp(-0.5), rel=1e-6) and w[0, 0] < 1
     assert w[0, 1] == pytest.approx(3.0)  # exp(2) = 7.4 truncated to C
     assert w[0, 2] == 1.0 and w[0, 3] == 1.0  # equal; masked out
-    seq = importance_weights(ar, behavior, mask, "sequence_truncate", clip_max=3.0)
+    seq = importance_weights(ar, behavior, mask, ImportanceConfig(cap=3.0, level="sequence"))
     assert torch.allclose(seq[0, :3], torch.full((3,), min(math.exp(-0.5 + 2.0), 3.0)))
-    dropped = importance_weights(ar, behavior, mask, "token_mask", clip_max=3.0)
+    dropped = importance_weights(ar, behavior, mask, ImportanceConfig(cap=3.0, mode="mask"))
     assert dropped[0, 1] == 0.0 and dropped[0, 0] == pytest.approx(math.exp(-0.5), rel=1e-6)
-    with pytest.raises(ValueError, match="importance mode"):
-        importance_weights(ar, behavior, mask, "bogus")
+    with pytest.raises(ValueError, match="level"):
+        ImportanceConfig(level="bogus")
 
 
 def test_two_grpo_steps_lossless_shared_weights(tmp_path, tok, dataset):
@@ -261,8 +261,8 @@ def test_truncated_sampling_is_refused_while_correcting(tmp_path, tok, dataset):
     with pytest.raises(ValueError, match="top_p"):
         make_trainer(tmp_path, tok, dataset, rollout, BlockGRPOTrainer, top_p=0.9)
     trainer, _ = make_trainer(tmp_path, tok, dataset, rollout, BlockGRPOTrainer, top_k=5,
-                              trainer_kw={"is_mode": "off"})  # fmt: skip
-    assert trainer.is_mode == "off"
+                              trainer_kw={"importance": ImportanceConfig(level="off")})  # fmt: skip
+    assert trainer.importance.level == "off"
 
 
 def test_multi_turn_env_mask_zeroes_env_replies(tmp_path, tok, dataset):

@@ -4,7 +4,7 @@ Prompts are reasoning-gym's seed-4242 draws minus any prompt in the RL run's tra
 `blockrl train` evaluates on; training draws from seed + 17), `--per-task` per task; every checkpoint samples each prompt once per `--seeds` value at T = 1 with lossless
 block decoding (exact AR samples). Reports overall and per-task rates with Wilson 95% intervals.
 
-    python -m trainers.lm.heldout_compare checkpoints/tiny-moe runs/grpo-letters/checkpoint --per-task 300
+    python -m trainers.rl.heldout_compare checkpoints/tiny-moe runs/grpo-letters/checkpoint --per-task 300
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ import json
 
 import torch
 
-from envs.tasks import CORPUS_TASKS, iter_samples, score
+from envs import splits
+from envs.tasks import CORPUS_TASKS, score
 from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.tokenizer import encode_prompt
 from rollout.engine import BlockEngine
 from trainers.lm.evaluate import wilson
-from trainers.rl.rollouts import heldout_samples
 
 
 def solve_rates(checkpoint: str, tok, samples, seeds: list[int]) -> dict:
     policy = HybridPolicy.from_pretrained(checkpoint).eval()
     engine = BlockEngine(policy, sampler="lossless", levels=[0, 4, 8], max_batch=32, tokenizer=tok)
-    prompts = [[tok.bos_token_id, *tok(s.prompt, add_special_tokens=False)["input_ids"]] for s in samples]
+    prompts = [encode_prompt(tok, s.prompt) for s in samples]
     solved = []  # (task, ok) per sample
     for seed in seeds:
         trajs = engine.generate(prompts, max_new_tokens=160, temperature=1.0, seed=seed)
@@ -52,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.checkpoints[0])
-    train = {
-        s.prompt for t in args.tasks for s in iter_samples(t, 2000, args.train_seed + 17)
-    }  # RL's prompt pool
-    samples = heldout_samples(args.tasks, args.per_task, exclude=train)
+    samples = splits.rl_heldout(args.tasks, args.per_task, exclude=splits.rl_train_prompts(args.tasks, args.train_seed))
     results = [solve_rates(c, tok, samples, args.seeds) for c in args.checkpoints]
     for r in results:
         lo, hi = r["ci95"]

@@ -2,7 +2,7 @@
 
 import json
 
-from trainers.lm.heldout_compare import main
+from trainers.rl.heldout_compare import main
 
 
 def test_same_checkpoint_twice_gives_identical_rates(tmp_path, capsys):

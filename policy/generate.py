@@ -1,0 +1,44 @@
+"""HF `generate` on prompts in the training format: the baseline every benchmark and evaluation compares with.
+
+Prompts are encoded like every other path (`encode_prompt`: BOS when the tokenizer has one), left-padded, and
+sampled at pure temperature (HF's default top_k=50 switched off) or greedily at T=0. Completions are cut after
+their first EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from policy.tokenizer import encode_prompt
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask [B, S] for decoder-only generation."""
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), S, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, S - len(r) :] = torch.tensor(r)
+        attn[i, S - len(r) :] = 1
+    return {"input_ids": ids, "attention_mask": attn}
+
+
+@torch.inference_mode()
+def hf_generate(model, tok, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int,
+                seed: int = 0) -> list[list[int]]:
+    """Completion ids (EOS included, nothing after) of `model.generate` for every prompt, `batch_size` at a time."""
+    model.eval()
+    torch.manual_seed(seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
+    device = next(model.parameters()).device
+    eos = tok.eos_token_id
+    outs: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = left_pad([encode_prompt(tok, p) for p in prompts[i : i + batch_size]], pad)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        gen = model.generate(**enc, **sampling, do_sample=temperature > 0, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=eos)
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            outs.append(row[: row.index(eos) + 1] if eos in row else row)
+    return outs
