@@ -1,5 +1,5 @@
 """Metric sinks behind one protocol: stdout (one dense line per step), JSONL (the source of truth, resume-safe),
-wandb (offline unless configured online, all its dirs inside the run directory) and null.
+wandb (offline unless configured online, all its dirs inside the run directory), fanned out by `MultiSink`.
 
 Keys are namespaced and stable: `rollout/tokens_per_forward`, `rollout/accept_pos_3`, `reward/mean`,
 `drift/..._alarms`, `train/clipfrac`, `perf/tok_per_s`, `time/sync_s`.
@@ -22,14 +22,6 @@ class MetricSink(Protocol):
     def close(self) -> None: ...
 
 
-class NullSink:
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class JSONLSink:
     """Appends `{"step": n, ...}`; on resume, `truncate_after(step)` drops records a crash left past the checkpoint."""
 
@@ -38,16 +30,10 @@ class JSONLSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        keep = [
-            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
-        ]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        truncate_jsonl(self.path, step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_jsonl(self.path, {"step": step, **metrics})
 
     def close(self) -> None:
         pass
@@ -138,3 +124,17 @@ class MultiSink:
     def close(self) -> None:
         for s in self.sinks:
             s.close()
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records past `step` (written after the checkpoint a resume starts from), so no step is duplicated."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))

@@ -1,20 +1,23 @@
 """Every data split of the built-in tasks, and its seed: the one module that decides which prompts train and which
 evaluate.
 
-    split                         seed                       used by
-    corpus (pretrain / convert)   CORPUS_SEED = 1234         trainers/lm (minus the corpus held-out prompts)
-    corpus held-out               CORPUS_HELDOUT_SEED = 1235 convert's evaluation, `blockrl regress`, trl-bench
-    RL prompt pool (tasks mode)   run seed + RL_POOL_OFFSET  `blockrl train`: each step's prompts are drawn from it
-    RL prompt pool (env mode)     ENV_POOL_SEED = 2024       the `blockrl/<task>-v0` envs: reset(seed) picks from it
-    RL held-out                   HELDOUT_SEED = 4242        `blockrl train` eval, demo, heldout_compare
-    bench prompts                 bench seed + 1             `blockrl bench`
+NOTE: reasoning-gym draws item i of a dataset made with seed s from `random.Random(s + i)`. A "seed" is an offset into
+one stream per task, so datasets at two seeds overlap unless their index ranges are disjoint (seed 4242's items are
+items 3008.. of seed 1234's). The splits are therefore index ranges of that stream, and every training split removes
+the prompts of the evaluation split by text (small tasks also repeat prompts at different indices).
 
-Disjointness (tested in tests/envs/test_splits.py):
-- the corpus never holds a corpus held-out prompt, so regress and convert's evaluation measure unseen prompts;
-- the RL held-out never holds a prompt of the RL prompt pool it is compared against: the tasks-mode pool, or, in env
-  mode, the env's own pool.
-The built-in tasks have small prompt spaces (spell_backward reverses words of one word list), so the 50k-per-task
-conversion corpus covers most RL prompts: "held-out" for RL means held out from RL training.
+    split                        stream indices             used by
+    held-out (evaluation)        [1235, 1235 + 300)         convert's evaluation, `blockrl regress`, RL held-out
+                                                            (train's eval, demo, heldout_compare): never trained on
+    corpus (pretrain / convert)  [1234, 1234 + N)           trainers/lm, minus the held-out prompts
+    RL prompt pool (tasks mode)  [run seed + 17, .. + 2000) `blockrl train` draws each step's prompts from it,
+                                                            minus the held-out prompts
+    RL prompt pool (env mode)    [2024, 2024 + 10000)       `blockrl/<task>-v0` envs' reset(seed), minus the held-out
+    bench prompts                [bench seed + 1, ...)      `blockrl bench` (speed, and a solve rate beside it)
+
+The held-out split is the shipped checkpoint's conversion held-out set (`configs/convert_tiny_moe.yaml`: 300 per
+task at seed 1235), so it is the one range of the stream that checkpoint never saw. tests/envs/test_splits.py checks
+that every training split and the held-out split are disjoint.
 """
 
 from __future__ import annotations
@@ -25,14 +28,31 @@ from collections.abc import Iterable
 from envs.tasks import TaskSample, iter_samples
 
 CORPUS_SEED = 1234
-CORPUS_HELDOUT_OFFSET = 1  # the corpus held-out split is drawn at corpus seed + 1
-CORPUS_HELDOUT_SEED = CORPUS_SEED + CORPUS_HELDOUT_OFFSET  # the shipped checkpoint's held-out prompts
+CORPUS_HELDOUT_OFFSET = 1  # a corpus's own held-out split is drawn at its seed + 1
+HELDOUT_SEED = CORPUS_SEED + CORPUS_HELDOUT_OFFSET  # 1235: the evaluation split
+HELDOUT_SIZE = 300  # per task: the evaluation split's extent (the shipped conversion held out exactly these)
 RL_POOL_OFFSET = 17  # the RL prompt pool is drawn at run seed + 17
-RL_POOL_SIZE = 2000  # prompts per task in the RL pool
+RL_POOL_SIZE = 2000  # draws per task in the RL pool
 ENV_POOL_SEED = 2024
 ENV_POOL_SIZE = 10_000
-HELDOUT_SEED = 4242
 HELDOUT_SAMPLING_SEED = 99  # the sampling seed of RL held-out evaluations (one sample per prompt)
+
+
+@functools.lru_cache(maxsize=32)
+def reserved_prompts(task: str) -> frozenset[str]:
+    """The prompts of the evaluation split of `task`: no training split may hold one."""
+    return frozenset(s.prompt for s in iter_samples(task, HELDOUT_SIZE, HELDOUT_SEED))
+
+
+def _train_only(samples: Iterable[TaskSample]) -> list[TaskSample]:
+    return [s for s in samples if s.prompt not in reserved_prompts(s.task)]
+
+
+def heldout(tasks: Iterable[str], per_task: int, exclude: set[str] = frozenset()) -> list[TaskSample]:
+    """The first `per_task` prompts per task of the evaluation split, minus any in `exclude`."""
+    if per_task > HELDOUT_SIZE:
+        raise ValueError(f"per_task: the held-out split has {HELDOUT_SIZE} prompts per task, asked for {per_task}")
+    return [s for t in dict.fromkeys(tasks) for s in iter_samples(t, per_task, HELDOUT_SEED) if s.prompt not in exclude]
 
 
 def task_prompts(tasks: Iterable[str], per_task: int, seed: int) -> list[TaskSample]:
@@ -46,21 +66,22 @@ def corpus_heldout(tasks: Iterable[str], per_task: int, seed: int = CORPUS_SEED)
 
 
 def corpus(tasks: Iterable[str], per_task: int, heldout: list[TaskSample], seed: int = CORPUS_SEED):
-    """Training samples of the corpus, per task, with every prompt of `heldout` removed."""
+    """Training samples of the corpus, per task, with every prompt of its `heldout` and of the evaluation split
+    removed."""
     banned = {s.prompt for s in heldout}
-    return [s for t in tasks for s in iter_samples(t, per_task, seed) if s.prompt not in banned]
+    return _train_only(s for t in tasks for s in iter_samples(t, per_task, seed) if s.prompt not in banned)
 
 
 def rl_prompt_pool(tasks: Iterable[str], run_seed: int) -> dict[str, list[TaskSample]]:
     """{task: the prompts `blockrl train` draws its steps from}."""
-    return {t: list(iter_samples(t, RL_POOL_SIZE, run_seed + RL_POOL_OFFSET)) for t in dict.fromkeys(tasks)}
+    return {t: _train_only(iter_samples(t, RL_POOL_SIZE, run_seed + RL_POOL_OFFSET)) for t in dict.fromkeys(tasks)}
 
 
 @functools.lru_cache(maxsize=16)
 def env_prompt_pool(task: str, size: int = ENV_POOL_SIZE, seed: int = ENV_POOL_SEED) -> tuple[TaskSample, ...]:
     """The fixed pool a `blockrl/<task>-v0` env's `reset(seed)` picks its prompt from (shared by every env of the
     task: a multi-turn batch builds one env per episode)."""
-    return tuple(iter_samples(task, size, seed))
+    return tuple(_train_only(iter_samples(task, size, seed)))
 
 
 def rl_train_prompts(tasks: Iterable[str], run_seed: int, env_task: str | None = None) -> set[str]:
@@ -71,13 +92,9 @@ def rl_train_prompts(tasks: Iterable[str], run_seed: int, env_task: str | None =
 
 
 def rl_heldout(tasks: Iterable[str], per_task: int, exclude: set[str] = frozenset()) -> list[TaskSample]:
-    """`per_task` RL held-out prompts per task, skipping any prompt in `exclude` (the RL run's training prompts:
-    small tasks repeat prompts across seeds)."""
-    out = []
-    for task in dict.fromkeys(tasks):
-        fresh = (s for s in iter_samples(task, 4 * per_task, HELDOUT_SEED) if s.prompt not in exclude)
-        out += [s for _, s in zip(range(per_task), fresh, strict=False)]
-    return out
+    """RL held-out evaluation prompts: the evaluation split, minus `exclude` (the run's training prompts, which
+    already leave the split out: the exclusion only guards a user-made pool)."""
+    return heldout(tasks, per_task, exclude)
 
 
 def bench_prompts(tasks: Iterable[str], per_task: int, seed: int) -> list[TaskSample]:

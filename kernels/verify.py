@@ -1,6 +1,6 @@
 """Fused speculative verify: ratio test, first rejection, residual/bonus draw, behaviour log-probs.
 
-Math (DESIGN §3, "Samplers"), per row, with p_i = softmax(target_logits[i] / T) the target for position b+i+1 and
+Math (speculative sampling; docs/architecture.md, "The engine"), per row, with p_i = softmax(target_logits[i] / T) the target for position b+i+1 and
 q_i the draft distribution of d_{i+1} (a point mass when `draft_probs` is None):
 
     for i in 0..n-1 (n = num_drafts <= K):       # p: target prob, q: draft prob

@@ -29,6 +29,7 @@ class TidarOutput:
     ar_logits: torch.Tensor  # [B, S, V] clean half: position t predicts token t+1
     diff_logits: torch.Tensor  # [B, S, V] mask half: position t predicts token t
     aux_loss: torch.Tensor | None  # MoE load balancing over real tokens, None for dense models
+    hidden: torch.Tensor | None = None  # [B, S, H] clean half's last hidden state (= the AR forward's)
 
 
 @dataclass
@@ -135,8 +136,10 @@ class HybridPolicy(nn.Module):
         mask: torch.Tensor,  # bool [Q, Q] or [B, Q, Q], True = attend
         token_mask: torch.Tensor | None = None,  # [B, Q] real tokens, for the MoE aux loss
         want_aux: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One forward under an arbitrary mask; returns (logits [B,Q,V], aux loss or None)."""
+        want_hidden: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """One forward under an arbitrary mask; returns (logits [B,Q,V], aux loss or None), plus the last hidden
+        state [B,Q,H] when `want_hidden`."""
         dtype = self.model.get_input_embeddings().weight.dtype
         base = self.model.base_model
         kwargs = {"output_router_logits": True} if (want_aux and self.moe) else {}
@@ -152,13 +155,14 @@ class HybridPolicy(nn.Module):
         if kwargs:
             n_exp, top_k = self.moe
             aux = load_balancing_loss(out.router_logits, n_exp, top_k, token_mask)
-        return logits, aux
+        return (logits, aux, out.last_hidden_state) if want_hidden else (logits, aux)
 
     def ar_forward(
         self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, want_aux: bool = False
     ) -> ArOutput:
         """Plain causal AR forward of a right-padded batch: logits, last hidden state and (MoE, `want_aux`) the
-        load-balancing loss over real tokens, computed from the router logits with the 2D mask (ENV.md)."""
+        load-balancing loss over real tokens, computed from the router logits with the 2D mask (transformers' own
+        aux loss crashes with 4D masks)."""
         kwargs = {"output_router_logits": True} if (want_aux and self.moe) else {}
         mask = None if valid is None else valid.long()
         out = self.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs)
@@ -173,7 +177,7 @@ class HybridPolicy(nn.Module):
         block_size: int | None = None,
         shift: int = 0,
     ) -> TidarOutput:
-        """TiDAR layout `[x | M]` (DESIGN §2). `valid` [B,S] marks real (non-pad) tokens; pads must be on the right.
+        """TiDAR layout `[x | M]` (docs/architecture.md). `valid` [B,S] marks real (non-pad) tokens; pads must be on the right.
 
         Right padding needs no key masking: clean queries never look right, and a mask block only sees the clean
         prefix before it, so real positions never see a pad.
@@ -185,8 +189,9 @@ class HybridPolicy(nn.Module):
         ids = torch.cat([input_ids, torch.full_like(input_ids, self.mask_token_id)], dim=1)
         pos = torch.arange(S, device=input_ids.device).repeat(2)[None].expand(B, -1)
         valid2 = None if valid is None else torch.cat([valid, valid], dim=1)
-        logits, aux = self.masked_forward(ids, pos, tidar_training_mask(S, bs, shift), valid2, want_aux=True)
-        return TidarOutput(logits[:, :S], logits[:, S:], aux)
+        mask = tidar_training_mask(S, bs, shift)
+        logits, aux, hidden = self.masked_forward(ids, pos, mask, valid2, want_aux=True, want_hidden=True)
+        return TidarOutput(logits[:, :S], logits[:, S:], aux, hidden[:, :S])
 
     def tidar_loss(
         self,

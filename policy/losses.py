@@ -61,7 +61,7 @@ def load_balancing_loss(
 ) -> torch.Tensor:
     """Switch-Transformer load-balancing loss, E * sum_e f_e * P_e, averaged over real tokens of all layers.
 
-    NOTE: HF computes this inside the CausalLM forward from `attention_mask`, which breaks with 4D masks (ENV.md);
+    NOTE: HF computes this inside the CausalLM forward from `attention_mask`, which breaks with 4D masks (a size mismatch in `load_balancing_loss_func`);
     this takes a 2D token mask instead, so it stays correct under the TiDAR and decode layouts.
     """
     logits = torch.cat([r.float() for r in router_logits], dim=0)  # [L*N, E]

@@ -1,6 +1,6 @@
 """Attention masks of the hybrid policy, as small pure functions. True = may attend.
 
-Two layouts (DESIGN §2-3):
+Two layouts (pictured in docs/architecture.md):
 - `tidar_training_mask`: the TiDAR training layout over `[clean S | mask S]`.
 - `decode_step_mask`: one decode step's queries: the verify segment plus one proposal block per level.
 

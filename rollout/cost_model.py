@@ -1,7 +1,7 @@
 """Measured cost model: decode-step cost vs (batch, sampler/levels) on this device, plus the live acceptance curve,
 projecting tokens/s for each option; `choose` is what `sampler="auto"` uses.
 
-Block decoding pays only where a forward's cost grows slowly with its query length (DESIGN §3, "Regimes"), so
+Block decoding pays only where a forward's cost grows slowly with its query length (docs/architecture.md, "Regimes"), so
 nothing is assumed: step costs are timed here, on this device, through the engine's own decode step (forward +
 verify + book-keeping), and the acceptance curve is observed live.
 

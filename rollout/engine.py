@@ -1,4 +1,4 @@
-"""Self-speculative block decoding (DESIGN §3): one forward verifies the last draft and drafts the next block.
+"""Self-speculative block decoding (docs/architecture.md, "The engine"): one forward verifies the last draft and drafts the next block.
 
 Per row and step, the queries are the verify segment `[a, d_1..d_K]` at positions b..b+K plus one proposal block of
 K+1 masks per level p (positions b+p+1..b+p+K+1). The verify logits give p_0..p_K; the fused verify accepts na drafts

@@ -29,7 +29,6 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gymnasium as gym
 import pyarrow as pa
@@ -38,10 +37,8 @@ import pyarrow.parquet as pq
 import envs  # noqa: F401 (registers the blockrl/... env ids)
 from common.config import ConfigError
 from envs.tasks import TASKS, TaskSample, iter_samples, score
+from rollout.batch.config import RolloutJobConfig
 from rollout.types import Trajectory
-
-if TYPE_CHECKING:
-    from rollout.batch.job import RolloutJobConfig
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from common.plots import pyplot
 from rollout.bench.run import BenchConfig, RunResult
 
 
@@ -72,10 +73,7 @@ def print_table(results: list[RunResult]) -> None:
 
 
 def plot(results: list[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     main = [r for r in results if not r.sweep]
     sweeps = sorted({r.sweep for r in results if r.sweep})

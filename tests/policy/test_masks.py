@@ -1,4 +1,4 @@
-"""Mask builders: exact small pictures and structural invariants (DESIGN §2-3)."""
+"""Mask builders: exact small pictures and structural invariants (docs/architecture.md)."""
 
 import pytest
 import torch

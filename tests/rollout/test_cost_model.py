@@ -7,7 +7,7 @@ from rollout.cost_model import AcceptanceStats, CostModel, Option, default_optio
 
 
 def test_tokens_per_step_dense_levels_is_one_plus_sum_of_survival():
-    """With every level available, each step has K drafts: E[tokens] = 1 + sum_k P(na >= k) (DESIGN §3)."""
+    """With every level available, each step has K drafts: E[tokens] = 1 + sum_k P(na >= k)."""
     K = 8
     surv = np.r_[1.0, 0.8 ** np.arange(1, K + 1)]
     assert tokens_per_step(surv, list(range(K + 1))) == pytest.approx(1 + surv[1:].sum(), rel=1e-6)

@@ -146,7 +146,7 @@ def test_lossless_is_distributed_as_ar_sampling(small_vocab_policy, draft, level
 
 
 def test_tv_check_has_power_against_a_biased_sampler(small_vocab_policy):
-    """Negative control: substituting softmax(draft logits) for a Dirac q (the bias DESIGN forbids) fails the check."""
+    """Negative control: substituting softmax(draft logits) for a Dirac q (a biased shortcut) fails the check."""
     policy, prompt, N = small_vocab_policy, [2, 3], 6000
     exact = exact_ar_distribution(policy, prompt, 3)
 

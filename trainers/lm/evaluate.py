@@ -113,10 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
+    from pydantic import ConfigDict
+
     from common.config import load_config
     from policy.hybrid import HybridPolicy, load_tokenizer
-    from trainers.lm.data import heldout_samples
-    from trainers.lm.train import ConvertConfig
+    from trainers.lm.data import DataConfig, heldout_samples
+
+    class PresetSections(Section):
+        """The data and eval sections of a pretrain / convert preset (its other sections are not read here)."""
+
+        model_config = ConfigDict(extra="ignore")
+        data: DataConfig = DataConfig()
+        eval: EvalConfig = EvalConfig()
 
     ap = argparse.ArgumentParser(prog="python -m trainers.lm.evaluate", description=main.__doc__)
     ap.add_argument("checkpoint")
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = load_config(ConvertConfig, args.config, [f"data.heldout_per_task={args.samples_per_task}"])
+    cfg = load_config(PresetSections, args.config, [f"data.heldout_per_task={args.samples_per_task}"])
     policy = HybridPolicy.from_pretrained(args.checkpoint)
     tok = load_tokenizer(args.checkpoint)
     samples = heldout_samples(cfg.data)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from common.checkpoint import load_trainer_state, recover, require_checkpoint, save_checkpoint
 from common.config import Section, dump_config
+from common.metrics import append_jsonl, truncate_jsonl
 from policy.factory import ModelSpec, build_model, count_parameters, make_config
 from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.losses import ar_ce
@@ -199,22 +200,6 @@ def evaluate(cfg: RunConfig, policy: HybridPolicy, tokenizer, heldout) -> dict:
         out["slot0_accuracy"] = acc[0]
         out["mean_draft_slot_accuracy"] = sum(acc[1:]) / max(1, len(acc) - 1)
     return out
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records past `step` (written after the checkpoint a resume starts from), so no step is duplicated."""
-    if not path.exists():
-        return
-    keep = [
-        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
-    ]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 # ---------------------------------------------------------------------------------------------------- entry points

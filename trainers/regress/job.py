@@ -97,7 +97,7 @@ class RegressConfig(Section):
     """samples per prompt (n of pass@k)."""
     pass_k: list[int] = Field(default_factory=lambda: [2, 4])
     """k values of pass@k (each <= samples_per_prompt; pass@1 is the solve rate)."""
-    prompt_seed: int = splits.CORPUS_HELDOUT_SEED
+    prompt_seed: int = splits.HELDOUT_SEED
     """reasoning-gym seed of the prompts (default: the corpus held-out split, never trained on; envs/splits.py)."""
     seed: int = 0
     """sampling seed."""

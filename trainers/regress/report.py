@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.plots import pyplot
 from trainers.regress.stats import Check
 
 PLOTS = ("solve_rate.png", "acceptance.png", "throughput.png")
@@ -140,15 +141,6 @@ def write_report(out, cfg) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _bars(ax, now: dict, base: dict, attr: str, ci: str | None, ylabel: str) -> None:
     """Per sampler, side-by-side bars of `attr`: baseline (grey, when present) and now (blue), with the `ci`
     interval as error bars."""
@@ -173,7 +165,7 @@ def _bars(ax, now: dict, base: dict, attr: str, ci: str | None, ylabel: str) -> 
 
 
 def plot_solve(out, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     base = out.baseline.samplers if out.baseline is not None else {}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     _bars(a1, out.results.samplers, base, "solve_rate", "solve_ci95", "solve rate (Wilson 95%)")
@@ -187,7 +179,7 @@ def plot_solve(out, path: Path) -> None:
 
 
 def plot_acceptance(out, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     base = out.baseline.samplers if out.baseline is not None else {}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -213,7 +205,7 @@ def plot_acceptance(out, path: Path) -> None:
 
 
 def plot_throughput(out, path: Path, rel_tol: float | None) -> None:
-    plt = _plt()
+    plt = pyplot()
     base = out.baseline.samplers if out.baseline is not None else {}
     names = list(out.results.samplers)
     now = [out.results.samplers[n] for n in names]

@@ -1,4 +1,4 @@
-"""Drift detection across RL steps (DESIGN §6): EWMA-smoothed statistics against a reference window, with a
+"""Drift detection across RL steps: EWMA-smoothed statistics against a reference window, with a
 Page-Hinkley test per monitored metric.
 
 Each `Detector` watches one scalar (e.g. `rollout/tokens_per_forward`, `reward/mean`, `reward/std`) in one direction

@@ -1,7 +1,7 @@
 """Held-out solve rate of checkpoints on identical prompts and sampling seeds: the before/after measure of an RL run.
 
-Prompts are reasoning-gym's seed-4242 draws minus any prompt in the RL run's training pool (the held-out set
-`blockrl train` evaluates on; training draws from seed + 17), `--per-task` per task; every checkpoint samples each prompt once per `--seeds` value at T = 1 with lossless
+Prompts are the evaluation split of envs/splits.py (the held-out set `blockrl train` evaluates on, which no training
+split holds), `--per-task` per task (at most 300); every checkpoint samples each prompt once per `--seeds` value at T = 1 with lossless
 block decoding (exact AR samples). Reports overall and per-task rates with Wilson 95% intervals.
 
     python -m trainers.rl.heldout_compare checkpoints/tiny-moe runs/grpo-letters/checkpoint --per-task 300

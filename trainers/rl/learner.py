@@ -1,4 +1,4 @@
-"""The learner: trains the hybrid policy directly on rollouts (DESIGN §5).
+"""The learner: trains the hybrid policy directly on rollouts.
 
 Loss = GRPO/PPO-clip on the AR log-probs (the policy is the AR mode) + lambda_diff * TiDAR diffusion CE on the same
 rollout sequences (sampled tokens as labels, so the drafter follows the moving policy) + the MoE load-balancing loss.
@@ -150,16 +150,19 @@ class Learner:
             self.ref.model.load_state_dict(state["ref"])
 
     def _forward(self, ids, valid, need_diff: bool, need_values: bool, need_aux: bool = True):
-        """AR logits [B,S,V], diffusion logits or None, MoE aux or None, values [B,S] (V before token t) or None."""
-        out = self.policy.tidar_forward(ids, valid) if need_diff else None
-        if out is not None and not need_values:
-            return out.ar_logits, out.diff_logits, out.aux_loss, None
-        ar = self.policy.ar_forward(ids, valid, want_aux=need_aux and out is None)
+        """AR logits [B,S,V], diffusion logits or None, MoE aux or None, values [B,S] (V before token t) or None.
+
+        One forward either way: the clean half of the TiDAR forward is the AR forward, so its hidden states feed the
+        value head too."""
+        if need_diff:
+            out = self.policy.tidar_forward(ids, valid)
+            logits, diff, aux, hidden = out.ar_logits, out.diff_logits, out.aux_loss, out.hidden
+        else:
+            ar = self.policy.ar_forward(ids, valid, want_aux=need_aux)
+            logits, diff, aux, hidden = ar.logits, None, ar.aux_loss, ar.hidden
         # the value of the state that token t is sampled from: the hidden state at t - 1
-        values = F.pad(self.value_head(ar.hidden)[:, :-1], (1, 0)) if need_values else None
-        if out is not None:
-            return out.ar_logits, out.diff_logits, out.aux_loss, values
-        return ar.logits, None, ar.aux_loss, values
+        values = F.pad(self.value_head(hidden)[:, :-1], (1, 0)) if need_values else None
+        return logits, diff, aux, values
 
     def _advantages(
         self, batch: RolloutBatch
@@ -177,58 +180,84 @@ class Learner:
         return adv, values, returns
 
     def step(self, batch: RolloutBatch) -> dict[str, float]:
-        cfg, policy = self.cfg, self.policy
-        policy.train()
+        """`epochs` x `minibatches` optimizer steps on one rollout batch. Train metrics are the mean over every
+        minibatch step. The rollout-vs-learner diagnostics come from the first minibatch, the only forward that runs
+        before an update: later ones would measure the learner's own steps, not the rollout's exactness."""
+        cfg = self.cfg
+        self.policy.train()
         adv, old_values, returns = self._advantages(batch)
         staleness = self.version - batch.policy_version
-        if (
-            staleness > 0
-        ):  # async: pi_old is the learner now; the rollout policy is the IS behaviour distribution
+        if staleness > 0:  # async: pi_old is the learner now; the rollout policy is the IS behaviour distribution
             with torch.no_grad():
-                logits, *_ = self._forward(
-                    batch.input_ids, batch.valid, False, need_values=False, need_aux=False
-                )
+                logits, *_ = self._forward(batch.input_ids, batch.valid, False, need_values=False, need_aux=False)
                 old = token_logprobs(logits, batch.input_ids, cfg.temperature)
-            behavior = batch.behavior_logprobs
         else:  # exact AR log-probs of the rollout policy; logit_mix rollouts carry their own behaviour log-probs
-            old, behavior = batch.ar_logprobs, batch.behavior_logprobs
-        B = batch.input_ids.shape[0]
-        metrics: dict[str, float] = {"rollout/staleness": float(staleness)}
+            old = batch.ar_logprobs
+        targets = _Targets(old, batch.behavior_logprobs, adv, old_values, returns)
+        steps, diagnostics = [], []
         for epoch in range(cfg.epochs):
-            for idx in torch.randperm(B).chunk(cfg.minibatches):
-                ids, valid, comp = batch.input_ids[idx], batch.valid[idx], batch.completion[idx]
-                logits, diff_logits, aux, values = self._forward(
-                    ids, valid, need_diff=self.lambda_diff > 0, need_values=self.value_head is not None
-                )
-                learner = token_logprobs(logits, ids, cfg.temperature)
-                ref = None
-                if self.ref is not None:
-                    with torch.no_grad():
-                        ref = token_logprobs(self.ref.ar_forward(ids, valid).logits, ids, cfg.temperature)
-                if epoch == 0 and "rollout/logprob_mismatch" not in metrics:
-                    metrics |= rollout_diagnostics(logits.detach(), learner.detach(), batch.ar_logprobs[idx],
-                                                   behavior[idx], comp, cfg.temperature)  # fmt: skip
-                loss, m = grpo_loss(
-                    LossInputs(learner, old[idx], behavior[idx], adv[idx], comp, ref), cfg.grpo
-                )
-                metrics |= m
-                if values is not None:
-                    v_loss = value_loss(values, old_values[idx], returns[idx], comp, cfg.ppo.value_clip)
-                    loss = loss + cfg.ppo.vf_coef * v_loss
-                    metrics["train/value_loss"] = float(v_loss.detach())
-                if diff_logits is not None:
-                    diff_loss = masked_ce(diff_logits, ids, comp)
-                    loss = loss + self.lambda_diff * diff_loss
-                    metrics["train/diff_loss"] = float(diff_loss.detach())
-                if aux is not None:
-                    loss = loss + float(getattr(policy.config, "router_aux_loss_coef", 0.0)) * aux
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                params = [*policy.parameters(), *(self.value_head.parameters() if self.value_head else [])]
-                metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-                self.opt.step()
-                metrics["train/loss"] = float(loss.detach())
+            for idx in torch.randperm(batch.input_ids.shape[0]).chunk(cfg.minibatches):
+                m, diag = self._minibatch(batch, targets, idx, diagnose=not steps)
+                steps.append(m)
+                diagnostics.append(diag)
         self.version += 1
-        metrics["reward/mean"] = float(batch.rewards.mean())
-        metrics["reward/std"] = float(batch.rewards.std(unbiased=False))
-        return metrics
+        return {
+            "rollout/staleness": float(staleness),
+            **_mean_metrics(diagnostics),
+            **_mean_metrics(steps),
+            "train/optimizer_steps": float(len(steps)),
+            "reward/mean": float(batch.rewards.mean()),
+            "reward/std": float(batch.rewards.std(unbiased=False)),
+        }
+
+    def _minibatch(self, batch: RolloutBatch, t: _Targets, idx: torch.Tensor, diagnose: bool):
+        """One optimizer step on rows `idx`: (train metrics, rollout diagnostics or {})."""
+        cfg, policy = self.cfg, self.policy
+        ids, valid, comp = batch.input_ids[idx], batch.valid[idx], batch.completion[idx]
+        logits, diff_logits, aux, values = self._forward(
+            ids, valid, need_diff=self.lambda_diff > 0, need_values=self.value_head is not None
+        )
+        learner = token_logprobs(logits, ids, cfg.temperature)
+        ref = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref = token_logprobs(self.ref.ar_forward(ids, valid).logits, ids, cfg.temperature)
+        diag = {}
+        if diagnose:
+            diag = rollout_diagnostics(logits.detach(), learner.detach(), batch.ar_logprobs[idx],
+                                       t.behavior[idx], comp, cfg.temperature)
+        loss, metrics = grpo_loss(LossInputs(learner, t.old[idx], t.behavior[idx], t.adv[idx], comp, ref), cfg.grpo)
+        if values is not None:
+            v_loss = value_loss(values, t.old_values[idx], t.returns[idx], comp, cfg.ppo.value_clip)
+            loss = loss + cfg.ppo.vf_coef * v_loss
+            metrics["train/value_loss"] = float(v_loss.detach())
+        if diff_logits is not None:
+            diff_loss = masked_ce(diff_logits, ids, comp)
+            loss = loss + self.lambda_diff * diff_loss
+            metrics["train/diff_loss"] = float(diff_loss.detach())
+        if aux is not None:
+            loss = loss + float(getattr(policy.config, "router_aux_loss_coef", 0.0)) * aux
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [*policy.parameters(), *(self.value_head.parameters() if self.value_head else [])]
+        metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        self.opt.step()
+        metrics["train/loss"] = float(loss.detach())
+        return metrics, diag
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """What every minibatch of one step is trained against ([B, S] unless noted)."""
+
+    old: torch.Tensor  # pi_old log-probs: the ratio's denominator
+    behavior: torch.Tensor  # the sampler's log-probs: the importance weights' denominator
+    adv: torch.Tensor  # [B] (GRPO) or [B, S] (PPO)
+    old_values: torch.Tensor | None  # PPO: values at rollout time
+    returns: torch.Tensor | None  # PPO: GAE returns
+
+
+def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean over the records that have the key."""
+    keys = dict.fromkeys(k for r in records for k in r)
+    return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}

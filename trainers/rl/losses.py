@@ -1,4 +1,4 @@
-"""RL losses as pure functions (DESIGN §5): group advantages, clipped policy-gradient loss with three aggregations,
+"""RL losses as pure functions: group advantages, clipped policy-gradient loss with three aggregations,
 k3 KL to a reference, truncated importance weights for off-policy (logit_mix or stale) rollouts.
 
 Shapes: B sequences (= prompts x group), G group size, T completion tokens; `mask` [B, T] marks model tokens (env

@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from common.plots import pyplot
+
 
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -24,17 +26,8 @@ def _series(recs: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_run(run_dir: str | Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     run_dir = Path(run_dir)
     recs = _records(run_dir)
     has_eval = any("eval/solve_rate" in r for r in recs)
@@ -69,7 +62,7 @@ def plot_run(run_dir: str | Path) -> Path:
 
 def plot_compare(runs: dict[str, str | Path], out: str | Path) -> Path:
     """Acceptance rate and tokens per forward per RL step for each run, on shared axes."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, run_dir in runs.items():
         recs = _records(Path(run_dir))

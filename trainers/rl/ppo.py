@@ -1,4 +1,4 @@
-"""PPO pieces (DESIGN §5): a value head on the policy's last hidden state, and GAE over the model's tokens.
+"""PPO pieces: a value head on the policy's last hidden state, and GAE over the model's tokens.
 
 Multi-turn episodes interleave env tokens with model tokens. GAE runs over the model tokens only: an env turn is part
 of the environment's transition, so the value after a model turn's last token is the value at the next model turn's

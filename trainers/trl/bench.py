@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from common.config import Section, ShippedPath
+from common.plots import pyplot
 from envs import splits
 from envs.tasks import CORPUS_TASKS, TaskName, TaskSample, score
 from policy.hybrid import load_tokenizer
@@ -58,7 +59,7 @@ class TRLBenchConfig(Section):
     """tasks the prompts come from."""
     prompts_per_task: int = Field(32, ge=1)
     """held-out prompts per task in the dataset."""
-    data_seed: int = splits.CORPUS_HELDOUT_SEED
+    data_seed: int = splits.HELDOUT_SEED
     """reasoning-gym seed of the prompts (1235 = held out from the shipped model's training)."""
     num_generations: int = Field(4, ge=2)
     """GRPO group size."""
@@ -292,10 +293,7 @@ def write_report(result: dict, json_path: Path, png_path: Path | None = None) ->
     json_path.write_text(json.dumps(result, indent=1))
     if png_path is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for v, steps in result["steps"].items():

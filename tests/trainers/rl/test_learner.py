@@ -97,3 +97,53 @@ def test_moe_aux_loss_is_kept_without_the_diffusion_term():
     with torch.no_grad():
         plain = policy(input_ids=batch.input_ids, attention_mask=batch.valid).logits
     torch.testing.assert_close(logits, plain)
+
+
+def test_metrics_are_the_mean_over_every_minibatch_and_epoch(monkeypatch):
+    """2 epochs x 3 minibatches = 6 optimizer steps: each train metric is the mean of what the 6 steps measured,
+    not the last minibatch's value."""
+    import trainers.rl.learner as learner_mod
+
+    seen = []
+    loss_fn = learner_mod.grpo_loss
+
+    def recording(x, cfg):
+        loss, m = loss_fn(x, cfg)
+        seen.append(m["train/is_weight_mean"])
+        return loss, {**m, "train/is_weight_mean": float(len(seen))}  # 1, 2, ..., 6: the mean is 3.5
+
+    monkeypatch.setattr(learner_mod, "grpo_loss", recording)
+    policy = tiny_policy()
+    trajs = rollouts(policy.eval())
+    batch = RolloutBatch.from_trajectories(trajs, [float(i % 2) for i in range(len(trajs))], 4, pad_id=0)
+    m = Learner(policy, LearnerConfig(lr=1e-3, epochs=2, minibatches=3)).step(batch)
+    assert len(seen) == 6 and m["train/optimizer_steps"] == 6.0
+    assert m["train/is_weight_mean"] == 3.5
+
+
+def test_ppo_with_the_diffusion_term_runs_one_forward_per_minibatch(monkeypatch):
+    """PPO + lambda_diff: the values come from the clean half of the TiDAR forward (equal to the AR forward's hidden
+    states), so a minibatch step runs one forward; only the no-grad GAE pass at the start runs the AR forward."""
+    from trainers.rl.ppo import PPOConfig
+
+    policy = tiny_policy()
+    trajs = rollouts(policy.eval())
+    batch = RolloutBatch.from_trajectories(trajs, [float(i % 2) for i in range(len(trajs))], 4, pad_id=0)
+    with torch.no_grad():
+        tidar = policy.tidar_forward(batch.input_ids, batch.valid)
+        ar = policy.ar_forward(batch.input_ids, batch.valid)
+    real = batch.valid.bool()
+    assert torch.allclose(tidar.hidden[real], ar.hidden[real], atol=1e-5)
+    calls = {"ar": 0, "tidar": 0}
+    for name in calls:
+        fn = getattr(policy, f"{name}_forward")
+
+        def counted(*a, _fn=fn, _name=name, **kw):
+            calls[_name] += 1
+            return _fn(*a, **kw)
+
+        monkeypatch.setattr(policy, f"{name}_forward", counted)
+    cfg = LearnerConfig(lr=1e-3, algo="ppo", lambda_diff=0.5, minibatches=2, ppo=PPOConfig())
+    m = Learner(policy, cfg).step(batch)
+    assert calls == {"ar": 1, "tidar": 2}
+    assert "train/value_loss" in m and "train/diff_loss" in m

@@ -236,7 +236,7 @@ def test_logit_mix_batches_get_truncated_importance_weights(tmp_path, tok, datas
         same = [lp for c, lp in zip(out["completion_ids"], out["logprobs"], strict=True) if c == ids[:n]]
         assert any(torch.allclose(behavior[row, :n], torch.tensor(lp)) for lp in same)
 
-    expected = torch.exp(ar - behavior).clamp(max=3.0)
+    expected = torch.exp(ar - behavior).clamp(max=trainer.importance.cap)
     assert adv.shape == w.shape == mask.shape
     assert torch.allclose(w[mask], expected[mask], rtol=1e-3, atol=1e-4)
     assert (expected[mask] < 1 - 1e-3).any(), (
