@@ -91,16 +91,26 @@ class WandbSink:
         self, run_dir: str | Path, project: str, config: dict, mode: str = "offline", resume_id=None
     ):
         run_dir = Path(run_dir).resolve()
-        for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb-cache"), ("WANDB_CONFIG_DIR", "wandb-config"),
-                         ("WANDB_DATA_DIR", "wandb-data")):  # fmt: skip
+        for var, sub in (
+            ("WANDB_DIR", ""),
+            ("WANDB_CACHE_DIR", "wandb-cache"),
+            ("WANDB_CONFIG_DIR", "wandb-config"),
+            ("WANDB_DATA_DIR", "wandb-data"),
+        ):
             path = run_dir / sub
             path.mkdir(parents=True, exist_ok=True)
             os.environ[var] = str(path)
         os.environ.setdefault("WANDB_SILENT", "true")  # one dense line per step is ours; wandb stays quiet
         import wandb
 
-        self.run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, id=resume_id,
-                              resume="allow" if resume_id else None)  # fmt: skip
+        self.run = wandb.init(
+            project=project,
+            dir=str(run_dir),
+            config=config,
+            mode=mode,
+            id=resume_id,
+            resume="allow" if resume_id else None,
+        )
 
     @property
     def run_id(self) -> str:
@@ -136,5 +146,7 @@ def truncate_jsonl(path: Path, step: int) -> None:
     """Drop records past `step` (written after the checkpoint a resume starts from), so no step is duplicated."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
+    ]
     path.write_text("".join(ln + "\n" for ln in keep))

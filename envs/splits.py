@@ -51,8 +51,15 @@ def _train_only(samples: Iterable[TaskSample]) -> list[TaskSample]:
 def heldout(tasks: Iterable[str], per_task: int, exclude: set[str] = frozenset()) -> list[TaskSample]:
     """The first `per_task` prompts per task of the evaluation split, minus any in `exclude`."""
     if per_task > HELDOUT_SIZE:
-        raise ValueError(f"per_task: the held-out split has {HELDOUT_SIZE} prompts per task, asked for {per_task}")
-    return [s for t in dict.fromkeys(tasks) for s in iter_samples(t, per_task, HELDOUT_SEED) if s.prompt not in exclude]
+        raise ValueError(
+            f"per_task: the held-out split has {HELDOUT_SIZE} prompts per task, asked for {per_task}"
+        )
+    return [
+        s
+        for t in dict.fromkeys(tasks)
+        for s in iter_samples(t, per_task, HELDOUT_SEED)
+        if s.prompt not in exclude
+    ]
 
 
 def task_prompts(tasks: Iterable[str], per_task: int, seed: int) -> list[TaskSample]:
@@ -74,11 +81,15 @@ def corpus(tasks: Iterable[str], per_task: int, heldout: list[TaskSample], seed:
 
 def rl_prompt_pool(tasks: Iterable[str], run_seed: int) -> dict[str, list[TaskSample]]:
     """{task: the prompts `blockrl train` draws its steps from}."""
-    return {t: _train_only(iter_samples(t, RL_POOL_SIZE, run_seed + RL_POOL_OFFSET)) for t in dict.fromkeys(tasks)}
+    return {
+        t: _train_only(iter_samples(t, RL_POOL_SIZE, run_seed + RL_POOL_OFFSET)) for t in dict.fromkeys(tasks)
+    }
 
 
 @functools.lru_cache(maxsize=16)
-def env_prompt_pool(task: str, size: int = ENV_POOL_SIZE, seed: int = ENV_POOL_SEED) -> tuple[TaskSample, ...]:
+def env_prompt_pool(
+    task: str, size: int = ENV_POOL_SIZE, seed: int = ENV_POOL_SEED
+) -> tuple[TaskSample, ...]:
     """The fixed pool a `blockrl/<task>-v0` env's `reset(seed)` picks its prompt from (shared by every env of the
     task: a multi-turn batch builds one env per episode)."""
     return tuple(_train_only(iter_samples(task, size, seed)))

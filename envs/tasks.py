@@ -130,9 +130,8 @@ CORPUS_TASKS = (
 
 
 def _rg():
-    os.environ.setdefault(
-        "MPLCONFIGDIR", os.path.join(os.getcwd(), ".mplconfig")
-    )  # reasoning-gym imports matplotlib
+    # reasoning-gym imports matplotlib
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.getcwd(), ".mplconfig"))
     import reasoning_gym
 
     return reasoning_gym

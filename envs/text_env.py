@@ -67,8 +67,14 @@ class TextEnv(gym.Env):
 class TaskEnv(TextEnv):
     """Single-turn env of one built-in task: prompt -> completion -> verifier reward, episode ends."""
 
-    def __init__(self, task: str, pool_size: int = ENV_POOL_SIZE, data_seed: int = ENV_POOL_SEED,
-                 reward_fn: Callable[[TaskSample, str], float] = score, **kw):  # fmt: skip
+    def __init__(
+        self,
+        task: str,
+        pool_size: int = ENV_POOL_SIZE,
+        data_seed: int = ENV_POOL_SEED,
+        reward_fn: Callable[[TaskSample, str], float] = score,
+        **kw,
+    ):
         super().__init__(**kw)
         self.task = task
         self.pool = env_prompt_pool(task, pool_size, data_seed)  # fixed pool; reset(seed) picks from it

@@ -139,19 +139,28 @@ def verify_triton(
     dev = target_logits.device
     logits = target_logits.float().contiguous()
     drafts = draft_tokens.to(torch.int64).contiguous()
-    q = (
-        draft_probs.float().contiguous() if draft_probs is not None else logits
-    )  # dummy pointer when HAS_Q=False
+    # dummy pointer when HAS_Q=False
+    q = draft_probs.float().contiguous() if draft_probs is not None else logits
     accept = torch.zeros(R, dtype=torch.int64, device=dev)
     tokens = torch.full((R, K1), -1, dtype=torch.int64, device=dev)
     logprobs = torch.zeros(R, K1, dtype=torch.float32, device=dev)
     greedy = temperature == 0
     verify_kernel[(R,)](
-        logits, drafts, q, num_drafts.to(torch.int64).contiguous(), uniforms.float().contiguous(),
-        accept, tokens, logprobs, K, V, 1.0 if greedy else 1.0 / temperature,
-        HAS_Q=draft_probs is not None and not greedy, GREEDY=greedy,
+        logits,
+        drafts,
+        q,
+        num_drafts.to(torch.int64).contiguous(),
+        uniforms.float().contiguous(),
+        accept,
+        tokens,
+        logprobs,
+        K,
+        V,
+        1.0 if greedy else 1.0 / temperature,
+        HAS_Q=draft_probs is not None and not greedy,
+        GREEDY=greedy,
         BLOCK_V=min(1024, triton.next_power_of_2(V)),
-    )  # fmt: skip
+    )
     return VerifyOutput(accept, tokens, logprobs)
 
 

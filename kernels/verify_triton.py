@@ -56,10 +56,21 @@ def _weights(row, q_row, idx, V, inv_t, m, s, resid, d, HAS_Q: tl.constexpr):
 
 @triton.jit
 def verify_kernel(
-    logits_ptr, drafts_ptr, q_ptr, ndrafts_ptr, u_ptr, accept_ptr, tokens_ptr, logprobs_ptr,
-    K, V, inv_t,
-    HAS_Q: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    drafts_ptr,
+    q_ptr,
+    ndrafts_ptr,
+    u_ptr,
+    accept_ptr,
+    tokens_ptr,
+    logprobs_ptr,
+    K,
+    V,
+    inv_t,
+    HAS_Q: tl.constexpr,
+    GREEDY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     r = tl.program_id(0).to(tl.int64)
     K1 = K + 1
     n = tl.load(ndrafts_ptr + r)

@@ -24,8 +24,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def hf_generate(model, tok, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int,
-                seed: int = 0) -> list[list[int]]:
+def hf_generate(
+    model, tok, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, seed: int = 0
+) -> list[list[int]]:
     """Completion ids (EOS included, nothing after) of `model.generate` for every prompt, `batch_size` at a time."""
     model.eval()
     torch.manual_seed(seed)
@@ -37,8 +38,14 @@ def hf_generate(model, tok, prompts: list[str], max_new_tokens: int, temperature
     for i in range(0, len(prompts), batch_size):
         enc = left_pad([encode_prompt(tok, p) for p in prompts[i : i + batch_size]], pad)
         enc = {k: v.to(device) for k, v in enc.items()}
-        gen = model.generate(**enc, **sampling, do_sample=temperature > 0, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=eos)
+        gen = model.generate(
+            **enc,
+            **sampling,
+            do_sample=temperature > 0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
         for row in gen[:, enc["input_ids"].shape[1] :].tolist():
             outs.append(row[: row.index(eos) + 1] if eos in row else row)
     return outs

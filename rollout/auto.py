@@ -28,14 +28,31 @@ from rollout.types import Option, SamplingParams, Trajectory
 log = logging.getLogger(__name__)
 
 
-def engine_factory(policy: HybridPolicy, *, block_size: int | None = None, mix_weight: float = 0.5,
-                   draft: str = "dirac", draft_temperature: float = 1.0, tokenizer=None,
-                   verify_fn=None) -> EngineFactory:
+def engine_factory(
+    policy: HybridPolicy,
+    *,
+    block_size: int | None = None,
+    mix_weight: float = 0.5,
+    draft: str = "dirac",
+    draft_temperature: float = 1.0,
+    tokenizer=None,
+    verify_fn=None,
+) -> EngineFactory:
     """(option, max_batch) -> a BlockEngine on `policy` with these shared settings."""
 
     def make(opt: Option, max_batch: int) -> BlockEngine:
-        return BlockEngine(policy, opt.sampler, block_size, opt.levels or (0,), max_batch, mix_weight, draft,
-                           draft_temperature, tokenizer, verify_fn=verify_fn)
+        return BlockEngine(
+            policy,
+            opt.sampler,
+            block_size,
+            opt.levels or (0,),
+            max_batch,
+            mix_weight,
+            draft,
+            draft_temperature,
+            tokenizer,
+            verify_fn=verify_fn,
+        )
 
     return make
 
@@ -60,8 +77,13 @@ class AutoState:
 class AutoSampler:
     sampler = "auto"
 
-    def __init__(self, make_engine: EngineFactory, block_size: int, max_batch: int = 16,
-                 options: Sequence[Option] | None = None):
+    def __init__(
+        self,
+        make_engine: EngineFactory,
+        block_size: int,
+        max_batch: int = 16,
+        options: Sequence[Option] | None = None,
+    ):
         self.make_engine = make_engine
         self.max_batch = max_batch
         self.options = list(options or default_options(block_size))
@@ -85,9 +107,18 @@ class AutoSampler:
         eng.policy_version = self.policy_version
         return eng
 
-    def generate(self, prompt_ids: list[list[int]], max_new_tokens: int = 128, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, audit: bool = False, index_offset: int = 0,
-                 **kwargs) -> list[Trajectory]:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        audit: bool = False,
+        index_offset: int = 0,
+        **kwargs,
+    ) -> list[Trajectory]:
         """BlockEngine.generate's signature and contract (prompt i is seeded by (seed, index_offset + i))."""
         eng = self._engine(self.options[0], 1)
         if "eos_token_id" not in kwargs and eng.tokenizer is not None:
@@ -95,8 +126,9 @@ class AutoSampler:
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, **kwargs)
         return self.run(prompt_ids, params, index_offset=index_offset, audit=audit)
 
-    def run(self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0,
-            audit: bool = False) -> list[Trajectory]:
+    def run(
+        self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0, audit: bool = False
+    ) -> list[Trajectory]:
         B = min(self.max_batch, len(prompt_ids))
         if B not in self.calibrated:
             self.cost.calibrate(self.make_engine, self.options, [B])
@@ -112,8 +144,12 @@ class AutoSampler:
                 return results
         choice = self.cost.choose(self.options, B)
         self.last_choice = choice
-        log.info("auto: %s (projected %.0f tok/s; ar %.0f)", choice.name, self.cost.project(choice, B),
-                 self.cost.project(self.options[0], B))
+        log.info(
+            "auto: %s (projected %.0f tok/s; ar %.0f)",
+            choice.name,
+            self.cost.project(choice, B),
+            self.cost.project(self.options[0], B),
+        )
         offset = index_offset + len(results)  # global prompt index: no random stream is reused
         trajs = self._engine(choice, B).run(prompt_ids, params, offset, audit)
         self.observe(trajs)

@@ -213,9 +213,8 @@ class _Run:
         Logits are taken later with `head`, only for the rows that are used (verify slots, the last prompt token,
         the one proposal block each row drafts from): with a real vocabulary, [R, Q, V] logits for every level
         would dominate memory."""
-        rows_t = (
-            None if len(rows) == len(self.slots) else self._idx
-        )  # None: every slot, the cache's view path
+        # None: every slot, the cache's view path
+        rows_t = None if len(rows) == len(self.slots) else self._idx
         self._rows_t = rows_t
         mask = self.cache.begin(rows_t, qmask)  # [R, Q, extent] or None (uniform single-query step)
         policy = self.eng.policy

@@ -25,21 +25,34 @@ from rollout.types import SamplingParams, Trajectory
 Respond = Callable[[int, Trajectory, list[int], str], list[int] | None]
 
 
-def run_turns(engine, prompt_ids: Sequence[list[int]], sampling: SamplingParams, respond: Respond,
-              index_offset: int = 0, max_turns: int = 8, seed_stride: int = 7919) -> list[Trajectory]:
+def run_turns(
+    engine,
+    prompt_ids: Sequence[list[int]],
+    sampling: SamplingParams,
+    respond: Respond,
+    index_offset: int = 0,
+    max_turns: int = 8,
+    seed_stride: int = 7919,
+) -> list[Trajectory]:
     """Episodes of up to `max_turns` model turns; `sampling.max_new_tokens` budgets each episode's tokens (model and
     env). Round r draws from seed `sampling.seed + seed_stride * r` and, per row, (offset + its position among the
     live rows): deterministic for a given batch."""
     budget = sampling.max_new_tokens
-    eps = [Trajectory(prompt_ids=list(p), env_mask=[], policy_version=engine.policy_version) for p in prompt_ids]
+    eps = [
+        Trajectory(prompt_ids=list(p), env_mask=[], policy_version=engine.policy_version) for p in prompt_ids
+    ]
     live = list(range(len(eps)))
     for turn in range(max_turns):
         live = [i for i in live if len(eps[i].tokens) < budget]
         if not live:
             break
         left = [budget - len(eps[i].tokens) for i in live]
-        params = dataclasses.replace(sampling, max_new_tokens=max(left), seed=sampling.seed + seed_stride * turn)
-        outs = engine.run([eps[i].prompt_ids + eps[i].tokens for i in live], params, index_offset=index_offset)
+        params = dataclasses.replace(
+            sampling, max_new_tokens=max(left), seed=sampling.seed + seed_stride * turn
+        )
+        outs = engine.run(
+            [eps[i].prompt_ids + eps[i].tokens for i in live], params, index_offset=index_offset
+        )
         still = []
         for i, t, n in zip(live, outs, left, strict=True):
             ep = eps[i]
@@ -63,14 +76,23 @@ def run_turns(engine, prompt_ids: Sequence[list[int]], sampling: SamplingParams,
     return eps
 
 
-def run_episodes(engine, tok, env_id: str, env_seeds: list[int], sampling: SamplingParams,
-                 index_offset: int = 0, max_turns: int = 8) -> list[Trajectory]:
+def run_episodes(
+    engine,
+    tok,
+    env_id: str,
+    env_seeds: list[int],
+    sampling: SamplingParams,
+    index_offset: int = 0,
+    max_turns: int = 8,
+) -> list[Trajectory]:
     """One episode of gym env `env_id` per seed (`env.reset(seed=...)`); the env's reward after each model turn goes
     to `turn_rewards`, and a turn that ends on one of the env's `turn_stops` (its tool-call tags) gets its reply."""
     envs_ = [gym.make(env_id).unwrapped for _ in env_seeds]
     # a model turn ends where the env takes over: its tool-call closing tags (env.turn_stops), EOS, or the budget
     stops = tuple(sampling.stop_strings) + tuple(getattr(envs_[0], "turn_stops", ()))
-    prompts = [encode_prompt(tok, env.reset(seed=seed)[0]) for env, seed in zip(envs_, env_seeds, strict=True)]
+    prompts = [
+        encode_prompt(tok, env.reset(seed=seed)[0]) for env, seed in zip(envs_, env_seeds, strict=True)
+    ]
 
     def respond(i: int, ep: Trajectory, turn: list[int], finish: str) -> list[int] | None:
         obs, reward, terminated, truncated, _ = envs_[i].step(tok.decode(turn, skip_special_tokens=True))

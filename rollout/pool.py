@@ -61,14 +61,26 @@ def init_ray(run_dir: str | Path, address: str | None = None, num_cpus: int | No
 
 
 class RolloutPool:
-    def __init__(self, checkpoint: str, engine: EngineSettings, num_workers: int = 2,
-                 num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0, threads: int = 1,
-                 max_restarts: int = 3, shard_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        checkpoint: str,
+        engine: EngineSettings,
+        num_workers: int = 2,
+        num_cpus_per_worker: float = 1.0,
+        num_gpus_per_worker: float = 0.0,
+        threads: int = 1,
+        max_restarts: int = 3,
+        shard_timeout_s: float = 600.0,
+    ):
         if not isinstance(engine, EngineSettings):
             raise TypeError(f"engine: expected EngineSettings, got {type(engine).__name__}")
         # SPREAD: on a cluster the workers land on different nodes, so one node's loss costs a fraction of the pool
-        actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=max_restarts,
-                               scheduling_strategy="SPREAD")(RolloutWorker)
+        actor_cls = ray.remote(
+            num_cpus=num_cpus_per_worker,
+            num_gpus=num_gpus_per_worker,
+            max_restarts=max_restarts,
+            scheduling_strategy="SPREAD",
+        )(RolloutWorker)
         self.workers = [actor_cls.remote(checkpoint, engine, threads) for _ in range(num_workers)]
         self.shard_timeout_s = shard_timeout_s
         self.version = 0
@@ -76,8 +88,14 @@ class RolloutPool:
 
     @classmethod
     def from_settings(cls, checkpoint: str, engine: EngineSettings, workers: WorkerSettings) -> RolloutPool:
-        return cls(checkpoint, engine, workers.workers, workers.cpus_per_worker, threads=workers.threads,
-                   shard_timeout_s=workers.shard_timeout_s)
+        return cls(
+            checkpoint,
+            engine,
+            workers.workers,
+            workers.cpus_per_worker,
+            threads=workers.threads,
+            shard_timeout_s=workers.shard_timeout_s,
+        )
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its checkpoint."""
@@ -106,20 +124,35 @@ class RolloutPool:
         size = shard_size or max(1, -(-n // len(self.workers)))
         return [(i, list(range(s, min(n, s + size)))) for i, s in enumerate(range(0, n, size))]
 
-    def collect(self, prompt_ids: list[list[int]], group_size: int, sampling: SamplingParams,
-                shard_size: int | None = None) -> list[Trajectory]:
+    def collect(
+        self,
+        prompt_ids: list[list[int]],
+        group_size: int,
+        sampling: SamplingParams,
+        shard_size: int | None = None,
+    ) -> list[Trajectory]:
         """Every prompt repeated `group_size` times (groups contiguous); one Trajectory per sample, in order."""
         samples = [p for p in prompt_ids for _ in range(group_size)]
-        shards = [Shard(k, [samples[i] for i in idx], idx, self.version, sampling)
-                  for k, idx in self.shards(len(samples), shard_size)]
+        shards = [
+            Shard(k, [samples[i] for i in idx], idx, self.version, sampling)
+            for k, idx in self.shards(len(samples), shard_size)
+        ]
         return self.gather(shards, len(samples))
 
-    def collect_episodes(self, env_id: str, env_seeds: list[int], group_size: int, sampling: SamplingParams,
-                         shard_size: int | None = None) -> list[Trajectory]:
+    def collect_episodes(
+        self,
+        env_id: str,
+        env_seeds: list[int],
+        group_size: int,
+        sampling: SamplingParams,
+        shard_size: int | None = None,
+    ) -> list[Trajectory]:
         """Multi-turn: one episode of `env_id` per (seed, group member), groups contiguous, in order."""
         seeds = [s for s in env_seeds for _ in range(group_size)]
-        shards = [Shard(k, [], idx, self.version, sampling, env_id, [seeds[i] for i in idx])
-                  for k, idx in self.shards(len(seeds), shard_size)]
+        shards = [
+            Shard(k, [], idx, self.version, sampling, env_id, [seeds[i] for i in idx])
+            for k, idx in self.shards(len(seeds), shard_size)
+        ]
         return self.gather(shards, len(seeds))
 
     def gather(self, shards: list[Shard], n: int) -> list[Trajectory]:
@@ -149,8 +182,13 @@ class RolloutPool:
                 hung = [ref for ref, (_, _, t) in pending.items() if time.time() - t > self.shard_timeout_s]
                 for ref in hung:
                     w, shard, _ = pending.pop(ref)
-                    log.warning("rollout worker %d: shard %d not back after %.0fs; restarting the worker and "
-                                "resubmitting", w, shard.shard_id, self.shard_timeout_s)
+                    log.warning(
+                        "rollout worker %d: shard %d not back after %.0fs; restarting the worker and "
+                        "resubmitting",
+                        w,
+                        shard.shard_id,
+                        self.shard_timeout_s,
+                    )
                     ray.kill(self.workers[w], no_restart=False)
                     self.reload(w)
                     queue.appendleft(shard)
@@ -164,8 +202,12 @@ class RolloutPool:
             except (RayActorError, ObjectLostError, StaleWeightsError) as e:
                 # died mid-shard, lost its node (and the result with it), or restarted while idle and came back on
                 # the checkpoint's weights: give it the current weights and re-run the shard
-                log.warning("rollout worker %d failed shard %d (%s): reloading it and resubmitting", w,
-                            shard.shard_id, type(e).__name__)
+                log.warning(
+                    "rollout worker %d failed shard %d (%s): reloading it and resubmitting",
+                    w,
+                    shard.shard_id,
+                    type(e).__name__,
+                )
                 self.reload(w)
                 queue.appendleft(shard)
                 idle.append(w)

@@ -48,23 +48,22 @@ class Trajectory:
     """One generated completion and how it was produced."""
 
     prompt_ids: list[int]
-    tokens: list[int] = field(
-        default_factory=list
-    )  # completion token ids (stop token included, nothing after)
+    # completion token ids (stop token included, nothing after)
+    tokens: list[int] = field(default_factory=list)
     behavior_logprobs: list[float] = field(default_factory=list)  # log-prob under the sampler's distribution
     ar_logprobs: list[float] = field(default_factory=list)  # log-prob under the AR policy at temperature T
     accept_counts: list[int] = field(default_factory=list)  # drafts accepted at each decode step
     draft_counts: list[int] = field(default_factory=list)  # drafts offered at each decode step
     num_forwards: int = 0  # forward passes this row took part in (prefill included)
     policy_version: int = 0
-    sampler: str = ""  # the concrete option that generated it (`Option.name`); "auto" where turns mixed options
+    # the concrete option that generated it (`Option.name`); "auto" where turns mixed options
+    sampler: str = ""
     finish_reason: str = ""  # "eos" | "stop_string" | "length"
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds: "total"
     audit: list[dict] | None = None  # per step: proposal drafts, accept_len, committed tokens
     # multi-turn episodes (rollout/multiturn.py): `tokens` interleaves model turns and env turns
-    env_mask: list[int] | None = (
-        None  # per token: 1 = the model generated it (trained on), 0 = env observation
-    )
+    # per token: 1 = the model generated it (trained on), 0 = env observation
+    env_mask: list[int] | None = None
     turn_ends: list[int] = field(default_factory=list)  # index in `tokens` of each model turn's last token
     turn_rewards: list[float] = field(default_factory=list)  # env reward after each model turn
 

@@ -90,7 +90,12 @@ class RolloutWorker:
         engine.policy_version = self.version  # weights load in place into the same policy module
         if shard.env_id is not None:
             trajs = run_episodes(
-                engine, self.tokenizer, shard.env_id, shard.env_seeds, shard.sampling, index_offset=shard.indices[0]
+                engine,
+                self.tokenizer,
+                shard.env_id,
+                shard.env_seeds,
+                shard.sampling,
+                index_offset=shard.indices[0],
             )
         else:
             # index_offset = the global index: a sample's seed is the same whichever worker runs it, and on retries

@@ -74,9 +74,11 @@ def cmd_train(args) -> int:
     history = train(cfg, resume=args.resume)
     if history:
         first, last = history[0], history[-1]
-        print(f"reward {first['reward/mean']:.2f} -> {last['reward/mean']:.2f} over steps {first['step']}..{last['step']}"
-              f" | tokens/forward {first['rollout/tokens_per_forward']:.1f} -> {last['rollout/tokens_per_forward']:.1f}"
-              f" | metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}")  # fmt: skip
+        print(
+            f"reward {first['reward/mean']:.2f} -> {last['reward/mean']:.2f} over steps {first['step']}..{last['step']}"
+            f" | tokens/forward {first['rollout/tokens_per_forward']:.1f} -> {last['rollout/tokens_per_forward']:.1f}"
+            f" | metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}"
+        )
     return 0
 
 
@@ -116,9 +118,11 @@ def cmd_rollout(args) -> int:
 
     s = run_job(load_config(RolloutJobConfig, args.config, args.overrides))
     reward = "n/a" if s.reward_mean is None else f"{s.reward_mean:.3f}"
-    print(f"{s.num_samples} samples in {s.num_shards} shards ({s.generated_shards} generated now) | "
-          f"{s.tokens} tokens in {s.seconds:.1f}s = {s.tokens_per_s:,.0f} tok/s | tokens/forward "
-          f"{s.tokens_per_forward:.2f} | reward {reward} | {s.out_dir}")  # fmt: skip
+    print(
+        f"{s.num_samples} samples in {s.num_shards} shards ({s.generated_shards} generated now) | "
+        f"{s.tokens} tokens in {s.seconds:.1f}s = {s.tokens_per_s:,.0f} tok/s | tokens/forward "
+        f"{s.tokens_per_forward:.2f} | reward {reward} | {s.out_dir}"
+    )
     return 0
 
 

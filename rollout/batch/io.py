@@ -47,16 +47,31 @@ OPERATIONAL = ("out_dir", "workers", "cpus_per_worker", "threads", "address", "s
 # Config fields that say where the inputs are: the manifest pins their content instead.
 LOCATIONS = ("checkpoint", "prompts_file")
 
-ROW_SCHEMA = pa.schema([
-    ("sample_index", pa.int64()), ("group_index", pa.int64()), ("task", pa.string()), ("prompt", pa.string()),
-    ("prompt_ids", pa.list_(pa.int32())), ("tokens", pa.list_(pa.int32())), ("text", pa.string()),
-    ("behavior_logprobs", pa.list_(pa.float32())), ("ar_logprobs", pa.list_(pa.float32())),
-    ("reward", pa.float64()), ("accept_counts", pa.list_(pa.int16())), ("draft_counts", pa.list_(pa.int16())),
-    ("num_forwards", pa.int32()), ("tokens_per_forward", pa.float32()), ("finish_reason", pa.string()),
-    ("policy_version", pa.int64()), ("sampler", pa.string()),
-    ("env_seed", pa.int64()), ("env_mask", pa.list_(pa.int8())), ("turn_ends", pa.list_(pa.int32())),
-    ("turn_rewards", pa.list_(pa.float64())),
-])  # fmt: skip
+ROW_SCHEMA = pa.schema(
+    [
+        ("sample_index", pa.int64()),
+        ("group_index", pa.int64()),
+        ("task", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("tokens", pa.list_(pa.int32())),
+        ("text", pa.string()),
+        ("behavior_logprobs", pa.list_(pa.float32())),
+        ("ar_logprobs", pa.list_(pa.float32())),
+        ("reward", pa.float64()),
+        ("accept_counts", pa.list_(pa.int16())),
+        ("draft_counts", pa.list_(pa.int16())),
+        ("num_forwards", pa.int32()),
+        ("tokens_per_forward", pa.float32()),
+        ("finish_reason", pa.string()),
+        ("policy_version", pa.int64()),
+        ("sampler", pa.string()),
+        ("env_seed", pa.int64()),
+        ("env_mask", pa.list_(pa.int8())),
+        ("turn_ends", pa.list_(pa.int32())),
+        ("turn_rewards", pa.list_(pa.float64())),
+    ]
+)
 
 
 class PromptFileError(ConfigError):
@@ -174,8 +189,10 @@ def _json_rows(path: Path) -> Iterator[tuple[object, str]]:
             f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}"
         ) from None
     if not isinstance(data, list):
-        raise PromptFileError(f"{path}: a .json prompts file must hold a JSON array of records, got a "
-                              f"{type(data).__name__} (for one JSON object a line, name the file .jsonl)")  # fmt: skip
+        raise PromptFileError(
+            f"{path}: a .json prompts file must hold a JSON array of records, got a "
+            f"{type(data).__name__} (for one JSON object a line, name the file .jsonl)"
+        )
     for n, row in enumerate(data, start=1):
         yield row, f"{path}: record {n}"
 
@@ -332,20 +349,38 @@ def is_complete(out_dir: Path, shard_id: int, rows: int) -> bool:
         return False
 
 
-def trajectory_rows(trajs: list[Trajectory], indices: list[int], records: list[PromptRecord], group_size: int,
-                    tok) -> list[dict]:
+def trajectory_rows(
+    trajs: list[Trajectory], indices: list[int], records: list[PromptRecord], group_size: int, tok
+) -> list[dict]:
     """One ROW_SCHEMA row per sample; an env episode's reward is the sum of its turn rewards."""
     rows = []
     for i, t in zip(indices, trajs, strict=True):
         rec = records[i // group_size]
         text = tok.decode(t.tokens, skip_special_tokens=True)
         reward = rec.reward(text) if rec.env_seed is None else float(sum(t.turn_rewards))
-        rows.append({"sample_index": i, "group_index": i // group_size, "task": rec.task, "prompt": rec.prompt,
-                     "prompt_ids": t.prompt_ids, "tokens": t.tokens, "text": text,
-                     "behavior_logprobs": t.behavior_logprobs, "ar_logprobs": t.ar_logprobs, "reward": reward,
-                     "accept_counts": t.accept_counts, "draft_counts": t.draft_counts,
-                     "num_forwards": t.num_forwards, "tokens_per_forward": t.tokens_per_forward,
-                     "finish_reason": t.finish_reason, "policy_version": t.policy_version, "sampler": t.sampler,
-                     "env_seed": rec.env_seed, "env_mask": t.env_mask, "turn_ends": t.turn_ends,
-                     "turn_rewards": t.turn_rewards})  # fmt: skip
+        rows.append(
+            {
+                "sample_index": i,
+                "group_index": i // group_size,
+                "task": rec.task,
+                "prompt": rec.prompt,
+                "prompt_ids": t.prompt_ids,
+                "tokens": t.tokens,
+                "text": text,
+                "behavior_logprobs": t.behavior_logprobs,
+                "ar_logprobs": t.ar_logprobs,
+                "reward": reward,
+                "accept_counts": t.accept_counts,
+                "draft_counts": t.draft_counts,
+                "num_forwards": t.num_forwards,
+                "tokens_per_forward": t.tokens_per_forward,
+                "finish_reason": t.finish_reason,
+                "policy_version": t.policy_version,
+                "sampler": t.sampler,
+                "env_seed": rec.env_seed,
+                "env_mask": t.env_mask,
+                "turn_ends": t.turn_ends,
+                "turn_rewards": t.turn_rewards,
+            }
+        )
     return rows

@@ -148,9 +148,15 @@ def plan_shards(cfg: RolloutJobConfig, records, tok, out_dir: Path) -> tuple[int
     """(samples, shards, the shards not yet on disk): shard k holds samples [k * shard_size, (k+1) * shard_size)."""
     n = len(records) * cfg.group_size
     encoded = [encode_prompt(tok, r.prompt) for r in records]
-    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k, seed=cfg.seed, eos_token_id=tok.eos_token_id,
-                              stop_strings=tuple(cfg.stop_strings))
+    sampling = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        seed=cfg.seed,
+        eos_token_id=tok.eos_token_id,
+        stop_strings=tuple(cfg.stop_strings),
+    )
     num_shards, todo = -(-n // cfg.shard_size), []
     for k in range(num_shards):
         idx = list(range(k * cfg.shard_size, min(n, (k + 1) * cfg.shard_size)))  # global sample indices
@@ -183,8 +189,13 @@ def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSu
         own = backend is None  # a backend we create we also close; a caller's stays open
         backend = backend or make_backend(cfg)
         t0 = time.time()  # tokens/s from here: Ray and worker start-up (model load) excluded
-        bar = tqdm(total=n, initial=n - sum(len(s.indices) for s in shards), unit="sample", disable=not progress,
-                   desc="rollout")  # fmt: skip
+        bar = tqdm(
+            total=n,
+            initial=n - sum(len(s.indices) for s in shards),
+            unit="sample",
+            disable=not progress,
+            desc="rollout",
+        )
         try:
             for res in backend.run(shards):
                 rows = job_io.trajectory_rows(res.trajectories, res.indices, records, cfg.group_size, tok)
@@ -208,9 +219,16 @@ def _summarize(
     plain = pc.sum(pc.if_else(pc.is_null(mask), pc.list_value_length(table["tokens"]), 0)).as_py() or 0
     model = plain + (pc.sum(pc.list_flatten(mask)).as_py() or 0)
     rewards = table["reward"].drop_null()
-    summary = JobSummary(str(out_dir), n, num_shards, generated, tokens, seconds,
-                         model / max(1, pc.sum(table["num_forwards"]).as_py()),
-                         pc.mean(rewards).as_py() if len(rewards) else None)  # fmt: skip
+    summary = JobSummary(
+        str(out_dir),
+        n,
+        num_shards,
+        generated,
+        tokens,
+        seconds,
+        model / max(1, pc.sum(table["num_forwards"]).as_py()),
+        pc.mean(rewards).as_py() if len(rewards) else None,
+    )
     if table.num_rows != n:
         raise RuntimeError(f"{out_dir}: {table.num_rows} rows on disk, expected {n}")
     (out_dir / "_summary.json").write_text(

@@ -129,9 +129,8 @@ class PeakRSS:
         return self
 
     def _poll(self):
-        while not self._stop.wait(
-            0.02
-        ):  # a sparse poll: a busy thread would steal GIL time from the timed run
+        # a sparse poll: a busy thread would steal GIL time from the timed run
+        while not self._stop.wait(0.02):
             self.peak = max(self.peak, self._rss())
 
     @staticmethod
@@ -149,7 +148,9 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def bench_hf_generate(policy, tok, samples: list[TaskSample], B: int, cfg: BenchConfig, seed: int) -> list[list[int]]:
+def bench_hf_generate(
+    policy, tok, samples: list[TaskSample], B: int, cfg: BenchConfig, seed: int
+) -> list[list[int]]:
     prompts = [s.prompt for s in samples]
     return hf_generate(policy.model, tok, prompts, cfg.max_new_tokens, cfg.temperature, B, seed)
 
@@ -157,8 +158,18 @@ def bench_hf_generate(policy, tok, samples: list[TaskSample], B: int, cfg: Bench
 class Cell:
     """One sampler configuration on one batch of prompts: an engine (or HF generate), warmed up, timed run by run."""
 
-    def __init__(self, policy, tok, samples, B: int, cfg: BenchConfig, sampler: str, levels=(0,), block_size=None,
-                 mix_weight=None):  # fmt: skip
+    def __init__(
+        self,
+        policy,
+        tok,
+        samples,
+        B: int,
+        cfg: BenchConfig,
+        sampler: str,
+        levels=(0,),
+        block_size=None,
+        mix_weight=None,
+    ):
         self.policy, self.tok, self.samples, self.B, self.cfg, self.sampler = (
             policy,
             tok,
@@ -168,9 +179,7 @@ class Cell:
             sampler,
         )
         self.levels = tuple(levels)
-        self.prompts = [
-            encode_prompt(tok, s.prompt) for s in samples
-        ]
+        self.prompts = [encode_prompt(tok, s.prompt) for s in samples]
         self.res = RunResult(
             B,
             sampler,
@@ -180,18 +189,29 @@ class Cell:
         )
         self.engine = None
         if sampler != "hf":
-            make = engine_factory(policy, block_size=block_size, tokenizer=tok,
-                                  mix_weight=mix_weight if mix_weight is not None else 0.5)
-            self.engine = (AutoSampler(make, policy.block_size, max_batch=B) if sampler == "auto"
-                           else make(Option(sampler, self.levels), B))
+            make = engine_factory(
+                policy,
+                block_size=block_size,
+                tokenizer=tok,
+                mix_weight=mix_weight if mix_weight is not None else 0.5,
+            )
+            self.engine = (
+                AutoSampler(make, policy.block_size, max_batch=B)
+                if sampler == "auto"
+                else make(Option(sampler, self.levels), B)
+            )
         self.outs: list[list[int]] = []
         self.trajs = None
 
     def warm_up(self) -> None:
         """Untimed (auto calibrates its cost model here, once per batch size)."""
         if self.engine is not None:
-            self.engine.generate(self.prompts[: self.B], max_new_tokens=16, temperature=self.cfg.temperature,
-                                 seed=self.cfg.seed)  # fmt: skip
+            self.engine.generate(
+                self.prompts[: self.B],
+                max_new_tokens=16,
+                temperature=self.cfg.temperature,
+                seed=self.cfg.seed,
+            )
         else:
             short = self.cfg.model_copy(update={"max_new_tokens": 16})
             bench_hf_generate(self.policy, self.tok, self.samples[: self.B], self.B, short, self.cfg.seed)
@@ -201,10 +221,16 @@ class Cell:
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             if self.engine is None:
-                self.outs = bench_hf_generate(self.policy, self.tok, self.samples, self.B, cfg, cfg.seed + rep)
+                self.outs = bench_hf_generate(
+                    self.policy, self.tok, self.samples, self.B, cfg, cfg.seed + rep
+                )
             else:
-                self.trajs = self.engine.generate(self.prompts, max_new_tokens=cfg.max_new_tokens,
-                                                  temperature=cfg.temperature, seed=cfg.seed + rep)  # fmt: skip
+                self.trajs = self.engine.generate(
+                    self.prompts,
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature,
+                    seed=cfg.seed + rep,
+                )
                 self.outs = [t.tokens for t in self.trajs]
             dt = time.perf_counter() - t0
         self.res.tokens_per_s_runs.append(sum(map(len, self.outs)) / dt)
@@ -293,9 +319,8 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         specs += [("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}), ("auto", {})]
         rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
         for res in rows:
-            if (
-                res._option is not None
-            ):  # time this option's steps now, in the machine state the runs just saw
+            # time this option's steps now, in the machine state the runs just saw
+            if res._option is not None:
                 cost.calibrate(engine_factory(policy), [res._option], [B], steps=12, tails=True)
         finish_rows(rows, cost)
         results += rows
@@ -339,8 +364,10 @@ def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult
     for (
         extra
     ) in sw.prompt_lens:  # longer prompts: worked examples of other prompts as context (in-distribution)
-        padded = [TaskSample(s.task, worked_prefix(samples, i, extra) + s.prompt, s.completion, s.entry)
-                  for i, s in enumerate(samples)]  # fmt: skip
+        padded = [
+            TaskSample(s.task, worked_prefix(samples, i, extra) + s.prompt, s.completion, s.entry)
+            for i, s in enumerate(samples)
+        ]
         for sampler in ("ar", "lossless"):
             r, _ = run_cell(policy, tok, padded, B, cfg, sampler, levels=cfg.mix_levels)
             r.sweep = f"prompt_len+{extra}"

@@ -4,9 +4,19 @@ from common.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink, format_l
 
 
 def test_format_line_is_dense_and_flags_alarms():
-    line = format_line(42, 200, {"reward/mean": 0.61, "reward/std": 0.2, "rollout/tokens_per_forward": 5.8,
-                                 "perf/tok_per_s": 18400, "time/rollout_s": 4.1, "time/train_s": 2.3,
-                                 "drift/reward_mean_alarm": 1.0})  # fmt: skip
+    line = format_line(
+        42,
+        200,
+        {
+            "reward/mean": 0.61,
+            "reward/std": 0.2,
+            "rollout/tokens_per_forward": 5.8,
+            "perf/tok_per_s": 18400,
+            "time/rollout_s": 4.1,
+            "time/train_s": 2.3,
+            "drift/reward_mean_alarm": 1.0,
+        },
+    )
     assert line.startswith("step 42/200 | reward 0.61±0.20 | tpf 5.8")
     assert "tok/s 18.4k" in line and "rollout 4.1s train 2.3s" in line and "ALARM reward_mean" in line
 

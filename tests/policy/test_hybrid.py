@@ -72,9 +72,8 @@ def test_bidirectional_inside_block_only(attn):
         ids2[0, S + 3] = 5  # last slot of block 0 replaced
         changed, _ = policy.masked_forward(ids2, pos, mask)
     assert not torch.allclose(base[0, S + 0], changed[0, S + 0], atol=1e-4)  # slot 0 sees slot 3 (same block)
-    torch.testing.assert_close(
-        base[0, S + 4 :], changed[0, S + 4 :], atol=1e-5, rtol=1e-5
-    )  # other block blind
+    # other block blind
+    torch.testing.assert_close(base[0, S + 4 :], changed[0, S + 4 :], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["moe", "llama"])

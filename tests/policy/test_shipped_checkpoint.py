@@ -1,6 +1,5 @@
 """The shipped checkpoint loads as a hybrid and as a plain HF causal LM, and HF generate runs on it."""
 
-
 import torch
 from transformers import AutoModelForCausalLM
 

@@ -49,16 +49,17 @@ def setup(tmp_path_factory):
 def test_env_turns_interleave_masked_and_model_tokens_stay_exact(setup):
     policy, tok = setup
     eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=8, tokenizer=tok)
-    eps = run_episodes(eng, tok, "test/tool-echo-v0", list(range(12)), SamplingParams(max_new_tokens=60, seed=5))
+    eps = run_episodes(
+        eng, tok, "test/tool-echo-v0", list(range(12)), SamplingParams(max_new_tokens=60, seed=5)
+    )
     reply = tok(REPLY, add_special_tokens=False)["input_ids"]
     multi = [e for e in eps if len(e.turn_ends) > 1]
     assert multi, "no episode reached a second turn"
     for e in eps:
         assert len(e.env_mask) == len(e.tokens) == len(e.ar_logprobs) == len(e.behavior_logprobs)
         assert len(e.turn_rewards) == len(e.turn_ends) <= 3
-        for k, end in enumerate(
-            e.turn_ends[:-1]
-        ):  # every non-final turn is followed by exactly the env's reply
+        # every non-final turn is followed by exactly the env's reply
+        for k, end in enumerate(e.turn_ends[:-1]):
             assert e.env_mask[end] == 1 and e.tokens[end + 1 : end + 1 + len(reply)] == reply
             assert e.env_mask[end + 1 : end + 1 + len(reply)] == [0] * len(reply)
             assert e.turn_ends[k + 1] > end + len(reply)
@@ -74,9 +75,8 @@ def test_env_turns_interleave_masked_and_model_tokens_stay_exact(setup):
     assert (lp[m] - batch.ar_logprobs[m]).abs().max() <= 1e-4  # exact on-policy log-probs across turns
     assert int(m.sum()) == sum(sum(e.env_mask) for e in eps)
     assert bool((batch.token_rewards[~m] == 0).all())
-    for i, e in enumerate(
-        eps
-    ):  # each turn's reward sits on its last model token, recomputed from the turn's text
+    # each turn's reward sits on its last model token, recomputed from the turn's text
+    for i, e in enumerate(eps):
         start, P = 0, len(e.prompt_ids)
         for k, end in enumerate(e.turn_ends):
             text = tok.decode(e.tokens[start : end + 1], skip_special_tokens=True)

@@ -65,9 +65,8 @@ def test_pool_survives_a_killed_worker_without_loss_or_duplication(ckpt, local_r
     pool.shutdown()
 
     killing = RolloutPool(ckpt, num_workers=2, engine=ENGINE, num_cpus_per_worker=0.5)
-    submitted = fault_on_submit(
-        killing, 3, lambda worker: ray.kill(worker, no_restart=False)
-    )  # Ray restarts it
+    # Ray restarts it
+    submitted = fault_on_submit(killing, 3, lambda worker: ray.kill(worker, no_restart=False))
     killing.sync_weights(weights, version=1)
     got = killing.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
     killing.shutdown()

@@ -52,7 +52,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def generate_completions(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> list[str]:
     """AR completions via HF generate (training-format prompts, pure temperature sampling)."""
-    outs = hf_generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, cfg.seed)
+    outs = hf_generate(
+        model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, cfg.seed
+    )
     return tokenizer.batch_decode(outs, skip_special_tokens=True)
 
 

@@ -76,8 +76,9 @@ class SamplerSpec(Section):
     """w of logit_mix."""
 
     def engine_settings(self, max_batch: int) -> EngineSettings:
-        return EngineSettings(sampler=self.sampler, levels=self.levels, mix_weight=self.mix_weight,
-                              max_batch=max_batch)
+        return EngineSettings(
+            sampler=self.sampler, levels=self.levels, mix_weight=self.mix_weight, max_batch=max_batch
+        )
 
 
 class RegressConfig(Section):
@@ -143,8 +144,16 @@ class RegressConfig(Section):
 
     def suite(self) -> dict:
         """What makes two runs comparable (the checkpoint, threads and tolerances are not part of it)."""
-        keys = ("tasks", "prompts_per_task", "samples_per_prompt", "prompt_seed", "seed", "temperature",
-                "max_new_tokens", "max_batch")  # fmt: skip
+        keys = (
+            "tasks",
+            "prompts_per_task",
+            "samples_per_prompt",
+            "prompt_seed",
+            "seed",
+            "temperature",
+            "max_new_tokens",
+            "max_batch",
+        )
         d = {k: v for k, v in self.model_dump(mode="json").items() if k in keys}
         return d | {"samplers": {s.name: s.model_dump(mode="json", exclude={"name"}) for s in self.samplers}}
 
@@ -190,9 +199,8 @@ class SamplerMetrics(_Record):
     speedup_vs_ar: float  # median over passes of tok/s / AR tok/s in the same pass
     speedup_runs: list[float]
     rewards_binary: bool = False  # every reward 0 or 1: reward_mean is the solve rate again (not gated)
-    solved_bits: dict[str, Bits] | None = (
-        None  # task -> solved bit per sample, suite order (None: unpaired tests)
-    )
+    # task -> solved bit per sample, suite order (None: unpaired tests)
+    solved_bits: dict[str, Bits] | None = None
 
 
 class RegressResults(_Record):
@@ -256,8 +264,10 @@ def check_suite(baseline: RegressResults, cfg: RegressConfig, path: str | Path) 
         elif base_samplers.get(name) != spec:
             diff.append(f"samplers.{name}: baseline {base_samplers.get(name)} vs config {spec}")
     if diff:
-        raise ConfigError(f"baseline {path} was made with a different suite; re-run with --update-baseline to "
-                          "replace it:\n  " + "\n  ".join(diff))  # fmt: skip
+        raise ConfigError(
+            f"baseline {path} was made with a different suite; re-run with --update-baseline to "
+            "replace it:\n  " + "\n  ".join(diff)
+        )
     extra = [s for s in baseline.samplers if s not in now["samplers"]]
     return [f"baseline sampler {s!r} is not in this config (not compared)" for s in extra]
 
@@ -274,8 +284,14 @@ def suite_samples(cfg: RegressConfig) -> list[TaskSample]:
     return splits.task_prompts(cfg.tasks, cfg.prompts_per_task, cfg.prompt_seed)
 
 
-def summarize(spec: SamplerSpec, K: int, trajs: list[Trajectory], rewards: np.ndarray,
-              samples: list[TaskSample], cfg: RegressConfig) -> dict:  # fmt: skip
+def summarize(
+    spec: SamplerSpec,
+    K: int,
+    trajs: list[Trajectory],
+    rewards: np.ndarray,
+    samples: list[TaskSample],
+    cfg: RegressConfig,
+) -> dict:
     """Quality and acceptance of one sampler's pass; `rewards` is [P, n]."""
     solved = rewards >= 1.0  # [P, n]
     k, N = int(solved.sum()), solved.size
@@ -295,18 +311,26 @@ def summarize(spec: SamplerSpec, K: int, trajs: list[Trajectory], rewards: np.nd
         if acc is not None and t.accept_counts:
             acc.observe(t.accept_counts, t.draft_counts)
     return dict(
-        sampler=spec.sampler, block_size=K, n_prompts=len(samples), n_samples=N, solved=k, solve_rate=k / N,
-        solve_ci95=wilson(k, N), reward_mean=float(rewards.mean()),
+        sampler=spec.sampler,
+        block_size=K,
+        n_prompts=len(samples),
+        n_samples=N,
+        solved=k,
+        solve_rate=k / N,
+        solve_ci95=wilson(k, N),
+        reward_mean=float(rewards.mean()),
         reward_std=float(rewards.std(ddof=1)) if N > 1 else 0.0,
         reward_ci95=bootstrap_mean_ci(rewards, seed=cfg.seed),
         pass_at_k={kk: float(np.mean(v)) for kk, v in pk.items()},
         pass_at_k_std={kk: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for kk, v in pk.items()},
-        per_task=per_task, mean_length=n_tok / len(trajs),
+        per_task=per_task,
+        mean_length=n_tok / len(trajs),
         tokens_per_forward=n_tok / max(1, sum(t.num_forwards for t in trajs)),
         accept_rate=accepted / offered if offered else 0.0,
         accept_by_position=acc.acceptance_by_position() if acc is not None else [],
-        rewards_binary=bool(np.isin(rewards, (0.0, 1.0)).all()), solved_bits=bits,
-    )  # fmt: skip
+        rewards_binary=bool(np.isin(rewards, (0.0, 1.0)).all()),
+        solved_bits=bits,
+    )
 
 
 def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple[dict, list[dict]]:
@@ -324,8 +348,9 @@ def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple
         order = cfg.samplers if rep % 2 == 0 else cfg.samplers[::-1]
         for spec in order:
             t0 = time.perf_counter()
-            trajs = engines[spec.name].generate(ids, max_new_tokens=cfg.max_new_tokens,
-                                                temperature=cfg.temperature, seed=cfg.seed)  # fmt: skip
+            trajs = engines[spec.name].generate(
+                ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed
+            )
             dt = time.perf_counter() - t0
             tps[spec.name].append(sum(t.num_tokens for t in trajs) / dt)
             first.setdefault(spec.name, trajs)
@@ -341,13 +366,24 @@ def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple
         ratios = [a / b for a, b in zip(tps[spec.name], ar, strict=True)]
         metrics[spec.name] = SamplerMetrics(
             **summarize(spec, engines[spec.name].K, trajs, rewards, samples, cfg),
-            tok_per_s=median(tps[spec.name]), tok_per_s_runs=tps[spec.name],
-            speedup_vs_ar=median(ratios), speedup_runs=ratios,
-        )  # fmt: skip
-        records += [{"sampler": spec.name, "task": samples[i // n].task, "prompt": samples[i // n].prompt,
-                     "sample": i % n, "completion": x, "reward": float(rewards.flat[i]),
-                     "tokens": trajs[i].num_tokens, "forwards": trajs[i].num_forwards}
-                    for i, x in enumerate(texts)]  # fmt: skip
+            tok_per_s=median(tps[spec.name]),
+            tok_per_s_runs=tps[spec.name],
+            speedup_vs_ar=median(ratios),
+            speedup_runs=ratios,
+        )
+        records += [
+            {
+                "sampler": spec.name,
+                "task": samples[i // n].task,
+                "prompt": samples[i // n].prompt,
+                "sample": i % n,
+                "completion": x,
+                "reward": float(rewards.flat[i]),
+                "tokens": trajs[i].num_tokens,
+                "forwards": trajs[i].num_forwards,
+            }
+            for i, x in enumerate(texts)
+        ]
     return metrics, records
 
 
@@ -378,11 +414,21 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
         raise ConfigError(f"checkpoint: {cfg.checkpoint} is not converted; only sampler 'ar' can run on it")
     tok = load_tokenizer(cfg.checkpoint)
     samples = suite_samples(cfg)
-    log.info("regress: %s, %d prompts x %d samples, samplers %s", cfg.checkpoint, len(samples),
-             cfg.samples_per_prompt, [s.name for s in cfg.samplers])  # fmt: skip
+    log.info(
+        "regress: %s, %d prompts x %d samples, samplers %s",
+        cfg.checkpoint,
+        len(samples),
+        cfg.samples_per_prompt,
+        [s.name for s in cfg.samplers],
+    )
     metrics, records = measure(cfg, policy, tok, samples)
-    meta = {"checkpoint": cfg.checkpoint, "checkpoint_sha256": checkpoint_fingerprint(cfg.checkpoint),
-            "device": device_name(), "threads": cfg.threads, "torch": torch.__version__}  # fmt: skip
+    meta = {
+        "checkpoint": cfg.checkpoint,
+        "checkpoint_sha256": checkpoint_fingerprint(cfg.checkpoint),
+        "device": device_name(),
+        "threads": cfg.threads,
+        "torch": torch.__version__,
+    }
     created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     results = RegressResults(created=created, suite=cfg.suite(), meta=meta, samplers=metrics)
     text = results.model_dump_json(indent=1)

@@ -57,15 +57,24 @@ def _summary_table(out) -> list[str]:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in out.results.samplers.items():
         b = base.get(name)
-        cells = [name, _pct_ci(m.solve_rate, m.solve_ci95), _pct_ci(b.solve_rate, b.solve_ci95) if b else "-",
-                 f"{m.reward_mean:.3f} [{m.reward_ci95[0]:.3f}, {m.reward_ci95[1]:.3f}]",
-                 f"{b.reward_mean:.3f}" if b else "-"]  # fmt: skip
+        cells = [
+            name,
+            _pct_ci(m.solve_rate, m.solve_ci95),
+            _pct_ci(b.solve_rate, b.solve_ci95) if b else "-",
+            f"{m.reward_mean:.3f} [{m.reward_ci95[0]:.3f}, {m.reward_ci95[1]:.3f}]",
+            f"{b.reward_mean:.3f}" if b else "-",
+        ]
         cells += [
             f"{m.pass_at_k[k]:.3f}" + (f" ({b.pass_at_k[k]:.3f})" if b and k in b.pass_at_k else "")
             for k in ks
         ]
-        cells += [f"{m.tokens_per_forward:.2f}", f"{m.accept_rate:.2f}" if m.block_size else "-",
-                  f"{m.tok_per_s:.0f}", f"{m.speedup_vs_ar:.2f}x", f"{b.speedup_vs_ar:.2f}x" if b else "-"]  # fmt: skip
+        cells += [
+            f"{m.tokens_per_forward:.2f}",
+            f"{m.accept_rate:.2f}" if m.block_size else "-",
+            f"{m.tok_per_s:.0f}",
+            f"{m.speedup_vs_ar:.2f}x",
+            f"{b.speedup_vs_ar:.2f}x" if b else "-",
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -96,8 +105,10 @@ def _gate_table(checks: list[Check]) -> list[str]:
             if c.p_value is not None
             else f"{100 * (c.now / c.baseline - 1) if c.baseline else 0:+.1f}%"
         )
-        rows.append(f"| {c.name} | {c.baseline:.4g} | {c.now:.4g} | {c.test or 'relative'} | {stat} | "
-                    f"{c.threshold} | {'**FAIL**' if c.failed else 'ok'} |")  # fmt: skip
+        rows.append(
+            f"| {c.name} | {c.baseline:.4g} | {c.now:.4g} | {c.test or 'relative'} | {stat} | "
+            f"{c.threshold} | {'**FAIL**' if c.failed else 'ok'} |"
+        )
     return rows
 
 
@@ -109,23 +120,29 @@ def write_report(out, cfg) -> Path:
     r, meta = out.results, out.results.meta
     suite = r.suite
     lines = [f"# blockrl regress: {verdict(out)}", ""]
-    lines += [f"- checkpoint: `{meta['checkpoint']}` (weights sha256 {meta['checkpoint_sha256']}), run {r.created}",
-              f"- suite: {len(suite['tasks'])} tasks ({', '.join(suite['tasks'])}) x {suite['prompts_per_task']} "
-              f"prompts x {suite['samples_per_prompt']} samples, T={suite['temperature']:g}, "
-              f"max_new_tokens {suite['max_new_tokens']}, batch {suite['max_batch']}, prompt seed "
-              f"{suite['prompt_seed']}, sampling seed {suite['seed']}",
-              f"- device: {meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}; "
-              f"throughput: median of {cfg.repeats} alternating pass(es)"]  # fmt: skip
+    lines += [
+        f"- checkpoint: `{meta['checkpoint']}` (weights sha256 {meta['checkpoint_sha256']}), run {r.created}",
+        f"- suite: {len(suite['tasks'])} tasks ({', '.join(suite['tasks'])}) x {suite['prompts_per_task']} "
+        f"prompts x {suite['samples_per_prompt']} samples, T={suite['temperature']:g}, "
+        f"max_new_tokens {suite['max_new_tokens']}, batch {suite['max_batch']}, prompt seed "
+        f"{suite['prompt_seed']}, sampling seed {suite['seed']}",
+        f"- device: {meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}; "
+        f"throughput: median of {cfg.repeats} alternating pass(es)",
+    ]
     if out.baseline is not None:
         b = out.baseline
-        lines.append(f"- baseline: `{out.baseline_path}` ({b.created}, `{b.meta.get('checkpoint')}` sha256 "
-                     f"{b.meta.get('checkpoint_sha256')}, {b.meta.get('device')})")  # fmt: skip
+        lines.append(
+            f"- baseline: `{out.baseline_path}` ({b.created}, `{b.meta.get('checkpoint')}` sha256 "
+            f"{b.meta.get('checkpoint_sha256')}, {b.meta.get('device')})"
+        )
     t = cfg.tolerance
     tests = sorted({c.test for c in out.checks if c.p_value is not None})
-    lines.append(f"- gates: quality one-sided tests ({', '.join(tests) or 'none'}; paired = same prompt and seed "
-                 f"as the baseline's sample) with Holm step-down at family-wise alpha {t.alpha:g} and a drop > "
-                 f"{t.min_effect:g}; TPF/accept relative drop > {t.tpf_rel}; speed-up vs ar relative drop > "
-                 f"{t.speedup_rel} (None = not gated)")  # fmt: skip
+    lines.append(
+        f"- gates: quality one-sided tests ({', '.join(tests) or 'none'}; paired = same prompt and seed "
+        f"as the baseline's sample) with Holm step-down at family-wise alpha {t.alpha:g} and a drop > "
+        f"{t.min_effect:g}; TPF/accept relative drop > {t.tpf_rel}; speed-up vs ar relative drop > "
+        f"{t.speedup_rel} (None = not gated)"
+    )
     lines.append(f"- reproduce: `blockrl regress --config {out.run_dir / 'config.yaml'}`")
     lines += [f"- note: {n}" for n in out.notes]
     if out.failed:
@@ -154,8 +171,10 @@ def _bars(ax, now: dict, base: dict, attr: str, ci: str | None, ylabel: str) -> 
         err = None
         if ci is not None:
             cis = [getattr(src[n], ci) for n in have]
-            err = [[max(0.0, v - c[0]) for v, c in zip(vals, cis, strict=True)],
-                   [max(0.0, c[1] - v) for v, c in zip(vals, cis, strict=True)]]  # fmt: skip
+            err = [
+                [max(0.0, v - c[0]) for v, c in zip(vals, cis, strict=True)],
+                [max(0.0, c[1] - v) for v, c in zip(vals, cis, strict=True)],
+            ]
         ax.bar(
             [names.index(n) + shift for n in have], vals, 0.4, color=color, label=label, yerr=err, capsize=3
         )
@@ -186,9 +205,8 @@ def plot_acceptance(out, path: Path) -> None:
     names = list(out.results.samplers)
     for i, name in enumerate(n for n in names if out.results.samplers[n].block_size):
         m, b, c = out.results.samplers[name], base.get(name), colors[i % len(colors)]
-        if (
-            b is not None and b.accept_by_position
-        ):  # drawn first, wide and light: visible under an identical "now"
+        # drawn first, wide and light: visible under an identical "now"
+        if b is not None and b.accept_by_position:
             xb = range(1, len(b.accept_by_position) + 1)
             a1.plot(xb, b.accept_by_position, "--", color=c, lw=3, alpha=0.4, label=f"{name} baseline")
         xs = range(1, len(m.accept_by_position) + 1)
@@ -230,9 +248,14 @@ def flat_metrics(out) -> dict[str, float]:
     }
     for name, s in out.results.samplers.items():
         p = f"regress/{name}/"
-        m |= {p + "solve_rate": s.solve_rate, p + "reward_mean": s.reward_mean, p + "tokens_per_forward":
-              s.tokens_per_forward, p + "accept_rate": s.accept_rate, p + "tok_per_s": s.tok_per_s,
-              p + "speedup_vs_ar": s.speedup_vs_ar}  # fmt: skip
+        m |= {
+            p + "solve_rate": s.solve_rate,
+            p + "reward_mean": s.reward_mean,
+            p + "tokens_per_forward": s.tokens_per_forward,
+            p + "accept_rate": s.accept_rate,
+            p + "tok_per_s": s.tok_per_s,
+            p + "speedup_vs_ar": s.speedup_vs_ar,
+        }
         m |= {p + f"pass@{k}": v for k, v in s.pass_at_k.items()}
         m |= {p + f"{t}/solve_rate": r.rate for t, r in s.per_task.items()}
     return m

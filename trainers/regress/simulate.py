@@ -17,9 +17,17 @@ from trainers.regress.stats import ToleranceConfig, bit_gates, gate_decisions
 
 
 def simulate_alarm_rate(
-    p_base, p_now, samples_per_prompt: int, task_sizes: Mapping[str, int], pass_k: Sequence[int],
-    tol: ToleranceConfig, runs: int = 2000, coupling: float = 0.0, paired: bool = True, seed: int = 0,
-) -> float:  # fmt: skip
+    p_base,
+    p_now,
+    samples_per_prompt: int,
+    task_sizes: Mapping[str, int],
+    pass_k: Sequence[int],
+    tol: ToleranceConfig,
+    runs: int = 2000,
+    coupling: float = 0.0,
+    paired: bool = True,
+    seed: int = 0,
+) -> float:
     """Fraction of `runs` simulated nightly runs in which at least one quality gate fails (0/1 rewards).
 
     p_base, p_now [S, P]: success probability of each prompt's samples under each of S samplers, for the baseline
@@ -77,10 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     base = load_baseline(cfg.baseline).samplers
     per_task = {s.name: [base[s.name].per_task[t].rate for t in cfg.tasks] for s in cfg.samplers}
     sizes = {t: cfg.prompts_per_task for t in cfg.tasks}
-    print(f"{len(cfg.samplers)} samplers x {len(cfg.tasks)} tasks x {cfg.prompts_per_task} prompts x "
-          f"{cfg.samples_per_prompt} samples, alpha {cfg.tolerance.alpha}, min_effect {cfg.tolerance.min_effect}, "
-          f"{args.runs} simulated runs per cell (seed 0). P(at least one quality gate fails), paired tests "
-          "(unpaired fallback in brackets); drop 0 is the false-alarm rate.\n")  # fmt: skip
+    print(
+        f"{len(cfg.samplers)} samplers x {len(cfg.tasks)} tasks x {cfg.prompts_per_task} prompts x "
+        f"{cfg.samples_per_prompt} samples, alpha {cfg.tolerance.alpha}, min_effect {cfg.tolerance.min_effect}, "
+        f"{args.runs} simulated runs per cell (seed 0). P(at least one quality gate fails), paired tests "
+        "(unpaired fallback in brackets); drop 0 is the false-alarm rate.\n"
+    )
     print("| rates | coupling | " + " | ".join(f"drop {d:.2f}" for d in args.drops) + " |")
     print("|---|---|" + "---|" * len(args.drops))
     for coupling in args.coupling:
@@ -88,8 +98,20 @@ def main(argv: list[str] | None = None) -> None:
             cells = []
             for d in args.drops:
                 pb, pn = drop_scenarios(per_task, cfg.prompts_per_task, d)[name]
-                r = [simulate_alarm_rate(pb, pn, cfg.samples_per_prompt, sizes, cfg.pass_k, cfg.tolerance,
-                                         args.runs, coupling, paired) for paired in (True, False)]  # fmt: skip
+                r = [
+                    simulate_alarm_rate(
+                        pb,
+                        pn,
+                        cfg.samples_per_prompt,
+                        sizes,
+                        cfg.pass_k,
+                        cfg.tolerance,
+                        args.runs,
+                        coupling,
+                        paired,
+                    )
+                    for paired in (True, False)
+                ]
                 cells.append(f"{r[0]:.3f} ({r[1]:.3f})")
             print(f"| {name} | {coupling:g} | " + " | ".join(cells) + " |")
 

@@ -285,17 +285,27 @@ def quality_tests(name: str, base, now, tol: ToleranceConfig) -> list[QualityTes
     if paired is not None:
         b, c, sizes = paired
         g = bit_gates(b, c, sizes if tol.per_task else {}, ks)
-        tests += [QualityTest(name, m, float(g.baseline[i]), float(g.now[i]), float(g.p_value[i]), g.tests[i])
-                  for i, m in enumerate(g.names)]  # fmt: skip
+        tests += [
+            QualityTest(name, m, float(g.baseline[i]), float(g.now[i]), float(g.p_value[i]), g.tests[i])
+            for i, m in enumerate(g.names)
+        ]
     else:
-        tests.append(QualityTest(name, "solve_rate", base.solve_rate, now.solve_rate,
-                                 two_proportion_p(base.solved, base.n_samples, now.solved, now.n_samples),
-                                 "z unpaired"))  # fmt: skip
+        tests.append(
+            QualityTest(
+                name,
+                "solve_rate",
+                base.solve_rate,
+                now.solve_rate,
+                two_proportion_p(base.solved, base.n_samples, now.solved, now.n_samples),
+                "z unpaired",
+            )
+        )
         for k in ks:
             if str(k) in base.pass_at_k:
                 b, c = base.pass_at_k[str(k)], now.pass_at_k[str(k)]
-                p = welch_p(b, base.pass_at_k_std[str(k)], base.n_prompts, c, now.pass_at_k_std[str(k)],
-                            now.n_prompts)  # fmt: skip
+                p = welch_p(
+                    b, base.pass_at_k_std[str(k)], base.n_prompts, c, now.pass_at_k_std[str(k)], now.n_prompts
+                )
                 tests.append(QualityTest(name, f"pass@{k}", b, c, p, "Welch unpaired"))
         for task, t in now.per_task.items() if tol.per_task else ():
             if task in base.per_task:
@@ -303,8 +313,9 @@ def quality_tests(name: str, base, now, tol: ToleranceConfig) -> list[QualityTes
                 p = two_proportion_p(b.solved, b.n, t.solved, t.n)
                 tests.append(QualityTest(name, f"{task}/solve_rate", b.rate, t.rate, p, "z unpaired"))
     if not (base.rewards_binary and now.rewards_binary):  # 0/1 rewards: reward_mean is solve_rate again
-        p = welch_p(base.reward_mean, base.reward_std, base.n_samples, now.reward_mean, now.reward_std,
-                    now.n_samples)  # fmt: skip
+        p = welch_p(
+            base.reward_mean, base.reward_std, base.n_samples, now.reward_mean, now.reward_std, now.n_samples
+        )
         tests.append(QualityTest(name, "reward_mean", base.reward_mean, now.reward_mean, p, "Welch unpaired"))
     return tests
 
@@ -328,17 +339,28 @@ def compare(baseline: dict, current: dict, tol: ToleranceConfig) -> list[Check]:
             return f"Holm {step[i]}/{m}: {cond} and drop > {tol.min_effect:g}"
 
         checks = [
-            Check(t.sampler, t.metric, t.baseline, t.now, failed=bool(failed[i]), p_value=t.p_value, test=t.test,
-                  threshold=threshold(i))
+            Check(
+                t.sampler,
+                t.metric,
+                t.baseline,
+                t.now,
+                failed=bool(failed[i]),
+                p_value=t.p_value,
+                test=t.test,
+                threshold=threshold(i),
+            )
             for i, t in enumerate(tests)
-        ]  # fmt: skip
+        ]
     for s in common:
         b, n = baseline[s], current[s]
         if n.block_size == 0 or b.block_size == 0:  # ar: one token per forward, nothing to accept
             continue
         if tol.tpf_rel is not None:
-            checks.append(relative_check(s, "tokens_per_forward", b.tokens_per_forward, n.tokens_per_forward,
-                                         tol.tpf_rel))  # fmt: skip
+            checks.append(
+                relative_check(
+                    s, "tokens_per_forward", b.tokens_per_forward, n.tokens_per_forward, tol.tpf_rel
+                )
+            )
             checks.append(relative_check(s, "accept_rate", b.accept_rate, n.accept_rate, tol.tpf_rel))
         if tol.speedup_rel is not None:
             checks.append(

@@ -47,8 +47,11 @@ def heldout_solve_and_speed(
 
 
 def run_demo(run_dir: str, checkpoint: str, steps: int, overrides: list[str]) -> int:
-    cfg = load_config(TrainConfig, "grpo_demo", [f"run_dir={run_dir}", f"checkpoint={checkpoint}", f"steps={steps}",
-                                                 *overrides])  # fmt: skip
+    cfg = load_config(
+        TrainConfig,
+        "grpo_demo",
+        [f"run_dir={run_dir}", f"checkpoint={checkpoint}", f"steps={steps}", *overrides],
+    )
     tok = load_tokenizer(checkpoint)
     tasks = cfg.eval_tasks or list(dict.fromkeys(cfg.tasks))
     before = heldout_solve_and_speed(checkpoint, tok, tasks, 100, 16, cfg.seed)
@@ -59,11 +62,17 @@ def run_demo(run_dir: str, checkpoint: str, steps: int, overrides: list[str]) ->
     print("\n== blockrl demo: GRPO on the shipped checkpoint, lossless rollouts on 2 Ray workers ==")
     for name, r in (("before", before), ("after", after)):
         lo, hi = r["ci95"]
-        print(f"held-out solve rate {name:>6}: {r['solved']}/{r['n']} = {r['solved'] / r['n']:.1%} "
-              f"[{lo:.1%}, {hi:.1%}] (T=1.0, lossless rollouts)")  # fmt: skip
+        print(
+            f"held-out solve rate {name:>6}: {r['solved']}/{r['n']} = {r['solved'] / r['n']:.1%} "
+            f"[{lo:.1%}, {hi:.1%}] (T=1.0, lossless rollouts)"
+        )
     print("acceptance (tokens per forward) by step: " + " ".join(f"{v:.1f}" for v in tpf))
-    print(f"rollout tokens/s at batch 16, trained policy: lossless {after['lossless_tok_s']:.0f} vs engine ar "
-          f"{after['ar_tok_s']:.0f} ({after['lossless_tok_s'] / after['ar_tok_s']:.2f}x)")  # fmt: skip
-    print(f"per-step metrics: {Path(cfg.run_dir) / 'metrics.jsonl'} | curves: {Path(cfg.run_dir) / 'curves.png'} | "
-          f"wandb ({cfg.wandb}): {Path(cfg.run_dir) / 'wandb'}")  # fmt: skip
+    print(
+        f"rollout tokens/s at batch 16, trained policy: lossless {after['lossless_tok_s']:.0f} vs engine ar "
+        f"{after['ar_tok_s']:.0f} ({after['lossless_tok_s'] / after['ar_tok_s']:.2f}x)"
+    )
+    print(
+        f"per-step metrics: {Path(cfg.run_dir) / 'metrics.jsonl'} | curves: {Path(cfg.run_dir) / 'curves.png'} | "
+        f"wandb ({cfg.wandb}): {Path(cfg.run_dir) / 'wandb'}"
+    )
     return 0

@@ -83,8 +83,10 @@ class DriftMonitor:
 
     def __init__(self, configs: list[DetectorConfig], states: dict[str, dict] | None = None):
         states = states or {}
-        self.detectors = {c.metric: Detector(c, DetectorState(**states[c.metric]) if c.metric in states else None)
-                          for c in configs}  # fmt: skip
+        self.detectors = {
+            c.metric: Detector(c, DetectorState(**states[c.metric]) if c.metric in states else None)
+            for c in configs
+        }
 
     def update(self, metrics: dict[str, float]) -> list[str]:
         return [name for name, d in self.detectors.items() if name in metrics and d.update(metrics[name])]

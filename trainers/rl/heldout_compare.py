@@ -29,10 +29,17 @@ def solve_rates(checkpoint: str, tok, samples, seeds: list[int]) -> dict:
     solved = []  # (task, ok) per sample
     for seed in seeds:
         trajs = engine.generate(prompts, max_new_tokens=160, temperature=1.0, seed=seed)
-        solved += [(s.task, score(s, tok.decode(t.tokens, skip_special_tokens=True)) >= 1.0)
-                   for s, t in zip(samples, trajs, strict=True)]  # fmt: skip
-    out = {"checkpoint": checkpoint, "n": len(solved), "rate": sum(ok for _, ok in solved) / len(solved),
-           "ci95": wilson(sum(ok for _, ok in solved), len(solved)), "per_task": {}}  # fmt: skip
+        solved += [
+            (s.task, score(s, tok.decode(t.tokens, skip_special_tokens=True)) >= 1.0)
+            for s, t in zip(samples, trajs, strict=True)
+        ]
+    out = {
+        "checkpoint": checkpoint,
+        "n": len(solved),
+        "rate": sum(ok for _, ok in solved) / len(solved),
+        "ci95": wilson(sum(ok for _, ok in solved), len(solved)),
+        "per_task": {},
+    }
     for task in dict.fromkeys(t for t, _ in solved):
         own = [ok for t, ok in solved if t == task]
         out["per_task"][task] = {"rate": sum(own) / len(own), "ci95": wilson(sum(own), len(own))}
@@ -53,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.checkpoints[0])
-    samples = splits.rl_heldout(args.tasks, args.per_task, exclude=splits.rl_train_prompts(args.tasks, args.train_seed))
+    samples = splits.rl_heldout(
+        args.tasks, args.per_task, exclude=splits.rl_train_prompts(args.tasks, args.train_seed)
+    )
     results = [solve_rates(c, tok, samples, args.seeds) for c in args.checkpoints]
     for r in results:
         lo, hi = r["ci95"]

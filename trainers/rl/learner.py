@@ -83,8 +83,17 @@ class RolloutBatch:
                     tok_r[i, P + end] += r
             elif n:
                 tok_r[i, P + n - 1] = rewards[i]
-        return RolloutBatch(ids, valid, comp, blp, alp, torch.tensor(rewards, dtype=torch.float), tok_r,
-                            group_size, min(t.policy_version for t in trajs))  # fmt: skip
+        return RolloutBatch(
+            ids,
+            valid,
+            comp,
+            blp,
+            alp,
+            torch.tensor(rewards, dtype=torch.float),
+            tok_r,
+            group_size,
+            min(t.policy_version for t in trajs),
+        )
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -187,15 +196,18 @@ class Learner:
         self.policy.train()
         adv, old_values, returns = self._advantages(batch)
         staleness = self.version - batch.policy_version
-        if staleness > 0:  # async: pi_old is the learner now; the rollout policy is the IS behaviour distribution
+        # async: pi_old is the learner now; the rollout policy is the IS behaviour distribution
+        if staleness > 0:
             with torch.no_grad():
-                logits, *_ = self._forward(batch.input_ids, batch.valid, False, need_values=False, need_aux=False)
+                logits, *_ = self._forward(
+                    batch.input_ids, batch.valid, False, need_values=False, need_aux=False
+                )
                 old = token_logprobs(logits, batch.input_ids, cfg.temperature)
         else:  # exact AR log-probs of the rollout policy; logit_mix rollouts carry their own behaviour log-probs
             old = batch.ar_logprobs
         targets = _Targets(old, batch.behavior_logprobs, adv, old_values, returns)
         steps, diagnostics = [], []
-        for epoch in range(cfg.epochs):
+        for _ in range(cfg.epochs):
             for idx in torch.randperm(batch.input_ids.shape[0]).chunk(cfg.minibatches):
                 m, diag = self._minibatch(batch, targets, idx, diagnose=not steps)
                 steps.append(m)
@@ -224,9 +236,17 @@ class Learner:
                 ref = token_logprobs(self.ref.ar_forward(ids, valid).logits, ids, cfg.temperature)
         diag = {}
         if diagnose:
-            diag = rollout_diagnostics(logits.detach(), learner.detach(), batch.ar_logprobs[idx],
-                                       t.behavior[idx], comp, cfg.temperature)
-        loss, metrics = grpo_loss(LossInputs(learner, t.old[idx], t.behavior[idx], t.adv[idx], comp, ref), cfg.grpo)
+            diag = rollout_diagnostics(
+                logits.detach(),
+                learner.detach(),
+                batch.ar_logprobs[idx],
+                t.behavior[idx],
+                comp,
+                cfg.temperature,
+            )
+        loss, metrics = grpo_loss(
+            LossInputs(learner, t.old[idx], t.behavior[idx], t.adv[idx], comp, ref), cfg.grpo
+        )
         if values is not None:
             v_loss = value_loss(values, t.old_values[idx], t.returns[idx], comp, cfg.ppo.value_clip)
             loss = loss + cfg.ppo.vf_coef * v_loss

@@ -61,8 +61,9 @@ def group_advantages(
     return centered.reshape(-1)
 
 
-def importance_weights(target_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor,
-                       cfg: ImportanceConfig) -> torch.Tensor:
+def importance_weights(
+    target_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor, cfg: ImportanceConfig
+) -> torch.Tensor:
     """[B, T] weights correcting behaviour -> target (no grad): min(pi_target / pi_behavior, C) per token, or per
     sequence (one value per row, broadcast); mode "mask" zeroes ratios above C instead. Masked positions get 1; NaN
     log-probs count as no correction (like TRL's vLLM path)."""
@@ -72,7 +73,8 @@ def importance_weights(target_logprobs: torch.Tensor, behavior_logprobs: torch.T
         diff = torch.nan_to_num((target_logprobs - behavior_logprobs) * mask, nan=0.0)
         if cfg.level == "sequence":
             diff = diff.sum(dim=-1, keepdim=True).expand_as(diff)
-        ratio = torch.exp(diff.clamp(max=80.0))  # NOTE: clamp before exp keeps fp32 finite; C is far below e^80
+        # NOTE: clamp before exp keeps fp32 finite; C is far below e^80
+        ratio = torch.exp(diff.clamp(max=80.0))
         if cfg.mode == "truncate":
             w = ratio.clamp(max=cfg.cap)
         else:

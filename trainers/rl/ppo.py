@@ -76,8 +76,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tens
     return (x - sel.mean()) / (sel.std(unbiased=False) + eps) * mask
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float) -> torch.Tensor:  # fmt: skip
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> torch.Tensor:
     """0.5 * max((V - R)^2, (clip(V) - R)^2), token-mean over `mask`."""
     err = (values - returns) ** 2
     if clip > 0:

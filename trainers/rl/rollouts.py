@@ -39,8 +39,17 @@ class StepBatch:
 class StepRollouts:
     """Produces each step's `StepBatch` from the pool; `launch(step)` runs it in a background thread."""
 
-    def __init__(self, pool: RolloutPool, tok, tasks: list[str], env: str | None, seed: int, prompts_per_step: int,
-                 group_size: int, sampling: SamplingParams):
+    def __init__(
+        self,
+        pool: RolloutPool,
+        tok,
+        tasks: list[str],
+        env: str | None,
+        seed: int,
+        prompts_per_step: int,
+        group_size: int,
+        sampling: SamplingParams,
+    ):
         self.pool, self.tok, self.tasks, self.env = pool, tok, tasks, env
         self.seed, self.prompts_per_step, self.group_size = seed, prompts_per_step, group_size
         self.sampling = sampling
@@ -69,11 +78,15 @@ class StepRollouts:
                 self.seed * 1_000_003 + step * self.prompts_per_step + i for i in range(self.prompts_per_step)
             ]
             trajs = self.pool.collect_episodes(self.env, seeds, self.group_size, sampling)
-            return StepBatch(step, trajs, [self.env_task] * len(seeds), [sum(t.turn_rewards) for t in trajs],
-                             time.time() - t0)  # fmt: skip
+            return StepBatch(
+                step,
+                trajs,
+                [self.env_task] * len(seeds),
+                [sum(t.turn_rewards) for t in trajs],
+                time.time() - t0,
+            )
         samples = self.step_prompts(step)
-        prompt_ids = [encode_prompt(self.tok, s.prompt)
-                      for s in samples]  # fmt: skip
+        prompt_ids = [encode_prompt(self.tok, s.prompt) for s in samples]
         trajs = self.pool.collect(prompt_ids, self.group_size, sampling)
         texts = self.tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
         rewards = [score(samples[i // self.group_size], text) for i, text in enumerate(texts)]
@@ -86,7 +99,9 @@ class StepRollouts:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def heldout_eval(pool: RolloutPool, tok, samples: list[TaskSample], sampling: SamplingParams) -> dict[str, float]:
+def heldout_eval(
+    pool: RolloutPool, tok, samples: list[TaskSample], sampling: SamplingParams
+) -> dict[str, float]:
     """Held-out solve rate on `samples`, one sample per prompt with the workers' sampler: exact AR samples when it is
     lossless or ar."""
     tasks = list(dict.fromkeys(s.task for s in samples))

@@ -111,27 +111,17 @@ class TrainConfig(Section):
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "checkpoint"
-    recover(ckpt)
-    resuming = resume and ckpt.exists()
     dump_config(cfg, run_dir / "config.yaml")
-    policy = HybridPolicy.from_pretrained(ckpt if resuming else cfg.checkpoint)
     tok = load_tokenizer(cfg.checkpoint)
-    learner = Learner(policy, cfg.learner)
-    start, drift_state, wandb_id = 0, None, None
-    if resuming:
-        state = load_trainer_state(ckpt)
-        learner.load_state_dict(state["learner"])
-        start, drift_state, wandb_id = state["step"], state["drift"], state.get("wandb_id")
-        log.info("resumed %s at step %d", run_dir, start)
-    learner.version = start
-    drift = DriftMonitor(cfg.drift, drift_state)
+    policy, learner, start, drift, wandb_id = _start(cfg, ckpt, resume)
     sink, wandb_sink = _sinks(cfg, run_dir, start, wandb_id)
 
     init_ray(run_dir, cfg.rollout.address, num_cpus=None)
     r = cfg.rollout
     pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings())
-    sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                              eos_token_id=tok.eos_token_id)
+    sampling = SamplingParams(
+        max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos_token_id=tok.eos_token_id
+    )
     rollouts = StepRollouts(
         pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling
     )
@@ -149,34 +139,37 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                 pending = rollouts.launch(step)
             batch = pending.result()
             pending = None
-            if (
-                cfg.async_rollouts and step + 1 < cfg.steps
-            ):  # one step off-policy: step+1's rollouts overlap learning
+            # one step off-policy: step+1's rollouts overlap learning
+            if cfg.async_rollouts and step + 1 < cfg.steps:
                 _publish(pool, policy, learner.version)
                 pending = rollouts.launch(step + 1)
             t1 = time.time()
-            metrics = learner.step(RolloutBatch.from_trajectories(batch.trajs, batch.rewards, cfg.group_size,
-                                                                  tok.pad_token_id))  # fmt: skip
+            metrics = learner.step(
+                RolloutBatch.from_trajectories(batch.trajs, batch.rewards, cfg.group_size, tok.pad_token_id)
+            )
             metrics |= rollout_metrics(batch, cfg.group_size, K)
-            metrics |= {"time/train_s": time.time() - t1, "time/step_s": time.time() - t0,
-                        "train/lambda_diff": learner.lambda_diff}  # fmt: skip
+            metrics |= {
+                "time/train_s": time.time() - t1,
+                "time/step_s": time.time() - t0,
+                "train/lambda_diff": learner.lambda_diff,
+            }
             metrics |= _check_drift(drift, metrics, cfg, learner, step)
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 if pending is not None:
                     pending.result()  # workers are busy with step+1; evaluate after (they hold older weights)
                 _publish(pool, policy, learner.version)
                 metrics |= heldout_eval(pool, tok, heldout, sampling)
-            if not math.isfinite(metrics["train/loss"]):
-                raise FloatingPointError(
-                    f"train/loss is {metrics['train/loss']} at step {step + 1}; stopping"
-                )
-            metrics = {k: v for k, v in metrics.items() if isinstance(v, float | int) and math.isfinite(v)}
+            metrics = _finite(metrics, step)
             sink.log(step + 1, metrics)
             history.append({"step": step + 1, **metrics})
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(ckpt, policy, tok, {"learner": learner.state_dict(), "step": step + 1,
-                                                    "drift": drift.state_dict(),
-                                                    "wandb_id": wandb_sink.run_id if wandb_sink else None})  # fmt: skip
+                state = {
+                    "learner": learner.state_dict(),
+                    "step": step + 1,
+                    "drift": drift.state_dict(),
+                    "wandb_id": wandb_sink.run_id if wandb_sink else None,
+                }
+                save_checkpoint(ckpt, policy, tok, state)
             if cfg.drift_action == "stop" and any(k.endswith("_alarm") for k in metrics):
                 log.warning("stopping on drift alarm at step %d", step + 1)
                 break
@@ -187,6 +180,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     if (run_dir / "metrics.jsonl").exists():
         log.info("curves: %s", plot_run(run_dir))
     return history
+
+
+def _start(cfg: TrainConfig, ckpt: Path, resume: bool):
+    """(policy, learner, first step, drift monitor, wandb run id): fresh from cfg.checkpoint, or resumed from `ckpt`
+    (policy, optimizer, RNG, step, detectors)."""
+    recover(ckpt)
+    resuming = resume and ckpt.exists()
+    policy = HybridPolicy.from_pretrained(ckpt if resuming else cfg.checkpoint)
+    learner = Learner(policy, cfg.learner)
+    start, drift_state, wandb_id = 0, None, None
+    if resuming:
+        state = load_trainer_state(ckpt)
+        learner.load_state_dict(state["learner"])
+        start, drift_state, wandb_id = state["step"], state["drift"], state.get("wandb_id")
+        log.info("resumed %s at step %d", ckpt, start)
+    learner.version = start
+    return policy, learner, start, DriftMonitor(cfg.drift, drift_state), wandb_id
+
+
+def _finite(metrics: dict, step: int) -> dict:
+    """The loggable metrics; a non-finite loss stops the run."""
+    if not math.isfinite(metrics["train/loss"]):
+        raise FloatingPointError(f"train/loss is {metrics['train/loss']} at step {step + 1}; stopping")
+    return {k: v for k, v in metrics.items() if isinstance(v, float | int) and math.isfinite(v)}
 
 
 def _publish(pool: RolloutPool, policy: HybridPolicy, version: int) -> None:

@@ -175,7 +175,9 @@ class BlockRolloutFunc:
         if self.engine is None:
             policy = hybrid_of(model) if self.policy is None else self.policy
             self.engine = build_engine(policy, self.cfg.engine_settings(), tokenizer=trainer.processing_class)
-            log.info("trl adapter: %s engine on %s", "shared" if shared else "separate-copy", self.cfg.sampler)
+            log.info(
+                "trl adapter: %s engine on %s", "shared" if shared else "separate-copy", self.cfg.sampler
+            )
         if shared:
             if self.engine.policy.model is not model:
                 raise RuntimeError(
@@ -220,7 +222,9 @@ class BlockRolloutFunc:
         out = {
             "prompt_ids": prompt_ids,
             "completion_ids": [e.tokens for e in episodes],
-            "logprobs": [e.behavior_logprobs for e in episodes],  # behaviour = AR log-probs for exact samplers
+            "logprobs": [
+                e.behavior_logprobs for e in episodes
+            ],  # behaviour = AR log-probs for exact samplers
             "tokens_per_forward": [e.tokens_per_forward for e in episodes],
             "accept_rate": [_accept_rate([e]) for e in episodes],
             "policy_version": [rec.global_step] * len(episodes),
@@ -232,8 +236,11 @@ class BlockRolloutFunc:
 
     def _sampling(self, trainer, seed: int) -> SamplingParams:
         args = trainer.args
-        for name, ok in (("min_p", args.min_p is None), ("repetition_penalty", args.repetition_penalty == 1.0),
-                         ("generation_kwargs", not args.generation_kwargs)):
+        for name, ok in (
+            ("min_p", args.min_p is None),
+            ("repetition_penalty", args.repetition_penalty == 1.0),
+            ("generation_kwargs", not args.generation_kwargs),
+        ):
             if not ok:
                 raise ValueError(
                     f"GRPOConfig.{name}={getattr(args, name)!r} is not supported by the block engine"
@@ -266,9 +273,17 @@ class BlockRolloutFunc:
             reply = self.turn_fn(_text(prompts[i]), tok.decode(ep.tokens))
             return None if reply is None else tok(reply, add_special_tokens=False)["input_ids"]
 
-        offset = trainer.accelerator.process_index * len(prompt_ids)  # each process's samples: their own streams
-        return run_turns(self.engine, prompt_ids, self._sampling(trainer, seed), respond, index_offset=offset,
-                         max_turns=self.cfg.max_turns if self.turn_fn else 1, seed_stride=1)
+        # each process's samples: their own streams
+        offset = trainer.accelerator.process_index * len(prompt_ids)
+        return run_turns(
+            self.engine,
+            prompt_ids,
+            self._sampling(trainer, seed),
+            respond,
+            index_offset=offset,
+            max_turns=self.cfg.max_turns if self.turn_fn else 1,
+            seed_stride=1,
+        )
 
     def _log(self, trainer, episodes: list[Trajectory], rec: SyncRecord) -> None:
         """Acceptance and timing into TRL's per-step metrics (averaged per logging step, like `log_metric`)."""
@@ -283,8 +298,12 @@ class BlockRolloutFunc:
             "time/sync_s": rec.sync_s,
         }
         if self.off_policy:
-            gaps = [abs(b - a) for e in episodes
-                    for b, a, m in zip(e.behavior_logprobs, e.ar_logprobs, e.env_mask, strict=True) if m]
+            gaps = [
+                abs(b - a)
+                for e in episodes
+                for b, a, m in zip(e.behavior_logprobs, e.ar_logprobs, e.env_mask, strict=True)
+                if m
+            ]
             metrics["rollout/behavior_ar_logp_gap"] = sum(gaps) / max(1, len(gaps))
         for k, v in metrics.items():
             if hasattr(trainer, "_log_metric"):  # TRL's reward-function `log_metric` hook

@@ -176,11 +176,20 @@ def _build(cfg: TRLBenchConfig, variant: str, dataset, tok, by_prompt, baton: _B
 
     args = GRPOConfig(
         output_dir=str(Path(cfg.run_dir) / "trl" / variant),
-        use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, save_strategy="no", logging_steps=1,
-        max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-        temperature=cfg.temperature, learning_rate=cfg.learning_rate, seed=cfg.seed,
-    )  # fmt: skip
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        learning_rate=cfg.learning_rate,
+        seed=cfg.seed,
+    )
     rollout = None
     if variant != "hf":
         rollout = BlockRolloutFunc(
@@ -193,8 +202,15 @@ def _build(cfg: TRLBenchConfig, variant: str, dataset, tok, by_prompt, baton: _B
     timer = _StepTimer(variant, baton, bar)
     model = AutoModelForCausalLM.from_pretrained(cfg.checkpoint)
     cls = BlockGRPOTrainer if variant == "logit_mix" else GRPOTrainer  # exact samplers need no correction
-    trainer = cls(model=model, processing_class=tok, reward_funcs=[_reward_fn(by_prompt)], args=args,
-                  train_dataset=dataset, rollout_func=rollout, callbacks=[timer])  # fmt: skip
+    trainer = cls(
+        model=model,
+        processing_class=tok,
+        reward_funcs=[_reward_fn(by_prompt)],
+        args=args,
+        train_dataset=dataset,
+        rollout_func=rollout,
+        callbacks=[timer],
+    )
     trainer.remove_callback(PrinterCallback)
     v = _Variant(variant, trainer, timer)
     generate = trainer._generate
@@ -222,11 +238,18 @@ def _train(v: _Variant, baton: _Baton, threads: int) -> None:
 def _steps(cfg: TRLBenchConfig, v: _Variant, t0: float) -> list[dict]:
     logs = [h for h in v.trainer.state.log_history if "loss" in h]
     return [
-        {"step": i, "start_s": v.timer.starts[i] - t0, "step_s": s, "generate_s": g, "warmup": i < cfg.warmup_steps,
-         "mean_length": h["completions/mean_length"], "reward": h["reward"],
-         "tokens_per_forward": h.get("rollout/tokens_per_forward", 1.0)}
+        {
+            "step": i,
+            "start_s": v.timer.starts[i] - t0,
+            "step_s": s,
+            "generate_s": g,
+            "warmup": i < cfg.warmup_steps,
+            "mean_length": h["completions/mean_length"],
+            "reward": h["reward"],
+            "tokens_per_forward": h.get("rollout/tokens_per_forward", 1.0),
+        }
         for i, (s, g, h) in enumerate(zip(v.timer.steps, v.gen_times, logs, strict=True))
-    ]  # fmt: skip
+    ]
 
 
 def _summary(steps: list[dict], batch: int) -> dict:
@@ -283,8 +306,12 @@ def run_trl_bench(cfg: TRLBenchConfig) -> dict:
             s["paired_generate_speedup_vs_hf"] = statistics.median(
                 a["generate_s"] / b["generate_s"] for a, b in pairs
             )
-    meta = {"config": cfg.model_dump(mode="json"), "device": device_name(), "torch_threads": cfg.threads,
-            "batch_size": cfg.batch_size}  # fmt: skip
+    meta = {
+        "config": cfg.model_dump(mode="json"),
+        "device": device_name(),
+        "torch_threads": cfg.threads,
+        "batch_size": cfg.batch_size,
+    }
     return {"meta": meta, "summary": summary, "steps": steps}
 
 
@@ -300,8 +327,14 @@ def write_report(result: dict, json_path: Path, png_path: Path | None = None) ->
         line = ax.plot(
             [s["step"] for s in steps], [s["step_s"] for s in steps], marker="o", label=f"{v} step"
         )
-        ax.plot([s["step"] for s in steps], [s["generate_s"] for s in steps], ls="--", color=line[0].get_color(),
-                alpha=0.6, label=f"{v} generate")  # fmt: skip
+        ax.plot(
+            [s["step"] for s in steps],
+            [s["generate_s"] for s in steps],
+            ls="--",
+            color=line[0].get_color(),
+            alpha=0.6,
+            label=f"{v} generate",
+        )
     ax.set_xlabel("optimizer step (variants alternate step by step)")
     ax.set_ylabel("seconds")
     ax.set_title("TRL GRPOTrainer: HF generate vs blockrl rollout_func")

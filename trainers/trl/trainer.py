@@ -85,4 +85,6 @@ class BlockGRPOTrainer(GRPOTrainer):
         m["sampling/importance_sampling_ratio/min"].append(ws.min().item())
         m["sampling/importance_sampling_ratio/mean"].append(ws.mean().item())
         m["sampling/importance_sampling_ratio/max"].append(ws.max().item())
-        m["sampling/importance_sampling_clipped_frac"].append((ws >= self.importance.cap).float().mean().item())
+        m["sampling/importance_sampling_clipped_frac"].append(
+            (ws >= self.importance.cap).float().mean().item()
+        )

@@ -31,8 +31,16 @@ TOK = load_tokenizer(CKPT)
 
 
 def config(out_dir, **kw) -> RolloutJobConfig:
-    base = {"out_dir": str(out_dir), "checkpoint": CKPT, "num_prompts": 3, "group_size": 2, "shard_size": 2,
-            "max_new_tokens": 8, "levels": [0, 4], "max_batch": 4}  # fmt: skip
+    base = {
+        "out_dir": str(out_dir),
+        "checkpoint": CKPT,
+        "num_prompts": 3,
+        "group_size": 2,
+        "shard_size": 2,
+        "max_new_tokens": 8,
+        "levels": [0, 4],
+        "max_batch": 4,
+    }
     return RolloutJobConfig(**(base | kw))
 
 
@@ -132,8 +140,21 @@ def test_rerun_with_another_config_fails_naming_the_field(tmp_path, local, capsy
     )
     with pytest.raises(ManifestMismatchError, match=r"temperature: 1\.0 -> 0\.5"):
         run_job(config(cfg.out_dir, num_prompts=2, group_size=1, temperature=0.5), backend=local)
-    argv = ["rollout", "--set", f"out_dir={cfg.out_dir}", "--set", f"checkpoint={CKPT}", "--set", "num_prompts=2",
-            "--set", "group_size=1", "--set", "shard_size=3", "--set", "max_new_tokens=12"]  # fmt: skip
+    argv = [
+        "rollout",
+        "--set",
+        f"out_dir={cfg.out_dir}",
+        "--set",
+        f"checkpoint={CKPT}",
+        "--set",
+        "num_prompts=2",
+        "--set",
+        "group_size=1",
+        "--set",
+        "shard_size=3",
+        "--set",
+        "max_new_tokens=12",
+    ]
     assert main(argv) == 2  # the preset's sampler settings differ from this directory's
     assert "another config" in capsys.readouterr().err
 
@@ -162,8 +183,15 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, local, lines, row, messag
     with pytest.raises(PromptFileError, match=f"line {row}: .*{message}") as err:
         run_job(config(tmp_path / "out", prompts_file=str(path), num_prompts=None), backend=local)
     assert str(path) in str(err.value)
-    argv = ["rollout", "--set", f"out_dir={tmp_path / 'cli'}", "--set", f"prompts_file={path}",
-            "--set", "num_prompts=null"]  # fmt: skip
+    argv = [
+        "rollout",
+        "--set",
+        f"out_dir={tmp_path / 'cli'}",
+        "--set",
+        f"prompts_file={path}",
+        "--set",
+        "num_prompts=null",
+    ]
     assert main(argv) == 2
     assert f"{path}: line {row}" in capsys.readouterr().err
 
@@ -217,9 +245,11 @@ def test_parquet_jsonl_and_json_inputs_give_the_same_rows_scored_only_for_known_
     """Three records (a built-in task with its answer, an unknown task label, no task) from Parquet, JSONL and a JSON
     array: identical rows; only the built-in task gets a reward; prompt text is kept verbatim."""
     s = next(iter_samples("chain_sum", 1, seed=5))
-    records = [{"prompt": s.prompt, "task": "chain_sum", "answer": s.entry["answer"], "metadata": None},
-               {"prompt": "reverse: stone\n", "task": "my_eval", "answer": None, "metadata": None},
-               {"prompt": "count a: banana\n", "task": None, "answer": None, "metadata": None}]  # fmt: skip
+    records = [
+        {"prompt": s.prompt, "task": "chain_sum", "answer": s.entry["answer"], "metadata": None},
+        {"prompt": "reverse: stone\n", "task": "my_eval", "answer": None, "metadata": None},
+        {"prompt": "count a: banana\n", "task": None, "answer": None, "metadata": None},
+    ]
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "p.parquet")
     write_jsonl(
         tmp_path / "p.jsonl", [json.dumps({k: v for k, v in r.items() if v is not None}) for r in records]
@@ -255,9 +285,8 @@ def test_manifest_follows_content_not_paths(tmp_path, local):
     header = weights.read_bytes()[: 8 + int.from_bytes(weights.read_bytes()[:8], "little")]
     size = weights.stat().st_size
     save_file({k: v + 1e-3 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
-    assert weights.stat().st_size == size and weights.read_bytes().startswith(
-        header
-    )  # only tensor bytes differ
+    # only tensor bytes differ
+    assert weights.stat().st_size == size and weights.read_bytes().startswith(header)
     with pytest.raises(ManifestMismatchError, match="checkpoint_files"):
         run_job(moved, backend=local)
     shutil.rmtree(tmp_path / "b")
@@ -304,8 +333,13 @@ def test_single_turn_env_rows_are_the_envs_episodes(tmp_path, local):
 def test_multi_turn_env_rows_are_consistent_and_resume_exactly(tmp_path, local):
     """blockrl/calc-chain_sum-v0 episodes: masks and log-probs cover every token, turn ends are model tokens in
     order, reward = sum of turn rewards; a crashed and resumed run equals an uninterrupted one."""
-    kw = {"env": "blockrl/calc-chain_sum-v0", "num_prompts": 3, "group_size": 2, "shard_size": 2,
-          "max_new_tokens": 24}  # fmt: skip
+    kw = {
+        "env": "blockrl/calc-chain_sum-v0",
+        "num_prompts": 3,
+        "group_size": 2,
+        "shard_size": 2,
+        "max_new_tokens": 24,
+    }
     clean = config(tmp_path / "clean", **kw)
     run_job(clean, backend=local, progress=False)
     cfg = config(tmp_path / "resumed", **kw)

@@ -24,10 +24,24 @@ from trainers.regress.stats import (
 )
 
 CKPT = "checkpoints/tiny-moe"
-SMALL = ["--set", "prompts_per_task=4", "--set", "samples_per_prompt=2", "--set", "pass_k=[2]",
-         "--set", "max_new_tokens=96", "--set", "repeats=1", "--set", "tolerance.per_task=false",
-         "--set", "tolerance.speedup_rel=null",
-         "--set", "samplers=[{name: ar, sampler: ar}, {name: lossless, sampler: lossless}]"]  # fmt: skip
+SMALL = [
+    "--set",
+    "prompts_per_task=4",
+    "--set",
+    "samples_per_prompt=2",
+    "--set",
+    "pass_k=[2]",
+    "--set",
+    "max_new_tokens=96",
+    "--set",
+    "repeats=1",
+    "--set",
+    "tolerance.per_task=false",
+    "--set",
+    "tolerance.speedup_rel=null",
+    "--set",
+    "samplers=[{name: ar, sampler: ar}, {name: lossless, sampler: lossless}]",
+]
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -73,8 +87,10 @@ def test_update_baseline_round_trip(baseline):
     assert lo <= b.samplers["ar"].solve_rate <= hi
     for m in b.samplers.values():  # per-sample bits: one per sample, in suite order, counting the solved ones
         assert m.rewards_binary and list(m.solved_bits) == list(m.per_task)
-        assert all(len(m.solved_bits[t]) == r.n and m.solved_bits[t].count("1") == r.solved
-                   for t, r in m.per_task.items())  # fmt: skip
+        assert all(
+            len(m.solved_bits[t]) == r.n and m.solved_bits[t].count("1") == r.solved
+            for t, r in m.per_task.items()
+        )
     assert "BASELINE UPDATED" in (run_dir / "report.md").read_text()
     assert all(
         (run_dir / p).stat().st_size > 0 for p in ("solve_rate.png", "acceptance.png", "throughput.png")
@@ -129,8 +145,10 @@ def test_degraded_checkpoint_is_flagged(baseline, tmp_path, capsys):
     shutil.copytree(CKPT, ckpt)
     weights = load_file(ckpt / "model.safetensors")
     g = torch.Generator().manual_seed(0)
-    noisy = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v
-             for k, v in weights.items()}  # fmt: skip
+    noisy = {
+        k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v
+        for k, v in weights.items()
+    }
     save_file(noisy, ckpt / "model.safetensors", metadata={"format": "pt"})
     assert run(path, tmp_path / "run", "--set", f"checkpoint={ckpt}") == 1
     out = capsys.readouterr().out

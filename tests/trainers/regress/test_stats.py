@@ -90,22 +90,46 @@ def test_holm_step_down():
     assert (rej.any(-1) == (p < 0.05 / 7).any(-1)).all()  # same first step: flags a run iff Bonferroni does
 
 
-def fake(solved: int, n: int = 400, tpf: float = 8.0, accept: float = 0.7, speedup: float = 1.5, K: int = 16,
-         bits: np.ndarray | None = None):  # fmt: skip
+def fake(
+    solved: int,
+    n: int = 400,
+    tpf: float = 8.0,
+    accept: float = 0.7,
+    speedup: float = 1.5,
+    K: int = 16,
+    bits: np.ndarray | None = None,
+):
     """SamplerMetrics of `n` samples (4 per prompt); with `bits` [n] also the per-sample solved bits (2 tasks)."""
     if bits is not None:
         solved, n = int(bits.sum()), bits.size
     rate = solved / n
     return SamplerMetrics(
-        sampler="lossless" if K else "ar", block_size=K, n_prompts=n // 4, n_samples=n, solved=solved,
-        solve_rate=rate, solve_ci95=wilson(solved, n), reward_mean=rate,
-        reward_std=math.sqrt(rate * (1 - rate)), reward_ci95=(0.0, 1.0), pass_at_k={"4": rate},
-        pass_at_k_std={"4": 0.3}, per_task={}, mean_length=60.0, tokens_per_forward=tpf, accept_rate=accept,
-        accept_by_position=[accept] * K, tok_per_s=100.0 * speedup, tok_per_s_runs=[100.0 * speedup],
-        speedup_vs_ar=speedup, speedup_runs=[speedup], rewards_binary=bits is not None,
-        solved_bits=None if bits is None else {t: bits_string(b.reshape(-1, 4)) for t, b in
-                                               zip(("t1", "t2"), np.split(bits, 2), strict=True)},
-    )  # fmt: skip
+        sampler="lossless" if K else "ar",
+        block_size=K,
+        n_prompts=n // 4,
+        n_samples=n,
+        solved=solved,
+        solve_rate=rate,
+        solve_ci95=wilson(solved, n),
+        reward_mean=rate,
+        reward_std=math.sqrt(rate * (1 - rate)),
+        reward_ci95=(0.0, 1.0),
+        pass_at_k={"4": rate},
+        pass_at_k_std={"4": 0.3},
+        per_task={},
+        mean_length=60.0,
+        tokens_per_forward=tpf,
+        accept_rate=accept,
+        accept_by_position=[accept] * K,
+        tok_per_s=100.0 * speedup,
+        tok_per_s_runs=[100.0 * speedup],
+        speedup_vs_ar=speedup,
+        speedup_runs=[speedup],
+        rewards_binary=bits is not None,
+        solved_bits=None
+        if bits is None
+        else {t: bits_string(b.reshape(-1, 4)) for t, b in zip(("t1", "t2"), np.split(bits, 2), strict=True)},
+    )
 
 
 def failed(base: dict, now: dict, **tol) -> set[str]:
@@ -124,7 +148,9 @@ def test_gates_flag_drops_only():
     assert failed(big, {"ar": fake(29200, n=40000, K=0, speedup=1.0)}, min_effect=0.05) == set()
     assert "ar/solve_rate" in failed(big, {"ar": fake(29200, n=40000, K=0, speedup=1.0)}, min_effect=0.0)
     assert failed(base, {**base, "lossless": fake(300, tpf=7.0, accept=0.6)}) == {
-        "lossless/tokens_per_forward", "lossless/accept_rate"}  # fmt: skip
+        "lossless/tokens_per_forward",
+        "lossless/accept_rate",
+    }
     slow = {**base, "lossless": fake(300, speedup=0.9)}
     assert failed(base, slow, speedup_rel=0.3) == {"lossless/speedup_vs_ar"}
     assert failed(base, slow, speedup_rel=None) == set()
@@ -147,14 +173,12 @@ def test_paired_gates_use_the_bits():
     assert all(c.p_value == 1.0 and not c.failed for c in checks)
     assert sum("not reached (step 1 passed)" in c.threshold for c in checks) == len(checks) - 1  # Holm stops
     worse = bits.copy()
-    worse[rng.choice(np.flatnonzero(bits[:200]), 30, replace=False)] = (
-        False  # task t1 loses 30 of ~150 solved
-    )
+    # task t1 loses 30 of ~150 solved
+    worse[rng.choice(np.flatnonzero(bits[:200]), 30, replace=False)] = False
     drop = failed(base, {"ar": fake(0, K=0, bits=worse)})
     assert {"ar/solve_rate", "ar/t1/solve_rate"} <= drop and "ar/t2/solve_rate" not in drop
-    assert (
-        failed({"ar": fake(int(bits.sum()), K=0)}, {"ar": fake(0, K=0, bits=worse)}) == set()
-    )  # unpaired: misses
+    # unpaired: misses
+    assert failed({"ar": fake(int(bits.sum()), K=0)}, {"ar": fake(0, K=0, bits=worse)}) == set()
     mixed = compare({"ar": fake(int(bits.sum()), K=0)}, {"ar": fake(0, K=0, bits=worse)}, ToleranceConfig())
     assert {c.test for c in mixed} == {"z unpaired", "Welch unpaired"}
     graded = fake(0, K=0, bits=bits).model_copy(update={"rewards_binary": False})  # partial-credit rewards
@@ -182,8 +206,18 @@ def test_false_alarm_rate_of_an_unchanged_model():
         (varied, 0.9, True),
         (flat, 0.0, False),
     ]:
-        rate = simulate_alarm_rate(p, p, cfg.samples_per_prompt, sizes, cfg.pass_k, cfg.tolerance, runs=runs,
-                                   coupling=coupling, paired=paired, seed=3)  # fmt: skip
+        rate = simulate_alarm_rate(
+            p,
+            p,
+            cfg.samples_per_prompt,
+            sizes,
+            cfg.pass_k,
+            cfg.tolerance,
+            runs=runs,
+            coupling=coupling,
+            paired=paired,
+            seed=3,
+        )
         assert rate <= alpha + slack, (coupling, paired, rate)
 
 

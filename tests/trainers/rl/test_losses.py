@@ -82,7 +82,18 @@ def test_truncated_is_weights_token_and_sequence():
     old = torch.log(torch.tensor([[0.5, 0.5]]))
     beh = torch.log(torch.tensor([[0.25, 0.5]]))
     mask = torch.ones(1, 2)
-    assert torch.allclose(importance_weights(old, beh, mask, ImportanceConfig(cap=10.0, level="token")), torch.tensor([[2.0, 1.0]]))
-    assert torch.allclose(importance_weights(old, beh, mask, ImportanceConfig(cap=1.5, level="token")), torch.tensor([[1.5, 1.0]]))
-    assert torch.allclose(importance_weights(old, beh, mask, ImportanceConfig(cap=10.0, level="sequence")), torch.tensor([[2.0, 2.0]]))
-    assert torch.equal(importance_weights(old, beh, mask, ImportanceConfig(cap=10.0, level="off")), torch.ones(1, 2))
+    assert torch.allclose(
+        importance_weights(old, beh, mask, ImportanceConfig(cap=10.0, level="token")),
+        torch.tensor([[2.0, 1.0]]),
+    )
+    assert torch.allclose(
+        importance_weights(old, beh, mask, ImportanceConfig(cap=1.5, level="token")),
+        torch.tensor([[1.5, 1.0]]),
+    )
+    assert torch.allclose(
+        importance_weights(old, beh, mask, ImportanceConfig(cap=10.0, level="sequence")),
+        torch.tensor([[2.0, 2.0]]),
+    )
+    assert torch.equal(
+        importance_weights(old, beh, mask, ImportanceConfig(cap=10.0, level="off")), torch.ones(1, 2)
+    )

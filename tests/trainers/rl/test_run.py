@@ -7,9 +7,22 @@ import ray
 
 from trainers.cli import main
 
-SMALL = ["--set", "prompts_per_step=3", "--set", "group_size=2", "--set", "wandb=disabled",
-         "--set", "checkpoint_every=1", "--set", "rollout.workers=2", "--set", "rollout.cpus_per_worker=0.5",
-         "--set", "rollout.max_new_tokens=48"]  # fmt: skip
+SMALL = [
+    "--set",
+    "prompts_per_step=3",
+    "--set",
+    "group_size=2",
+    "--set",
+    "wandb=disabled",
+    "--set",
+    "checkpoint_every=1",
+    "--set",
+    "rollout.workers=2",
+    "--set",
+    "rollout.cpus_per_worker=0.5",
+    "--set",
+    "rollout.max_new_tokens=48",
+]
 
 
 def test_train_smoke_and_resume(tmp_path, capsys):
@@ -87,8 +100,25 @@ def test_train_ppo_on_the_multi_turn_env_with_async_rollouts(tmp_path):
     the first train on rollouts one version old, and env turns never count as model tokens."""
     run = tmp_path / "run"
     try:
-        assert main(["train", "--set", f"run_dir={run}", "--set", "steps=3", "--set", "env=blockrl/calc-chain_sum-v0",
-                     "--set", "learner.algo=ppo", "--set", "async_rollouts=true", *SMALL]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "train",
+                    "--set",
+                    f"run_dir={run}",
+                    "--set",
+                    "steps=3",
+                    "--set",
+                    "env=blockrl/calc-chain_sum-v0",
+                    "--set",
+                    "learner.algo=ppo",
+                    "--set",
+                    "async_rollouts=true",
+                    *SMALL,
+                ]
+            )
+            == 0
+        )
     finally:
         ray.shutdown()
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]

@@ -79,8 +79,15 @@ def make_trainer(
         **kw,
     )
     model = AutoModelForCausalLM.from_pretrained(CKPT)
-    trainer = cls(model=model, processing_class=tok, reward_funcs=[reward], args=args, train_dataset=dataset,
-                  rollout_func=rollout, **(trainer_kw or {}))  # fmt: skip
+    trainer = cls(
+        model=model,
+        processing_class=tok,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=dataset,
+        rollout_func=rollout,
+        **(trainer_kw or {}),
+    )
     return trainer, model
 
 
@@ -115,17 +122,15 @@ def test_two_grpo_steps_lossless_shared_weights(tmp_path, tok, dataset):
     assert any(not torch.equal(before[k], v) for k, v in model.named_parameters()), "no weight moved"
     assert [r.global_step for r in rollout.history] == [0, 1]
     assert all(r.shared and not r.loaded for r in rollout.history)
-    assert (
-        rollout.history[0].fingerprint != rollout.history[1].fingerprint
-    )  # step 1 generated with new weights
+    # step 1 generated with new weights
+    assert rollout.history[0].fingerprint != rollout.history[1].fingerprint
     assert model.training  # the engine's eval() did not leak into training
 
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
     for h in logs:
-        assert (
-            h["sampling/sampling_logp_difference/max"] < 1e-3
-        )  # behaviour == AR (lossless), up to float noise
+        # behaviour == AR (lossless), up to float noise
+        assert h["sampling/sampling_logp_difference/max"] < 1e-3
         assert abs(h["sampling/importance_sampling_ratio/min"] - 1) < 1e-3
         assert abs(h["sampling/importance_sampling_ratio/max"] - 1) < 1e-3
         assert h["rollout/tokens_per_forward"] >= 1.0 and 0.0 <= h["rollout/accept_rate"] <= 1.0
@@ -209,8 +214,9 @@ def test_logit_mix_batches_get_truncated_importance_weights(tmp_path, tok, datas
         return returned[-1]
 
     temperature = 0.7
-    trainer, model = make_trainer(tmp_path, tok, dataset, spy_rollout, BlockGRPOTrainer, steps=1,
-                                  temperature=temperature)  # fmt: skip
+    trainer, model = make_trainer(
+        tmp_path, tok, dataset, spy_rollout, BlockGRPOTrainer, steps=1, temperature=temperature
+    )
     batches, compute = [], trainer._compute_loss
 
     def spy_loss(m, inputs):  # runs before the optimizer step: the weights that generated the batch
@@ -229,9 +235,8 @@ def test_logit_mix_batches_get_truncated_importance_weights(tmp_path, tok, datas
     (inputs, ar), out = batches[0], returned[0]
     w, adv, mask = inputs["importance_weights"], inputs["advantages"], inputs["completion_mask"].bool()
     behavior = inputs["sampling_per_token_logps"]
-    for row, ids in enumerate(
-        inputs["completion_ids"].tolist()
-    ):  # the batch's behaviour = the rollout's logprobs
+    # the batch's behaviour = the rollout's logprobs
+    for row, ids in enumerate(inputs["completion_ids"].tolist()):
         n = int(mask[row].sum())
         same = [lp for c, lp in zip(out["completion_ids"], out["logprobs"], strict=True) if c == ids[:n]]
         assert any(torch.allclose(behavior[row, :n], torch.tensor(lp)) for lp in same)
@@ -260,8 +265,15 @@ def test_truncated_sampling_is_refused_while_correcting(tmp_path, tok, dataset):
         make_trainer(tmp_path, tok, dataset, rollout, BlockGRPOTrainer, top_k=5)
     with pytest.raises(ValueError, match="top_p"):
         make_trainer(tmp_path, tok, dataset, rollout, BlockGRPOTrainer, top_p=0.9)
-    trainer, _ = make_trainer(tmp_path, tok, dataset, rollout, BlockGRPOTrainer, top_k=5,
-                              trainer_kw={"importance": ImportanceConfig(level="off")})  # fmt: skip
+    trainer, _ = make_trainer(
+        tmp_path,
+        tok,
+        dataset,
+        rollout,
+        BlockGRPOTrainer,
+        top_k=5,
+        trainer_kw={"importance": ImportanceConfig(level="off")},
+    )
     assert trainer.importance.level == "off"
 
 
@@ -340,9 +352,8 @@ def test_prompts_are_tokenized_like_trl(tmp_path, tok, dataset):
 def test_seeds_follow_global_step_not_call_history(tmp_path, tok, dataset):
     """A call's random streams depend on (seed, global_step, calls earlier at that step): a fresh adapter after a
     resume continues where an uninterrupted one would be, instead of replaying step 0's samples."""
-    trainer, _ = make_trainer(
-        tmp_path, tok, dataset, None, temperature=3.0
-    )  # hot: the model is peaked at T=1
+    # hot: the model is peaked at T=1
+    trainer, _ = make_trainer(tmp_path, tok, dataset, None, temperature=3.0)
     prompts = [row["prompt"] for row in dataset]
 
     def sample(rollout):
@@ -373,8 +384,15 @@ def test_trl_bench_cli_alternates_variants_step_by_step(tmp_path):
     from trainers.cli import main
 
     out = tmp_path / "r.json"
-    sets = [f"run_dir={tmp_path / 'run'}", "steps=2", "max_completion_length=16", "prompts_per_task=2",
-            "tasks=[chain_sum]", "prompts_per_step=2", "num_generations=2"]  # fmt: skip
+    sets = [
+        f"run_dir={tmp_path / 'run'}",
+        "steps=2",
+        "max_completion_length=16",
+        "prompts_per_task=2",
+        "tasks=[chain_sum]",
+        "prompts_per_step=2",
+        "num_generations=2",
+    ]
     assert main(["trl-bench", "--json", str(out), *(a for s in sets for a in ("--set", s))]) == 0
     result = json.loads(out.read_text())
     starts = sorted((s["start_s"], v) for v, steps in result["steps"].items() for s in steps)
