@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from policy.hybrid import HybridPolicy
 from rollout.cost_model import CostModel, EngineFactory, default_options
-from rollout.engine import BlockEngine
+from rollout.engine import BlockEngine, GenerateAPI
 from rollout.settings import EngineSettings
 from rollout.types import Option, SamplingParams, Trajectory
 
@@ -74,7 +74,7 @@ class AutoState:
     last_choice: str | None
 
 
-class AutoSampler:
+class AutoSampler(GenerateAPI):
     sampler = "auto"
 
     def __init__(
@@ -92,6 +92,7 @@ class AutoSampler:
         self.last_choice: Option | None = None
         self.pilot = next(o for o in self.options if o.sampler != "ar" and len(o.levels) > 1)
         self.policy_version = 0  # stamped on the trajectories, like BlockEngine.policy_version
+        self.tokenizer = make_engine(self.options[0], 1).tokenizer  # generate()'s default EOS
 
     def state(self) -> AutoState:
         last = self.last_choice.name if self.last_choice is not None else None
@@ -106,25 +107,6 @@ class AutoSampler:
         eng = self.make_engine(opt, batch)
         eng.policy_version = self.policy_version
         return eng
-
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int = 0,
-        audit: bool = False,
-        index_offset: int = 0,
-        **kwargs,
-    ) -> list[Trajectory]:
-        """BlockEngine.generate's signature and contract (prompt i is seeded by (seed, index_offset + i))."""
-        eng = self._engine(self.options[0], 1)
-        if "eos_token_id" not in kwargs and eng.tokenizer is not None:
-            kwargs["eos_token_id"] = eng.tokenizer.eos_token_id
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, **kwargs)
-        return self.run(prompt_ids, params, index_offset=index_offset, audit=audit)
 
     def run(
         self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0, audit: bool = False

@@ -46,7 +46,39 @@ class _Row:
     started: float
 
 
-class BlockEngine:
+class GenerateAPI:
+    """`generate()` in keyword form over `run(prompt_ids, SamplingParams)`: the interface BlockEngine and the
+    AutoSampler wrapper share. Subclasses provide `run` and `tokenizer`."""
+
+    tokenizer = None
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        audit: bool = False,
+        index_offset: int = 0,
+        **kwargs,
+    ) -> list[Trajectory]:
+        """One Trajectory per prompt, in order. Extra kwargs go to SamplingParams (eos_token_id, stop_strings, ...);
+        EOS defaults to the tokenizer's.
+
+        Prompt i draws its randomness from seed (seed, index_offset + i): callers that split one logical batch into
+        several calls pass the global index, so repeated prompts (GRPO groups) never share a random stream."""
+        if "eos_token_id" not in kwargs and self.tokenizer is not None:
+            kwargs["eos_token_id"] = self.tokenizer.eos_token_id
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, **kwargs)
+        return self.run(prompt_ids, params, index_offset=index_offset, audit=audit)
+
+    def run(self, prompt_ids, params: SamplingParams, index_offset: int = 0, audit: bool = False):
+        raise NotImplementedError
+
+
+class BlockEngine(GenerateAPI):
     def __init__(
         self,
         policy: HybridPolicy,
@@ -102,28 +134,6 @@ class BlockEngine:
         return self.policy.model.get_output_embeddings().weight.shape[0]
 
     # ------------------------------------------------------------------------------------------------ public API
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int = 0,
-        audit: bool = False,
-        index_offset: int = 0,
-        **kwargs,
-    ) -> list[Trajectory]:
-        """One Trajectory per prompt, in order. Extra kwargs go to SamplingParams (eos_token_id, stop_strings, ...).
-
-        Prompt i draws its randomness from seed (seed, index_offset + i): callers that split one logical batch into
-        several calls pass the global index, so repeated prompts (GRPO groups) never share a random stream."""
-        if "eos_token_id" not in kwargs and self.tokenizer is not None:
-            kwargs["eos_token_id"] = self.tokenizer.eos_token_id
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, **kwargs)
-        return self.run(prompt_ids, params, index_offset=index_offset, audit=audit)
-
     @torch.inference_mode()
     def run(
         self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0, audit: bool = False

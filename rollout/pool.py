@@ -173,6 +173,20 @@ class RolloutPool:
         its node, restarted on stale weights or hung past `shard_timeout_s` is resubmitted to the reloaded worker."""
         queue, pending, idle = deque(shards), {}, list(range(len(self.workers)))
         t0 = time.time()
+
+        def retry(w: int, shard: Shard, why: str, kill: bool = False) -> None:
+            log.warning(
+                "rollout worker %d, shard %d: %s; reloading the worker and resubmitting",
+                w,
+                shard.shard_id,
+                why,
+            )
+            if kill:
+                ray.kill(self.workers[w], no_restart=False)  # Ray restarts it (max_restarts)
+            self.reload(w)
+            queue.appendleft(shard)
+            idle.append(w)
+
         while queue or pending:
             while queue and idle:
                 w, shard = idle.pop(), queue.popleft()
@@ -182,17 +196,7 @@ class RolloutPool:
                 hung = [ref for ref, (_, _, t) in pending.items() if time.time() - t > self.shard_timeout_s]
                 for ref in hung:
                     w, shard, _ = pending.pop(ref)
-                    log.warning(
-                        "rollout worker %d: shard %d not back after %.0fs; restarting the worker and "
-                        "resubmitting",
-                        w,
-                        shard.shard_id,
-                        self.shard_timeout_s,
-                    )
-                    ray.kill(self.workers[w], no_restart=False)
-                    self.reload(w)
-                    queue.appendleft(shard)
-                    idle.append(w)
+                    retry(w, shard, f"not back after {self.shard_timeout_s:.0f}s (hung)", kill=True)
                 if not hung:
                     log.info("rollout: waiting on %d shards (%.0fs)", len(pending), time.time() - t0)
                 continue
@@ -202,15 +206,7 @@ class RolloutPool:
             except (RayActorError, ObjectLostError, StaleWeightsError) as e:
                 # died mid-shard, lost its node (and the result with it), or restarted while idle and came back on
                 # the checkpoint's weights: give it the current weights and re-run the shard
-                log.warning(
-                    "rollout worker %d failed shard %d (%s): reloading it and resubmitting",
-                    w,
-                    shard.shard_id,
-                    type(e).__name__,
-                )
-                self.reload(w)
-                queue.appendleft(shard)
-                idle.append(w)
+                retry(w, shard, type(e).__name__)
                 continue
             idle.append(w)
             yield res

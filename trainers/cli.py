@@ -9,6 +9,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.checkpoint import require_checkpoint
@@ -31,13 +33,6 @@ def _quiet_env() -> None:
 
 def _add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
-
-
-def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument(
-        "--config", default=default, help=f"YAML file or preset name in configs/ (default: {default})"
-    )
-    _add_set_arg(p, "override a config field, e.g. --set optim.lr=0.001 (repeatable)")
 
 
 def cmd_pretrain(args) -> int:
@@ -148,59 +143,97 @@ def format_eval(result: dict, run_dir: str) -> str:
     return line + f" | {run_dir}"
 
 
+RESUME = ("--resume", {"action": "store_true", "help": "continue from <run_dir>/checkpoint if present"})
+JSON = ("--json", {"default": None, "help": "write results JSON here (default: <run_dir>/results.json)"})
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its entry function, its default preset (None: --config defaults to the config's own
+    defaults) and its extra flags."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    preset: str | None = None
+    flags: tuple[tuple[str, dict], ...] = ()
+    takes_config: bool = True
+
+
+# Every subcommand, in `blockrl --help` order: the one place a job is wired to the command line.
+COMMANDS = (
+    Command(
+        "demo",
+        "GRPO on the shipped checkpoint: lossless rollouts on 2 Ray workers, before/after summary",
+        cmd_demo,
+        takes_config=False,
+        flags=(
+            ("--run-dir", {"default": "runs/demo", "help": "where the demo writes its runs"}),
+            ("--checkpoint", {"default": str(SHIPPED_CHECKPOINT), "help": "converted checkpoint to train"}),
+            ("--steps", {"type": int, "default": 15, "help": "GRPO steps (default 15)"}),
+        ),
+    ),
+    Command(
+        "train",
+        "GRPO or PPO on the hybrid policy with block-decoded rollouts on Ray workers",
+        cmd_train,
+        "grpo_tiny",
+        (RESUME,),
+    ),
+    Command(
+        "bench",
+        "HF generate vs engine ar / lossless / logit_mix / auto, side by side",
+        cmd_bench,
+        "bench",
+        (JSON,),
+    ),
+    Command(
+        "trl-bench",
+        "TRL GRPOTrainer step time: HF generate vs blockrl rollout_func",
+        cmd_trl_bench,
+        None,
+        (JSON,),
+    ),
+    Command(
+        "rollout", "N trajectories on Ray workers -> sharded Parquet (resumable)", cmd_rollout, "rollout"
+    ),
+    Command(
+        "regress",
+        "nightly reward regression vs a stored baseline (exit 1 on a regression)",
+        cmd_regress,
+        "regress",
+        (("--update-baseline", {"action": "store_true", "help": "rewrite the baseline file from this run"}),),
+    ),
+    Command(
+        "pretrain", "AR pretraining from scratch on the task corpus", cmd_pretrain, "tiny_pretrain", (RESUME,)
+    ),
+    Command(
+        "convert",
+        "TiDAR conversion (mid-training) of an AR checkpoint directory",
+        cmd_convert,
+        "tiny_convert",
+        (RESUME,),
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockrl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "demo",
-        help="GRPO on the shipped checkpoint: lossless rollouts on 2 Ray workers, before/after summary",
-    )
-    p.add_argument("--run-dir", default="runs/demo", help="where the demo writes its runs")
-    p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="converted checkpoint to train")
-    p.add_argument("--steps", type=int, default=15, help="GRPO steps (default 15)")
-    _add_set_arg(p, "override a field of the GRPO config (configs/grpo_demo.yaml)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser(
-        "train", help="GRPO or PPO on the hybrid policy with block-decoded rollouts on Ray workers"
-    )
-    _add_config_args(p, "grpo_tiny")
-    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint if present")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("bench", help="HF generate vs engine ar / lossless / logit_mix / auto, side by side")
-    _add_config_args(p, "bench")
-    p.add_argument("--json", default=None, help="write results JSON here (default: <run_dir>/results.json)")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("trl-bench", help="TRL GRPOTrainer step time: HF generate vs blockrl rollout_func")
-    p.add_argument("--config", default=None, help="YAML file or preset in configs/ (default: defaults)")
-    _add_set_arg(p, "override a field, e.g. --set steps=16 (repeatable)")
-    p.add_argument("--json", default=None, help="write results JSON here (default: <run_dir>/results.json)")
-    p.set_defaults(func=cmd_trl_bench)
-
-    p = sub.add_parser("rollout", help="N trajectories on Ray workers -> sharded Parquet (resumable)")
-    _add_config_args(p, "rollout")
-    p.set_defaults(func=cmd_rollout)
-
-    p = sub.add_parser(
-        "regress", help="nightly reward regression vs a stored baseline (exit 1 on a regression)"
-    )
-    _add_config_args(p, "regress")
-    p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline file from this run")
-    p.set_defaults(func=cmd_regress)
-
-    p = sub.add_parser("pretrain", help="AR pretraining from scratch on the task corpus")
-    _add_config_args(p, "tiny_pretrain")
-    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint if present")
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("convert", help="TiDAR conversion (mid-training) of an AR checkpoint directory")
-    _add_config_args(p, "tiny_convert")
-    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint if present")
-    p.set_defaults(func=cmd_convert)
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help)
+        if c.takes_config:
+            default = c.preset or "defaults"
+            p.add_argument(
+                "--config", default=c.preset, help=f"YAML file or preset in configs/ (default: {default})"
+            )
+            _add_set_arg(p, "override a config field, e.g. --set optim.lr=0.001 (repeatable)")
+        else:
+            _add_set_arg(p, "override a field of the GRPO config (configs/grpo_demo.yaml)")
+        for flag, kwargs in c.flags:
+            p.add_argument(flag, **kwargs)
+        p.set_defaults(func=c.run)
     return parser
 
 

@@ -24,7 +24,7 @@ class RolloutJobConfig(EngineSettings, WorkerSettings):
     tasks: list[TaskName] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
     """built-in task mix cycled over the prompts (repeat a task to weight it); ignored with env or prompts_file."""
     prompts_file: str | None = None
-    """JSONL, JSON (array) or Parquet prompts (schema in rollout/batch/io.py and the README); overrides `tasks`."""
+    """JSONL, JSON (array) or Parquet prompts (schema in rollout/batch/io.py and docs/rollout.md); overrides `tasks`."""
     env: str | None = None
     """registered gym text env (e.g. blockrl/chain_sum-v0, multi-turn blockrl/calc-chain_sum-v0); overrides tasks."""
     num_prompts: int | None = Field(None, ge=1)

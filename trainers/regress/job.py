@@ -12,7 +12,7 @@ Decision: the suite is reproducible bit for bit on one machine (engine rows draw
 (seed, prompt index)), so an unchanged checkpoint reproduces its baseline exactly there; on other hardware it is a
 fresh sample, and the quality gates keep the whole-run false-alarm rate below `tolerance.alpha`. results.json (and
 so the baseline) stores every sample's solved bit, so the quality tests pair sample i of the baseline with sample i
-now: same prompt, same seed (exact McNemar / sign tests, Holm over the run; see regress_stats).
+now: same prompt, same seed (exact McNemar / sign tests, Holm over the run; see trainers/regress/stats.py).
 
     blockrl regress                                  # configs/regress.yaml vs configs/regress_baseline.json
     blockrl regress --set checkpoint=runs/grpo-tiny/checkpoint # exit 1 and the failing metrics on a regression
