@@ -92,7 +92,9 @@ class AutoSampler(GenerateAPI):
         self.last_choice: Option | None = None
         self.pilot = next(o for o in self.options if o.sampler != "ar" and len(o.levels) > 1)
         self.policy_version = 0  # stamped on the trajectories, like BlockEngine.policy_version
-        self.tokenizer = make_engine(self.options[0], 1).tokenizer  # generate()'s default EOS
+        probe = make_engine(self.options[0], 1)
+        self.policy, self.tokenizer = probe.policy, probe.tokenizer  # the engines' shared policy; default EOS
+        self.K = block_size
 
     def state(self) -> AutoState:
         last = self.last_choice.name if self.last_choice is not None else None

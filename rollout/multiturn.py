@@ -18,7 +18,7 @@ import gymnasium as gym
 
 import envs  # noqa: F401 (registers the blockrl/... env ids)
 from policy.tokenizer import encode_prompt
-from rollout.types import SamplingParams, Trajectory
+from rollout.types import SamplingParams, Trajectory, with_eos
 
 # (episode index, the episode so far, this turn's tokens, this turn's finish reason) -> reply token ids, or None to
 # end the episode. Called after every model turn.
@@ -101,7 +101,7 @@ def run_episodes(
             return None
         return tok(obs, add_special_tokens=False)["input_ids"]
 
-    params = dataclasses.replace(sampling, stop_strings=stops)
+    params = dataclasses.replace(with_eos(sampling, tok), stop_strings=stops)
     return run_turns(engine, prompts, params, respond, index_offset=index_offset, max_turns=max_turns)
 
 

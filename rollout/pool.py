@@ -191,13 +191,19 @@ class RolloutPool:
             while queue and idle:
                 w, shard = idle.pop(), queue.popleft()
                 pending[self.submit_shard(self.workers[w], shard)] = (w, shard, time.time())
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=min(60.0, self.shard_timeout_s))
+            now = time.time()
+            # a hung worker is caught even while the others keep finishing shards
+            for ref in [r for r, (_, _, t) in pending.items() if now - t > self.shard_timeout_s]:
+                w, shard, _ = pending.pop(ref)
+                retry(w, shard, f"not back after {self.shard_timeout_s:.0f}s (hung)", kill=True)
+            if not pending:
+                continue
+            first_deadline = min(t for _, _, t in pending.values()) + self.shard_timeout_s
+            done, _ = ray.wait(
+                list(pending), num_returns=1, timeout=min(60.0, max(0.1, first_deadline - now))
+            )
             if not done:
-                hung = [ref for ref, (_, _, t) in pending.items() if time.time() - t > self.shard_timeout_s]
-                for ref in hung:
-                    w, shard, _ = pending.pop(ref)
-                    retry(w, shard, f"not back after {self.shard_timeout_s:.0f}s (hung)", kill=True)
-                if not hung:
+                if time.time() - t0 > 60:
                     log.info("rollout: waiting on %d shards (%.0fs)", len(pending), time.time() - t0)
                 continue
             w, shard, _ = pending.pop(done[0])

@@ -3,6 +3,7 @@ concrete sampler option (`Option`) that produced them."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -80,3 +81,10 @@ class Trajectory:
     def tokens_per_forward(self) -> float:
         """Model tokens per forward pass (env tokens were never decoded)."""
         return self.num_model_tokens / max(1, self.num_forwards)
+
+
+def with_eos(params: SamplingParams, tokenizer) -> SamplingParams:
+    """`params`, stopping at the tokenizer's EOS when it names no EOS itself (what `generate()` does by default)."""
+    if params.eos_token_id is not None or tokenizer is None or tokenizer.eos_token_id is None:
+        return params
+    return dataclasses.replace(params, eos_token_id=tokenizer.eos_token_id)

@@ -20,7 +20,7 @@ from rollout.auto import AutoSampler, build_engine
 from rollout.engine import BlockEngine
 from rollout.multiturn import run_episodes
 from rollout.settings import EngineSettings
-from rollout.types import SamplingParams, Trajectory
+from rollout.types import SamplingParams, Trajectory, with_eos
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ class RolloutWorker:
             self.engine = build_engine(self.policy, self.settings, self.tokenizer)
         engine = self.engine
         engine.policy_version = self.version  # weights load in place into the same policy module
+        sampling = with_eos(shard.sampling, self.tokenizer)
         if shard.env_id is not None:
             trajs = run_episodes(
                 engine,
@@ -99,5 +100,5 @@ class RolloutWorker:
             )
         else:
             # index_offset = the global index: a sample's seed is the same whichever worker runs it, and on retries
-            trajs = engine.run(shard.prompt_ids, shard.sampling, index_offset=shard.indices[0])
+            trajs = engine.run(shard.prompt_ids, sampling, index_offset=shard.indices[0])
         return ShardResult(shard, trajs)

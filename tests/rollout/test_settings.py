@@ -8,7 +8,7 @@ from common.config import ConfigError, load_config
 from rollout.batch.config import RolloutJobConfig
 from rollout.pool import RolloutPool
 from rollout.settings import EngineSettings, WorkerSettings
-from rollout.types import SamplingParams
+from rollout.types import SamplingParams, with_eos
 from rollout.worker import RolloutWorker
 
 
@@ -60,3 +60,10 @@ def test_worker_and_pool_refuse_untyped_engine_settings():
         RolloutWorker("unused", {"sampler": "lossless"})
     with pytest.raises(TypeError, match="EngineSettings"):
         RolloutPool("unused", {"sampler": "lossless"})
+
+
+def test_worker_paths_stop_at_the_tokenizer_eos_unless_told_otherwise(tokenizer):
+    """Shards built without an EOS still stop at the tokenizer's (as `generate()` does); an explicit one is kept."""
+    assert with_eos(SamplingParams(), tokenizer).eos_token_id == tokenizer.eos_token_id
+    assert with_eos(SamplingParams(eos_token_id=7), tokenizer).eos_token_id == 7
+    assert with_eos(SamplingParams(), None).eos_token_id is None

@@ -77,7 +77,7 @@ class TrainConfig(Section):
     """steps between held-out solve-rate evaluations (0 = off); also run before step 1 and after the last step."""
     eval_tasks: list[TaskName] | None = None
     """tasks of the held-out evaluation (None = the distinct `tasks`)."""
-    eval_per_task: int = Field(60, ge=1)
+    eval_per_task: int = Field(60, ge=1, le=splits.HELDOUT_SIZE)
     """held-out prompts per task (one sample each, T=rollout temperature, seed-fixed, disjoint seed from training)."""
     wandb: Literal["offline", "online", "disabled"] = "offline"
     """wandb mode."""

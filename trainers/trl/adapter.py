@@ -267,8 +267,10 @@ class BlockRolloutFunc:
         (rollout/multiturn.py's loop)."""
         tok = trainer.processing_class
 
+        params = self._sampling(trainer, seed)
+
         def respond(i: int, ep: Trajectory, turn: list[int], finish: str) -> list[int] | None:
-            if self.turn_fn is None or finish != "stop_string":
+            if self.turn_fn is None or finish != "stop_string" or len(ep.tokens) >= params.max_new_tokens:
                 return None
             reply = self.turn_fn(_text(prompts[i]), tok.decode(ep.tokens))
             return None if reply is None else tok(reply, add_special_tokens=False)["input_ids"]
@@ -278,7 +280,7 @@ class BlockRolloutFunc:
         return run_turns(
             self.engine,
             prompt_ids,
-            self._sampling(trainer, seed),
+            params,
             respond,
             index_offset=offset,
             max_turns=self.cfg.max_turns if self.turn_fn else 1,

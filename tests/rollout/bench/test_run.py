@@ -72,4 +72,7 @@ def test_auto_sampler_runs_and_reports_its_choice(tokenizer):
     trajs = eng.generate([[2, 10, 11], [2, 12], [2, 13, 14]], max_new_tokens=8, temperature=1.0)
     assert len(trajs) == 3 and all(1 <= t.num_tokens <= 8 for t in trajs)
     assert eng.last_choice is not None and {t.sampler for t in trajs} <= {o.name for o in eng.options}
-    assert eng.cost.acceptance.steps > 0  # the pilot fed the live acceptance curve
+    assert eng.cost.acceptance.steps > 0
+    assert (
+        eng.policy is policy and policy.block_size == eng.K
+    )  # what the TRL adapter and regress read  # the pilot fed the live acceptance curve
