@@ -12,6 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
 
+from policy.families import load_causal_lm
+
 
 class ModelSpec(BaseModel):
     """Shape of a tiny model; `arch` picks the HF family."""
@@ -74,12 +76,14 @@ def make_config(spec: ModelSpec, vocab_size: int, *, pad_token_id: int, eos_toke
 
 
 def build_model(config: PretrainedConfig, seed: int = 0, attn_implementation: str = "sdpa"):
-    """Random-init causal LM from a config, deterministic in `seed`."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        config, attn_implementation=attn_implementation, dtype=torch.float32
-    )
-    return model
+    """Random-init causal LM from a config, deterministic in `seed`. A family without an sdpa path falls back to
+    eager attention."""
+
+    def load(attn: str):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+
+    return load_causal_lm(load, attn_implementation)
 
 
 def tiny_moe_config(vocab_size: int = 37, **overrides) -> PretrainedConfig:

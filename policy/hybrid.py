@@ -14,8 +14,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from policy.families import (
+    UnsupportedModelError,
+    family_name,
+    load_causal_lm,
+    own_logits,
+    refusal_reason,
+    window_masks,
+)
 from policy.losses import TidarLossOutput, load_balancing_loss, tidar_loss
 from policy.masks import tidar_training_mask, to_additive
 from policy.tokenizer import MASK
@@ -46,14 +60,35 @@ def moe_shape(config) -> tuple[int, int] | None:
     return (int(n), int(k)) if n and k else None
 
 
-class HybridPolicy(nn.Module):
-    """A causal LM plus a mask token: AR by default, block diffusion under the TiDAR mask."""
+def router_logits(out) -> list[torch.Tensor]:
+    """The per-layer router logits of a base-model output (empty for dense models and families that return none)."""
+    return [r for r in (getattr(out, "router_logits", None) or ()) if isinstance(r, torch.Tensor)]
 
-    def __init__(self, model: PreTrainedModel, mask_token_id: int | None = None, block_size: int = 16):
+
+class HybridPolicy(nn.Module):
+    """A causal LM plus a mask token: AR by default, block diffusion under the TiDAR mask.
+
+    Construction refuses, with `UnsupportedModelError` naming the family, a model the policy cannot serve exactly:
+    a family on the refusal list (`policy.families`), or one whose logits through the policy's path (base model
+    under a 4D mask with explicit positions, then the CausalLM's own head) differ from `model(ids).logits` on one
+    probe forward. An untested family is thus refused rather than silently wrong. `check=False` skips both."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        mask_token_id: int | None = None,
+        block_size: int = 16,
+        check: bool = True,
+    ):
         super().__init__()
         self.model = model
         self.mask_token_id = mask_token_id
         self.block_size = block_size
+        if check:
+            reason = refusal_reason(model.config)
+            if reason is not None:
+                raise UnsupportedModelError(f"{family_name(model)}: not supported: {reason}")
+            self.probe()
 
     # ------------------------------------------------------------------ construction and I/O
     @property
@@ -76,8 +111,13 @@ class HybridPolicy(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(
-            path, attn_implementation=attn_implementation, dtype=dtype
+        reason = refusal_reason(AutoConfig.from_pretrained(path))  # refuse before loading any weights
+        if reason is not None:
+            config = AutoConfig.from_pretrained(path)
+            raise UnsupportedModelError(f"{config.model_type} ({path}): not supported: {reason}")
+        model = load_causal_lm(
+            lambda attn: AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype),
+            attn_implementation,
         )
         meta = getattr(model.config, METADATA_KEY, None) or {}
         return cls(model, meta.get("mask_token_id"), int(meta.get("block_size", 16)))
@@ -122,12 +162,68 @@ class HybridPolicy(nn.Module):
         """Plain causal AR forward of the wrapped model (HF semantics)."""
         return self.model(*args, **kwargs)
 
-    def attention_mask_4d(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Bool [Q, KV] or [B, Q, KV] mask -> the 4D form this model's attention implementation reads correctly."""
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., H] -> logits [..., V], exactly as the model's own forward makes them (its LM
+        head plus whatever the family does after it: soft-capping, scaling, ...)."""
+        return own_logits(self.model, hidden)
+
+    def attention_mask_4d(
+        self,
+        mask: torch.Tensor,
+        dtype: torch.dtype,
+        q_pos: torch.Tensor | None = None,
+        k_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Bool [Q, KV] or [B, Q, KV] mask -> the 4D form this model's attention implementation reads correctly.
+
+        For a family with sliding-window layers, give the token positions of the queries (q_pos [B, Q]) and keys
+        (k_pos [B, KV]): the result is then the per-layer-type dict (or the windowed mask) the family reads."""
         m = mask[None, None] if mask.dim() == 2 else mask[:, None]
+        m = window_masks(self.model.config, m, q_pos, k_pos)
         if self.model.config._attn_implementation == "sdpa":
             return m
+        if isinstance(m, dict):
+            return {k: to_additive(v, dtype) for k, v in m.items()}
         return to_additive(m, dtype)  # eager (and others) need an additive mask
+
+    @torch.no_grad()
+    def probe(self, seq_len: int = 9) -> None:
+        """One forward through the policy's logit path vs `model(ids).logits`; raises UnsupportedModelError naming
+        the family on a mismatch (or when the path fails). Sliding windows are shrunk to 3 during the probe so
+        that the windowed masks are exercised at the probe's short length."""
+        cfg = self.model.config
+        emb = self.model.get_input_embeddings().weight
+        V = min(int(emb.shape[0]), 1000)
+        ids = (torch.arange(seq_len, device=emb.device) * 7 + 3) % V
+        ids = ids[None]
+        pos = torch.arange(seq_len, device=emb.device)[None]
+        was_training = self.model.training
+        saved_window = getattr(cfg, "sliding_window", None)
+        self.model.eval()
+        try:
+            if saved_window:
+                cfg.sliding_window = 3
+            ref = self.model(input_ids=ids, use_cache=False).logits.float()
+            got = self.masked_forward(ids, pos, torch.ones(seq_len, seq_len, dtype=torch.bool).tril())[
+                0
+            ].float()
+        except UnsupportedModelError:
+            raise
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"{family_name(self.model)}: not supported: the policy's forward path fails ({type(e).__name__}: {e})"
+            ) from e
+        finally:
+            if saved_window:
+                cfg.sliding_window = saved_window
+            self.model.train(was_training)
+        tol = (1e-4 if emb.dtype == torch.float32 else 3e-2) * max(1.0, float(ref.abs().max()))
+        err = float((got - ref).abs().max())
+        if got.shape != ref.shape or not err <= tol:
+            raise UnsupportedModelError(
+                f"{family_name(self.model)}: not supported: logits through the policy's path (4D mask, explicit "
+                f"positions, own head) differ from model(ids).logits by {err:.3g} (tolerance {tol:.3g})"
+            )
 
     def masked_forward(
         self,
@@ -143,18 +239,20 @@ class HybridPolicy(nn.Module):
         dtype = self.model.get_input_embeddings().weight.dtype
         base = self.model.base_model
         kwargs = {"output_router_logits": True} if (want_aux and self.moe) else {}
+        B, Q = input_ids.shape
+        mask = mask.to(input_ids.device).expand(B, Q, Q)  # some families want the batch dim spelled out
         out = base(
             input_ids=input_ids,
-            attention_mask=self.attention_mask_4d(mask.to(input_ids.device), dtype),
+            attention_mask=self.attention_mask_4d(mask, dtype, position_ids, position_ids),
             position_ids=position_ids,
             use_cache=False,
             **kwargs,
         )
-        logits = self.model.get_output_embeddings()(out.last_hidden_state)
+        logits = self.logits(out.last_hidden_state)
         aux = None
-        if kwargs:
+        if kwargs and router_logits(out):
             n_exp, top_k = self.moe
-            aux = load_balancing_loss(out.router_logits, n_exp, top_k, token_mask)
+            aux = load_balancing_loss(router_logits(out), n_exp, top_k, token_mask)
         return (logits, aux, out.last_hidden_state) if want_hidden else (logits, aux)
 
     def ar_forward(
@@ -166,8 +264,12 @@ class HybridPolicy(nn.Module):
         kwargs = {"output_router_logits": True} if (want_aux and self.moe) else {}
         mask = None if valid is None else valid.long()
         out = self.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs)
-        logits = self.model.get_output_embeddings()(out.last_hidden_state)
-        aux = load_balancing_loss(out.router_logits, *self.moe, valid) if kwargs else None
+        logits = self.logits(out.last_hidden_state)
+        aux = (
+            load_balancing_loss(router_logits(out), *self.moe, valid)
+            if kwargs and router_logits(out)
+            else None
+        )
         return ArOutput(logits, out.last_hidden_state, aux)
 
     def tidar_forward(

@@ -64,14 +64,17 @@ def load_balancing_loss(
     NOTE: HF computes this inside the CausalLM forward from `attention_mask`, which breaks with 4D masks (a size mismatch in `load_balancing_loss_func`);
     this takes a 2D token mask instead, so it stays correct under the TiDAR and decode layouts.
     """
-    logits = torch.cat([r.float() for r in router_logits], dim=0)  # [L*N, E]
+    logits = torch.cat([r.float().reshape(-1, r.shape[-1]) for r in router_logits], dim=0)  # [L*N, E]
     probs = logits.softmax(-1)
-    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(1).float()  # [L*N, E]
+    chosen = (
+        F.one_hot(probs.topk(top_k, dim=-1).indices, max(num_experts, probs.shape[-1])).sum(1).float()
+    )  # [L*N, E]
     if token_mask is None:
         w = torch.ones(logits.shape[0], device=logits.device)
     else:
         w = token_mask.reshape(-1).float().to(logits.device).repeat(len(router_logits))
     denom = w.sum().clamp(min=1.0)
+    chosen = chosen[:, : probs.shape[-1]]  # routers with extra (e.g. zero-compute) experts score them too
     tokens_per_expert = (chosen * w[:, None]).sum(0) / denom
     prob_per_expert = (probs * w[:, None]).sum(0) / denom
     return num_experts * (tokens_per_expert * prob_per_expert).sum()

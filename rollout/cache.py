@@ -42,8 +42,9 @@ class RaggedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B = self.state.lens.shape[0]
         _, H, _, D = key_states.shape
+        _, Hv, _, Dv = value_states.shape  # key and value head sizes may differ (MLA)
         self.keys = key_states.new_zeros(B, H, self.capacity, D)
-        self.values = value_states.new_zeros(B, H, self.capacity, D)
+        self.values = value_states.new_zeros(B, Hv, self.capacity, Dv)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -66,7 +67,7 @@ class RaggedLayer(CacheLayerMixin):
             self.values[:, :, start : st.extent] = value_states
             return self.keys[:, :, : st.extent], self.values[:, :, : st.extent]
         rows = st.rows if st.rows is not None else torch.arange(key_states.shape[0], device=key_states.device)
-        idx = (rows[:, None], slice(None), st.write_pos)  # selects [R, Q, H, D]
+        idx = (rows[:, None], slice(None), st.write_pos)  # selects [R, Q, H, D] (values: [R, Q, Hv, Dv])
         self.keys[idx] = key_states.transpose(1, 2)
         self.values[idx] = value_states.transpose(1, 2)
         if st.rows is None:

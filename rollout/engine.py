@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.verify import default_verify
+from policy.families import sliding_layer_window
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
 from rollout.cache import RaggedKVCache
@@ -188,7 +189,7 @@ class _Run:
         self.V = eng.policy.model.get_output_embeddings().weight.shape[0]
         self.cache = RaggedKVCache(cfg.num_hidden_layers, B, dev)
         self.dtype = eng.policy.model.dtype
-        self.lm_head = eng.policy.model.get_output_embeddings()
+        self.window = sliding_layer_window(cfg)  # sliding-window layers need key positions in the mask
         self.slots: list[_Row | None] = [None] * B
         self.anchor = torch.zeros(B, dtype=torch.long, device=dev)
         self.drafts = torch.zeros(B, max(K, 1), dtype=torch.long, device=dev)
@@ -228,18 +229,28 @@ class _Run:
         self._rows_t = rows_t
         mask = self.cache.begin(rows_t, qmask)  # [R, Q, extent] or None (uniform single-query step)
         policy = self.eng.policy
+        k_pos = None
+        if self.window is not None:
+            lens = self.cache.lens if rows_t is None else self.cache.lens[rows_t]
+            extent = self.cache.state.extent
+            if mask is None:
+                mask = torch.ones(len(rows), ids.shape[1], extent, dtype=torch.bool, device=ids.device)
+            keys = torch.arange(extent, device=ids.device)[None]
+            rel = (keys - lens[:, None]).clamp(0, ids.shape[1] - 1)
+            k_pos = torch.where(keys < lens[:, None], keys, pos.gather(1, rel))  # [R, extent] token positions
         out = policy.model.base_model(
             input_ids=ids,
             position_ids=pos,
-            attention_mask=None if mask is None else policy.attention_mask_4d(mask, self.dtype),
+            attention_mask=None if mask is None else policy.attention_mask_4d(mask, self.dtype, pos, k_pos),
             past_key_values=self.cache,
             use_cache=True,
         )
         return out.last_hidden_state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [..., H] -> fp32 logits [..., V] (the CausalLM's output embedding)."""
-        return self.lm_head(hidden).float()
+        """Final hidden states [..., H] -> fp32 logits [..., V], as the model's own forward makes them (LM head plus
+        any family-specific transform after it)."""
+        return self.eng.policy.logits(hidden).float()
 
     def commit(self, kept: torch.Tensor) -> None:
         """Keep each row's first `kept` queries of the last forward (prompt, or anchor + accepted drafts)."""
