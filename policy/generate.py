@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from policy.tokenizer import encode_prompt
+from policy.tokenizer import encode_prompt, pad_id
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ def hf_generate(
     """Completion ids (EOS included, nothing after) of `model.generate` for every prompt, `batch_size` at a time."""
     model.eval()
     torch.manual_seed(seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
     device = next(model.parameters()).device
     eos = tok.eos_token_id

@@ -48,3 +48,12 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return ids if bos is None else [bos, *ids]
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads batches: the pad token, else EOS (many BPE tokenizers have no pad), else 0. Padding is
+    always masked out, so any id serves; a real one keeps embeddings in range."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid[0] if isinstance(tid, list | tuple) else tid)
+    return 0

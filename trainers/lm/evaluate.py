@@ -19,6 +19,7 @@ from pydantic import Field
 from common.config import Section
 from envs.tasks import TaskSample, score
 from policy.generate import hf_generate
+from policy.tokenizer import pad_id
 from trainers.lm.data import collate, encode
 
 
@@ -90,7 +91,7 @@ def diffusion_slot_accuracy(
     examples = [encode(tokenizer, s) for s in samples]
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        batch = collate(chunk, tokenizer.pad_token_id, exclude_prompt=True)
+        batch = collate(chunk, pad_id(tokenizer), exclude_prompt=True)
         S = batch.input_ids.shape[1]
         prompt_len = torch.tensor([e.prompt_len for e in chunk])[:, None]  # [B, 1]
         pos = torch.arange(S)[None]

@@ -33,7 +33,7 @@ from common.metrics import append_jsonl, truncate_jsonl
 from policy.factory import ModelSpec, build_model, count_parameters, make_config
 from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.losses import ar_ce
-from policy.tokenizer import build_char_tokenizer
+from policy.tokenizer import build_char_tokenizer, pad_id
 from trainers.lm.data import Batch, DataConfig, collate, heldout_samples, sample_batch, train_examples
 from trainers.lm.evaluate import EvalConfig, diffusion_slot_accuracy, solve_rate
 
@@ -148,7 +148,7 @@ def train_loop(cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn,
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         batch = collate(
-            sample_batch(examples, cfg.optim.batch_size, gen), tokenizer.pad_token_id, cfg.data.exclude_prompt
+            sample_batch(examples, cfg.optim.batch_size, gen), pad_id(tokenizer), cfg.data.exclude_prompt
         )
         lr = cfg.optim.lr_at(step)
         for g in opt.param_groups:

@@ -29,6 +29,7 @@ from common.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink
 from envs import splits
 from envs.tasks import TaskName
 from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.tokenizer import pad_id
 from rollout.pool import RolloutPool, init_ray
 from rollout.settings import EngineSettings, WorkerSettings
 from rollout.types import SamplingParams
@@ -145,7 +146,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                 pending = rollouts.launch(step + 1)
             t1 = time.time()
             metrics = learner.step(
-                RolloutBatch.from_trajectories(batch.trajs, batch.rewards, cfg.group_size, tok.pad_token_id)
+                RolloutBatch.from_trajectories(batch.trajs, batch.rewards, cfg.group_size, pad_id(tok))
             )
             metrics |= rollout_metrics(batch, cfg.group_size, K)
             metrics |= {
