@@ -2,14 +2,14 @@
 
 Prompts are encoded like every other path (`encode_prompt`: BOS when the tokenizer has one), left-padded, and
 sampled at pure temperature (HF's default top_k=50 switched off) or greedily at T=0. Completions are cut after
-their first EOS.
+their first EOS (any of the model's EOS ids).
 """
 
 from __future__ import annotations
 
 import torch
 
-from policy.tokenizer import encode_prompt, pad_id
+from policy.tokenizer import encode_prompt, eos_ids, pad_id
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -33,7 +33,7 @@ def hf_generate(
     pad = pad_id(tok)
     sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
     device = next(model.parameters()).device
-    eos = tok.eos_token_id
+    eos = list(eos_ids(tok, model.generation_config)) or None
     outs: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         enc = left_pad([encode_prompt(tok, p) for p in prompts[i : i + batch_size]], pad)
@@ -47,5 +47,6 @@ def hf_generate(
             eos_token_id=eos,
         )
         for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-            outs.append(row[: row.index(eos) + 1] if eos in row else row)
+            ends = [j for j, t in enumerate(row) if eos and t in eos]
+            outs.append(row[: ends[0] + 1] if ends else row)
     return outs

@@ -32,7 +32,7 @@ from policy.families import (
 )
 from policy.losses import TidarLossOutput, load_balancing_loss, tidar_loss
 from policy.masks import tidar_training_mask, to_additive
-from policy.tokenizer import MASK
+from policy.tokenizer import MASK, eos_ids
 
 METADATA_KEY = "blockrl"
 METADATA_FORMAT = 1
@@ -142,6 +142,11 @@ class HybridPolicy(nn.Module):
         self.mask_token_id = int(mask_id)
         self._write_metadata()
         return self.mask_token_id
+
+    def eos_ids(self, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[int, ...]:
+        """Every id that ends a generation: the tokenizer's EOS and `generation_config.eos_token_id` (several ids
+        where the model has them, e.g. a chat template's end-of-turn token added by conversion)."""
+        return eos_ids(tokenizer, self.model.generation_config)
 
     def _write_metadata(self) -> None:
         meta = {"format": METADATA_FORMAT, "mask_token_id": self.mask_token_id, "block_size": self.block_size}

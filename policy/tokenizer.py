@@ -36,18 +36,110 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
         unk_token=UNK,
         padding_side="left",  # decoder-only generation pads on the left
         model_max_length=4096,
+        add_bos_token=True,  # `tokenizer(text)` gives the training format, BOS first
     )
     return tok
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """A prompt's ids in the training format: BOS (when the tokenizer has one) then the text's own tokens.
+    """A prompt's ids in the training format: the tokenizer's own encoding, `tokenizer(text)`, with the special
+    tokens it adds in front (a BOS where it adds one) and none it would append (an EOS ends a sequence, not a
+    prompt).
 
-    The one place prompts are encoded, for every job and worker (issue: the format the drafter was trained on decides
-    its acceptance). A tokenizer without a BOS token encodes the text alone."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ids if bos is None else [bos, *ids]
+    The one place prompts are encoded, for every job, worker and corpus (the format the drafter was trained on
+    decides its acceptance). Conversion trains on this same encoding, so a converted checkpoint's `tokenizer(text)`
+    is in distribution."""
+    ids = tokenizer(text)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids and ids[-1] == eos:
+        raw = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not raw or raw[-1] != eos:  # appended by the tokenizer, not part of the text
+            ids = ids[:-1]
+    return ids
+
+
+class ChatFormatError(ValueError):
+    """The chat template cannot render this conversation, or not incrementally (assistant spans unknown)."""
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatFormatError("the tokenizer has no chat template (tokenizer_config.json: chat_template)")
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as e:  # jinja errors: raise_exception(...) in templates, missing keys
+        raise ChatFormatError(f"the chat template failed: {e}") from e
+
+
+def encode_chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation's ids up to the assistant's turn: exactly `apply_chat_template(..., add_generation_prompt=True)`
+    (the template writes its own BOS; nothing is added)."""
+    return tokenizer(render_chat(tokenizer, messages, True), add_special_tokens=False)["input_ids"]
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(ids, target) of a whole conversation: ids are `apply_chat_template(messages)`; target is 1 on the tokens
+    of every assistant turn (its content and the template's end-of-turn), 0 elsewhere.
+
+    Assistant spans are found incrementally, as the characters that turn i adds to the rendering of turns < i
+    followed by the generation prompt, and mapped to tokens by their offsets in one tokenization of the whole text,
+    so the ids are exactly those a prompt encoded by `encode_chat_prompt` continues. A template that does not
+    render incrementally (e.g. one that rewrites earlier turns) is refused."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError("messages must be a non-empty list of {role, content} objects")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise ChatFormatError(f"messages[{j}] must be an object with 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatFormatError("no assistant message: nothing to train on")
+    full = render_chat(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], True) if i else ""
+        upto = render_chat(tokenizer, messages[: i + 1])
+        if not upto.startswith(before) or not full.startswith(upto):
+            raise ChatFormatError(
+                f"the chat template does not render messages[{i}] as a continuation of the turns before it"
+            )
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    target = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), target
+
+
+def chat_stop_ids(tokenizer) -> tuple[int, ...]:
+    """Special tokens the chat template closes an assistant turn with (e.g. `<|im_end|>`): generation must stop
+    there, so conversion adds them to the model's EOS ids. Empty without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ()
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    try:
+        ids, target = encode_chat(tokenizer, probe)
+    except ChatFormatError:
+        return ()
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
+    }
+    tail = [t for t, y in zip(ids, target, strict=True) if y]
+    return tuple(dict.fromkeys(t for t in tail if t in special))
+
+
+def eos_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
+    """Every id that ends a generation: the tokenizer's EOS and the model's `generation_config.eos_token_id`
+    (one id or several, e.g. an end-of-turn token beside the end-of-text one)."""
+    out: list[int] = []
+    for v in (
+        tokenizer.eos_token_id if tokenizer is not None else None,
+        getattr(generation_config, "eos_token_id", None),
+    ):
+        if v is None:
+            continue
+        out.extend(int(x) for x in (v if isinstance(v, list | tuple) else [v]))
+    return tuple(dict.fromkeys(out))
 
 
 def pad_id(tokenizer) -> int:

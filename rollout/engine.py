@@ -30,9 +30,10 @@ from kernels.verify import default_verify
 from policy.families import sliding_layer_window
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
+from policy.tokenizer import eos_ids
 from rollout.cache import RaggedKVCache
 from rollout.processors import constraint_mask, process_logits
-from rollout.types import Option, SamplingParams, Trajectory
+from rollout.types import Option, SamplingParams, Trajectory, with_eos
 
 SAMPLERS = ("ar", "lossless", "logit_mix")  # `auto` chooses among these: rollout/auto.py wraps engines
 
@@ -49,9 +50,17 @@ class _Row:
 
 class GenerateAPI:
     """`generate()` in keyword form over `run(prompt_ids, SamplingParams)`: the interface BlockEngine and the
-    AutoSampler wrapper share. Subclasses provide `run` and `tokenizer`."""
+    AutoSampler wrapper share. Subclasses provide `run`, `policy` and `tokenizer`."""
 
+    policy = None
     tokenizer = None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generation: the tokenizer's EOS and the model's generation_config EOS ids."""
+        if self.policy is None:
+            return eos_ids(self.tokenizer)
+        return self.policy.eos_ids(self.tokenizer)
 
     def generate(
         self,
@@ -66,13 +75,13 @@ class GenerateAPI:
         **kwargs,
     ) -> list[Trajectory]:
         """One Trajectory per prompt, in order. Extra kwargs go to SamplingParams (eos_token_id, stop_strings, ...);
-        EOS defaults to the tokenizer's.
+        EOS defaults to the model's EOS ids (`eos_ids`).
 
         Prompt i draws its randomness from seed (seed, index_offset + i): callers that split one logical batch into
         several calls pass the global index, so repeated prompts (GRPO groups) never share a random stream."""
-        if "eos_token_id" not in kwargs and self.tokenizer is not None:
-            kwargs["eos_token_id"] = self.tokenizer.eos_token_id
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, **kwargs)
+        if "eos_token_id" not in kwargs:
+            params = with_eos(params, self.eos_ids)
         return self.run(prompt_ids, params, index_offset=index_offset, audit=audit)
 
     def run(self, prompt_ids, params: SamplingParams, index_offset: int = 0, audit: bool = False):

@@ -101,7 +101,7 @@ def run_episodes(
             return None
         return tok(obs, add_special_tokens=False)["input_ids"]
 
-    params = dataclasses.replace(with_eos(sampling, tok), stop_strings=stops)
+    params = dataclasses.replace(with_eos(sampling, engine.eos_ids), stop_strings=stops)
     return run_turns(engine, prompts, params, respond, index_offset=index_offset, max_turns=max_turns)
 
 

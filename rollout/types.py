@@ -83,8 +83,9 @@ class Trajectory:
         return self.num_model_tokens / max(1, self.num_forwards)
 
 
-def with_eos(params: SamplingParams, tokenizer) -> SamplingParams:
-    """`params`, stopping at the tokenizer's EOS when it names no EOS itself (what `generate()` does by default)."""
-    if params.eos_token_id is not None or tokenizer is None or tokenizer.eos_token_id is None:
+def with_eos(params: SamplingParams, eos_ids: tuple[int, ...]) -> SamplingParams:
+    """`params`, stopping at the model's EOS ids (`GenerateAPI.eos_ids`) when it names no EOS itself (what
+    `generate()` does by default)."""
+    if params.eos_token_id is not None or not eos_ids:
         return params
-    return dataclasses.replace(params, eos_token_id=tokenizer.eos_token_id)
+    return dataclasses.replace(params, eos_token_id=tuple(eos_ids))

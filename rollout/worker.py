@@ -88,7 +88,7 @@ class RolloutWorker:
             self.engine = build_engine(self.policy, self.settings, self.tokenizer)
         engine = self.engine
         engine.policy_version = self.version  # weights load in place into the same policy module
-        sampling = with_eos(shard.sampling, self.tokenizer)
+        sampling = with_eos(shard.sampling, engine.eos_ids)
         if shard.env_id is not None:
             trajs = run_episodes(
                 engine,

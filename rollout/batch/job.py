@@ -154,7 +154,7 @@ def plan_shards(cfg: RolloutJobConfig, records, tok, out_dir: Path) -> tuple[int
         top_p=cfg.top_p,
         top_k=cfg.top_k,
         seed=cfg.seed,
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=None,  # the workers stop at the model's EOS ids (GenerateAPI.eos_ids)
         stop_strings=tuple(cfg.stop_strings),
     )
     num_shards, todo = -(-n // cfg.shard_size), []

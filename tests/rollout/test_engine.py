@@ -41,7 +41,7 @@ def test_greedy_matches_hf_generate_on_ragged_batch(sampler, levels, kind):
     """T=0: every sampler's output is token-identical to HF greedy generate (fp32), with slot refills."""
     policy = lively_policy(kind)
     eng = BlockEngine(policy, sampler=sampler, levels=levels, max_batch=3)
-    trajs = eng.generate(PROMPTS, max_new_tokens=24, temperature=0)
+    trajs = eng.generate(PROMPTS, max_new_tokens=24, temperature=0, eos_token_id=None)
     for p, t in zip(PROMPTS, trajs, strict=True):
         assert t.tokens == hf_greedy(policy, p, 24)
         assert t.finish_reason == "length"
@@ -93,7 +93,7 @@ def test_oracle_drafter_accepts_whole_blocks(monkeypatch):
 
     monkeypatch.setattr(engine_mod._Run, "set_drafts", oracle)
     trajs = BlockEngine(policy, sampler="lossless", levels=[0], max_batch=2).generate(
-        PROMPTS, 26, temperature=0
+        PROMPTS, 26, temperature=0, eos_token_id=None
     )
     for p, t in zip(PROMPTS, trajs, strict=True):
         assert t.tokens == refs[tuple(p)][:26]

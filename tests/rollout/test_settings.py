@@ -64,6 +64,6 @@ def test_worker_and_pool_refuse_untyped_engine_settings():
 
 def test_worker_paths_stop_at_the_tokenizer_eos_unless_told_otherwise(tokenizer):
     """Shards built without an EOS still stop at the tokenizer's (as `generate()` does); an explicit one is kept."""
-    assert with_eos(SamplingParams(), tokenizer).eos_token_id == tokenizer.eos_token_id
-    assert with_eos(SamplingParams(eos_token_id=7), tokenizer).eos_token_id == 7
-    assert with_eos(SamplingParams(), None).eos_token_id is None
+    assert with_eos(SamplingParams(), (tokenizer.eos_token_id,)).eos_token_id == (tokenizer.eos_token_id,)
+    assert with_eos(SamplingParams(eos_token_id=7), (tokenizer.eos_token_id,)).eos_token_id == 7
+    assert with_eos(SamplingParams(), ()).eos_token_id is None

@@ -1,54 +1,106 @@
-"""Task corpus for pretraining and conversion: reasoning-gym samples -> token ids, plus right-padded batches.
+"""Training corpora for pretraining and conversion: the built-in task corpus, or the user's own files.
 
-Held-out prompts are generated first (their own seed) and removed from the training stream, so held-out
-evaluation never sees a prompt the model was trained on.
+- **Built-in** (the default, `data.files` empty): reasoning-gym samples of `data.tasks`; held-out prompts come from
+  their own seed and are removed from the training stream (`envs/splits.py`).
+- **User files** (`data.files`): JSONL, JSON, Parquet or `datasets` directories (`common.records`), rows of one of
+  three shapes, told apart per row (or fixed by `data.format`):
+  - `text`: a document; every token is a target; documents longer than `max_seq_len` are cut into windows;
+  - `prompt` + `completion`: strings, or message lists (TRL's conversational form); targets are the completion;
+  - `messages`: a chat, rendered with the tokenizer's chat template; targets are the assistant turns only.
+  A held-out split is `heldout_rows` rows drawn by seed (or `heldout_files`). A row that cannot be used (missing
+  field, empty, over `max_seq_len`, a chat the template cannot render) raises an error naming the file and the row,
+  or is skipped and counted (`on_bad_row`).
+
+Every sequence is encoded the way the checkpoint's tokenizer encodes at inference (`encode_prompt`,
+`encode_chat_prompt`), so `tokenizer(text)` and `apply_chat_template` give in-distribution ids after conversion.
+Batches are drawn as a pure function of (seed, step) (exact resume), either uniformly or from a window of
+similar-length sequences (`batching: length_bucket`, less padding).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from tqdm import tqdm
 
 from common.config import Section
+from common.records import BadRows, Record, RecordError, read_records
 from envs.splits import CORPUS_SEED, corpus, corpus_heldout
 from envs.tasks import TaskName, TaskSample
-from policy.tokenizer import encode_prompt
+from policy.tokenizer import ChatFormatError, encode_chat, encode_chat_prompt, encode_prompt
+
+log = logging.getLogger(__name__)
+
+RowFormat = Literal["text", "prompt_completion", "messages"]
 
 
 class DataConfig(Section):
-    """Which tasks, how many samples, and which tokens are targets."""
+    """Where training sequences come from, how they are cut and batched, and which tokens are targets."""
 
+    files: list[str] = Field(default_factory=list)
+    """the user's data files (.jsonl, .json, .parquet, or datasets save_to_disk directories); empty = the built-in
+    task corpus."""
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    """row shape of data.files; auto tells each row's shape from its fields."""
+    heldout_files: list[str] = Field(default_factory=list)
+    """held-out files for evaluation; empty = hold out data.heldout_rows rows of data.files."""
+    heldout_rows: int = Field(200, ge=1)
+    """rows of data.files held out (a seeded draw) when no data.heldout_files are given."""
+    max_seq_len: int = Field(1024, ge=8)
+    """longest training sequence in tokens (text rows are cut into windows this long)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """a row that cannot be used: stop with an error naming the file and row, or skip it and count it."""
+    batching: Literal["random", "length_bucket"] = "length_bucket"
+    """batches drawn uniformly, or from a window of similar-length sequences (less padding)."""
     tasks: list[TaskName] = Field(
         default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"], min_length=1
     )
-    """reasoning-gym tasks of the corpus (envs.tasks.TASKS)."""
+    """built-in corpus: reasoning-gym tasks (envs.tasks.TASKS)."""
     train_per_task: int = Field(20000, ge=1)
-    """training samples per task."""
+    """built-in corpus: training samples per task."""
     heldout_per_task: int = Field(200, ge=1)
-    """held-out evaluation prompts per task."""
+    """built-in corpus: held-out evaluation prompts per task."""
     seed: int = CORPUS_SEED
-    """corpus seed; held-out prompts use seed + 1 (envs/splits.py)."""
+    """corpus seed: the built-in corpus's draw (held-out prompts use seed + 1), or the held-out draw of data.files."""
     exclude_prompt: bool = True
-    """train only on completion tokens (the prompt is context, not target)."""
+    """train only on completions / assistant turns (prompts and user turns are context, not targets)."""
 
 
 @dataclass(frozen=True)
 class Example:
-    """A tokenized sample: `[BOS] prompt completion [EOS]`."""
+    """A tokenized training sequence and its target tokens (1 = the token is a loss target)."""
 
     ids: list[int]
-    prompt_len: int  # BOS + prompt tokens
-    task: str
+    target: list[int]
+    task: str  # built-in task name, or the source file
+
+    def __post_init__(self):
+        if len(self.ids) != len(self.target):
+            raise ValueError("ids and target differ in length")
 
 
+@dataclass
+class Corpus:
+    train: list[Example]
+    heldout: list[Example]
+    heldout_tasks: list[TaskSample] | None = None  # built-in corpus only: held-out prompts with verifiers
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_chat(self) -> bool:
+        return bool(self.stats.get("rows_by_format", {}).get("messages"))
+
+
+# ------------------------------------------------------------------------------------------- built-in task corpus
 def encode(tokenizer, sample: TaskSample) -> Example:
-    """`[BOS] prompt completion [EOS]`, the prompt encoded exactly as every rollout encodes it (`encode_prompt`)."""
+    """`prompt completion [EOS]`, the prompt encoded exactly as every rollout encodes it (`encode_prompt`)."""
     p = encode_prompt(tokenizer, sample.prompt)
-    c = tokenizer(sample.completion, add_special_tokens=False)["input_ids"]
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    return Example([*p, *c, *eos], len(p), sample.task)
+    c = [*_raw(tokenizer, sample.completion), *_eos(tokenizer)]
+    return Example([*p, *c], [0] * len(p) + [1] * len(c), sample.task)
 
 
 def heldout_samples(cfg: DataConfig) -> list[TaskSample]:
@@ -59,6 +111,147 @@ def train_examples(cfg: DataConfig, tokenizer, heldout: list[TaskSample]) -> lis
     return [encode(tokenizer, s) for s in corpus(cfg.tasks, cfg.train_per_task, heldout, cfg.seed)]
 
 
+# ------------------------------------------------------------------------------------------------- user files
+def _raw(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _eos(tokenizer) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
+def row_format(rec: Record, fixed: str) -> RowFormat:
+    if fixed != "auto":
+        return fixed  # type: ignore[return-value]
+    f = rec.fields
+    if "messages" in f:
+        return "messages"
+    if "prompt" in f and "completion" in f:
+        return "prompt_completion"
+    if "text" in f:
+        return "text"
+    raise rec.error(
+        f"no 'text', 'prompt' + 'completion' or 'messages' field (fields: {sorted(f)}); "
+        "see docs/convert.md for the row shapes",
+        "unknown_shape",
+    )
+
+
+def _field(rec: Record, name: str, kinds: tuple[type, ...]) -> Any:
+    if name not in rec.fields:
+        raise rec.error(f"missing field {name!r} (fields: {sorted(rec.fields)})", "missing_field")
+    v = rec.fields[name]
+    if not isinstance(v, kinds) or (isinstance(v, str | list) and not v):
+        want = " or ".join("a non-empty string" if k is str else "a message list" for k in kinds)
+        raise rec.error(f"field {name!r} must be {want}, got {type(v).__name__} {str(v)[:40]!r}", "bad_field")
+    return v
+
+
+def encode_record(rec: Record, fmt: RowFormat, tokenizer, cfg: DataConfig) -> list[Example]:
+    """One row -> its training sequences (several for a long text). Raises RecordError naming the row."""
+    src = rec.source
+    try:
+        if fmt == "text":
+            ids = encode_prompt(tokenizer, _field(rec, "text", (str,))) + _eos(tokenizer)
+            n = cfg.max_seq_len
+            chunks = [ids[i : i + n] for i in range(0, len(ids), n)]
+            return [Example(c, [0] + [1] * (len(c) - 1), src) for c in chunks if len(c) > 1]
+        if fmt == "prompt_completion":
+            prompt = _field(rec, "prompt", (str, list))
+            completion = _field(rec, "completion", (str, list))
+            if isinstance(prompt, str):
+                if not isinstance(completion, str):
+                    raise rec.error("a string 'prompt' needs a string 'completion'", "bad_field")
+                p = encode_prompt(tokenizer, prompt)
+                c = _raw(tokenizer, completion) + _eos(tokenizer)
+                ids, target = p + c, [0] * len(p) + [1] * len(c)
+            else:
+                comp = (
+                    completion
+                    if isinstance(completion, list)
+                    else [{"role": "assistant", "content": completion}]
+                )
+                ids, target = encode_chat(tokenizer, prompt + comp)
+                p = encode_chat_prompt(tokenizer, prompt)
+                if ids[: len(p)] != p:
+                    raise rec.error(
+                        "the chat template renders the prompt differently inside the conversation",
+                        "chat_template",
+                    )
+                target = [0] * len(p) + target[len(p) :]
+        else:
+            ids, target = encode_chat(tokenizer, _field(rec, "messages", (list,)))
+    except ChatFormatError as e:
+        raise rec.error(str(e), "chat_template") from e
+    if not cfg.exclude_prompt:
+        target = [0, *[1] * (len(ids) - 1)]
+    if len(ids) > cfg.max_seq_len:
+        raise rec.error(f"{len(ids)} tokens, over data.max_seq_len={cfg.max_seq_len}", "too_long")
+    if sum(target) == 0:
+        raise rec.error("no target tokens (nothing to train on)", "no_targets")
+    return [Example(ids, target, src)]
+
+
+def encode_files(
+    files: list[str], tokenizer, cfg: DataConfig, bad: BadRows, desc: str = "data"
+) -> tuple[list[list[Example]], dict[str, int]]:
+    """Per usable row, its sequences (so held-out rows stay whole); plus rows per format."""
+    rows: list[list[Example]] = []
+    by_format: dict[str, int] = {}
+    for path in files:
+        for rec in tqdm(read_records(path, bad), desc=f"{desc}: {path}", unit="row", leave=False):
+            try:
+                fmt = row_format(rec, cfg.format)
+                rows.append(encode_record(rec, fmt, tokenizer, cfg))
+            except RecordError as e:
+                bad.reject(rec, str(e).removeprefix(f"{rec.where}: "), e.kind)
+                continue
+            by_format[fmt] = by_format.get(fmt, 0) + 1
+    return rows, by_format
+
+
+def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
+    """The training and held-out sequences of `cfg`: the built-in task corpus, or the user's files."""
+    if not cfg.files:
+        heldout = heldout_samples(cfg)
+        return Corpus(
+            train_examples(cfg, tokenizer, heldout),
+            [encode(tokenizer, s) for s in heldout],
+            heldout,
+            {"source": "builtin", "tasks": list(cfg.tasks)},
+        )
+    bad = BadRows(cfg.on_bad_row)
+    rows, by_format = encode_files(cfg.files, tokenizer, cfg, bad)
+    if cfg.heldout_files:
+        held, _ = encode_files(cfg.heldout_files, tokenizer, cfg, bad, "held-out")
+        train = rows
+    else:
+        if len(rows) <= cfg.heldout_rows:
+            raise RecordError(
+                f"data.files: {len(rows)} usable rows, not more than data.heldout_rows={cfg.heldout_rows}; "
+                "lower data.heldout_rows or give data.heldout_files"
+            )
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held_idx = set(order[: cfg.heldout_rows])
+        held = [r for i, r in enumerate(rows) if i in held_idx]
+        train = [r for i, r in enumerate(rows) if i not in held_idx]
+    stats = {
+        "source": "files",
+        "files": list(cfg.files),
+        "rows_by_format": by_format,
+        "train_rows": len(train),
+        "heldout_rows": len(held),
+        "bad_rows": bad.summary(),
+    }
+    if bad.skipped:
+        log.warning("data: skipped %d bad rows %s; first: %s", bad.skipped, dict(bad.counts), bad.examples[0])
+    corpus_ = Corpus([e for r in train for e in r], [e for r in held for e in r], None, stats)
+    if not corpus_.train or not corpus_.heldout:
+        raise RecordError("data.files: no usable training or held-out rows (see the skipped-row summary)")
+    return corpus_
+
+
+# ---------------------------------------------------------------------------------------------------- batches
 @dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor  # [B, S] right-padded
@@ -70,7 +263,8 @@ class Batch:
         return int(self.valid.sum())
 
 
-def collate(examples: list[Example], pad_id: int, exclude_prompt: bool) -> Batch:
+def collate(examples: list[Example], pad_id: int, exclude_prompt: bool = True) -> Batch:
+    """Right-padded batch; targets are the examples' own (`exclude_prompt=False`: every token after the first)."""
     S = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), S), pad_id, dtype=torch.long)
     valid = torch.zeros(len(examples), S, dtype=torch.long)
@@ -79,10 +273,32 @@ def collate(examples: list[Example], pad_id: int, exclude_prompt: bool) -> Batch
         n = len(e.ids)
         ids[i, :n] = torch.tensor(e.ids)
         valid[i, :n] = 1
-        target[i, e.prompt_len if exclude_prompt else 1 : n] = 1
+        if exclude_prompt:
+            target[i, :n] = torch.tensor(e.target)
+        else:
+            target[i, 1:n] = 1
     return Batch(ids, valid, target)
 
 
-def sample_batch(examples: list[Example], batch_size: int, gen: torch.Generator) -> list[Example]:
-    idx = torch.randint(len(examples), (batch_size,), generator=gen)
-    return [examples[i] for i in idx.tolist()]
+class Sampler:
+    """Batches of `batch_size` examples as a pure function of the generator (so of (seed, step)).
+
+    `length_bucket`: examples are ordered by length once; a batch is drawn uniformly from a window of
+    `8 * batch_size` neighbours of a uniformly drawn example, so sequences in a batch have similar lengths."""
+
+    def __init__(self, examples: list[Example], batching: str = "random", window_batches: int = 8):
+        self.examples = examples
+        self.batching = batching
+        self.order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+        self.window_batches = window_batches
+
+    def __call__(self, batch_size: int, gen: torch.Generator) -> list[Example]:
+        n = len(self.examples)
+        if self.batching == "random" or n <= batch_size * self.window_batches:
+            idx = torch.randint(n, (batch_size,), generator=gen).tolist()
+            return [self.examples[i] for i in idx]
+        w = batch_size * self.window_batches
+        lo = int(torch.randint(n - w + 1, (1,), generator=gen))
+        idx = (lo + torch.randint(w, (batch_size,), generator=gen)).tolist()
+        return [self.examples[self.order[i]] for i in idx]
+

@@ -2,9 +2,10 @@
 
 - Solve rate: HF `generate` in AR mode at the given temperature (no top-k/top-p), scored by reasoning-gym's verifier.
   A sample counts as solved when its score is 1.0. Reported overall and per task with a Wilson 95% interval.
+- Held-out AR loss: next-token cross-entropy on the target tokens of held-out sequences (any corpus).
 - Slot accuracy: teacher-forced TiDAR forward over held-out gold sequences with K+1-sized blocks at every shift.
-  For each mask block that starts inside the completion, slot j's argmax is compared with the true token j places
-  after the clean prefix, for targets up to and including EOS. Slot 0 is the next-token slot (the AR verifier owns
+  For each mask block that starts on a target token (inside a completion or assistant turn), slot j's argmax is
+  compared with the true token j places after the clean prefix, for targets up to and including EOS. Slot 0 is the next-token slot (the AR verifier owns
   that position at inference); slots 1..K are the drafts the engine can accept.
 """
 
@@ -19,8 +20,9 @@ from pydantic import Field
 from common.config import Section
 from envs.tasks import TaskSample, score
 from policy.generate import hf_generate
+from policy.losses import ar_ce
 from policy.tokenizer import pad_id
-from trainers.lm.data import collate, encode
+from trainers.lm.data import Example, collate, encode
 
 
 class EvalConfig(Section):
@@ -38,6 +40,8 @@ class EvalConfig(Section):
     """evaluate every N training steps (0 = only at the end)."""
     samples_per_task: int = Field(200, ge=1)
     """held-out prompts per task (at most data.heldout_per_task)."""
+    max_sequences: int = Field(200, ge=1)
+    """user data: held-out sequences scored (AR loss and slot accuracy)."""
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -79,21 +83,37 @@ def solve_rate(model, tokenizer, samples: list[TaskSample], cfg: EvalConfig) -> 
 
 
 @torch.no_grad()
+def heldout_loss(
+    policy, tokenizer, examples: list[Example], exclude_prompt: bool = True, batch_size: int = 32
+):
+    """Token-weighted mean next-token CE over the target tokens of `examples` (AR mode)."""
+    policy.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id(tokenizer), exclude_prompt)
+        logits = policy.model(input_ids=batch.input_ids, attention_mask=batch.valid).logits
+        n = int(batch.loss_mask[:, 1:].sum())
+        total += float(ar_ce(logits, batch.input_ids, batch.loss_mask)) * n
+        count += n
+    return total / max(1, count)
+
+
+@torch.no_grad()
 def diffusion_slot_accuracy(
-    policy, tokenizer, samples: list[TaskSample], batch_size: int = 32
+    policy, tokenizer, examples: list[Example] | list[TaskSample], batch_size: int = 32
 ) -> list[float]:
-    """Top-1 accuracy of diffusion slots 0..K on held-out gold completions (K+1-sized blocks, all shifts)."""
+    """Top-1 accuracy of diffusion slots 0..K on held-out gold sequences (K+1-sized blocks, all shifts), over
+    blocks that start on a target token."""
     policy.eval()
     K = policy.block_size
     n = K + 1
     hits = torch.zeros(n)
     counts = torch.zeros(n)
-    examples = [encode(tokenizer, s) for s in samples]
+    examples = [e if isinstance(e, Example) else encode(tokenizer, e) for e in examples]
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         batch = collate(chunk, pad_id(tokenizer), exclude_prompt=True)
         S = batch.input_ids.shape[1]
-        prompt_len = torch.tensor([e.prompt_len for e in chunk])[:, None]  # [B, 1]
         pos = torch.arange(S)[None]
         for shift in range(n):
             out = policy.tidar_forward(batch.input_ids, batch.valid, block_size=n, shift=shift)
@@ -101,7 +121,8 @@ def diffusion_slot_accuracy(
             blk = (torch.arange(S) + shift) // n
             start = (blk * n - shift).clamp(min=0)
             slot = pos - start[None]  # [1, S]
-            ok = (start[None] >= prompt_len) & (batch.valid == 1) & (slot < n)
+            starts_on_target = batch.loss_mask.gather(1, start[None].expand(len(chunk), -1)) == 1
+            ok = starts_on_target & (batch.valid == 1) & (slot < n)
             for j in range(n):
                 sel = ok & (slot == j)
                 hits[j] += (correct & sel).sum()

@@ -28,14 +28,14 @@ from pydantic import Field
 from tqdm import tqdm
 
 from common.checkpoint import load_trainer_state, recover, require_checkpoint, save_checkpoint
-from common.config import Section, dump_config
+from common.config import ConfigError, Section, dump_config
 from common.metrics import append_jsonl, truncate_jsonl
 from policy.factory import ModelSpec, build_model, count_parameters, make_config
 from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.losses import ar_ce
-from policy.tokenizer import build_char_tokenizer, pad_id
-from trainers.lm.data import Batch, DataConfig, collate, heldout_samples, sample_batch, train_examples
-from trainers.lm.evaluate import EvalConfig, diffusion_slot_accuracy, solve_rate
+from policy.tokenizer import build_char_tokenizer, chat_stop_ids, eos_ids, pad_id
+from trainers.lm.data import Batch, Corpus, DataConfig, Sampler, collate, load_corpus
+from trainers.lm.evaluate import EvalConfig, diffusion_slot_accuracy, heldout_loss, solve_rate
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,18 @@ class ConvertConfig(RunConfig):
 LossFn = Callable[[Batch, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 
 
-def train_loop(cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn, resume: bool) -> dict:
+def train_loop(
+    cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn, resume: bool, data: Corpus
+) -> dict:
     """Shared loop: returns the final evaluation."""
     run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "checkpoint"
-    torch.set_num_threads(cfg.threads)
-    heldout = heldout_samples(cfg.data)
-    examples = train_examples(cfg.data, tokenizer, heldout)
-    log.info("corpus: %d training sequences, %d held-out prompts", len(examples), len(heldout))
+    limit = getattr(policy.config, "max_position_embeddings", None)
+    if cfg.data.files and limit is not None and cfg.data.max_seq_len > limit:
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is over the model's {limit} positions")
+    log.info("corpus: %d training sequences, %d held-out", len(data.train), len(data.heldout))
+    (run_dir / "data.json").write_text(json.dumps(data.stats, indent=1))
+    sampler = Sampler(data.train, cfg.data.batching)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     start = 0
     recover(ckpt)
@@ -147,9 +151,7 @@ def train_loop(cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn,
     )
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        batch = collate(
-            sample_batch(examples, cfg.optim.batch_size, gen), pad_id(tokenizer), cfg.data.exclude_prompt
-        )
+        batch = collate(sampler(cfg.optim.batch_size, gen), pad_id(tokenizer), cfg.data.exclude_prompt)
         lr = cfg.optim.lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -172,7 +174,7 @@ def train_loop(cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn,
             append_jsonl(metrics_path, rec)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.optim.steps:
-            append_jsonl(run_dir / "eval.jsonl", {"step": done, **evaluate(cfg, policy, tokenizer, heldout)})
+            append_jsonl(run_dir / "eval.jsonl", {"step": done, **evaluate(cfg, policy, tokenizer, data)})
             policy.train()
         if done in cfg.snapshot_steps:
             policy.save_pretrained(run_dir / f"step-{done}", tokenizer)
@@ -180,22 +182,31 @@ def train_loop(cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn,
             save_checkpoint(ckpt, policy, tokenizer, {"optimizer": opt.state_dict(), "step": done})
     bar.close()
     policy.save_pretrained(run_dir / "final", tokenizer)
-    result = {"step": cfg.optim.steps, **evaluate(cfg, policy, tokenizer, heldout)}
+    result = {"step": cfg.optim.steps, **evaluate(cfg, policy, tokenizer, data)}
     append_jsonl(run_dir / "eval.jsonl", result)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def evaluate(cfg: RunConfig, policy: HybridPolicy, tokenizer, heldout) -> dict:
-    per_task: dict[str, int] = {}
-    subset = []
-    for s in heldout:  # first samples_per_task of each task
-        if per_task.get(s.task, 0) < cfg.eval.samples_per_task:
-            per_task[s.task] = per_task.get(s.task, 0) + 1
-            subset.append(s)
-    out = {"solve": solve_rate(policy.model, tokenizer, subset, cfg.eval)}  # plain AR mode, nothing banned
+def evaluate(cfg: RunConfig, policy: HybridPolicy, tokenizer, data: Corpus) -> dict:
+    """Held-out figures: the AR loss, the solve rate (built-in tasks, which have verifiers) and, for a converted
+    policy, the diffusion top-1 accuracy per draft slot."""
+    heldout = data.heldout
+    if data.heldout_tasks is not None:  # first samples_per_task of each task
+        per_task: dict[str, int] = {}
+        keep = []
+        for i, s in enumerate(data.heldout_tasks):
+            if per_task.get(s.task, 0) < cfg.eval.samples_per_task:
+                per_task[s.task] = per_task.get(s.task, 0) + 1
+                keep.append(i)
+        heldout = [data.heldout[i] for i in keep]
+    else:
+        heldout = heldout[: cfg.eval.max_sequences]
+    out: dict = {"heldout_ar_loss": heldout_loss(policy, tokenizer, heldout, cfg.data.exclude_prompt)}
+    if data.heldout_tasks is not None:  # plain AR mode, nothing banned
+        out["solve"] = solve_rate(policy.model, tokenizer, [data.heldout_tasks[i] for i in keep], cfg.eval)
     if policy.is_converted:
-        acc = diffusion_slot_accuracy(policy, tokenizer, subset)
+        acc = diffusion_slot_accuracy(policy, tokenizer, heldout)
         out["slot_accuracy"] = acc
         out["slot0_accuracy"] = acc[0]
         out["mean_draft_slot_accuracy"] = sum(acc[1:]) / max(1, len(acc) - 1)
@@ -233,7 +244,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             metrics["aux_loss"] = out.aux_loss.item()
         return loss, metrics
 
-    return train_loop(cfg, policy, tokenizer, loss_fn, resume)
+    return train_loop(cfg, policy, tokenizer, loss_fn, resume, load_corpus(cfg.data, tokenizer))
 
 
 def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
@@ -241,8 +252,6 @@ def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
     resuming = resume and (run_dir / "checkpoint").exists()
     src = run_dir / "checkpoint" if resuming else Path(cfg.init)
     if not cfg.init and not resuming:
-        from common.config import ConfigError
-
         raise ConfigError("init: convert needs an AR checkpoint directory (--set init=PATH)")
     require_checkpoint(src, "init")
     dump_config(cfg, run_dir / "config.yaml")
@@ -257,10 +266,17 @@ def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
         cfg.tidar.train_block_size,
     )
     bs = cfg.tidar.train_block_size
+    data = load_corpus(cfg.data, tokenizer)
+    if data.has_chat:  # generation stops where the template closes an assistant turn
+        stops = chat_stop_ids(tokenizer)
+        policy.model.generation_config.eos_token_id = list(
+            eos_ids(tokenizer, policy.model.generation_config) + stops
+        )
+        log.info("EOS ids: %s (chat template end-of-turn: %s)", policy.eos_ids(tokenizer), stops)
 
     def loss_fn(batch: Batch, gen: torch.Generator):
         shift = int(torch.randint(bs, (1,), generator=gen)) if cfg.tidar.random_shift else 0
         out = policy.tidar_loss(batch.input_ids, batch.loss_mask, batch.valid, cfg.tidar.alpha, bs, shift)
         return out.loss, out.metrics()
 
-    return train_loop(cfg, policy, tokenizer, loss_fn, resume)
+    return train_loop(cfg, policy, tokenizer, loss_fn, resume, data)

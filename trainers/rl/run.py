@@ -121,7 +121,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     r = cfg.rollout
     pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings())
     sampling = SamplingParams(
-        max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos_token_id=tok.eos_token_id
+        max_new_tokens=r.max_new_tokens, temperature=r.temperature
     )
     rollouts = StepRollouts(
         pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling
