@@ -69,5 +69,7 @@ def train_bpe_tokenizer(texts, vocab_size: int = 300, chat_template: str | None 
 def bpe_tokenizer():
     from envs.tasks import iter_samples
 
-    texts = [s.prompt + s.completion for t in ("chain_sum", "spell_backward") for s in iter_samples(t, 200, 5)]
+    texts = [
+        s.prompt + s.completion for t in ("chain_sum", "spell_backward") for s in iter_samples(t, 200, 5)
+    ]
     return train_bpe_tokenizer(texts)

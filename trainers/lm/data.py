@@ -301,4 +301,3 @@ class Sampler:
         lo = int(torch.randint(n - w + 1, (1,), generator=gen))
         idx = (lo + torch.randint(w, (batch_size,), generator=gen)).tolist()
         return [self.examples[self.order[i]] for i in idx]
-

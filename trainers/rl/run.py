@@ -120,9 +120,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     init_ray(run_dir, cfg.rollout.address, num_cpus=None)
     r = cfg.rollout
     pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings())
-    sampling = SamplingParams(
-        max_new_tokens=r.max_new_tokens, temperature=r.temperature
-    )
+    sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature)
     rollouts = StepRollouts(
         pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling
     )

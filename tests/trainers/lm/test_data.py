@@ -24,7 +24,10 @@ def rows(n: int):
         elif i % 3 == 1:
             out.append({"prompt": f"sum: {i} + 2\n", "completion": f"= {i + 2}"})
         else:
-            msgs = [{"role": "user", "content": f"sum: {i} + 3"}, {"role": "assistant", "content": f"{i + 3}"}]
+            msgs = [
+                {"role": "user", "content": f"sum: {i} + 3"},
+                {"role": "assistant", "content": f"{i + 3}"},
+            ]
             out.append({"messages": msgs, "id": i})
     return out
 
@@ -54,7 +57,9 @@ def test_three_row_shapes_train_on_the_right_tokens(tmp_path, bpe_tokenizer):
     assert e.ids[: sum(1 for y in e.target if not y)] == encode_prompt(tok, tok.decode(e.ids).split("=")[0])
     e = by_kind["messages"]
     assert targets(tok, e).endswith("<|im_end|>\n") and "sum" not in targets(tok, e)
-    prompt = encode_chat_prompt(tok, [{"role": "user", "content": tok.decode(e.ids).split("\n")[1].split("<")[0]}])
+    prompt = encode_chat_prompt(
+        tok, [{"role": "user", "content": tok.decode(e.ids).split("\n")[1].split("<")[0]}]
+    )
     assert e.ids[: len(prompt)] == prompt  # inference prompts are the prefix training saw
     assert all(by_kind["text"].target[1:]) and not by_kind["text"].target[0]
 
@@ -100,7 +105,9 @@ def test_bad_rows_error_with_file_and_row_or_are_skipped_and_counted(tmp_path, b
         {"prompt": "x" * 3000, "completion": "y"},
     ]
     f = write_jsonl(tmp_path / "d.jsonl", good[:6] + bad + good[6:])
-    with pytest.raises(RecordError, match=r"d.jsonl line 7: no 'text', 'prompt' \+ 'completion' or 'messages'"):
+    with pytest.raises(
+        RecordError, match=r"d.jsonl line 7: no 'text', 'prompt' \+ 'completion' or 'messages'"
+    ):
         load_corpus(cfg(files=[f], heldout_rows=2), bpe_tokenizer)
     data = load_corpus(cfg(files=[f], heldout_rows=2, on_bad_row="skip", max_seq_len=512), bpe_tokenizer)
     summary = data.stats["bad_rows"]
@@ -110,7 +117,7 @@ def test_bad_rows_error_with_file_and_row_or_are_skipped_and_counted(tmp_path, b
 
 
 def test_long_documents_are_cut_into_windows(tmp_path, bpe_tokenizer):
-    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "sum: 1 + 2 = 3. " * 200}] + rows(3))
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "sum: 1 + 2 = 3. " * 200}, *rows(3)])
     data = load_corpus(cfg(files=[f], heldout_rows=1, max_seq_len=64, format="auto"), bpe_tokenizer)
     lens = [len(e.ids) for e in data.train + data.heldout]
     assert max(lens) == 64 and sum(n == 64 for n in lens) >= 10
