@@ -1,8 +1,8 @@
 """Rows of a user's local data files: JSONL, JSON, Parquet, or a `datasets` directory written by `save_to_disk`.
 
 The one reader of user data, for conversion corpora (`trainers.lm.data`) and RL prompt files alike. Every row keeps
-where it came from (`Record.source`, `Record.row`: the 1-based line of a JSONL file, else the 0-based index), so any
-later failure can name the file and the row. A row that cannot be read at all (bad JSON, not an object) raises
+where it came from (`Record.where`: `<file>: line N` of a JSONL file, `record N` of a JSON array, `row N` of a table), so
+any later failure can name the file and the row. A row that cannot be read at all (bad JSON, not an object) raises
 `RecordError` at once; whether a readable but unusable row is an error or is skipped is the caller's policy
 (`BadRows`).
 """
@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from common.config import ConfigError
+
 FORMATS = ("jsonl", "json", "parquet", "datasets")
+UNIT = {"jsonl": "line", "json": "record", "parquet": "row", "datasets": "row"}  # how a location is named
 
 
-class RecordError(ValueError):
+class RecordError(ConfigError):
     """A data file or one of its rows is unusable; the message names the file and the row, `kind` the reason."""
 
     def __init__(self, message: str, kind: str = "unreadable"):
@@ -30,13 +33,13 @@ class RecordError(ValueError):
 @dataclass(frozen=True)
 class Record:
     source: str  # the file (or datasets directory) it came from
-    row: int  # JSONL: 1-based line number; otherwise 0-based row index
+    row: int  # 1-based: the line of a JSONL file, the position in a JSON array, the row of a table
     fields: dict[str, Any]
+    unit: str = "row"  # line | record | row
 
     @property
     def where(self) -> str:
-        unit = "line" if self.source.endswith(".jsonl") else "row"
-        return f"{self.source} {unit} {self.row}"
+        return f"{self.source}: {self.unit} {self.row}"
 
     def error(self, reason: str, kind: str = "bad_row") -> RecordError:
         return RecordError(f"{self.where}: {reason}", kind)
@@ -60,75 +63,83 @@ def file_format(path: Path) -> str:
 
 
 def read_records(path: str | Path, bad: BadRows | None = None) -> Iterator[Record]:
-    """Every row of one file, in file order. An unreadable row (bad JSON, not an object) raises `RecordError`, or,
-    under a `skip` policy, is counted in `bad` and passed over."""
+    """Every row of one file, in file order. An unreadable row (bad JSON or UTF-8, not an object) raises
+    `RecordError`, or, under a `skip` policy, is counted in `bad` and passed over. An unreadable file raises."""
     path = Path(path)
     if not path.exists():
         raise RecordError(f"{path}: no such data file")
     fmt = file_format(path)
-    src = str(path)
-    if fmt == "jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    obj = RecordError(
-                        f"{src} line {line_no}: not valid JSON ({e.msg} at column {e.colno})", "bad_json"
-                    )
-                rec = _record(src, line_no, obj, bad)
-                if rec is not None:
-                    yield rec
-        return
-    if fmt == "json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{src}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-        if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
-            obj = next(iter(obj.values()))  # {"data": [...]}
-        if not isinstance(obj, list):
-            raise RecordError(f"{src}: expected a JSON list of row objects (or {{'<split>': [...]}})")
-        rows = enumerate(obj)
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        rows = enumerate(pq.read_table(path).to_pylist())
-    else:
-        rows = enumerate(_load_from_disk(path))
-    for i, row in rows:
-        rec = _record(src, i, row, bad)
-        if rec is not None:
-            yield rec
-
-
-def _load_from_disk(path: Path):
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise RecordError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)})")
-        ds = ds["train"]
-    return ds
-
-
-def _record(src: str, row: int, obj: Any, bad: BadRows | None) -> Record | None:
-    unit = "line" if src.endswith(".jsonl") else "row"
-    if not isinstance(obj, dict):
+    unit = UNIT[fmt]
+    for n, obj in _rows(path, fmt):
+        if isinstance(obj, dict):
+            yield Record(str(path), n, obj, unit)
+            continue
         err = obj if isinstance(obj, RecordError) else None
         if err is None:
             err = RecordError(
-                f"{src} {unit} {row}: expected an object with named fields, got {type(obj).__name__}",
+                f"{path}: {unit} {n}: expected an object with named fields, got {type(obj).__name__}",
                 "not_object",
             )
         if bad is None or bad.policy == "error":
             raise err
-        bad.count(f"{err}", err.kind)
-        return None
-    return Record(src, row, obj)
+        bad.count(str(err), err.kind)
+
+
+def _rows(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
+    """(1-based position, the row's object, or the RecordError that says why it could not be read)."""
+    if fmt == "jsonl":
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield n, RecordError(f"{path}: line {n}: not UTF-8 ({e})", "bad_json")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield (
+                        n,
+                        RecordError(
+                            f"{path}: line {n}: not valid JSON ({e.msg} at column {e.colno})", "bad_json"
+                        ),
+                    )
+    elif fmt == "json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{path}: not UTF-8 ({e})") from None
+        except json.JSONDecodeError as e:
+            hint = "; for one JSON object a line, name the file .jsonl" if e.msg == "Extra data" else ""
+            raise RecordError(
+                f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}"
+            ) from None
+        if not isinstance(data, list):
+            raise RecordError(
+                f"{path}: a .json file must hold a JSON array of records, got a {type(data).__name__} "
+                "(for one JSON object a line, name the file .jsonl)"
+            )
+        yield from enumerate(data, 1)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise RecordError(f"{path}: not a readable Parquet file ({e})") from None
+        yield from enumerate(table.to_pylist(), 1)
+    else:
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise RecordError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)})")
+            ds = ds["train"]
+        yield from enumerate(ds, 1)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """HF `generate` on prompts in the training format: the baseline every benchmark and evaluation compares with.
 
-Prompts are encoded like every other path (`encode_prompt`: BOS when the tokenizer has one), left-padded, and
+Prompts are encoded like every other path (`encode_prompt`, in the checkpoint's prompt format), left-padded, and
 sampled at pure temperature (HF's default top_k=50 switched off) or greedily at T=0. Completions are cut after
 their first EOS (any of the model's EOS ids).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from policy.tokenizer import encode_prompt, eos_ids, pad_id
+from policy.tokenizer import PromptFormat, encode_prompt, eos_ids, pad_id
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -25,7 +25,14 @@ def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 @torch.inference_mode()
 def hf_generate(
-    model, tok, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, seed: int = 0
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int = 0,
+    prompt_format: PromptFormat = "text",
 ) -> list[list[int]]:
     """Completion ids (EOS included, nothing after) of `model.generate` for every prompt, `batch_size` at a time."""
     model.eval()
@@ -36,7 +43,7 @@ def hf_generate(
     eos = list(eos_ids(tok, model.generation_config)) or None
     outs: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
-        enc = left_pad([encode_prompt(tok, p) for p in prompts[i : i + batch_size]], pad)
+        enc = left_pad([encode_prompt(tok, p, prompt_format) for p in prompts[i : i + batch_size]], pad)
         enc = {k: v.to(device) for k, v in enc.items()}
         gen = model.generate(
             **enc,

@@ -84,6 +84,9 @@ class HybridPolicy(nn.Module):
         self.model = model
         self.mask_token_id = mask_token_id
         self.block_size = block_size
+        self.prompt_format = (
+            "text"  # how task prompts were encoded in training: "text" or "chat" (PromptFormat)
+        )
         if check:
             reason = refusal_reason(model.config)
             if reason is not None:
@@ -120,7 +123,9 @@ class HybridPolicy(nn.Module):
             attn_implementation,
         )
         meta = getattr(model.config, METADATA_KEY, None) or {}
-        return cls(model, meta.get("mask_token_id"), int(meta.get("block_size", 16)))
+        policy = cls(model, meta.get("mask_token_id"), int(meta.get("block_size", 16)))
+        policy.prompt_format = meta.get("prompt_format", "text")
+        return policy
 
     def convert(self, tokenizer: PreTrainedTokenizerBase | None = None, block_size: int | None = None) -> int:
         """Add the mask token (to the tokenizer when given) and resize the embeddings; returns its id.
@@ -149,14 +154,24 @@ class HybridPolicy(nn.Module):
         return eos_ids(tokenizer, self.model.generation_config)
 
     def _write_metadata(self) -> None:
-        meta = {"format": METADATA_FORMAT, "mask_token_id": self.mask_token_id, "block_size": self.block_size}
+        meta = {
+            "format": METADATA_FORMAT,
+            "mask_token_id": self.mask_token_id,
+            "block_size": self.block_size,
+            "prompt_format": self.prompt_format,
+        }
         setattr(self.model.config, METADATA_KEY, meta)
+
+    def resolve_prompt_format(self, requested: str) -> str:
+        """A job's `prompt_format`: `auto` is the format this checkpoint was trained on (chat for a model converted
+        on chats), anything else is taken as asked."""
+        return self.prompt_format if requested == "auto" else requested
 
     def save_pretrained(
         self, path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> None:
         """Save as an HF directory (safetensors + config with blockrl metadata [+ tokenizer])."""
-        if self.is_converted:
+        if self.is_converted or self.prompt_format != "text":
             self._write_metadata()
         self.model.save_pretrained(path)
         if tokenizer is not None:
@@ -317,6 +332,12 @@ class HybridPolicy(nn.Module):
             else 0.0
         )
         return tidar_loss(out.ar_logits, out.diff_logits, input_ids, loss_mask, alpha, out.aux_loss, coef)
+
+
+def checkpoint_prompt_format(path: str | os.PathLike) -> str:
+    """The prompt format a checkpoint was trained on (`HybridPolicy.prompt_format`), read from its config alone."""
+    meta = getattr(AutoConfig.from_pretrained(path), METADATA_KEY, None) or {}
+    return meta.get("prompt_format", "text")
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -9,8 +9,10 @@ characters; unknown characters map to `<unk>`.
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
+from typing import Literal
 
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -41,14 +43,60 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
     return tok
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """A prompt's ids in the training format: the tokenizer's own encoding, `tokenizer(text)`, with the special
-    tokens it adds in front (a BOS where it adds one) and none it would append (an EOS ends a sequence, not a
-    prompt).
+PromptFormat = Literal["text", "raw", "chat"]
+PROMPT_FORMATS: tuple[str, ...] = ("text", "raw", "chat")
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, chat_template: str | None = CHATML
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, shaped like common open models: no BOS, EOS
+    `<|endoftext|>` (also the pad), a ChatML chat template whose assistant turns end with `<|im_end|>` (so a
+    converted model has two EOS ids)."""
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=specials[0],
+        pad_token=specials[0],
+        additional_special_tokens=specials[1:],
+        chat_template=chat_template,
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def encode_prompt(tokenizer, text: str, format: PromptFormat = "text") -> list[int]:
+    """A prompt's ids. `text` (the training format): the tokenizer's own encoding, `tokenizer(text)`, with the
+    special tokens it adds in front (a BOS where it adds one) and none it would append (an EOS ends a sequence, not
+    a prompt). `chat`: the text as one user turn through the chat template, up to the assistant's turn. `raw`: the
+    text's tokens alone, no special tokens (outside the training format where the tokenizer adds a BOS; benchmarks
+    measure what that costs).
 
     The one place prompts are encoded, for every job, worker and corpus (the format the drafter was trained on
     decides its acceptance). Conversion trains on this same encoding, so a converted checkpoint's `tokenizer(text)`
     is in distribution."""
+    if format == "chat":
+        return encode_chat_prompt(tokenizer, [{"role": "user", "content": text}])
+    if format == "raw":
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if format != "text":
+        raise ValueError(f"prompt format {format!r}: expected one of {PROMPT_FORMATS}")
     ids = tokenizer(text)["input_ids"]
     eos = tokenizer.eos_token_id
     if eos is not None and ids and ids[-1] == eos:

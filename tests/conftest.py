@@ -36,40 +36,13 @@ def make_policy(kind: str, attn: str = "sdpa", vocab_size: int = 37, block_size:
     return policy
 
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def train_bpe_tokenizer(texts, vocab_size: int = 300, chat_template: str | None = CHATML):
-    """A byte-level BPE tokenizer trained here: no BOS, EOS `<|endoftext|>`, pad = EOS, a ChatML template whose
-    turns end with `<|im_end|>` (a second stop id)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE(unk_token=None))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    core.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=specials[1:],
-        chat_template=chat_template,
-    )
-
-
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained here: no BOS, pad = EOS, a ChatML template (a second stop id)."""
     from envs.tasks import iter_samples
+    from policy.tokenizer import train_bpe_tokenizer
 
     texts = [
         s.prompt + s.completion for t in ("chain_sum", "spell_backward") for s in iter_samples(t, 200, 5)
     ]
-    return train_bpe_tokenizer(texts)
+    return train_bpe_tokenizer(texts, vocab_size=300)

@@ -131,10 +131,27 @@ def cmd_regress(args) -> int:
     return 1 if out.failed else 0
 
 
+def cmd_export_tasks(args) -> int:
+    """The built-in task corpus as a user data file (JSONL), e.g. chat-formatted for a model with a chat template."""
+    from common.metrics import append_jsonl
+    from trainers.lm.data import task_rows
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("")
+    rows = task_rows(args.tasks.split(","), args.per_task, args.shape, heldout=args.heldout, seed=args.seed)
+    for r in rows:
+        append_jsonl(out, r)
+    print(f"{len(rows)} {args.shape} rows -> {out}")
+    return 0
+
+
 def format_eval(result: dict, run_dir: str) -> str:
-    s = result["solve"]
-    tasks = ", ".join(f"{t} {v['rate']:.0%}" for t, v in s["per_task"].items())
-    line = f"solve@T={s['temperature']:g} {s['overall']['rate']:.1%} ({tasks})"
+    line = f"held-out AR loss {result['heldout_ar_loss']:.3f}"
+    if "solve" in result:
+        s = result["solve"]
+        tasks = ", ".join(f"{t} {v['rate']:.0%}" for t, v in s["per_task"].items())
+        line += f" | solve@T={s['temperature']:g} {s['overall']['rate']:.1%} ({tasks})"
     if "slot_accuracy" in result:
         acc = result["slot_accuracy"]
         line += (
@@ -158,6 +175,7 @@ class Command:
     preset: str | None = None
     flags: tuple[tuple[str, dict], ...] = ()
     takes_config: bool = True
+    set_help: str | None = None  # --set without --config: what it overrides
 
 
 # Every subcommand, in `blockrl --help` order: the one place a job is wired to the command line.
@@ -167,6 +185,7 @@ COMMANDS = (
         "GRPO on the shipped checkpoint: lossless rollouts on 2 Ray workers, before/after summary",
         cmd_demo,
         takes_config=False,
+        set_help="override a field of the GRPO config (configs/grpo_demo.yaml)",
         flags=(
             ("--run-dir", {"default": "runs/demo", "help": "where the demo writes its runs"}),
             ("--checkpoint", {"default": str(SHIPPED_CHECKPOINT), "help": "converted checkpoint to train"}),
@@ -186,6 +205,23 @@ COMMANDS = (
         cmd_bench,
         "bench",
         (JSON,),
+    ),
+    Command(
+        "export-tasks",
+        "write the built-in task corpus as a JSONL data file (text, prompt_completion or messages rows)",
+        cmd_export_tasks,
+        takes_config=False,
+        flags=(
+            ("--out", {"required": True, "help": "JSONL file to write"}),
+            ("--shape", {"default": "messages", "choices": ["text", "prompt_completion", "messages"]}),
+            ("--tasks", {"default": "spell_backward,letter_counting,chain_sum", "help": "comma-separated"}),
+            ("--per-task", {"type": int, "default": 1000, "help": "rows per task"}),
+            (
+                "--heldout",
+                {"action": "store_true", "help": "the held-out prompts instead of the training draw"},
+            ),
+            ("--seed", {"type": int, "default": 1234, "help": "corpus seed"}),
+        ),
     ),
     Command(
         "trl-bench",
@@ -229,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--config", default=c.preset, help=f"YAML file or preset in configs/ (default: {default})"
             )
             _add_set_arg(p, "override a config field, e.g. --set optim.lr=0.001 (repeatable)")
-        else:
-            _add_set_arg(p, "override a field of the GRPO config (configs/grpo_demo.yaml)")
+        elif c.set_help:
+            _add_set_arg(p, c.set_help)
         for flag, kwargs in c.flags:
             p.add_argument(flag, **kwargs)
         p.set_defaults(func=c.run)

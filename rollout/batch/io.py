@@ -4,8 +4,9 @@ Prompt sources, one `PromptRecord` per distinct prompt:
 - built-in tasks (`envs/tasks.py`, reasoning-gym's first samples at the job seed);
 - a registered gymnasium text env (`blockrl/chain_sum-v0`, multi-turn `blockrl/calc-chain_sum-v0`): prompt j is
   `env.reset(seed=env_seed(seed, j))`, a hash of (job seed, j);
-- a prompts file, validated record by record (errors name the file and the 1-based line / record / row):
-  `.jsonl` (one JSON object a line), `.json` (one JSON array of objects) or `.parquet` (one row each), fields
+- a prompts file read by `common.records`, validated record by record (errors name the file and the 1-based
+  line / record / row): `.jsonl` (one JSON object a line), `.json` (one JSON array of objects), `.parquet` (one row
+  each) or a `datasets` save_to_disk directory, fields
 
     prompt    string, required   the text the completion continues (BOS is prepended)
     task      string, optional   a label; a built-in task (envs/tasks.py) is scored by its reasoning-gym verifier
@@ -26,7 +27,6 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 import envs  # noqa: F401 (registers the blockrl/... env ids)
 from common.config import ConfigError
+from common.records import RecordError, read_records
 from envs.tasks import TASKS, TaskSample, iter_samples, score
 from rollout.batch.config import RolloutJobConfig
 from rollout.types import Trajectory
@@ -161,68 +162,27 @@ def _record(row, where: str) -> PromptRecord:
     return PromptRecord(prompt, task, entry)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[object, str]]:
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{path}: line {n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PromptFileError(f"{where}: not UTF-8 ({e})") from None
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line), where
-            except json.JSONDecodeError as e:
-                raise PromptFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
-def _json_rows(path: Path) -> Iterator[tuple[object, str]]:
-    """A .json file holds one JSON array of records; where = "record N" (1-based position in the array)."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise PromptFileError(f"{path}: not UTF-8 ({e})") from None
-    except json.JSONDecodeError as e:
-        hint = "; for one JSON object a line, name the file .jsonl" if e.msg == "Extra data" else ""
-        raise PromptFileError(
-            f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}"
-        ) from None
-    if not isinstance(data, list):
-        raise PromptFileError(
-            f"{path}: a .json prompts file must hold a JSON array of records, got a "
-            f"{type(data).__name__} (for one JSON object a line, name the file .jsonl)"
-        )
-    for n, row in enumerate(data, start=1):
-        yield row, f"{path}: record {n}"
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[object, str]]:
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise PromptFileError(f"{path}: not a readable Parquet file ({e})") from None
-    if "prompt" not in table.column_names:
-        raise PromptFileError(f"{path}: no 'prompt' column (columns: {table.column_names})")
-    for n, row in enumerate(table.to_pylist(), start=1):
-        yield row, f"{path}: row {n}"
-
-
-READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
-
-
 def read_prompts_file(path: str | Path, limit: int | None = None) -> list[PromptRecord]:
-    """Records of a .jsonl / .json / .parquet prompts file (the first `limit`); errors name the file and the row."""
+    """Records of a prompts file (the first `limit`), read by `common.records` (.jsonl, .json, .parquet or a
+    `datasets` directory); errors name the file and the row."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PromptFileError(f"prompts_file: {path} not found")
-    if path.suffix not in READERS:
-        raise PromptFileError(f"prompts_file: {path}: expected a .jsonl, .json or .parquet file")
+    if path.is_file() and path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowException, OSError) as e:
+            raise PromptFileError(f"{path}: not a readable Parquet file ({e})") from None
+        if "prompt" not in names:
+            raise PromptFileError(f"{path}: no 'prompt' column (columns: {names})")
     out = []
-    for row, where in READERS[path.suffix](path):
-        if limit is not None and len(out) == limit:
-            break
-        out.append(_record(row, where))
+    try:
+        for rec in read_records(path):
+            if limit is not None and len(out) == limit:
+                break
+            out.append(_record(rec.fields, rec.where))
+    except RecordError as e:
+        raise PromptFileError(str(e)) from None
     if not out:
         raise PromptFileError(f"prompts_file: {path} is empty (no prompt records)")
     if limit is not None and len(out) < limit:

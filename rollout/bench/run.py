@@ -19,6 +19,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -51,6 +52,9 @@ class SweepConfig(Section):
     """extra prompt padding (tokens of a neutral prefix) for ar vs lossless."""
     mix_weights: list[float] = Field(default_factory=list)
     """w values for logit_mix."""
+    prompt_formats: list[Literal["text", "raw", "chat"]] = Field(default_factory=lambda: ["raw"])
+    """other prompt encodings for ar vs lossless (raw: no special tokens), so the drafter's sensitivity to the
+    prompt format is measured, not discovered."""
 
 
 class BenchConfig(Section):
@@ -70,6 +74,8 @@ class BenchConfig(Section):
     """tasks the prompts come from."""
     seed: int = 7
     """prompt and sampling seed."""
+    prompt_format: Literal["auto", "text", "raw", "chat"] = "auto"
+    """prompt encoding: auto = the checkpoint's training format (text: tokenizer(text); chat: the chat template)."""
     max_new_tokens: int = Field(160, ge=1)
     """generation budget per prompt."""
     temperature: float = Field(1.0, ge=0.0)
@@ -110,6 +116,7 @@ class RunResult:
     projected_tokens_per_s: float | None = None
     choice: str = ""  # auto's pick
     sweep: str = ""  # which sweep a row belongs to ("" = default comparison)
+    prompt_format: str = ""  # how the prompts were encoded (text | raw | chat)
     _acc: AcceptanceStats | None = field(default=None, repr=False)  # observed acceptance (for the projection)
     _option: Option | None = field(default=None, repr=False)  # the concrete option that ran
     _lengths: list[int] = field(default_factory=list, repr=False)  # completion lengths of the last repeat
@@ -152,7 +159,8 @@ def bench_hf_generate(
     policy, tok, samples: list[TaskSample], B: int, cfg: BenchConfig, seed: int
 ) -> list[list[int]]:
     prompts = [s.prompt for s in samples]
-    return hf_generate(policy.model, tok, prompts, cfg.max_new_tokens, cfg.temperature, B, seed)
+    fmt = policy.resolve_prompt_format(cfg.prompt_format)
+    return hf_generate(policy.model, tok, prompts, cfg.max_new_tokens, cfg.temperature, B, seed, fmt)
 
 
 class Cell:
@@ -179,13 +187,15 @@ class Cell:
             sampler,
         )
         self.levels = tuple(levels)
-        self.prompts = [encode_prompt(tok, s.prompt) for s in samples]
+        fmt = policy.resolve_prompt_format(cfg.prompt_format)
+        self.prompts = [encode_prompt(tok, s.prompt, fmt) for s in samples]
         self.res = RunResult(
             B,
             sampler,
             list(levels) if sampler in ("lossless", "logit_mix") else [],
             block_size or (policy.block_size if sampler != "ar" else 0),
             mix_weight,
+            prompt_format=fmt,
         )
         self.engine = None
         if sampler != "hf":
@@ -371,6 +381,12 @@ def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult
         for sampler in ("ar", "lossless"):
             r, _ = run_cell(policy, tok, padded, B, cfg, sampler, levels=cfg.mix_levels)
             r.sweep = f"prompt_len+{extra}"
+            out.append(r)
+    for fmt in sw.prompt_formats:  # the same prompts, encoded another way
+        other = cfg.model_copy(update={"prompt_format": fmt})
+        for sampler in ("ar", "lossless"):
+            r, _ = run_cell(policy, tok, samples, B, other, sampler, levels=cfg.mix_levels)
+            r.sweep = f"prompt_format={fmt}"
             out.append(r)
     for name in dict.fromkeys(r.sweep for r in out):  # ratios within each sweep, against its own ar row
         finish_rows([r for r in out if r.sweep == name], None)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from common.config import Section
 from common.records import BadRows, Record, RecordError, read_records
+from envs import splits
 from envs.splits import CORPUS_SEED, corpus, corpus_heldout
 from envs.tasks import TaskName, TaskSample
 from policy.tokenizer import ChatFormatError, encode_chat, encode_chat_prompt, encode_prompt
@@ -50,8 +51,9 @@ class DataConfig(Section):
     """held-out files for evaluation; empty = hold out data.heldout_rows rows of data.files."""
     heldout_rows: int = Field(200, ge=1)
     """rows of data.files held out (a seeded draw) when no data.heldout_files are given."""
-    max_seq_len: int = Field(1024, ge=8)
-    """longest training sequence in tokens (text rows are cut into windows this long)."""
+    max_seq_len: int | None = Field(None, ge=8)
+    """longest training sequence in tokens (text rows are cut into windows this long); None = the model's
+    max_position_embeddings (at most 4096)."""
     on_bad_row: Literal["error", "skip"] = "error"
     """a row that cannot be used: stop with an error naming the file and row, or skip it and count it."""
     batching: Literal["random", "length_bucket"] = "length_bucket"
@@ -96,9 +98,17 @@ class Corpus:
 
 
 # ------------------------------------------------------------------------------------------- built-in task corpus
-def encode(tokenizer, sample: TaskSample) -> Example:
-    """`prompt completion [EOS]`, the prompt encoded exactly as every rollout encodes it (`encode_prompt`)."""
-    p = encode_prompt(tokenizer, sample.prompt)
+def encode(tokenizer, sample: TaskSample, prompt_format: str = "text") -> Example:
+    """`prompt completion [EOS]`, the prompt encoded exactly as every rollout encodes it (`encode_prompt`); in the
+    chat format, the task as one user turn and one assistant turn of the chat template."""
+    if prompt_format == "chat":
+        turns = [
+            {"role": "user", "content": sample.prompt},
+            {"role": "assistant", "content": sample.completion},
+        ]
+        ids, target = encode_chat(tokenizer, turns)
+        return Example(ids, target, sample.task)
+    p = encode_prompt(tokenizer, sample.prompt, prompt_format)
     c = [*_raw(tokenizer, sample.completion), *_eos(tokenizer)]
     return Example([*p, *c], [0] * len(p) + [1] * len(c), sample.task)
 
@@ -107,8 +117,9 @@ def heldout_samples(cfg: DataConfig) -> list[TaskSample]:
     return corpus_heldout(cfg.tasks, cfg.heldout_per_task, cfg.seed)
 
 
-def train_examples(cfg: DataConfig, tokenizer, heldout: list[TaskSample]) -> list[Example]:
-    return [encode(tokenizer, s) for s in corpus(cfg.tasks, cfg.train_per_task, heldout, cfg.seed)]
+def train_samples(cfg: DataConfig) -> list[TaskSample]:
+    """The built-in training draw: `train_per_task` samples per task minus the held-out prompts."""
+    return corpus(cfg.tasks, cfg.train_per_task, heldout_samples(cfg), cfg.seed)
 
 
 # ------------------------------------------------------------------------------------------------- user files
@@ -212,10 +223,12 @@ def encode_files(
 
 def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
     """The training and held-out sequences of `cfg`: the built-in task corpus, or the user's files."""
+    if cfg.max_seq_len is None:  # the training jobs resolve it against the model (train.data_config)
+        cfg = cfg.model_copy(update={"max_seq_len": 4096})
     if not cfg.files:
         heldout = heldout_samples(cfg)
         return Corpus(
-            train_examples(cfg, tokenizer, heldout),
+            [encode(tokenizer, s) for s in train_samples(cfg)],
             [encode(tokenizer, s) for s in heldout],
             heldout,
             {"source": "builtin", "tasks": list(cfg.tasks)},
@@ -249,6 +262,26 @@ def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
     if not corpus_.train or not corpus_.heldout:
         raise RecordError("data.files: no usable training or held-out rows (see the skipped-row summary)")
     return corpus_
+
+
+def corpus_texts(cfg: DataConfig) -> list[str]:
+    """The raw strings of the training data (a tokenizer is trained on them): task prompts and completions, or the
+    text / prompt / completion / message contents of the user's rows."""
+    if not cfg.files:
+        return [s.prompt + s.completion for s in train_samples(cfg)]
+    out: list[str] = []
+
+    def add(v):
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list):
+            out.extend(m["content"] for m in v if isinstance(m, dict) and isinstance(m.get("content"), str))
+
+    for path in cfg.files:
+        for rec in read_records(path, BadRows("skip")):
+            for key in ("text", "prompt", "completion", "messages"):
+                add(rec.fields.get(key))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- batches
@@ -301,3 +334,29 @@ class Sampler:
         lo = int(torch.randint(n - w + 1, (1,), generator=gen))
         idx = (lo + torch.randint(w, (batch_size,), generator=gen)).tolist()
         return [self.examples[self.order[i]] for i in idx]
+
+
+# ------------------------------------------------------------------------------- built-in tasks as user files
+def task_rows(
+    tasks: list[str], per_task: int, shape: RowFormat, heldout: bool = False, seed: int = CORPUS_SEED
+) -> list[dict]:
+    """The built-in corpus (or its held-out prompts) as rows of a user file: `text`, `prompt` + `completion`, or
+    `messages` (one user turn, one assistant turn). The training draw excludes the held-out prompts, as
+    `load_corpus` does; `blockrl export-tasks` writes these to JSONL."""
+    cfg = DataConfig(tasks=tasks, train_per_task=per_task, seed=seed)
+    if heldout:
+        samples = heldout_samples(cfg.model_copy(update={"heldout_per_task": per_task}))
+    else:  # draw past the excluded prompts (seeds are offsets into one stream), keep per_task per task
+        extra = cfg.heldout_per_task + splits.HELDOUT_SIZE
+        drawn = train_samples(cfg.model_copy(update={"train_per_task": per_task + extra}))
+        samples = [s for t in cfg.tasks for s in [x for x in drawn if x.task == t][:per_task]]
+
+    def row(s: TaskSample) -> dict:
+        if shape == "text":
+            return {"text": s.prompt + s.completion, "task": s.task}
+        if shape == "prompt_completion":
+            return {"prompt": s.prompt, "completion": s.completion, "task": s.task}
+        turns = [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}]
+        return {"messages": turns, "task": s.task}
+
+    return [row(s) for s in samples]

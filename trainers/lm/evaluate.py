@@ -55,17 +55,28 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-def generate_completions(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> list[str]:
+def generate_completions(
+    model, tokenizer, prompts: list[str], cfg: EvalConfig, prompt_format: str = "text"
+) -> list[str]:
     """AR completions via HF generate (training-format prompts, pure temperature sampling)."""
     outs = hf_generate(
-        model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, cfg.seed
+        model,
+        tokenizer,
+        prompts,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.batch_size,
+        cfg.seed,
+        prompt_format,
     )
     return tokenizer.batch_decode(outs, skip_special_tokens=True)
 
 
-def solve_rate(model, tokenizer, samples: list[TaskSample], cfg: EvalConfig) -> dict:
-    """{"overall": {...}, "per_task": {task: {"solved", "n", "rate", "ci95"}}}."""
-    completions = generate_completions(model, tokenizer, [s.prompt for s in samples], cfg)
+def solve_rate(
+    model, tokenizer, samples: list[TaskSample], cfg: EvalConfig, prompt_format: str = "text"
+) -> dict:
+    """{"overall": {...}, "per_task": {task: {"solved", "n", "rate", "ci95"}}}; prompts in `prompt_format`."""
+    completions = generate_completions(model, tokenizer, [s.prompt for s in samples], cfg, prompt_format)
     by_task: dict[str, list[int]] = defaultdict(list)
     for s, c in zip(samples, completions, strict=True):
         by_task[s.task].append(int(score(s, c) == 1.0))
@@ -162,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     policy = HybridPolicy.from_pretrained(args.checkpoint)
     tok = load_tokenizer(args.checkpoint)
     samples = heldout_samples(cfg.data)
-    out = {"checkpoint": args.checkpoint, "solve": solve_rate(policy.model, tok, samples, cfg.eval)}
+    solve = solve_rate(policy.model, tok, samples, cfg.eval, policy.prompt_format)
+    out = {"checkpoint": args.checkpoint, "prompt_format": policy.prompt_format, "solve": solve}
     if policy.is_converted:
-        acc = diffusion_slot_accuracy(policy, tok, samples)
+        encoded = [encode(tok, s, policy.prompt_format) for s in samples]
+        acc = diffusion_slot_accuracy(policy, tok, encoded)
         out |= {
             "slot_accuracy": acc,
             "slot0_accuracy": acc[0],

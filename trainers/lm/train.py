@@ -33,8 +33,15 @@ from common.metrics import append_jsonl, truncate_jsonl
 from policy.factory import ModelSpec, build_model, count_parameters, make_config
 from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.losses import ar_ce
-from policy.tokenizer import build_char_tokenizer, chat_stop_ids, eos_ids, pad_id
-from trainers.lm.data import Batch, Corpus, DataConfig, Sampler, collate, load_corpus
+from policy.tokenizer import (
+    CHATML,
+    build_char_tokenizer,
+    chat_stop_ids,
+    eos_ids,
+    pad_id,
+    train_bpe_tokenizer,
+)
+from trainers.lm.data import Batch, Corpus, DataConfig, Sampler, collate, corpus_texts, load_corpus
 from trainers.lm.evaluate import EvalConfig, diffusion_slot_accuracy, heldout_loss, solve_rate
 
 log = logging.getLogger(__name__)
@@ -87,10 +94,38 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
 
 
+class TokenizerConfig(Section):
+    """The tokenizer of a model trained from scratch."""
+
+    kind: Literal["char", "bpe", "pretrained"] = "char"
+    """char: the built-in character vocabulary; bpe: a byte-level BPE trained on the training data (no BOS, ChatML
+    template); pretrained: the tokenizer directory at tokenizer.path."""
+    vocab_size: int = Field(1024, ge=260)
+    """bpe: vocabulary size (256 byte tokens, 3 specials, merges)."""
+    path: str = ""
+    """pretrained: a tokenizer directory."""
+    chat_template: bool = True
+    """bpe: give the tokenizer the ChatML template (needed for messages rows)."""
+
+
 class PretrainConfig(RunConfig):
-    """`blockrl pretrain`: AR training of a fresh model on the task corpus."""
+    """`blockrl pretrain`: AR training of a fresh model on the task corpus or the user's data."""
 
     model: ModelSpec = ModelSpec()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+
+def build_tokenizer(cfg: PretrainConfig):
+    t = cfg.tokenizer
+    if t.kind == "char":
+        return build_char_tokenizer()
+    if t.kind == "pretrained":
+        if not t.path:
+            raise ConfigError("tokenizer.path: kind=pretrained needs a tokenizer directory")
+        return load_tokenizer(t.path)
+    texts = corpus_texts(cfg.data)
+    log.info("training a byte-level BPE tokenizer (vocab %d) on %d strings", t.vocab_size, len(texts))
+    return train_bpe_tokenizer(texts, t.vocab_size, CHATML if t.chat_template else None)
 
 
 class TidarConfig(Section):
@@ -127,9 +162,6 @@ def train_loop(
     """Shared loop: returns the final evaluation."""
     run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "checkpoint"
-    limit = getattr(policy.config, "max_position_embeddings", None)
-    if cfg.data.files and limit is not None and cfg.data.max_seq_len > limit:
-        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is over the model's {limit} positions")
     log.info("corpus: %d training sequences, %d held-out", len(data.train), len(data.heldout))
     (run_dir / "data.json").write_text(json.dumps(data.stats, indent=1))
     sampler = Sampler(data.train, cfg.data.batching)
@@ -204,7 +236,8 @@ def evaluate(cfg: RunConfig, policy: HybridPolicy, tokenizer, data: Corpus) -> d
         heldout = heldout[: cfg.eval.max_sequences]
     out: dict = {"heldout_ar_loss": heldout_loss(policy, tokenizer, heldout, cfg.data.exclude_prompt)}
     if data.heldout_tasks is not None:  # plain AR mode, nothing banned
-        out["solve"] = solve_rate(policy.model, tokenizer, [data.heldout_tasks[i] for i in keep], cfg.eval)
+        tasks = [data.heldout_tasks[i] for i in keep]
+        out["solve"] = solve_rate(policy.model, tokenizer, tasks, cfg.eval, policy.prompt_format)
     if policy.is_converted:
         acc = diffusion_slot_accuracy(policy, tokenizer, heldout)
         out["slot_accuracy"] = acc
@@ -213,14 +246,38 @@ def evaluate(cfg: RunConfig, policy: HybridPolicy, tokenizer, data: Corpus) -> d
     return out
 
 
+def data_config(cfg: DataConfig, policy: HybridPolicy) -> DataConfig:
+    """`cfg` with `max_seq_len` resolved against the model's positions (and refused where it is over them)."""
+    limit = getattr(policy.config, "max_position_embeddings", None)
+    if cfg.max_seq_len is None:
+        return cfg.model_copy(update={"max_seq_len": min(limit or 4096, 4096)})
+    if limit is not None and cfg.max_seq_len > limit:
+        raise ConfigError(f"data.max_seq_len={cfg.max_seq_len} is over the model's {limit} positions")
+    return cfg
+
+
+def adopt_chat_format(policy: HybridPolicy, tokenizer, data: Corpus) -> None:
+    """A model trained on chats takes task prompts through its chat template (`prompt_format: chat` in its
+    metadata, the `auto` of every job) and stops where the template closes an assistant turn: that token joins the
+    EOS ids of its generation config (HF generate and every engine read them)."""
+    if not data.has_chat:
+        return
+    policy.prompt_format = "chat"  # task prompts reach this model through its chat template
+    stops = chat_stop_ids(tokenizer)
+    gen = policy.model.generation_config
+    gen.eos_token_id = list(dict.fromkeys(eos_ids(tokenizer, gen) + stops))
+    log.info("EOS ids: %s (chat template end-of-turn: %s)", policy.eos_ids(tokenizer), stops)
+
+
 # ---------------------------------------------------------------------------------------------------- entry points
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     run_dir = Path(cfg.run_dir)
     dump_config(cfg, run_dir / "config.yaml")
-    tokenizer = build_char_tokenizer()
     if resume and (run_dir / "checkpoint").exists():
+        tokenizer = load_tokenizer(run_dir / "checkpoint")
         policy = HybridPolicy.from_pretrained(run_dir / "checkpoint")
     else:
+        tokenizer = build_tokenizer(cfg)
         hf_cfg = make_config(
             cfg.model,
             len(tokenizer),
@@ -244,7 +301,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             metrics["aux_loss"] = out.aux_loss.item()
         return loss, metrics
 
-    return train_loop(cfg, policy, tokenizer, loss_fn, resume, load_corpus(cfg.data, tokenizer))
+    data = load_corpus(data_config(cfg.data, policy), tokenizer)
+    adopt_chat_format(policy, tokenizer, data)
+    return train_loop(cfg, policy, tokenizer, loss_fn, resume, data)
 
 
 def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
@@ -266,13 +325,8 @@ def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
         cfg.tidar.train_block_size,
     )
     bs = cfg.tidar.train_block_size
-    data = load_corpus(cfg.data, tokenizer)
-    if data.has_chat:  # generation stops where the template closes an assistant turn
-        stops = chat_stop_ids(tokenizer)
-        policy.model.generation_config.eos_token_id = list(
-            eos_ids(tokenizer, policy.model.generation_config) + stops
-        )
-        log.info("EOS ids: %s (chat template end-of-turn: %s)", policy.eos_ids(tokenizer), stops)
+    data = load_corpus(data_config(cfg.data, policy), tokenizer)
+    adopt_chat_format(policy, tokenizer, data)
 
     def loss_fn(batch: Batch, gen: torch.Generator):
         shift = int(torch.randint(bs, (1,), generator=gen)) if cfg.tidar.random_shift else 0

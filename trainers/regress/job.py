@@ -74,6 +74,9 @@ class SamplerSpec(Section):
     """proposal levels per pass (ignored by ar and auto)."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """w of logit_mix."""
+    prompt_format: Literal["auto", "text", "raw", "chat"] = "auto"
+    """prompt encoding: auto = the checkpoint's training format; a `raw` row (no special tokens) measures, and gates,
+    the drafter's sensitivity to the prompt format."""
 
     def engine_settings(self, max_batch: int) -> EngineSettings:
         return EngineSettings(
@@ -336,11 +339,17 @@ def summarize(
 def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple[dict, list[dict]]:
     """{name: SamplerMetrics} and one completion record per (sampler, sample)."""
     n = cfg.samples_per_prompt
-    prompt_ids = [encode_prompt(tok, s.prompt) for s in samples]
-    ids = [p for p in prompt_ids for _ in range(n)]  # sample j of prompt i has index i * n + j
+
+    def sample_ids(spec: SamplerSpec) -> list[list[int]]:  # sample j of prompt i has index i * n + j
+        fmt = policy.resolve_prompt_format(spec.prompt_format)
+        return [encode_prompt(tok, s.prompt, fmt) for s in samples for _ in range(n)]
+
+    ids = {s.name: sample_ids(s) for s in cfg.samplers}
     engines = {s.name: build_engine(policy, s.engine_settings(cfg.max_batch), tok) for s in cfg.samplers}
-    for eng in engines.values():  # untimed warm-up (auto calibrates its cost model here)
-        eng.generate(ids[: cfg.max_batch], max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed)
+    for name, eng in engines.items():  # untimed warm-up (auto calibrates its cost model here)
+        eng.generate(
+            ids[name][: cfg.max_batch], max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed
+        )
     first: dict[str, list[Trajectory]] = {}
     tps: dict[str, list[float]] = {s.name: [] for s in cfg.samplers}
     bar = tqdm(total=cfg.repeats * len(cfg.samplers), desc="regress", unit="pass")
@@ -349,7 +358,7 @@ def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple
         for spec in order:
             t0 = time.perf_counter()
             trajs = engines[spec.name].generate(
-                ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed
+                ids[spec.name], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed
             )
             dt = time.perf_counter() - t0
             tps[spec.name].append(sum(t.num_tokens for t in trajs) / dt)

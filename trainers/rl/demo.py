@@ -29,7 +29,7 @@ def heldout_solve_and_speed(
     torch.set_num_threads(2)
     policy = HybridPolicy.from_pretrained(checkpoint).eval()
     samples = splits.rl_heldout(tasks, per_task, exclude=splits.rl_train_prompts(tasks, seed))
-    prompts = [encode_prompt(tok, s.prompt) for s in samples]
+    prompts = [encode_prompt(tok, s.prompt, policy.prompt_format) for s in samples]
     out = {}
     for sampler in ("lossless", "ar"):
         eng = BlockEngine(policy, sampler=sampler, levels=[0, 4, 8], max_batch=batch, tokenizer=tok)

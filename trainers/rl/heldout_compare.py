@@ -25,7 +25,7 @@ from trainers.lm.evaluate import wilson
 def solve_rates(checkpoint: str, tok, samples, seeds: list[int]) -> dict:
     policy = HybridPolicy.from_pretrained(checkpoint).eval()
     engine = BlockEngine(policy, sampler="lossless", levels=[0, 4, 8], max_batch=32, tokenizer=tok)
-    prompts = [encode_prompt(tok, s.prompt) for s in samples]
+    prompts = [encode_prompt(tok, s.prompt, policy.prompt_format) for s in samples]
     solved = []  # (task, ok) per sample
     for seed in seeds:
         trajs = engine.generate(prompts, max_new_tokens=160, temperature=1.0, seed=seed)

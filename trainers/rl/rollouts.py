@@ -49,8 +49,10 @@ class StepRollouts:
         prompts_per_step: int,
         group_size: int,
         sampling: SamplingParams,
+        prompt_format: str = "text",
     ):
         self.pool, self.tok, self.tasks, self.env = pool, tok, tasks, env
+        self.prompt_format = prompt_format
         self.seed, self.prompts_per_step, self.group_size = seed, prompts_per_step, group_size
         self.sampling = sampling
         self.env_task = gym.make(env).unwrapped.task if env else None
@@ -86,7 +88,7 @@ class StepRollouts:
                 time.time() - t0,
             )
         samples = self.step_prompts(step)
-        prompt_ids = [encode_prompt(self.tok, s.prompt) for s in samples]
+        prompt_ids = [encode_prompt(self.tok, s.prompt, self.prompt_format) for s in samples]
         trajs = self.pool.collect(prompt_ids, self.group_size, sampling)
         texts = self.tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
         rewards = [score(samples[i // self.group_size], text) for i, text in enumerate(texts)]
@@ -100,12 +102,12 @@ class StepRollouts:
 
 
 def heldout_eval(
-    pool: RolloutPool, tok, samples: list[TaskSample], sampling: SamplingParams
+    pool: RolloutPool, tok, samples: list[TaskSample], sampling: SamplingParams, prompt_format: str = "text"
 ) -> dict[str, float]:
     """Held-out solve rate on `samples`, one sample per prompt with the workers' sampler: exact AR samples when it is
     lossless or ar."""
     tasks = list(dict.fromkeys(s.task for s in samples))
-    prompt_ids = [encode_prompt(tok, s.prompt) for s in samples]
+    prompt_ids = [encode_prompt(tok, s.prompt, prompt_format) for s in samples]
     trajs = pool.collect(prompt_ids, 1, dataclasses.replace(sampling, seed=splits.HELDOUT_SAMPLING_SEED))
     texts = tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
     solved = [score(s, text) >= 1.0 for s, text in zip(samples, texts, strict=True)]

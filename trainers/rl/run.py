@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from common.checkpoint import load_trainer_state, recover, save_checkpoint
-from common.config import Section, ShippedPath, dump_config
+from common.config import ConfigError, Section, ShippedPath, dump_config
 from common.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink
 from envs import splits
 from envs.tasks import TaskName
@@ -72,6 +72,8 @@ class TrainConfig(Section):
     """steps between atomic checkpoints."""
     env: str | None = None
     """multi-turn gymnasium env id (e.g. blockrl/calc-chain_sum-v0) instead of single-turn `tasks` prompts."""
+    prompt_format: Literal["auto", "text", "raw", "chat"] = "auto"
+    """task prompt encoding: auto = the checkpoint's training format (chat for a model converted on chats)."""
     async_rollouts: bool = False
     """one step off-policy: step t+1's rollouts (weights of step t-1) overlap learner step t; truncated IS."""
     eval_every: int = Field(0, ge=0)
@@ -121,8 +123,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     r = cfg.rollout
     pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings())
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature)
+    fmt = policy.resolve_prompt_format(cfg.prompt_format)
+    if cfg.env and fmt == "chat":
+        raise ConfigError(f"prompt_format: env {cfg.env} feeds text turns; chat-format prompts need `tasks`")
     rollouts = StepRollouts(
-        pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling
+        pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling, fmt
     )
     K = policy.block_size if r.sampler != "ar" else 0
     heldout = splits.rl_heldout(cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, rollouts.train_prompts)
@@ -130,7 +135,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     try:
         if cfg.eval_every and start == 0:
             _publish(pool, policy, learner.version)
-            sink.log(0, heldout_eval(pool, tok, heldout, sampling))
+            sink.log(0, heldout_eval(pool, tok, heldout, sampling, fmt))
         for step in range(start, cfg.steps):
             t0 = time.time()
             if pending is None:  # on-policy: the rollouts use the weights of the last learner step
@@ -157,7 +162,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                 if pending is not None:
                     pending.result()  # workers are busy with step+1; evaluate after (they hold older weights)
                 _publish(pool, policy, learner.version)
-                metrics |= heldout_eval(pool, tok, heldout, sampling)
+                metrics |= heldout_eval(pool, tok, heldout, sampling, fmt)
             metrics = _finite(metrics, step)
             sink.log(step + 1, metrics)
             history.append({"step": step + 1, **metrics})

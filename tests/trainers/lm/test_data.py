@@ -106,14 +106,14 @@ def test_bad_rows_error_with_file_and_row_or_are_skipped_and_counted(tmp_path, b
     ]
     f = write_jsonl(tmp_path / "d.jsonl", good[:6] + bad + good[6:])
     with pytest.raises(
-        RecordError, match=r"d.jsonl line 7: no 'text', 'prompt' \+ 'completion' or 'messages'"
+        RecordError, match=r"d.jsonl: line 7: no 'text', 'prompt' \+ 'completion' or 'messages'"
     ):
         load_corpus(cfg(files=[f], heldout_rows=2), bpe_tokenizer)
     data = load_corpus(cfg(files=[f], heldout_rows=2, on_bad_row="skip", max_seq_len=512), bpe_tokenizer)
     summary = data.stats["bad_rows"]
     assert summary["skipped"] == 4 and len(data.train) + len(data.heldout) == 12
     assert summary["by_reason"] == {"unknown_shape": 1, "bad_field": 1, "chat_template": 1, "too_long": 1}
-    assert "d.jsonl line 10" in summary["first"][3] and "over data.max_seq_len=512" in summary["first"][3]
+    assert "d.jsonl: line 10" in summary["first"][3] and "over data.max_seq_len=512" in summary["first"][3]
 
 
 def test_long_documents_are_cut_into_windows(tmp_path, bpe_tokenizer):
