@@ -228,9 +228,7 @@ def test_empty_and_non_array_json_files_say_so(tmp_path, local):
                 run_job(config(tmp_path / f"e{k}", prompts_file=str(path), num_prompts=n), backend=local)
     obj = tmp_path / "obj.json"
     obj.write_text(GOOD)
-    with pytest.raises(
-        PromptFileError, match=f"{obj}: a .json file must hold a JSON array.*got a dict"
-    ):
+    with pytest.raises(PromptFileError, match=f"{obj}: a .json file must hold a JSON array.*got a dict"):
         run_job(config(tmp_path / "o5", prompts_file=str(obj), num_prompts=None), backend=local)
     lines = write_jsonl(tmp_path / "lines.json", [GOOD, GOOD])
     with pytest.raises(PromptFileError, match=f"{lines}: line 2: not valid JSON.*name the file .jsonl"):
