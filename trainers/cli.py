@@ -40,7 +40,8 @@ def cmd_pretrain(args) -> int:
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     result = pretrain(cfg, resume=args.resume)
-    print(format_eval(result, cfg.run_dir))
+    if line := format_eval(result, cfg.run_dir):
+        print(line)
     return 0
 
 
@@ -49,7 +50,8 @@ def cmd_convert(args) -> int:
 
     cfg = load_config(ConvertConfig, args.config, args.overrides)
     result = convert(cfg, resume=args.resume)
-    print(format_eval(result, cfg.run_dir))
+    if line := format_eval(result, cfg.run_dir):
+        print(line)
     return 0
 
 
@@ -147,6 +149,10 @@ def cmd_export_tasks(args) -> int:
 
 
 def format_eval(result: dict, run_dir: str) -> str:
+    if not result:  # a non-zero rank of a data-parallel run
+        return ""
+    if result.get("stopped"):
+        return f"stopped after step {result['step']} (stop_after) | {run_dir}"
     line = f"held-out AR loss {result['heldout_ar_loss']:.3f}"
     if "solve" in result:
         s = result["solve"]

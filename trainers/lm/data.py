@@ -295,6 +295,14 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.valid.sum())
 
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), self.valid.to(device), self.loss_mask.to(device))
+
+
+def num_targets(e: Example, exclude_prompt: bool = True) -> int:
+    """Target tokens `collate` gives this example (the token-mean denominators of the losses)."""
+    return sum(e.target[1:]) if exclude_prompt else len(e.ids) - 1
+
 
 def collate(examples: list[Example], pad_id: int, exclude_prompt: bool = True) -> Batch:
     """Right-padded batch; targets are the examples' own (`exclude_prompt=False`: every token after the first)."""

@@ -102,7 +102,10 @@ def heldout_loss(
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id(tokenizer), exclude_prompt)
-        logits = policy.model(input_ids=batch.input_ids, attention_mask=batch.valid).logits
+        dev = next(policy.parameters()).device
+        logits = policy.model(
+            input_ids=batch.input_ids.to(dev), attention_mask=batch.valid.to(dev)
+        ).logits.cpu()
         n = int(batch.loss_mask[:, 1:].sum())
         total += float(ar_ce(logits, batch.input_ids, batch.loss_mask)) * n
         count += n
@@ -127,8 +130,11 @@ def diffusion_slot_accuracy(
         S = batch.input_ids.shape[1]
         pos = torch.arange(S)[None]
         for shift in range(n):
-            out = policy.tidar_forward(batch.input_ids, batch.valid, block_size=n, shift=shift)
-            correct = out.diff_logits.argmax(-1) == batch.input_ids  # [B, S]
+            dev = next(policy.parameters()).device
+            out = policy.tidar_forward(
+                batch.input_ids.to(dev), batch.valid.to(dev), block_size=n, shift=shift
+            )
+            correct = out.diff_logits.argmax(-1).cpu() == batch.input_ids  # [B, S]
             blk = (torch.arange(S) + shift) // n
             start = (blk * n - shift).clamp(min=0)
             slot = pos - start[None]  # [1, S]

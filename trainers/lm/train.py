@@ -41,7 +41,17 @@ from policy.tokenizer import (
     pad_id,
     train_bpe_tokenizer,
 )
-from trainers.lm.data import Batch, Corpus, DataConfig, Sampler, collate, corpus_texts, load_corpus
+from trainers.lm.data import (
+    Batch,
+    Corpus,
+    DataConfig,
+    Sampler,
+    collate,
+    corpus_texts,
+    load_corpus,
+    num_targets,
+)
+from trainers.lm.distributed import DistContext, LossModule
 from trainers.lm.evaluate import EvalConfig, diffusion_slot_accuracy, heldout_loss, solve_rate
 
 log = logging.getLogger(__name__)
@@ -64,6 +74,8 @@ class OptimConfig(Section):
     """AdamW weight decay."""
     grad_clip: float = Field(1.0, gt=0.0)
     """global grad-norm clip."""
+    grad_accum: int = Field(1, ge=1)
+    """micro-batches per step and rank (batch_size is the global batch: world size x grad_accum x micro)."""
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -87,6 +99,15 @@ class RunConfig(Section):
     """steps between JSONL loss records."""
     checkpoint_every: int = Field(250, ge=1)
     """steps between atomic checkpoints."""
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when CUDA is there, else cpu), cpu or cuda[:n]."""
+    autocast: Literal["none", "bfloat16"] = "none"
+    """bf16 autocast of the forward (weights and optimizer stay fp32; losses in fp32)."""
+    stop_after: int | None = Field(None, ge=1)
+    """stop (after checkpointing) once this step is done, keeping the schedule of optim.steps; resume later,
+    e.g. under another world size."""
+    activation_checkpointing: bool = False
+    """recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)."""
     snapshot_steps: list[int] = Field(default_factory=list)
     """steps after which the model is also kept as <run_dir>/step-N (an HF directory), e.g. to convert from."""
     data: DataConfig = DataConfig()
@@ -159,64 +180,113 @@ LossFn = Callable[[Batch, torch.Generator], tuple[torch.Tensor, dict[str, float]
 def train_loop(
     cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn, resume: bool, data: Corpus
 ) -> dict:
-    """Shared loop: returns the final evaluation."""
+    """Shared loop (data-parallel under torchrun, see trainers/lm/distributed.py): returns the final evaluation
+    (on rank 0; other ranks return {})."""
+    ctx = DistContext.from_env(cfg.device)
+    micro, rem = divmod(cfg.optim.batch_size, ctx.world * cfg.optim.grad_accum)
+    if rem or not micro:
+        raise ConfigError(
+            f"optim.batch_size={cfg.optim.batch_size} must be a multiple of world size {ctx.world} x "
+            f"optim.grad_accum={cfg.optim.grad_accum}"
+        )
     run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "checkpoint"
-    log.info("corpus: %d training sequences, %d held-out", len(data.train), len(data.heldout))
-    (run_dir / "data.json").write_text(json.dumps(data.stats, indent=1))
+    if ctx.is_main:
+        log.info("corpus: %d training sequences, %d held-out", len(data.train), len(data.heldout))
+        (run_dir / "data.json").write_text(json.dumps(data.stats, indent=1))
     sampler = Sampler(data.train, cfg.data.batching)
+    policy.to(ctx.device)
+    if cfg.activation_checkpointing:
+        policy.model.activation_checkpointing_enable({"use_reentrant": False})
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     start = 0
-    recover(ckpt)
+    if ctx.is_main:
+        recover(ckpt)
+    ctx.barrier()
     if resume and ckpt.exists():
         state = load_trainer_state(ckpt)
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-        log.info("resumed from %s at step %d", ckpt, start)
+        log.info("resumed from %s at step %d (world size %d)", ckpt, start, ctx.world)
     metrics_path = run_dir / "metrics.jsonl"
-    truncate_jsonl(metrics_path, start)
+    if ctx.is_main:
+        truncate_jsonl(metrics_path, start)
+    model = ctx.wrap(LossModule(policy, loss_fn), find_unused=bool(policy.moe))
+    autocast = torch.autocast(ctx.device.type, torch.bfloat16, enabled=cfg.autocast == "bfloat16")
 
     policy.train()
     t0, tokens = time.time(), 0
     bar = tqdm(
-        range(start, cfg.optim.steps), initial=start, total=cfg.optim.steps, desc=run_dir.name, unit="step"
+        range(start, cfg.optim.steps),
+        initial=start,
+        total=cfg.optim.steps,
+        desc=run_dir.name,
+        unit="step",
+        disable=not ctx.is_main,
     )
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        batch = collate(sampler(cfg.optim.batch_size, gen), pad_id(tokenizer), cfg.data.exclude_prompt)
+        examples = sampler(cfg.optim.batch_size, gen)  # the global batch, the same on every rank
+        loss_rng = gen.get_state()  # the step's block shift: the same for every rank and micro-batch
+        n_global = sum(num_targets(e, cfg.data.exclude_prompt) for e in examples)
         lr = cfg.optim.lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, metrics = loss_fn(batch, gen)
-        loss.backward()
+        local = ctx.shard(examples)
+        sums: dict[str, float] = {}
+        for i in range(cfg.optim.grad_accum):
+            chunk = local[i * micro : (i + 1) * micro]
+            batch = collate(chunk, pad_id(tokenizer), cfg.data.exclude_prompt).to(ctx.device)
+            n = int(batch.loss_mask[:, 1:].sum())
+            g = torch.Generator()
+            g.set_state(loss_rng)
+            with ctx.no_sync(model, last=i == cfg.optim.grad_accum - 1), autocast:
+                loss, metrics = model(batch, g)
+                (loss * (n * ctx.world / max(1, n_global))).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            tokens += batch.num_tokens
+        metrics = {k: ctx.sum(v) / max(1, n_global) for k, v in sums.items()}  # global token means
         gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += batch.num_tokens
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.optim.steps:
+        if ctx.is_main and (done % cfg.log_every == 0 or done == cfg.optim.steps):
+            elapsed = time.time() - t0
             rec = {
                 "step": done,
                 **metrics,
                 "grad_norm": float(gnorm),
                 "lr": lr,
-                "tokens_per_s": tokens / (time.time() - t0),
-                "elapsed_s": time.time() - t0,
+                "tokens_per_s": tokens * ctx.world / elapsed,
+                "elapsed_s": elapsed,
+                "world_size": ctx.world,
             }
             append_jsonl(metrics_path, rec)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.optim.steps:
-            append_jsonl(run_dir / "eval.jsonl", {"step": done, **evaluate(cfg, policy, tokenizer, data)})
-            policy.train()
-        if done in cfg.snapshot_steps:
-            policy.save_pretrained(run_dir / f"step-{done}", tokenizer)
-        if done % cfg.checkpoint_every == 0 or done == cfg.optim.steps:
-            save_checkpoint(ckpt, policy, tokenizer, {"optimizer": opt.state_dict(), "step": done})
+        if ctx.is_main:
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.optim.steps:
+                append_jsonl(run_dir / "eval.jsonl", {"step": done, **evaluate(cfg, policy, tokenizer, data)})
+                policy.train()
+            if done in cfg.snapshot_steps:
+                policy.save_pretrained(run_dir / f"step-{done}", tokenizer)
+            if done % cfg.checkpoint_every == 0 or done in (cfg.optim.steps, cfg.stop_after):
+                save_checkpoint(ckpt, policy, tokenizer, {"optimizer": opt.state_dict(), "step": done})
+        ctx.barrier()
+        if done == cfg.stop_after and done < cfg.optim.steps:
+            bar.close()
+            log.info("stopped after step %d of %d (resume with --resume)", done, cfg.optim.steps)
+            ctx.close()
+            return {"step": done, "stopped": True}
     bar.close()
-    policy.save_pretrained(run_dir / "final", tokenizer)
-    result = {"step": cfg.optim.steps, **evaluate(cfg, policy, tokenizer, data)}
-    append_jsonl(run_dir / "eval.jsonl", result)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    result: dict = {}
+    if ctx.is_main:
+        policy.save_pretrained(run_dir / "final", tokenizer)
+        result = {"step": cfg.optim.steps, **evaluate(cfg, policy, tokenizer, data)}
+        append_jsonl(run_dir / "eval.jsonl", result)
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    ctx.barrier()
+    ctx.close()
     return result
 
 
