@@ -67,6 +67,6 @@ def save_checkpoint(dest: Path, policy, tokenizer, state: dict[str, Any]) -> Non
 
 
 def load_trainer_state(dest: Path) -> dict[str, Any]:
-    state = torch.load(Path(dest) / STATE_FILE, weights_only=False)
+    state = torch.load(Path(dest) / STATE_FILE, weights_only=False, map_location="cpu")  # any device resumes
     set_rng_state(state.pop("rng"))
     return state

@@ -47,7 +47,7 @@ class Record:
 
 def file_format(path: Path) -> str:
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
             return "datasets"
         raise RecordError(f"{path}: a directory, but not one written by datasets' save_to_disk")
     suffix = path.suffix.lower()

@@ -341,6 +341,17 @@ def checkpoint_prompt_format(path: str | os.PathLike) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """A checkpoint's tokenizer, left-padding. A blockrl checkpoint written before prompt formats were recorded was
+    trained with its BOS first (the old encoder prepended it): its tokenizer is made to add it, so that
+    `tokenizer(text)` stays its training format."""
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
+    if (Path(path) / "config.json").is_file() and tok.bos_token_id is not None:
+        meta = getattr(AutoConfig.from_pretrained(path), METADATA_KEY, None)
+        if (
+            meta is not None
+            and "prompt_format" not in meta
+            and tok("a")["input_ids"][:1] != [tok.bos_token_id]
+        ):
+            tok.add_bos_token = True
     return tok

@@ -156,6 +156,8 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
         spans.append((len(before), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     target = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
+    if target:
+        target[0] = 0  # nothing precedes the first token (a leading assistant turn trains from its second)
     return list(enc["input_ids"]), target
 
 
@@ -172,8 +174,13 @@ def chat_stop_ids(tokenizer) -> tuple[int, ...]:
     special = set(tokenizer.all_special_ids) | {
         i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
     }
-    tail = [t for t, y in zip(ids, target, strict=True) if y]
-    return tuple(dict.fromkeys(t for t in tail if t in special))
+    span = [t for t, y in zip(ids, target, strict=True) if y]
+    while span and span[-1] not in special:  # trailing whitespace after the end-of-turn token
+        span.pop()
+    tail: list[int] = []
+    while span and span[-1] in special:  # the run of specials that closes the turn, not ones that open it
+        tail.insert(0, span.pop())
+    return tuple(dict.fromkeys(tail))
 
 
 def eos_ids(tokenizer, generation_config=None) -> tuple[int, ...]:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import gymnasium as gym
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -27,6 +29,8 @@ class RolloutJobConfig(EngineSettings, WorkerSettings):
     """JSONL, JSON (array) or Parquet prompts (schema in rollout/batch/io.py and docs/rollout.md); overrides `tasks`."""
     env: str | None = None
     """registered gym text env (e.g. blockrl/chain_sum-v0, multi-turn blockrl/calc-chain_sum-v0); overrides tasks."""
+    prompt_format: Literal["auto", "text", "raw", "chat"] = "auto"
+    """prompt encoding: auto = the checkpoint's training format (chat for a model converted on chats)."""
     num_prompts: int | None = Field(None, ge=1)
     """distinct prompts; required with tasks/env; with prompts_file, None = every row, else the first num_prompts."""
     group_size: int = Field(1, ge=1)

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from common.config import ConfigError, dump_config
-from policy.hybrid import load_tokenizer
+from policy.hybrid import checkpoint_prompt_format, load_tokenizer
 from policy.masks import decode_step_layout
 from policy.tokenizer import encode_prompt
 from rollout.batch import io as job_io  # the job's inputs (prompts) and outputs (shards, manifest)
@@ -147,7 +147,12 @@ def make_backend(cfg: RolloutJobConfig, kind: Literal["ray", "local"] = "ray") -
 def plan_shards(cfg: RolloutJobConfig, records, tok, out_dir: Path) -> tuple[int, int, list[Shard]]:
     """(samples, shards, the shards not yet on disk): shard k holds samples [k * shard_size, (k+1) * shard_size)."""
     n = len(records) * cfg.group_size
-    encoded = [encode_prompt(tok, r.prompt) for r in records]
+    fmt = checkpoint_prompt_format(cfg.checkpoint) if cfg.prompt_format == "auto" else cfg.prompt_format
+    if cfg.env is not None and fmt == "chat":
+        raise ConfigError(
+            f"prompt_format: env {cfg.env} feeds text turns; chat-format prompts need tasks or a file"
+        )
+    encoded = [encode_prompt(tok, r.prompt, fmt) for r in records]
     sampling = SamplingParams(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,

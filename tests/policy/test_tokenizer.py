@@ -104,3 +104,36 @@ def test_chat_templates_that_cannot_be_split_into_turns_are_refused(bpe_tokenize
     tok.chat_template = None
     with pytest.raises(ChatFormatError, match="no chat template"):
         encode_chat(tok, CHAT)
+
+
+def test_only_the_specials_that_close_a_turn_stop_it(bpe_tokenizer):
+    """A template whose assistant turn opens with a special token (`<|im_start|>` as a channel marker here) keeps
+    it out of the EOS ids: generation would otherwise stop at its first token."""
+    import copy
+
+    tok = copy.deepcopy(bpe_tokenizer)
+    tok.chat_template = tok.chat_template.replace(
+        "{{ m['content'] }}", "{% if m['role'] == 'assistant' %}<|im_start|>{% endif %}{{ m['content'] }}"
+    )
+    assert chat_stop_ids(tok) == (tok.convert_tokens_to_ids("<|im_end|>"),)
+
+
+def test_a_legacy_checkpoint_tokenizer_keeps_its_training_bos(tmp_path):
+    """Checkpoints written before prompt formats were recorded were trained BOS-first (the old encoder prepended
+    it); loading one makes `tokenizer(text)` add it."""
+    from policy import HybridPolicy
+    from policy.factory import build_model, tiny_dense_config
+    from policy.hybrid import METADATA_KEY, load_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.add_bos_token = False  # the old tokenizer config
+    policy = HybridPolicy(build_model(tiny_dense_config(len(tok))))
+    policy.convert(tok, block_size=4)
+    policy.save_pretrained(tmp_path, tok)
+    cfg = tmp_path / "config.json"
+    import json
+
+    data = json.loads(cfg.read_text())
+    data[METADATA_KEY].pop("prompt_format")  # as written by the old code
+    cfg.write_text(json.dumps(data))
+    assert load_tokenizer(tmp_path)("ab")["input_ids"][0] == tok.bos_token_id

@@ -94,7 +94,8 @@ class Corpus:
 
     @property
     def has_chat(self) -> bool:
-        return bool(self.stats.get("rows_by_format", {}).get("messages"))
+        """Some rows went through the chat template (messages, or TRL's conversational prompt + completion)."""
+        return bool(self.stats.get("chat_rows"))
 
 
 # ------------------------------------------------------------------------------------------- built-in task corpus
@@ -218,6 +219,8 @@ def encode_files(
                 bad.reject(rec, str(e).removeprefix(f"{rec.where}: "), e.kind)
                 continue
             by_format[fmt] = by_format.get(fmt, 0) + 1
+            if fmt == "messages" or isinstance(rec.fields.get("prompt"), list):
+                by_format["chat"] = by_format.get("chat", 0) + 1
     return rows, by_format
 
 
@@ -251,7 +254,8 @@ def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
     stats = {
         "source": "files",
         "files": list(cfg.files),
-        "rows_by_format": by_format,
+        "rows_by_format": {k: v for k, v in by_format.items() if k != "chat"},
+        "chat_rows": by_format.get("chat", 0),
         "train_rows": len(train),
         "heldout_rows": len(held),
         "bad_rows": bad.summary(),

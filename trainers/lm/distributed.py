@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,11 +44,14 @@ class DistContext:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "auto":
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda":
+            device = f"cuda:{local}"
         dev = torch.device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            # rank 0 evaluates and writes checkpoints while the others wait: a long timeout, not NCCL's 10 min
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=2))
         return cls(rank, world, dev)
 
     def shard(self, items: list) -> list:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -182,6 +183,7 @@ def train_loop(
 ) -> dict:
     """Shared loop (data-parallel under torchrun, see trainers/lm/distributed.py): returns the final evaluation
     (on rank 0; other ranks return {})."""
+    torch.set_num_threads(cfg.threads)
     ctx = DistContext.from_env(cfg.device)
     micro, rem = divmod(cfg.optim.batch_size, ctx.world * cfg.optim.grad_accum)
     if rem or not micro:
@@ -240,8 +242,9 @@ def train_loop(
             n = int(batch.loss_mask[:, 1:].sum())
             g = torch.Generator()
             g.set_state(loss_rng)
-            with ctx.no_sync(model, last=i == cfg.optim.grad_accum - 1), autocast:
-                loss, metrics = model(batch, g)
+            with ctx.no_sync(model, last=i == cfg.optim.grad_accum - 1):
+                with autocast:
+                    loss, metrics = model(batch, g)
                 (loss * (n * ctx.world / max(1, n_global))).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * n
@@ -343,6 +346,8 @@ def adopt_chat_format(policy: HybridPolicy, tokenizer, data: Corpus) -> None:
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     run_dir = Path(cfg.run_dir)
     dump_config(cfg, run_dir / "config.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:  # a crash mid-write leaves checkpoint.old: restore it first
+        recover(run_dir / "checkpoint")
     if resume and (run_dir / "checkpoint").exists():
         tokenizer = load_tokenizer(run_dir / "checkpoint")
         policy = HybridPolicy.from_pretrained(run_dir / "checkpoint")
@@ -378,6 +383,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
 
 def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
     run_dir = Path(cfg.run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # a crash mid-write leaves checkpoint.old: restore it first
+        recover(run_dir / "checkpoint")
     resuming = resume and (run_dir / "checkpoint").exists()
     src = run_dir / "checkpoint" if resuming else Path(cfg.init)
     if not cfg.init and not resuming:

@@ -144,3 +144,27 @@ def test_the_builtin_corpus_stays_the_default(tokenizer):
     assert data.stats["source"] == "builtin" and data.heldout_tasks is not None
     e = data.train[0]
     assert e.ids[0] == tokenizer.bos_token_id and targets(tokenizer, e).endswith("<eos>")
+
+
+def test_conversational_prompt_completion_rows_make_a_chat_model(tmp_path, bpe_tokenizer):
+    """TRL's conversational rows (message-list prompt and completion) go through the chat template and count as
+    chat, so conversion records the chat prompt format and the end-of-turn stop id."""
+    rs = [
+        {
+            "prompt": [{"role": "user", "content": f"sum: {i} + 1"}],
+            "completion": [{"role": "assistant", "content": "ok"}],
+        }
+        for i in range(8)
+    ]
+    data = load_corpus(cfg(files=[write_jsonl(tmp_path / "c.jsonl", rs)], heldout_rows=2), bpe_tokenizer)
+    assert data.has_chat and data.stats["chat_rows"] == 8
+    assert targets(bpe_tokenizer, data.train[0]) == "ok<|im_end|>\n"
+
+
+def test_a_datasets_dict_directory_reads_its_train_split(tmp_path, bpe_tokenizer):
+    import datasets
+
+    rs = [{"text": f"sum: {i} + 1 = {i + 1}"} for i in range(6)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rs)}).save_to_disk(str(tmp_path / "dd"))
+    data = load_corpus(cfg(files=[str(tmp_path / "dd")], heldout_rows=1), bpe_tokenizer)
+    assert len(data.train) + len(data.heldout) == 6
