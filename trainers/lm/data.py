@@ -328,8 +328,10 @@ def collate(examples: list[Example], pad_id: int, exclude_prompt: bool = True) -
 class Sampler:
     """Batches of `batch_size` examples as a pure function of the generator (so of (seed, step)).
 
-    `length_bucket`: examples are ordered by length once; a batch is drawn uniformly from a window of
-    `8 * batch_size` neighbours of a uniformly drawn example, so sequences in a batch have similar lengths."""
+    `length_bucket`: examples are ordered by length once; a batch is `batch_size` distinct examples of a window of
+    `8 * batch_size` length-neighbours starting at a uniform position (windows wrap around, so the shortest and
+    longest examples are drawn as often as any; the w of n starts whose window wraps mix both ends), so sequences in a
+    batch have similar lengths."""
 
     def __init__(self, examples: list[Example], batching: str = "random", window_batches: int = 8):
         self.examples = examples
@@ -343,8 +345,8 @@ class Sampler:
             idx = torch.randint(n, (batch_size,), generator=gen).tolist()
             return [self.examples[i] for i in idx]
         w = batch_size * self.window_batches
-        lo = int(torch.randint(n - w + 1, (1,), generator=gen))
-        idx = (lo + torch.randint(w, (batch_size,), generator=gen)).tolist()
+        lo = int(torch.randint(n, (1,), generator=gen))
+        idx = ((lo + torch.randperm(w, generator=gen)[:batch_size]) % n).tolist()
         return [self.examples[self.order[i]] for i in idx]
 
 

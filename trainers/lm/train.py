@@ -345,7 +345,8 @@ def adopt_chat_format(policy: HybridPolicy, tokenizer, data: Corpus) -> None:
 # ---------------------------------------------------------------------------------------------------- entry points
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     run_dir = Path(cfg.run_dir)
-    dump_config(cfg, run_dir / "config.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:
+        dump_config(cfg, run_dir / "config.yaml")
     if int(os.environ.get("RANK", "0")) == 0:  # a crash mid-write leaves checkpoint.old: restore it first
         recover(run_dir / "checkpoint")
     if resume and (run_dir / "checkpoint").exists():
@@ -390,7 +391,8 @@ def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
     if not cfg.init and not resuming:
         raise ConfigError("init: convert needs an AR checkpoint directory (--set init=PATH)")
     require_checkpoint(src, "init")
-    dump_config(cfg, run_dir / "config.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:
+        dump_config(cfg, run_dir / "config.yaml")
     tokenizer = load_tokenizer(src) if (src / "tokenizer.json").is_file() else build_char_tokenizer()
     policy = HybridPolicy.from_pretrained(src)
     policy.convert(tokenizer, block_size=cfg.tidar.block_size)
