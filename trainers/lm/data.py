@@ -99,15 +99,16 @@ class Corpus:
 
 
 # ------------------------------------------------------------------------------------------- built-in task corpus
+def task_turns(sample: TaskSample) -> list[dict]:
+    """A task sample as a chat: the prompt as the user turn, the worked completion as the assistant turn."""
+    return [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.completion}]
+
+
 def encode(tokenizer, sample: TaskSample, prompt_format: str = "text") -> Example:
     """`prompt completion [EOS]`, the prompt encoded exactly as every rollout encodes it (`encode_prompt`); in the
     chat format, the task as one user turn and one assistant turn of the chat template."""
     if prompt_format == "chat":
-        turns = [
-            {"role": "user", "content": sample.prompt},
-            {"role": "assistant", "content": sample.completion},
-        ]
-        ids, target = encode_chat(tokenizer, turns)
+        ids, target = encode_chat(tokenizer, task_turns(sample))
         return Example(ids, target, sample.task)
     p = encode_prompt(tokenizer, sample.prompt, prompt_format)
     c = [*_raw(tokenizer, sample.completion), *_eos(tokenizer)]
@@ -370,7 +371,6 @@ def task_rows(
             return {"text": s.prompt + s.completion, "task": s.task}
         if shape == "prompt_completion":
             return {"prompt": s.prompt, "completion": s.completion, "task": s.task}
-        turns = [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}]
-        return {"messages": turns, "task": s.task}
+        return {"messages": task_turns(s), "task": s.task}
 
     return [row(s) for s in samples]

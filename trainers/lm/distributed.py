@@ -22,6 +22,11 @@ import torch.distributed as dist
 from torch import nn
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a single process (before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int = 0

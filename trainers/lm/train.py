@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +51,7 @@ from trainers.lm.data import (
     load_corpus,
     num_targets,
 )
-from trainers.lm.distributed import DistContext, LossModule
+from trainers.lm.distributed import DistContext, LossModule, is_main_process
 from trainers.lm.evaluate import EvalConfig, diffusion_slot_accuracy, heldout_loss, solve_rate
 
 log = logging.getLogger(__name__)
@@ -345,9 +344,9 @@ def adopt_chat_format(policy: HybridPolicy, tokenizer, data: Corpus) -> None:
 # ---------------------------------------------------------------------------------------------------- entry points
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     run_dir = Path(cfg.run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         dump_config(cfg, run_dir / "config.yaml")
-    if int(os.environ.get("RANK", "0")) == 0:  # a crash mid-write leaves checkpoint.old: restore it first
+    if is_main_process():  # a crash mid-write leaves checkpoint.old: restore it first
         recover(run_dir / "checkpoint")
     if resume and (run_dir / "checkpoint").exists():
         tokenizer = load_tokenizer(run_dir / "checkpoint")
@@ -384,14 +383,14 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
 
 def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
     run_dir = Path(cfg.run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:  # a crash mid-write leaves checkpoint.old: restore it first
+    if is_main_process():  # a crash mid-write leaves checkpoint.old: restore it first
         recover(run_dir / "checkpoint")
     resuming = resume and (run_dir / "checkpoint").exists()
     src = run_dir / "checkpoint" if resuming else Path(cfg.init)
     if not cfg.init and not resuming:
         raise ConfigError("init: convert needs an AR checkpoint directory (--set init=PATH)")
     require_checkpoint(src, "init")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         dump_config(cfg, run_dir / "config.yaml")
     tokenizer = load_tokenizer(src) if (src / "tokenizer.json").is_file() else build_char_tokenizer()
     policy = HybridPolicy.from_pretrained(src)
