@@ -7,7 +7,8 @@
   masks of `HybridPolicy.attention_mask_4d` drive correctly) for families without an sdpa path.
 - `own_logits`: final hidden states -> logits through the CausalLM's own forward, so whatever the family does after
   its LM head (soft-capping, scaling, ...) is applied exactly as in `model(ids).logits`.
-- `window_masks`: the per-layer-type masks (full / sliding window) of a family with sliding-window layers.
+- `window_masks` / `window_mask_mods`: the per-layer-type masks (full / sliding window) of a family with
+  sliding-window layers, as dense masks or as FlexAttention mask rules.
 
 The table of families and their status is docs/families.md (produced by tests/policy/test_families.py).
 """
@@ -19,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from policy.masks import MaskMod
 
 
 class UnsupportedModelError(ValueError):
@@ -186,8 +189,29 @@ def window_masks(
         return mask
     if q_pos is None or k_pos is None:
         raise ValueError(f"{family_name(config)}: sliding-window masks need query and key positions")
-    near = k_pos[:, None, None, :] > q_pos[:, None, :, None] - window  # [B,1,Q,KV]
-    windowed = mask & near
+    windowed = mask & in_window(q_pos[:, None, :, None], k_pos[:, None, None, :], window)  # [B,1,Q,KV]
+    return _per_layer_type(config, mask, windowed)
+
+
+def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """transformers' sliding window: a key is visible when its position > query position - window."""
+    return k_pos > q_pos - window
+
+
+def window_mask_mods(config, mod: MaskMod, pos_of: Callable[[torch.Tensor], torch.Tensor]):
+    """`window_masks` for a mask rule (FlexAttention): the rule, or a dict of rules per layer type. `pos_of` maps a
+    query / key index to its token position."""
+    window = sliding_layer_window(config)
+    if window is None:
+        return mod
+
+    def windowed(b, h, q, kv):
+        return mod(b, h, q, kv) & in_window(pos_of(q), pos_of(kv), window)
+
+    return _per_layer_type(config, mod, windowed)
+
+
+def _per_layer_type(config, full, windowed):
     if getattr(config, "layer_types", None) is None:
-        return windowed
-    return {"full_attention": mask, "sliding_attention": windowed}
+        return windowed  # a window on every layer
+    return {"full_attention": full, "sliding_attention": windowed}

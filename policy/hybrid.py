@@ -28,10 +28,12 @@ from policy.families import (
     load_causal_lm,
     own_logits,
     refusal_reason,
+    window_mask_mods,
     window_masks,
 )
+from policy.flex import FLEX, block_mask, register_flex
 from policy.losses import TidarLossOutput, load_balancing_loss, tidar_loss
-from policy.masks import tidar_training_mask, to_additive
+from policy.masks import tidar_mask_mod, tidar_training_mask, to_additive
 from policy.tokenizer import MASK, eos_ids
 
 METADATA_KEY = "blockrl"
@@ -86,6 +88,9 @@ class HybridPolicy(nn.Module):
         self.block_size = block_size
         self.prompt_format = (
             "text"  # how task prompts were encoded in training: "text" or "chat" (PromptFormat)
+        )
+        self.training_attention = (
+            "dense"  # how tidar_forward masks: "dense" [2S, 2S] or "flex" (set_training_attention)
         )
         if check:
             reason = refusal_reason(model.config)
@@ -200,7 +205,7 @@ class HybridPolicy(nn.Module):
         (k_pos [B, KV]): the result is then the per-layer-type dict (or the windowed mask) the family reads."""
         m = mask[None, None] if mask.dim() == 2 else mask[:, None]
         m = window_masks(self.model.config, m, q_pos, k_pos)
-        if self.model.config._attn_implementation == "sdpa":
+        if self.model.config._attn_implementation in ("sdpa", FLEX):
             return m
         if isinstance(m, dict):
             return {k: to_additive(v, dtype) for k, v in m.items()}
@@ -257,13 +262,18 @@ class HybridPolicy(nn.Module):
         """One forward under an arbitrary mask; returns (logits [B,Q,V], aux loss or None), plus the last hidden
         state [B,Q,H] when `want_hidden`."""
         dtype = self.model.get_input_embeddings().weight.dtype
-        base = self.model.base_model
-        kwargs = {"output_router_logits": True} if (want_aux and self.moe) else {}
         B, Q = input_ids.shape
         mask = mask.to(input_ids.device).expand(B, Q, Q)  # some families want the batch dim spelled out
-        out = base(
+        attn = self.attention_mask_4d(mask, dtype, position_ids, position_ids)
+        return self._forward_4d(input_ids, position_ids, attn, token_mask, want_aux, want_hidden)
+
+    def _forward_4d(self, input_ids, position_ids, attention_mask, token_mask, want_aux, want_hidden):
+        """The base model under a ready 4D mask (tensor, BlockMask, or a dict of them per layer type), then the
+        model's own head; the MoE load-balancing loss from the router logits over `token_mask`."""
+        kwargs = {"output_router_logits": True} if (want_aux and self.moe) else {}
+        out = self.model.base_model(
             input_ids=input_ids,
-            attention_mask=self.attention_mask_4d(mask, dtype, position_ids, position_ids),
+            attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
             **kwargs,
@@ -311,9 +321,84 @@ class HybridPolicy(nn.Module):
         ids = torch.cat([input_ids, torch.full_like(input_ids, self.mask_token_id)], dim=1)
         pos = torch.arange(S, device=input_ids.device).repeat(2)[None].expand(B, -1)
         valid2 = None if valid is None else torch.cat([valid, valid], dim=1)
-        mask = tidar_training_mask(S, bs, shift)
-        logits, aux, hidden = self.masked_forward(ids, pos, mask, valid2, want_aux=True, want_hidden=True)
+        attn = self._tidar_mask_4d(S, bs, shift, B, pos, self.training_attention == "flex")
+        logits, aux, hidden = self._forward_4d(ids, pos, attn, valid2, want_aux=True, want_hidden=True)
         return TidarOutput(logits[:, :S], logits[:, S:], aux, hidden[:, :S])
+
+    def _tidar_mask_4d(self, S: int, bs: int, shift: int, B: int, pos: torch.Tensor, use_flex: bool):
+        """The TiDAR training mask over `[x | M]` in the form the attention reads: a FlexAttention BlockMask built from
+        the mask rule (no dense [2S, 2S] tensor), or the dense 4D mask."""
+        if use_flex:
+            mods = window_mask_mods(self.model.config, tidar_mask_mod(S, bs, shift), lambda i: i % S)
+            return _map_masks(lambda m: block_mask(m, 2 * S, 2 * S, pos.device), mods)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        mask = tidar_training_mask(S, bs, shift).to(pos.device).expand(B, 2 * S, 2 * S)
+        return self.attention_mask_4d(mask, dtype, pos, pos)
+
+    def set_training_attention(self, kind: str) -> None:
+        """How `tidar_forward` masks: `dense` (a [2S, 2S] mask, any attention implementation) or `flex` (a
+        FlexAttention BlockMask; the model must run sdpa, whose path every other forward keeps, see policy.flex).
+
+        Flex is checked once against dense on a probe TiDAR forward; a family it does not serve exactly is refused
+        with `UnsupportedModelError` naming the family and why, and the policy stays dense."""
+        if kind not in ("dense", "flex"):
+            raise ValueError(f"training attention must be 'dense' or 'flex', got {kind!r}")
+        impl = self.model.config._attn_implementation
+        if kind == "dense":
+            if impl == FLEX:
+                self.model.set_attn_implementation("sdpa")
+            self.training_attention = "dense"
+            return
+        if impl not in ("sdpa", FLEX):
+            raise UnsupportedModelError(
+                f"{family_name(self.model)}: FlexAttention training masks need a model that runs sdpa; this one "
+                f"runs {impl!r} (use training attention 'dense')"
+            )
+        register_flex()
+        self.model.set_attn_implementation(FLEX)
+        try:
+            self._probe_flex()
+        except BaseException:
+            self.model.set_attn_implementation("sdpa")
+            raise
+        self.training_attention = "flex"
+
+    @torch.no_grad()
+    def _probe_flex(self, seq_len: int = 11, block_size: int = 4) -> None:
+        """The TiDAR forward's logits under the BlockMask vs the dense mask, on a short probe (windows shrunk to 3)."""
+        cfg = self.model.config
+        emb = self.model.get_input_embeddings().weight
+        V = min(int(emb.shape[0]), 1000)
+        S = seq_len
+        ids = ((torch.arange(2 * S, device=emb.device) * 7 + 3) % V)[None].expand(2, -1)
+        pos = torch.arange(S, device=emb.device).repeat(2)[None].expand(2, -1)
+        was_training, saved_window = self.model.training, getattr(cfg, "sliding_window", None)
+        self.model.eval()
+        try:
+            if saved_window:
+                cfg.sliding_window = 3
+            dense, got = (
+                self._forward_4d(
+                    ids, pos, self._tidar_mask_4d(S, block_size, 1, 2, pos, f), None, False, False
+                )[0].float()
+                for f in (False, True)
+            )
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"{family_name(self.model)}: FlexAttention training masks not supported: the flex forward fails "
+                f"({type(e).__name__}: {e})"
+            ) from e
+        finally:
+            if saved_window:
+                cfg.sliding_window = saved_window
+            self.model.train(was_training)
+        tol = (1e-4 if emb.dtype == torch.float32 else 3e-2) * max(1.0, float(dense.abs().max()))
+        err = float((got - dense).abs().max())
+        if not err <= tol:
+            raise UnsupportedModelError(
+                f"{family_name(self.model)}: FlexAttention training masks not supported: the TiDAR forward under "
+                f"the BlockMask differs from the dense mask by {err:.3g} (tolerance {tol:.3g})"
+            )
 
     def tidar_loss(
         self,
@@ -332,6 +417,10 @@ class HybridPolicy(nn.Module):
             else 0.0
         )
         return tidar_loss(out.ar_logits, out.diff_logits, input_ids, loss_mask, alpha, out.aux_loss, coef)
+
+
+def _map_masks(fn, masks):
+    return {k: fn(v) for k, v in masks.items()} if isinstance(masks, dict) else fn(masks)
 
 
 def checkpoint_prompt_format(path: str | os.PathLike) -> str:

@@ -1,7 +1,8 @@
 """Attention masks of the hybrid policy, as small pure functions. True = may attend.
 
 Two layouts (pictured in docs/architecture.md):
-- `tidar_training_mask`: the TiDAR training layout over `[clean S | mask S]`.
+- `tidar_training_mask`: the TiDAR training layout over `[clean S | mask S]`; `tidar_mask_mod` is its rule, which
+  `policy.flex` turns into a FlexAttention `BlockMask` (the dense mask is that rule evaluated by broadcasting).
 - `decode_step_mask`: one decode step's queries: the verify segment plus one proposal block per level.
 
 `to_additive` turns a bool mask into the additive float form that eager attention needs
@@ -10,17 +11,31 @@ Two layouts (pictured in docs/architecture.md):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+# A mask rule in FlexAttention's `mask_mod` form: (batch, head, query index, key index) -> may attend. Written with
+# tensor arithmetic only, so the same rule gives a `BlockMask` (policy.flex) and, by broadcasting, a dense mask.
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-def block_ids(seq_len: int, block_size: int, shift: int = 0) -> torch.Tensor:
-    """Block index of each position when block boundaries sit at `c*block_size - shift` (first block may be short)."""
+
+def dense_mask(mod: MaskMod, q_len: int, kv_len: int) -> torch.Tensor:
+    """The bool `[q_len, kv_len]` mask of a rule, evaluated by broadcasting."""
+    zero = torch.zeros((), dtype=torch.long)
+    return mod(zero, zero, torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :])
+
+
+def _check_blocks(block_size: int, shift: int) -> None:
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if not 0 <= shift < block_size:
         raise ValueError(f"shift must be in [0, block_size), got {shift}")
+
+
+def block_ids(seq_len: int, block_size: int, shift: int = 0) -> torch.Tensor:
+    """Block index of each position when block boundaries sit at `c*block_size - shift` (first block may be short)."""
+    _check_blocks(block_size, shift)
     return (torch.arange(seq_len) + shift) // block_size
 
 
@@ -50,15 +65,26 @@ def tidar_training_mask(seq_len: int, block_size: int, shift: int = 0) -> torch.
     Labels: x_i predicts x_{i+1} (AR); m_i predicts x_i (diffusion), so slot j of a block predicts the j-th token
     after the clean prefix it sees.
     """
-    S = seq_len
-    pos = torch.arange(S)
-    blk = block_ids(S, block_size, shift)
-    start = (blk * block_size - shift).clamp(min=0)  # first position of each mask's block
-    mask = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
-    mask[:S, :S] = pos[None, :] <= pos[:, None]  # clean: causal
-    mask[S:, :S] = pos[None, :] < start[:, None]  # mask -> clean prefix before its block
-    mask[S:, S:] = blk[None, :] == blk[:, None]  # mask -> own block, bidirectional
-    return mask
+    return dense_mask(tidar_mask_mod(seq_len, block_size, shift), 2 * seq_len, 2 * seq_len)
+
+
+def tidar_mask_mod(seq_len: int, block_size: int, shift: int = 0) -> MaskMod:
+    """The rule of `tidar_training_mask`, for a `BlockMask`: indices < S are clean, >= S are masks; both halves sit
+    at positions 0..S-1."""
+    _check_blocks(block_size, shift)
+    S, K = seq_len, block_size
+
+    def mod(b, h, q, kv):
+        q_clean, k_clean = q < S, kv < S
+        q_pos, k_pos = q % S, kv % S
+        q_blk, k_blk = (q_pos + shift) // K, (k_pos + shift) // K
+        start = (q_blk * K - shift).clamp(min=0)  # first position of the query mask's block
+        causal = q_clean & k_clean & (k_pos <= q_pos)
+        prefix = ~q_clean & k_clean & (k_pos < start)
+        own_block = ~q_clean & ~k_clean & (q_blk == k_blk)
+        return causal | prefix | own_block
+
+    return mod
 
 
 def decode_step_layout(block_size: int, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

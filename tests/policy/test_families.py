@@ -9,7 +9,9 @@ they matter at these lengths), wrapped in `HybridPolicy`, and either
 - refused at construction with `UnsupportedModelError` naming the family (the families of `REFUSED`), or
 - exact, fp32: (a) engine greedy == HF greedy `generate` on a ragged batch with slot refills; (b) the engine's AR
   log-probs at T=1 == log_softmax of `model(ids).logits`; (c) the clean half of `tidar_forward` == the plain causal
-  forward; (d) the learner's log-probs (`token_logprobs` over `ar_forward`, right-padded) == the model's own.
+  forward; (d) the learner's log-probs (`token_logprobs` over `ar_forward`, right-padded) == the model's own;
+  (e) the TiDAR forward under the FlexAttention BlockMask == under the dense mask, in float64 (uncompiled
+  FlexAttention, the CPU's forward), or flex is refused for the family (`FLEX_REFUSED`) and its training stays on the dense mask.
 """
 
 from __future__ import annotations
@@ -137,6 +139,32 @@ REFUSED: dict[str, str] = {
     "zaya": "layer type 'hybrid'",
 }
 
+_EAGER = "FlexAttention training masks need a model that runs sdpa"
+# family -> substring of the reason `set_training_attention("flex")` refuses it (training then uses the dense mask)
+FLEX_REFUSED: dict[str, str] = {
+    **{
+        f: _EAGER
+        for f in (
+            "codegen",
+            "flint",
+            "gemma2",
+            "gpt_neox_japanese",
+            "gpt_oss",
+            "gptj",
+            "granite_swa",
+            "granitemoe_swa",
+            "mimo_v2_flash",
+            "mpt",
+            "vaultgemma",
+            "xglm",
+        )
+    },
+    "doge": "differs from the dense mask",  # its dynamic mask is added to the 4D tensor mask only
+    "falcon": "argument 'attn_mask' must be Tensor, not BlockMask",  # own attention code, no AttentionInterface
+    "gpt-sw3": "'BlockMask' object has no attribute 'ndim'",
+    "gpt2": "'BlockMask' object has no attribute 'ndim'",
+}
+
 # family -> why the sweep has no tiny config for it yet (skipped, listed in docs/families.md as not yet swept)
 NO_TINY_CONFIG: dict[str, str] = {
     "dots3_note_text": "per-layer attention configs (per_layer_config); the generic tiny overrides do not apply",
@@ -251,6 +279,7 @@ def test_sweep_covers_the_auto_mapping():
     assert set(EXCLUDED) <= set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     assert set(REFUSED) <= set(FAMILIES) and set(NO_TINY_CONFIG) <= set(FAMILIES)
     assert not set(REFUSED) & set(NO_TINY_CONFIG)
+    assert set(FLEX_REFUSED) <= set(FAMILIES) - set(REFUSED) - set(NO_TINY_CONFIG)
     assert len(FAMILIES) > 80
     assert all(EXCLUDED.values())
 
@@ -292,3 +321,21 @@ def test_family_is_exact_or_refused(family):
     lp = token_logprobs(policy.ar_forward(batch, valid).logits, batch, 1.0)
     for r, s in enumerate(seqs):
         torch.testing.assert_close(lp[r, 1 : len(s)], own_logprobs(policy, s), atol=1e-4, rtol=1e-4)
+
+    # (e) the TiDAR forward under the FlexAttention BlockMask == under the dense mask, or flex refused by name
+    if family in FLEX_REFUSED:
+        with pytest.raises(UnsupportedModelError, match=policy.config.model_type) as err:
+            policy.set_training_attention("flex")
+        assert FLEX_REFUSED[family] in str(err.value)
+        assert policy.training_attention == "dense"
+        return
+    # in float64, where the two summation orders (flex's online softmax vs sdpa) agree to rounding
+    policy.double()
+    if getattr(policy.config, "_experts_implementation", None) not in (None, "eager"):
+        policy.model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    dense = policy.tidar_forward(batch, valid, shift=1)
+    policy.set_training_attention("flex")
+    got = policy.tidar_forward(batch, valid, shift=1)
+    for r, s in enumerate(seqs):  # real positions (pads on the right are never seen by them)
+        for a, b in ((got.ar_logits, dense.ar_logits), (got.diff_logits, dense.diff_logits)):
+            torch.testing.assert_close(a[r, : len(s)], b[r, : len(s)], atol=1e-9, rtol=1e-9)

@@ -31,6 +31,7 @@ from common.checkpoint import load_trainer_state, recover, require_checkpoint, s
 from common.config import ConfigError, Section, dump_config
 from common.metrics import append_jsonl, truncate_jsonl
 from policy.factory import ModelSpec, build_model, count_parameters, make_config
+from policy.families import UnsupportedModelError
 from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.losses import ar_ce
 from policy.tokenizer import (
@@ -51,7 +52,7 @@ from trainers.lm.data import (
     load_corpus,
     num_targets,
 )
-from trainers.lm.distributed import DistContext, LossModule, is_main_process
+from trainers.lm.distributed import DistContext, Parallel, is_main_process
 from trainers.lm.evaluate import EvalConfig, diffusion_slot_accuracy, heldout_loss, solve_rate
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,13 @@ class RunConfig(Section):
     stop_after: int | None = Field(None, ge=1)
     """stop (after checkpointing) once this step is done, keeping the schedule of optim.steps; resume later,
     e.g. under another world size."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp (every rank holds the model) or fsdp (FSDP2: parameters, gradients and optimizer state
+    sharded across ranks, for models that do not fit one device)."""
+    attention: Literal["auto", "dense", "flex"] = "auto"
+    """the TiDAR training mask (convert): flex = a FlexAttention BlockMask, no dense [2S, 2S] mask (CUDA only: torch
+    has no FlexAttention backward on CPU); dense = the [2S, 2S] mask; auto = flex on CUDA where the family passes
+    flex's self-check, else dense."""
     activation_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)."""
     snapshot_steps: list[int] = Field(default_factory=list)
@@ -177,6 +185,24 @@ class ConvertConfig(RunConfig):
 LossFn = Callable[[Batch, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 
 
+def choose_training_attention(policy: HybridPolicy, kind: str, device: torch.device) -> None:
+    """Set the policy's TiDAR training mask (RunConfig.attention); `flex` where it cannot run is a ConfigError."""
+    on_cuda = device.type == "cuda"
+    if kind == "flex" and not on_cuda:
+        raise ConfigError(
+            f"attention: flex needs CUDA (torch has no FlexAttention backward on {device.type}); use dense or auto"
+        )
+    policy.set_training_attention("dense")
+    if kind == "flex" or (kind == "auto" and on_cuda):
+        try:
+            policy.set_training_attention("flex")
+        except UnsupportedModelError as e:
+            if kind == "flex":
+                raise
+            log.info("attention auto: %s; using the dense mask", e)
+    log.info("attention: %s TiDAR mask", policy.training_attention)
+
+
 def train_loop(
     cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn, resume: bool, data: Corpus
 ) -> dict:
@@ -196,23 +222,27 @@ def train_loop(
         log.info("corpus: %d training sequences, %d held-out", len(data.train), len(data.heldout))
         (run_dir / "data.json").write_text(json.dumps(data.stats, indent=1))
     sampler = Sampler(data.train, cfg.data.batching)
+    par = Parallel(ctx, policy, loss_fn, cfg.parallel)  # before the move: FSDP's rank-0 CPU copy
     policy.to(ctx.device)
+    if policy.is_converted:
+        choose_training_attention(policy, cfg.attention, ctx.device)
     if cfg.activation_checkpointing:
         policy.model.activation_checkpointing_enable({"use_reentrant": False})
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    par.place()
+    opt = torch.optim.AdamW(par.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     start = 0
     if ctx.is_main:
         recover(ckpt)
     ctx.barrier()
     if resume and ckpt.exists():
         state = load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
+        par.load_optimizer_state(opt, state["optimizer"])
         start = state["step"]
-        log.info("resumed from %s at step %d (world size %d)", ckpt, start, ctx.world)
+        log.info("resumed from %s at step %d (world size %d, %s)", ckpt, start, ctx.world, cfg.parallel)
     metrics_path = run_dir / "metrics.jsonl"
     if ctx.is_main:
         truncate_jsonl(metrics_path, start)
-    model = ctx.wrap(LossModule(policy, loss_fn), find_unused=bool(policy.moe))
+    model = par.module
     autocast = torch.autocast(ctx.device.type, torch.bfloat16, enabled=cfg.autocast == "bfloat16")
 
     policy.train()
@@ -241,7 +271,7 @@ def train_loop(
             n = int(batch.loss_mask[:, 1:].sum())
             g = torch.Generator()
             g.set_state(loss_rng)
-            with ctx.no_sync(model, last=i == cfg.optim.grad_accum - 1):
+            with par.no_sync(last=i == cfg.optim.grad_accum - 1):
                 with autocast:
                     loss, metrics = model(batch, g)
                 (loss * (n * ctx.world / max(1, n_global))).backward()
@@ -249,7 +279,7 @@ def train_loop(
                 sums[k] = sums.get(k, 0.0) + v * n
             tokens += batch.num_tokens
         metrics = {k: ctx.sum(v) / max(1, n_global) for k, v in sums.items()}  # global token means
-        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+        gnorm = par.clip_grad_norm(cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
@@ -266,14 +296,22 @@ def train_loop(
             }
             append_jsonl(metrics_path, rec)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if ctx.is_main:
-            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.optim.steps:
-                append_jsonl(run_dir / "eval.jsonl", {"step": done, **evaluate(cfg, policy, tokenizer, data)})
-                policy.train()
-            if done in cfg.snapshot_steps:
-                policy.save_pretrained(run_dir / f"step-{done}", tokenizer)
-            if done % cfg.checkpoint_every == 0 or done in (cfg.optim.steps, cfg.stop_after):
-                save_checkpoint(ckpt, policy, tokenizer, {"optimizer": opt.state_dict(), "step": done})
+        do_eval = bool(cfg.eval.every) and done % cfg.eval.every == 0 and done < cfg.optim.steps
+        do_snapshot = done in cfg.snapshot_steps
+        do_ckpt = done % cfg.checkpoint_every == 0 or done in (cfg.optim.steps, cfg.stop_after)
+        if do_eval or do_snapshot or do_ckpt:
+            full = par.full_policy()  # every rank joins (FSDP gathers); the full weights on rank 0
+            opt_state = par.optimizer_state(opt) if do_ckpt else None
+            if ctx.is_main:
+                if do_eval:
+                    append_jsonl(
+                        run_dir / "eval.jsonl", {"step": done, **evaluate(cfg, full, tokenizer, data)}
+                    )
+                    policy.train()
+                if do_snapshot:
+                    full.save_pretrained(run_dir / f"step-{done}", tokenizer)
+                if do_ckpt:
+                    save_checkpoint(ckpt, full, tokenizer, {"optimizer": opt_state, "step": done})
         ctx.barrier()
         if done == cfg.stop_after and done < cfg.optim.steps:
             bar.close()
@@ -282,9 +320,10 @@ def train_loop(
             return {"step": done, "stopped": True}
     bar.close()
     result: dict = {}
+    full = par.full_policy()
     if ctx.is_main:
-        policy.save_pretrained(run_dir / "final", tokenizer)
-        result = {"step": cfg.optim.steps, **evaluate(cfg, policy, tokenizer, data)}
+        full.save_pretrained(run_dir / "final", tokenizer)
+        result = {"step": cfg.optim.steps, **evaluate(cfg, full, tokenizer, data)}
         append_jsonl(run_dir / "eval.jsonl", result)
         (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     ctx.barrier()

@@ -8,11 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.config import ConfigError
 from policy import HybridPolicy
+from tests.conftest import make_policy
 from trainers.cli import main
+from trainers.lm.train import choose_training_attention
 
 FAST = [
     "--set",
@@ -106,3 +110,12 @@ def test_pretrain_resume_after_sigkill_is_exact(tmp_path):
     b = load_file(killed / "final" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_training_attention_choice_on_cpu():
+    """attention: flex cannot train on CPU (no FlexAttention backward there): refused by field; auto means dense."""
+    policy = make_policy("llama", "sdpa")
+    with pytest.raises(ConfigError, match="attention: flex needs CUDA"):
+        choose_training_attention(policy, "flex", torch.device("cpu"))
+    choose_training_attention(policy, "auto", torch.device("cpu"))
+    assert policy.training_attention == "dense"
