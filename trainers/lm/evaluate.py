@@ -93,6 +93,26 @@ def solve_rate(
     }
 
 
+LOGIT_BUDGET = (
+    2**28
+)  # logits per evaluation forward (1 GiB in fp32): batches shrink for long sequences and big vocabs
+
+
+def eval_batches(examples: list[Example], vocab_size: int, batch_size: int, halves: int = 1):
+    """Consecutive chunks of at most `batch_size` examples whose padded logits ([B, halves * S, V]) fit LOGIT_BUDGET
+    (at least one example each)."""
+    i = 0
+    while i < len(examples):
+        j, longest = i, 0
+        while j < len(examples) and j - i < batch_size:
+            longest = max(longest, len(examples[j].ids))
+            if j > i and (j + 1 - i) * halves * longest * vocab_size > LOGIT_BUDGET:
+                break
+            j += 1
+        yield examples[i:j]
+        i = j
+
+
 @torch.no_grad()
 def heldout_loss(
     policy, tokenizer, examples: list[Example], exclude_prompt: bool = True, batch_size: int = 32
@@ -100,8 +120,9 @@ def heldout_loss(
     """Token-weighted mean next-token CE over the target tokens of `examples` (AR mode)."""
     policy.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id(tokenizer), exclude_prompt)
+    V = policy.model.get_input_embeddings().weight.shape[0]
+    for chunk in eval_batches(examples, V, batch_size):
+        batch = collate(chunk, pad_id(tokenizer), exclude_prompt)
         dev = next(policy.parameters()).device
         logits = policy.model(
             input_ids=batch.input_ids.to(dev), attention_mask=batch.valid.to(dev)
@@ -124,8 +145,8 @@ def diffusion_slot_accuracy(
     hits = torch.zeros(n)
     counts = torch.zeros(n)
     examples = [e if isinstance(e, Example) else encode(tokenizer, e) for e in examples]
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
+    V = policy.model.get_input_embeddings().weight.shape[0]
+    for chunk in eval_batches(examples, V, batch_size, halves=2):
         batch = collate(chunk, pad_id(tokenizer), exclude_prompt=True)
         S = batch.input_ids.shape[1]
         pos = torch.arange(S)[None]

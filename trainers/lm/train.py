@@ -152,9 +152,17 @@ def build_tokenizer(cfg: PretrainConfig):
         if not t.path:
             raise ConfigError("tokenizer.path: kind=pretrained needs a tokenizer directory")
         return load_tokenizer(t.path)
-    texts = corpus_texts(cfg.data)
-    log.info("training a byte-level BPE tokenizer (vocab %d) on %d strings", t.vocab_size, len(texts))
-    return train_bpe_tokenizer(texts, t.vocab_size, CHATML if t.chat_template else None)
+    # under torchrun rank 0 trains it and the others load its copy, so every rank has the same vocabulary
+    ctx = DistContext.from_env(cfg.device)
+    shared = Path(cfg.run_dir) / "tokenizer"
+    if ctx.is_main:
+        texts = corpus_texts(cfg.data)
+        log.info("training a byte-level BPE tokenizer (vocab %d) on %d strings", t.vocab_size, len(texts))
+        tok = train_bpe_tokenizer(texts, t.vocab_size, CHATML if t.chat_template else None)
+        if ctx.active:
+            tok.save_pretrained(shared)
+    ctx.barrier()
+    return tok if ctx.is_main else load_tokenizer(shared)
 
 
 class TidarConfig(Section):
