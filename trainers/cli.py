@@ -80,17 +80,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from rollout.bench.report import plot, print_table, write_json
+    from rollout.bench.report import plot, print_checkpoints, print_table, write_json
     from rollout.bench.run import BenchConfig, run_bench
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
     require_checkpoint(cfg.checkpoint)
+    for path in cfg.compare:
+        require_checkpoint(path, "compare")
     results = run_bench(cfg)
     run_dir = Path(cfg.run_dir)
     json_path = Path(args.json) if args.json else run_dir / "results.json"
     write_json(results, json_path, cfg)
     plot(results, run_dir / "bench.png")
     print_table(results)
+    print_checkpoints(results)
     print(f"results: {json_path}  plot: {run_dir / 'bench.png'}")
     return 0
 

@@ -15,7 +15,8 @@ from rollout.bench.run import BenchConfig, RunResult
 def write_json(results: list[RunResult], path: Path, cfg: BenchConfig) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"config": cfg.model_dump(mode="json"), "device": device_name(), "threads": cfg.threads}
-    path.write_text(json.dumps({"meta": meta, "runs": [r.to_json() for r in results]}, indent=1))
+    body = {"meta": meta, "runs": [r.to_json() for r in results], "checkpoints": checkpoint_summary(results)}
+    path.write_text(json.dumps(body, indent=1))
 
 
 def device_name() -> str:
@@ -72,6 +73,79 @@ def print_table(results: list[RunResult]) -> None:
     Console(width=max(160, Console().width)).print(table)
 
 
+def checkpoint_summary(results: list[RunResult]) -> list[dict]:
+    """Per checkpoint and batch size: ar, and the best lossless level set by tokens/s (the side-by-side figures)."""
+    out = []
+    groups = dict.fromkeys(
+        (r.checkpoint, r.batch_size) for r in results if not r.sweep or r.sweep.startswith("checkpoint=")
+    )
+    for ckpt, B in groups:
+        rows = [
+            r
+            for r in results
+            if (r.checkpoint, r.batch_size) == (ckpt, B)
+            and (not r.sweep or r.sweep.startswith("checkpoint="))
+        ]
+        ar = next((r for r in rows if r.sampler == "ar"), None)
+        best = max((r for r in rows if r.sampler == "lossless"), key=lambda r: r.tokens_per_s, default=None)
+        if ar is None or best is None:
+            continue
+        out.append(
+            {
+                "checkpoint": ckpt,
+                "vocab_size": best.vocab_size,
+                "prompt_format": best.prompt_format,
+                "batch_size": B,
+                "ar_tokens_per_s": ar.tokens_per_s,
+                "lossless_levels": best.levels,
+                "lossless_tokens_per_s": best.tokens_per_s,
+                "tokens_per_forward": best.tokens_per_forward,
+                "speedup_vs_ar": best.speedup_vs_ar,
+                "speedup_vs_hf": best.speedup_vs_hf,
+                "accept_by_position": best.accept_by_position,
+                "solve_rate": best.solve_rate,
+            }
+        )
+    return out
+
+
+def print_checkpoints(results: list[RunResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = checkpoint_summary(results)
+    if len({r["checkpoint"] for r in rows}) < 2:
+        return
+    table = Table(title="checkpoints side by side (best lossless level set vs the engine's ar, same prompts)")
+    for col in (
+        "checkpoint",
+        "vocab",
+        "format",
+        "B",
+        "ar tok/s",
+        "lossless",
+        "tok/s",
+        "TPF",
+        "vs ar",
+        "solve",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            Path(r["checkpoint"]).name,
+            str(r["vocab_size"]),
+            r["prompt_format"],
+            str(r["batch_size"]),
+            f"{r['ar_tokens_per_s']:.0f}",
+            str(r["lossless_levels"]),
+            f"{r['lossless_tokens_per_s']:.0f}",
+            f"{r['tokens_per_forward']:.2f}",
+            f"{r['speedup_vs_ar']:.2f}x",
+            f"{r['solve_rate']:.0%}",
+        )
+    Console(width=max(120, Console().width)).print(table)
+
+
 def plot(results: list[RunResult], path: Path) -> None:
     plt = pyplot()
 
@@ -115,7 +189,7 @@ def plot(results: list[RunResult], path: Path) -> None:
                 f"{r.sampler}{r.levels if name == 'levels' else ''}"
                 + (f"K{r.block_size}" if name == "block_size" else "")
                 + (f"w{r.mix_weight}" if name == "mix_weight" else "")
-                + (f"B{r.batch_size}" if name == "batch_size" else "")
+                + (f"B{r.batch_size}" if name == "batch_size" or name.startswith("checkpoint=") else "")
                 for r in rows
             ],
             [r.tokens_per_s for r in rows],

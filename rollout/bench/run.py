@@ -19,6 +19,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -92,6 +93,11 @@ class BenchConfig(Section):
     """torch threads."""
     experts_implementation: str | None = None
     """MoE experts kernel for every sampler, HF included ("eager", "grouped_mm", ...; None = the model's default)."""
+    compare: list[ShippedPath] = Field(default_factory=list)
+    """other converted checkpoints, run in the same session beside `checkpoint` (hf, ar and every lossless level
+    set at every batch size, on the same task prompts, each in its training prompt format under
+    prompt_format: auto): e.g. the char-level and the
+    BPE checkpoints side by side."""
     sweep: SweepConfig = SweepConfig()
 
 
@@ -117,6 +123,8 @@ class RunResult:
     choice: str = ""  # auto's pick
     sweep: str = ""  # which sweep a row belongs to ("" = default comparison)
     prompt_format: str = ""  # how the prompts were encoded (text | raw | chat)
+    checkpoint: str = ""  # the checkpoint directory that ran
+    vocab_size: int = 0  # its tokenizer's vocabulary
     _acc: AcceptanceStats | None = field(default=None, repr=False)  # observed acceptance (for the projection)
     _option: Option | None = field(default=None, repr=False)  # the concrete option that ran
     _lengths: list[int] = field(default_factory=list, repr=False)  # completion lengths of the last repeat
@@ -307,19 +315,20 @@ def project(cost: CostModel, res: RunResult) -> float | None:
     return cost.project_run(res._option, res.batch_size, res._lengths, res._acc)
 
 
-def run_bench(cfg: BenchConfig) -> list[RunResult]:
-    torch.set_num_threads(cfg.threads)
-    policy = HybridPolicy.from_pretrained(cfg.checkpoint)
-    tok = load_tokenizer(cfg.checkpoint)
+def load_bench_policy(path: str, cfg: BenchConfig):
+    policy = HybridPolicy.from_pretrained(path)
+    tok = load_tokenizer(path)
     if not policy.is_converted:
-        raise ConfigError(
-            f"checkpoint: {cfg.checkpoint} is not a converted blockrl checkpoint (run blockrl convert)"
-        )
+        raise ConfigError(f"checkpoint: {path} is not a converted blockrl checkpoint (run blockrl convert)")
     if cfg.experts_implementation and policy.moe:
         policy.model.set_experts_implementation(cfg.experts_implementation)
-    policy.eval()
-    K = policy.block_size
-    cost = CostModel(K)
+    return policy.eval(), tok
+
+
+def run_bench(cfg: BenchConfig) -> list[RunResult]:
+    torch.set_num_threads(cfg.threads)
+    policy, tok = load_bench_policy(cfg.checkpoint, cfg)
+    cost = CostModel(policy.block_size)
     results: list[RunResult] = []
     for B in cfg.batch_sizes:
         n = max(B * cfg.prompts_per_row, cfg.min_prompts)
@@ -335,7 +344,27 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         finish_rows(rows, cost)
         results += rows
     results += run_sweeps(policy, tok, cfg, cost)
+    for path in cfg.compare:
+        results += run_comparison(path, cfg)
+    for r in results:
+        r.checkpoint = r.checkpoint or str(cfg.checkpoint)
+        r.vocab_size = r.vocab_size or len(tok)
     return results
+
+
+def run_comparison(path: str, cfg: BenchConfig) -> list[RunResult]:
+    """Another checkpoint on the same prompts: hf, ar and every lossless level set at every batch size."""
+    policy, tok = load_bench_policy(path, cfg)
+    out = []
+    for B in cfg.batch_sizes:
+        samples = prompts_for(cfg, max(B * cfg.prompts_per_row, cfg.min_prompts))
+        specs = [("hf", {}), ("ar", {})] + [("lossless", {"levels": lv}) for lv in cfg.levels]
+        rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
+        finish_rows(rows, None)
+        for r in rows:
+            r.sweep, r.checkpoint, r.vocab_size = f"checkpoint={Path(path).name}", str(path), len(tok)
+        out += rows
+    return out
 
 
 def finish_rows(rows: list[RunResult], cost: CostModel | None) -> None:

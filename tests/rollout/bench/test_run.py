@@ -8,11 +8,17 @@ from rollout.auto import AutoSampler, engine_factory
 from trainers.cli import main
 
 
-def test_bench_cli_writes_json_with_all_samplers(tmp_path, tokenizer):
-    ckpt = tmp_path / "ckpt"
+def converted(path, tokenizer):
     policy = HybridPolicy(build_model(tiny_moe_config(len(tokenizer))))
     policy.convert(tokenizer, block_size=4)
-    policy.save_pretrained(ckpt, tokenizer)
+    policy.save_pretrained(path, tokenizer)
+
+
+def test_bench_cli_writes_json_with_all_samplers(tmp_path, tokenizer, bpe_tokenizer):
+    """...and runs a second checkpoint (another tokenizer) side by side on the same prompts."""
+    ckpt, other = tmp_path / "ckpt", tmp_path / "other"
+    converted(ckpt, tokenizer)
+    converted(other, bpe_tokenizer)
     out = tmp_path / "bench.json"
     code = main(
         [
@@ -39,12 +45,25 @@ def test_bench_cli_writes_json_with_all_samplers(tmp_path, tokenizer):
             "threads=1",
             "--set",
             "sweep.block_sizes=[2]",
+            "--set",
+            f"compare=[{other}]",
             "--json",
             str(out),
         ]
     )
     assert code == 0
-    runs = json.loads(out.read_text())["runs"]
+    body = json.loads(out.read_text())
+    runs = body["runs"]
+    side = [r for r in runs if r["sweep"] == "checkpoint=other"]
+    assert {(r["sampler"], r["batch_size"]) for r in side} == {
+        (s, b) for s in ("hf", "ar", "lossless") for b in (1, 2)
+    }
+    assert {r["checkpoint"] for r in side} == {str(other)} and side[0]["vocab_size"] == len(bpe_tokenizer)
+    summary = body["checkpoints"]  # ar and the best lossless row per checkpoint and batch size
+    assert [(s["checkpoint"], s["batch_size"]) for s in summary] == [
+        (c, b) for c in (str(ckpt), str(other)) for b in (1, 2)
+    ]
+    assert all(s["tokens_per_forward"] >= 1.0 and s["ar_tokens_per_s"] > 0 for s in summary)
     assert {r["sampler"] for r in runs} == {"hf", "ar", "lossless", "logit_mix", "auto"}
     keys = {
         "batch_size",
