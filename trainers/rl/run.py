@@ -27,6 +27,8 @@ from common.checkpoint import load_trainer_state, recover, save_checkpoint
 from common.config import ConfigError, Section, ShippedPath, dump_config
 from common.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink
 from envs import splits
+from envs.prompt_file import PromptFileConfig, PromptFileTask
+from envs.rewards import RewardFunctions, RewardSpec
 from envs.tasks import TaskName
 from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.tokenizer import pad_id
@@ -37,7 +39,7 @@ from rollout.worker import state_dict_numpy
 from trainers.rl.drift import DetectorConfig, DriftMonitor
 from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch
 from trainers.rl.plots import plot_run
-from trainers.rl.rollouts import StepRollouts, heldout_eval, rollout_metrics
+from trainers.rl.rollouts import StepRollouts, heldout_eval, heldout_reward, rollout_metrics
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,14 @@ class TrainConfig(Section):
     """steps between atomic checkpoints."""
     env: str | None = None
     """multi-turn gymnasium env id (e.g. blockrl/calc-chain_sum-v0) instead of single-turn `tasks` prompts."""
+    prompts: PromptFileConfig = PromptFileConfig()
+    """the researcher's own task: prompt files (`prompt` or `messages` rows, other columns go to the rewards)
+    instead of `tasks`; scored by `rewards`."""
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    """reward functions for `prompts` (TRL's signature, by `module:function` or `file.py:function`), weighted."""
+    on_reward_error: Literal["raise", "record"] = "raise"
+    """a reward function that raises or returns a non-finite value: stop naming it and the row, or count it and
+    let that term be 0."""
     prompt_format: Literal["auto", "text", "raw", "chat"] = "auto"
     """task prompt encoding: auto = the checkpoint's training format (chat for a model converted on chats)."""
     async_rollouts: bool = False
@@ -102,6 +112,20 @@ class TrainConfig(Section):
         return self.prompts_per_step * self.group_size
 
     @model_validator(mode="after")
+    def _one_task_source(self) -> TrainConfig:
+        if self.prompts.files and self.env:
+            raise ValueError("prompts.files and env are two task sources; give one")
+        if self.prompts.files and not self.rewards:
+            raise ValueError("rewards: prompts.files needs at least one reward function ('module:function')")
+        if self.rewards and not self.prompts.files:
+            raise ValueError("rewards: reward functions score prompt files; set prompts.files")
+        if self.prompts.files and self.eval_every and not self.prompts.heldout_rows:
+            raise ValueError(
+                "eval_every with prompts.files needs prompts.heldout_rows > 0 (rows to evaluate on)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _same_temperature(self) -> TrainConfig:
         if self.learner.temperature != self.rollout.temperature:
             raise ValueError(
@@ -126,16 +150,45 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     fmt = policy.resolve_prompt_format(cfg.prompt_format)
     if cfg.env and fmt == "chat":
         raise ConfigError(f"prompt_format: env {cfg.env} feeds text turns; chat-format prompts need `tasks`")
+    file_task = None
+    if cfg.prompts.files:
+        file_task = PromptFileTask(cfg.prompts, RewardFunctions(cfg.rewards, cfg.on_reward_error))
+        log.info(
+            "prompts: %d training rows, %d held out (%s)",
+            len(file_task.train),
+            len(file_task.heldout),
+            file_task.bad.summary() if file_task.bad.skipped else "no bad rows",
+        )
     rollouts = StepRollouts(
-        pool, tok, cfg.tasks, cfg.env, cfg.seed, cfg.prompts_per_step, cfg.group_size, sampling, fmt
+        pool,
+        tok,
+        cfg.tasks,
+        cfg.env,
+        cfg.seed,
+        cfg.prompts_per_step,
+        cfg.group_size,
+        sampling,
+        fmt,
+        file_task,
     )
     K = policy.block_size if r.sampler != "ar" else 0
-    heldout = splits.rl_heldout(cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, rollouts.train_prompts)
+
+    heldout = (
+        None
+        if file_task
+        else splits.rl_heldout(cfg.eval_tasks or cfg.tasks, cfg.eval_per_task, rollouts.train_prompts)
+    )
+
+    def evaluate() -> dict:  # held-out solve rate (built-in tasks) or mean reward (prompt-file rows)
+        if file_task is not None:
+            return heldout_reward(pool, tok, file_task, sampling, fmt)
+        return heldout_eval(pool, tok, heldout, sampling, fmt)
+
     history, pending = [], None
     try:
         if cfg.eval_every and start == 0:
             _publish(pool, policy, learner.version)
-            sink.log(0, heldout_eval(pool, tok, heldout, sampling, fmt))
+            sink.log(0, evaluate())
         for step in range(start, cfg.steps):
             t0 = time.time()
             if pending is None:  # on-policy: the rollouts use the weights of the last learner step
@@ -162,7 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                 if pending is not None:
                     pending.result()  # workers are busy with step+1; evaluate after (they hold older weights)
                 _publish(pool, policy, learner.version)
-                metrics |= heldout_eval(pool, tok, heldout, sampling, fmt)
+                metrics |= evaluate()
             metrics = _finite(metrics, step)
             sink.log(step + 1, metrics)
             history.append({"step": step + 1, **metrics})

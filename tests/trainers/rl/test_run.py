@@ -3,6 +3,7 @@
 import contextlib
 import json
 
+import pytest
 import ray
 
 from trainers.cli import main
@@ -126,3 +127,63 @@ def test_train_ppo_on_the_multi_turn_env_with_async_rollouts(tmp_path):
     assert [r["rollout/staleness"] for r in records] == [0.0, 1.0, 1.0]
     assert all("train/value_loss" in r and "reward/chain_sum/mean" in r for r in records)
     assert records[0]["rollout/logprob_mismatch"] <= 1e-3  # the first step is on-policy
+
+
+REWARD_MODULE = """
+import json, os
+
+LOG = os.path.join(os.path.dirname(__file__), "calls.jsonl")
+
+
+def correct(prompts, completions, completion_ids, answer, difficulty, **kwargs):
+    with open(LOG, "a") as f:
+        for p, c, a, d in zip(prompts, completions, answer, difficulty):
+            f.write(json.dumps({"prompt": p, "completion": c, "answer": a, "difficulty": d}) + "\\n")
+    return [float(c.strip().endswith(str(a))) for c, a in zip(completions, answer)]
+
+
+def brevity(prompts, completions, completion_ids, **kwargs):
+    return [None if len(ids) < 3 else -len(ids) / 100 for ids in completion_ids]
+"""
+
+
+def test_train_on_the_researchers_prompt_file_and_reward_functions(tmp_path):
+    """The user's own task: a JSONL prompt file with extra columns and a reward module written here; 2 steps train,
+    the columns reach the reward functions, and the logged rewards are the functions' weighted sums."""
+    from envs import splits
+
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    pool = splits.rl_prompt_pool(["letter_counting"], 5)["letter_counting"][:12]
+    rows = [
+        {"prompt": s.prompt, "answer": s.entry["answer"], "difficulty": i % 3} for i, s in enumerate(pool)
+    ]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    try:
+        argv = ["train", "--set", f"run_dir={run}", "--set", "steps=2", "--set", "eval_every=2", *SMALL]
+        argv += ["--set", f"prompts.files=[{tmp_path / 'prompts.jsonl'}]", "--set", "prompts.heldout_rows=3"]
+        argv += [
+            "--set",
+            f"rewards=[{{function: {tmp_path / 'my_rewards.py'}:correct}}, "
+            f"{{function: {tmp_path / 'my_rewards.py'}:brevity, weight: 0.5}}]",
+        ]
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]  # held-out reward before step 1 and after the last
+    calls = [json.loads(ln) for ln in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert all(
+        by_prompt[c["prompt"]]["answer"] == c["answer"] for c in calls
+    )  # columns travel with their row
+    assert all(by_prompt[c["prompt"]]["difficulty"] == c["difficulty"] for c in calls)
+    # held-out (3 rows x 1), step 1 and step 2 (3 prompts x group 2 each), held-out again
+    assert len(calls) == 3 + 6 + 6 + 3
+    heldout, step1, trained = calls[:3], calls[3:9], calls[3:15]
+    assert [c["prompt"] for c in calls[-3:]] == [c["prompt"] for c in heldout]
+    assert not {c["prompt"] for c in heldout} & {c["prompt"] for c in trained}
+    mean_correct = sum(float(c["completion"].strip().endswith(str(c["answer"]))) for c in step1) / 6
+    assert records[1]["reward/fn/correct/mean"] == pytest.approx(mean_correct)
+    assert "reward/prompts/mean" in records[1] and records[1]["reward/failures"] == 0
+    assert "eval/reward_mean" in records[0] and "eval/reward_mean" in records[2]
