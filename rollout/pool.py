@@ -93,6 +93,7 @@ class RolloutPool:
             engine,
             workers.workers,
             workers.cpus_per_worker,
+            num_gpus_per_worker=workers.gpus_per_worker,
             threads=workers.threads,
             shard_timeout_s=workers.shard_timeout_s,
         )

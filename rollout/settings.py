@@ -12,10 +12,11 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from common.config import Section
+from common.device import DeviceSettings
 
 
-class EngineSettings(Section):
-    """The BlockEngine each worker hosts."""
+class EngineSettings(DeviceSettings):
+    """The BlockEngine each worker hosts, on `device` with weights in `dtype`."""
 
     sampler: Literal["ar", "lossless", "logit_mix", "auto"] = "lossless"
     """rollout sampler (auto: exact samples, chosen per call by the cost model)."""
@@ -45,6 +46,8 @@ class WorkerSettings(Section):
     """Ray rollout actors."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved per actor."""
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    """Ray GPUs reserved per actor; fractions share a GPU (0.25 = four workers per GPU). 0 = CPU workers."""
     threads: int = Field(1, ge=1)
     """torch threads per actor."""
     address: str | None = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.device import resolve_device
 from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.auto import AutoSampler, build_engine
 from rollout.engine import BlockEngine
@@ -53,7 +54,13 @@ class StaleWeightsError(RuntimeError):
 
 
 def state_dict_numpy(policy: HybridPolicy) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in policy.model.state_dict().items()}
+    """The weights as numpy on the host (numpy has no bfloat16: bf16 tensors travel as fp32; each worker casts to
+    its own dtype on load)."""
+    out = {}
+    for k, v in policy.model.state_dict().items():
+        v = v.detach()
+        out[k] = (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy()
+    return out
 
 
 class RolloutWorker:
@@ -61,7 +68,10 @@ class RolloutWorker:
         if not isinstance(engine, EngineSettings):
             raise TypeError(f"engine: expected EngineSettings, got {type(engine).__name__}")
         torch.set_num_threads(threads)
-        self.policy = HybridPolicy.from_pretrained(checkpoint).eval()
+        self.device = resolve_device(engine.device, "rollout.device")
+        self.policy = (
+            HybridPolicy.from_pretrained(checkpoint, dtype=engine.torch_dtype).to(self.device).eval()
+        )
         self.tokenizer = load_tokenizer(checkpoint)
         self.settings = engine
         # built once, on the first shard: `auto` keeps its calibration and acceptance stats
@@ -73,7 +83,7 @@ class RolloutWorker:
 
     def set_weights(self, version: int, weights: dict[str, np.ndarray]) -> int:
         state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
-        self.policy.model.load_state_dict(state)
+        self.policy.model.load_state_dict(state)  # copies onto this worker's device, cast to its dtype
         self.version = version
         return version
 

@@ -44,7 +44,15 @@ from rollout.types import Trajectory
 log = logging.getLogger(__name__)
 
 # Config fields that change how fast the rows are produced, not what they contain: free to change on resume.
-OPERATIONAL = ("out_dir", "workers", "cpus_per_worker", "threads", "address", "shard_timeout_s")
+OPERATIONAL = (
+    "out_dir",
+    "workers",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "threads",
+    "address",
+    "shard_timeout_s",
+)
 # Config fields that say where the inputs are: the manifest pins their content instead.
 LOCATIONS = ("checkpoint", "prompts_file")
 

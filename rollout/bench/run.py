@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 
 from common.config import ConfigError, Section, ShippedPath
+from common.device import DeviceSettings
 from envs import splits
 from envs.tasks import TaskName, TaskSample, score
 from policy.generate import hf_generate
@@ -58,8 +59,8 @@ class SweepConfig(Section):
     prompt format is measured, not discovered."""
 
 
-class BenchConfig(Section):
-    """`blockrl bench` settings."""
+class BenchConfig(DeviceSettings):
+    """`blockrl bench` settings (`device`, `dtype`: where every sampler, HF generate included, runs)."""
 
     checkpoint: ShippedPath = "checkpoints/tiny-moe"
     """converted checkpoint directory."""
@@ -134,9 +135,19 @@ class RunResult:
 
 
 class PeakRSS:
-    """Peak resident-set growth of this process while the block runs (sampled every 20 ms)."""
+    """Peak memory growth while the block runs: on CUDA the allocator's peak over its start; on the CPU the
+    process's resident set (sampled every 20 ms)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.cuda = device is not None and device.type == "cuda"
+        self.device = device
 
     def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
         self.base = self.peak = self._rss()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._poll, daemon=True)
@@ -154,6 +165,10 @@ class PeakRSS:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
         self._stop.set()
         self._t.join()
         self.peak = max(self.peak, self._rss())
@@ -236,7 +251,7 @@ class Cell:
 
     def run_once(self, rep: int) -> None:
         cfg = self.cfg
-        with PeakRSS() as mem:
+        with PeakRSS(next(self.policy.parameters()).device) as mem:
             t0 = time.perf_counter()
             if self.engine is None:
                 self.outs = bench_hf_generate(
@@ -316,7 +331,7 @@ def project(cost: CostModel, res: RunResult) -> float | None:
 
 
 def load_bench_policy(path: str, cfg: BenchConfig):
-    policy = HybridPolicy.from_pretrained(path)
+    policy = HybridPolicy.from_pretrained(path, dtype=cfg.torch_dtype).to(cfg.torch_device())
     tok = load_tokenizer(path)
     if not policy.is_converted:
         raise ConfigError(f"checkpoint: {path} is not a converted blockrl checkpoint (run blockrl convert)")

@@ -37,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from common.device import resolve_device
+
 
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job, or a single process (before the process group exists)."""
@@ -62,12 +64,7 @@ class DistContext:
         """The torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK), or one process. gloo on CPU, nccl on CUDA."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda":
-            device = f"cuda:{local}"
-        dev = torch.device(device)
+        dev = resolve_device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from common.checkpoint import load_trainer_state, recover, require_checkpoint, save_checkpoint
 from common.config import ConfigError, Section, dump_config
+from common.device import DeviceName
 from common.metrics import append_jsonl, truncate_jsonl
 from policy.factory import ModelSpec, build_model, count_parameters, make_config
 from policy.families import UnsupportedModelError
@@ -100,7 +101,7 @@ class RunConfig(Section):
     """steps between JSONL loss records."""
     checkpoint_every: int = Field(250, ge=1)
     """steps between atomic checkpoints."""
-    device: str = "auto"
+    device: DeviceName = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is there, else cpu), cpu or cuda[:n]."""
     autocast: Literal["none", "bfloat16"] = "none"
     """bf16 autocast of the forward (weights and optimizer stay fp32; losses in fp32)."""

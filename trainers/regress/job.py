@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import require_checkpoint
 from common.config import ConfigError, Section, ShippedPath, dump_config
+from common.device import DeviceSettings
 from envs import splits
 from envs.tasks import CORPUS_TASKS, TaskName, TaskSample, score
 from policy.hybrid import HybridPolicy, load_tokenizer
@@ -84,8 +85,9 @@ class SamplerSpec(Section):
         )
 
 
-class RegressConfig(Section):
-    """`blockrl regress`: seeded eval suite, samplers, baseline and tolerances."""
+class RegressConfig(DeviceSettings):
+    """`blockrl regress`: seeded eval suite, samplers, baseline and tolerances (`device`, `dtype`: where it runs;
+    recorded in the report's meta)."""
 
     checkpoint: ShippedPath = "checkpoints/tiny-moe"
     """converted checkpoint under test."""
@@ -418,7 +420,7 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
     run_dir = Path(cfg.run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     torch.set_num_threads(cfg.threads)
-    policy = HybridPolicy.from_pretrained(cfg.checkpoint)
+    policy = HybridPolicy.from_pretrained(cfg.checkpoint, dtype=cfg.torch_dtype).to(cfg.torch_device()).eval()
     if not policy.is_converted and any(s.sampler != "ar" for s in cfg.samplers):
         raise ConfigError(f"checkpoint: {cfg.checkpoint} is not converted; only sampler 'ar' can run on it")
     tok = load_tokenizer(cfg.checkpoint)
@@ -435,6 +437,7 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
         "checkpoint": cfg.checkpoint,
         "checkpoint_sha256": checkpoint_fingerprint(cfg.checkpoint),
         "device": device_name(),
+        "dtype": cfg.dtype,
         "threads": cfg.threads,
         "torch": torch.__version__,
     }

@@ -9,6 +9,7 @@ on-policy; logit_mix rollouts get truncated importance weights against their `be
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from common.config import Section
+from common.device import DeviceName, resolve_device
 from policy.hybrid import HybridPolicy
 from policy.losses import masked_ce
 from rollout.types import Trajectory
@@ -44,6 +46,10 @@ class LearnerConfig(Section):
     grpo: GRPOConfig = GRPOConfig()
     """policy loss: clipping, aggregation, KL, truncated IS (shared by GRPO and PPO)."""
     ppo: PPOConfig = PPOConfig()
+    device: DeviceName = "auto"
+    """the learner's device, apart from the rollout workers' (auto: CUDA when visible, else cpu)."""
+    autocast: Literal["none", "bfloat16"] = "none"
+    """bf16 autocast of the learner's forwards (weights and AdamW state stay fp32; log-probs and losses fp32)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,12 @@ class RolloutBatch:
     token_rewards: torch.Tensor  # [B, S] each turn's reward on its last model token (PPO)
     group_size: int
     policy_version: int  # oldest policy version among the rollouts
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return RolloutBatch(
+            **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
+        )
 
     @staticmethod
     def from_trajectories(trajs: list[Trajectory], rewards: list[float], group_size: int, pad_id: int):
@@ -130,7 +142,8 @@ class Learner:
     def __init__(self, policy: HybridPolicy, cfg: LearnerConfig, version: int = 0):
         self.policy, self.cfg, self.version = policy, cfg, version
         self.lambda_diff = cfg.lambda_diff  # the drift action may raise it; checkpointed with the learner
-        device = next(policy.parameters()).device
+        device = self.device = resolve_device(cfg.device, "learner.device")
+        policy.to(device)
         groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
         self.value_head = None
         if cfg.algo == "ppo":
@@ -163,14 +176,15 @@ class Learner:
 
         One forward either way: the clean half of the TiDAR forward is the AR forward, so its hidden states feed the
         value head too."""
-        if need_diff:
-            out = self.policy.tidar_forward(ids, valid)
-            logits, diff, aux, hidden = out.ar_logits, out.diff_logits, out.aux_loss, out.hidden
-        else:
-            ar = self.policy.ar_forward(ids, valid, want_aux=need_aux)
-            logits, diff, aux, hidden = ar.logits, None, ar.aux_loss, ar.hidden
-        # the value of the state that token t is sampled from: the hidden state at t - 1
-        values = F.pad(self.value_head(hidden)[:, :-1], (1, 0)) if need_values else None
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast == "bfloat16"):
+            if need_diff:
+                out = self.policy.tidar_forward(ids, valid)
+                logits, diff, aux, hidden = out.ar_logits, out.diff_logits, out.aux_loss, out.hidden
+            else:
+                ar = self.policy.ar_forward(ids, valid, want_aux=need_aux)
+                logits, diff, aux, hidden = ar.logits, None, ar.aux_loss, ar.hidden
+            # the value of the state that token t is sampled from: the hidden state at t - 1
+            values = F.pad(self.value_head(hidden)[:, :-1].float(), (1, 0)) if need_values else None
         return logits, diff, aux, values
 
     def _advantages(
@@ -193,6 +207,7 @@ class Learner:
         minibatch step. The rollout-vs-learner diagnostics come from the first minibatch, the only forward that runs
         before an update: later ones would measure the learner's own steps, not the rollout's exactness."""
         cfg = self.cfg
+        batch = batch.to(self.device)
         self.policy.train()
         adv, old_values, returns = self._advantages(batch)
         staleness = self.version - batch.policy_version

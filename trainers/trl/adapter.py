@@ -41,15 +41,18 @@ Decisions:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
 from trl.data_utils import is_conversational
 
+from common.device import DTYPES, DeviceName, DTypeName, resolve_device
 from policy.hybrid import METADATA_KEY, HybridPolicy
 from rollout.auto import AutoSampler, build_engine
 from rollout.engine import BlockEngine
@@ -69,6 +72,10 @@ class TRLRolloutConfig(EngineSettings):
     """`BlockRolloutFunc` settings: the engine (sampler, levels, mix_weight, max_batch; logit_mix is off-policy, so
     train it with BlockGRPOTrainer); sampling parameters come from the trainer (GRPOConfig)."""
 
+    device: DeviceName | Literal["trainer"] = "trainer"
+    """the engine's device: trainer = share the trainer's model (no copy); another device gets a synced copy."""
+    dtype: DTypeName | Literal["trainer"] = "trainer"
+    """the engine's weights: trainer = the trainer's model itself; e.g. bfloat16 gets a synced bf16 copy."""
     max_new_tokens: int | None = Field(None, ge=1)
     """completion budget; None = the trainer's max_completion_length."""
     seed: int = 0
@@ -79,6 +86,11 @@ class TRLRolloutConfig(EngineSettings):
     """model turns per episode when turn_fn is given."""
     return_env_mask: bool = True
     """return `env_mask` (all ones for single-turn rollouts)."""
+
+    def engine_settings(self) -> EngineSettings:
+        """The engine fields; the engine runs wherever its policy is (the trainer's model, or `engine_copy`)."""
+        keep = {k: getattr(self, k) for k in EngineSettings.model_fields if k not in ("device", "dtype")}
+        return EngineSettings(**keep)
 
 
 @dataclass
@@ -132,6 +144,15 @@ def hybrid_of(model: torch.nn.Module) -> HybridPolicy:
     return HybridPolicy(model, meta.get("mask_token_id"), int(meta.get("block_size", 16)))
 
 
+def engine_copy(model: torch.nn.Module, cfg: TRLRolloutConfig) -> HybridPolicy:
+    """A separate copy of the trainer's model for the engine, on `cfg.device` with weights in `cfg.dtype` (either
+    "trainer" = as the trainer's model); `sync` keeps it at the trainer's version."""
+    param = next(model.parameters())
+    device = param.device if cfg.device == "trainer" else resolve_device(cfg.device, "device")
+    dtype = param.dtype if cfg.dtype == "trainer" else DTYPES[cfg.dtype]
+    return hybrid_of(copy.deepcopy(model).to(device=device, dtype=dtype)).eval()
+
+
 class BlockRolloutFunc:
     """`rollout_func` for `trl.GRPOTrainer`: block-decoded rollouts on blockrl's engine, weights synced by version.
 
@@ -173,6 +194,9 @@ class BlockRolloutFunc:
         shared = self.policy is None or self.policy.model is model
         loaded = False
         if self.engine is None:
+            if self.policy is None and (self.cfg.device, self.cfg.dtype) != ("trainer", "trainer"):
+                self.policy = engine_copy(model, self.cfg)
+                shared = False
             policy = hybrid_of(model) if self.policy is None else self.policy
             self.engine = build_engine(policy, self.cfg.engine_settings(), tokenizer=trainer.processing_class)
             log.info(

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
@@ -391,3 +392,16 @@ def test_cli_rollout_on_two_ray_workers_matches_in_process_worker(tmp_path):
     for name in logprobs:
         for a, b in zip(got[name].to_pylist(), want[name].to_pylist(), strict=True):
             assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_bf16_workers_write_complete_rows(tmp_path):
+    """dtype=bfloat16 on the CPU: the worker's weights are bf16, rows are complete, log-probs are finite fp32."""
+    cfg = config(tmp_path / "out", dtype="bfloat16", num_prompts=2)
+    backend = make_backend(cfg, kind="local")
+    assert next(backend.worker.policy.parameters()).dtype == torch.bfloat16
+    run_job(cfg, backend=backend, progress=False)
+    rows = table(cfg.out_dir).to_pylist()
+    assert len(rows) == 4 and all(1 <= len(r["tokens"]) <= cfg.max_new_tokens for r in rows)
+    assert all(
+        len(r["ar_logprobs"]) == len(r["tokens"]) and all(lp <= 0 for lp in r["ar_logprobs"]) for r in rows
+    )

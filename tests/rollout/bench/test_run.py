@@ -95,3 +95,33 @@ def test_auto_sampler_runs_and_reports_its_choice(tokenizer):
     assert (
         eng.policy is policy and policy.block_size == eng.K
     )  # what the TRL adapter and regress read  # the pilot fed the live acceptance curve
+
+
+def test_bench_runs_in_bf16_on_cpu(tmp_path, tokenizer):
+    """dtype=bfloat16: every sampler (HF generate too) runs on bf16 weights; the config is recorded in the JSON."""
+    ckpt = tmp_path / "ckpt"
+    converted(ckpt, tokenizer)
+    out = tmp_path / "bench.json"
+    sets = {
+        "checkpoint": ckpt,
+        "run_dir": tmp_path / "run",
+        "dtype": "bfloat16",
+        "device": "cpu",
+        "repeats": 1,
+        "batch_sizes": "[2]",
+        "max_new_tokens": 8,
+        "min_prompts": 2,
+        "prompts_per_row": 1,
+        "levels": "[[0,2]]",
+        "mix_levels": "[0,2]",
+        "threads": 1,
+        "sweep.prompt_formats": "[]",
+    }
+    argv = ["bench", "--json", str(out)]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v}"]
+    assert main(argv) == 0
+    body = json.loads(out.read_text())
+    assert body["meta"]["config"]["dtype"] == "bfloat16"
+    assert {r["sampler"] for r in body["runs"]} == {"hf", "ar", "lossless", "logit_mix", "auto"}
+    assert all(r["tokens_per_s"] > 0 and r["tokens_per_forward"] >= 1.0 for r in body["runs"])

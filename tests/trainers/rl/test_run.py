@@ -187,3 +187,26 @@ def test_train_on_the_researchers_prompt_file_and_reward_functions(tmp_path):
     assert records[1]["reward/fn/correct/mean"] == pytest.approx(mean_correct)
     assert "reward/prompts/mean" in records[1] and records[1]["reward/failures"] == 0
     assert "eval/reward_mean" in records[0] and "eval/reward_mean" in records[2]
+
+
+def test_two_rl_steps_in_bf16_on_cpu(tmp_path):
+    """bf16 rollout workers (weights in bf16, sampling and log-probs in fp32) and a bf16-autocast learner: 2 steps run
+    and the learner's fp32 log-probs stay close to the bf16 workers' (they differ by bf16 rounding only)."""
+    run = tmp_path / "run"
+    try:
+        argv = ["train", "--set", f"run_dir={run}", "--set", "steps=2", *SMALL]
+        argv += [
+            "--set",
+            "rollout.dtype=bfloat16",
+            "--set",
+            "learner.autocast=bfloat16",
+            "--set",
+            "rollout.device=cpu",
+        ]
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 < r["rollout/logprob_mismatch"] < 0.2 for r in records)  # bf16 workers: close, not exact
+    assert all(r["rollout/tokens_per_forward"] > 1.0 for r in records)
