@@ -13,6 +13,7 @@ from pathlib import Path
 INSTALL_ROOT = Path(__file__).resolve().parents[1]  # the folder holding common/, configs/, checkpoints/
 CONFIG_DIR = INSTALL_ROOT / "configs"
 SHIPPED_CHECKPOINT = INSTALL_ROOT / "checkpoints" / "tiny-moe"
+SHIPPED_BPE_CHECKPOINT = INSTALL_ROOT / "checkpoints" / "tiny-moe-bpe"  # byte-level BPE, ChatML, no BOS
 
 
 def resolve_shipped(path: str) -> str:

@@ -194,16 +194,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-per-task", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--prompt-format",
+        default="auto",
+        choices=["auto", "text", "raw", "chat"],
+        help="auto = the checkpoint's training format (e.g. chat for a checkpoint written before formats were recorded)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(PresetSections, args.config, [f"data.heldout_per_task={args.samples_per_task}"])
     policy = HybridPolicy.from_pretrained(args.checkpoint)
     tok = load_tokenizer(args.checkpoint)
     samples = heldout_samples(cfg.data)
-    solve = solve_rate(policy.model, tok, samples, cfg.eval, policy.prompt_format)
-    out = {"checkpoint": args.checkpoint, "prompt_format": policy.prompt_format, "solve": solve}
+    fmt = policy.resolve_prompt_format(args.prompt_format)
+    solve = solve_rate(policy.model, tok, samples, cfg.eval, fmt)
+    out = {"checkpoint": args.checkpoint, "prompt_format": fmt, "solve": solve}
     if policy.is_converted:
-        encoded = [encode(tok, s, policy.prompt_format) for s in samples]
+        encoded = [encode(tok, s, fmt) for s in samples]
         acc = diffusion_slot_accuracy(policy, tok, encoded)
         out |= {
             "slot_accuracy": acc,

@@ -116,6 +116,7 @@ def test_bench_runs_in_bf16_on_cpu(tmp_path, tokenizer):
         "mix_levels": "[0,2]",
         "threads": 1,
         "sweep.prompt_formats": "[]",
+        "compare": "[]",
     }
     argv = ["bench", "--json", str(out)]
     for k, v in sets.items():

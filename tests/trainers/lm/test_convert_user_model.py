@@ -80,6 +80,7 @@ def test_convert_bench_and_train_a_plain_bpe_chat_model_on_a_chat_file(tmp_path,
         mix_levels="[0]",
         threads=1,
         sweep__batch_size=2,
+        compare="[]",
     )
     assert main(["bench", *bench]) == 0
     runs = json.loads((tmp_path / "bench" / "results.json").read_text())["runs"]
