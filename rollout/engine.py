@@ -203,8 +203,12 @@ class _Run:
         self.anchor = torch.zeros(B, dtype=torch.long, device=dev)
         self.drafts = torch.zeros(B, max(K, 1), dtype=torch.long, device=dev)
         self.n_drafts = torch.zeros(B, dtype=torch.long, device=dev)
-        self.draft_logits = torch.zeros(B, max(K, 1), self.V, device=dev) if K else None
-        self.draft_probs = torch.zeros_like(self.draft_logits) if K and eng.draft == "sampled" else None
+        # per-row draft logits [B, K, V] only where logit mixing reads them; Dirac drafts keep just their ids
+        mixing = K and eng.sampler == "logit_mix" and eng.mix_weight < 1.0
+        self.draft_logits = torch.zeros(B, K, self.V, device=dev) if mixing else None
+        self.draft_probs = (
+            torch.zeros(B, K, self.V, device=dev) if K and eng.draft == "sampled" else None
+        )  # q of sampled drafts, which the next verify needs
         self.banned = constraint_mask(params, self.V, dev)
         self.results: list[Trajectory | None] = [None] * len(prompts)
 
@@ -320,7 +324,11 @@ class _Run:
         n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
         drafts = self.drafts[rows_t, :K]
         verified = self.verify(
-            rows, self.head(hidden[:, : K + 1]), drafts, self.draft_logits[rows_t] if K else None, n_drafts
+            rows,
+            self.head(hidden[:, : K + 1]),
+            drafts,
+            None if self.draft_logits is None else self.draft_logits[rows_t],
+            n_drafts,
         )
         accept_len = verified[0].accept_len
         self.commit(accept_len + 1)
@@ -368,7 +376,8 @@ class _Run:
         dl = self.head(chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1])))  # [R, K, V]
         n = K - accept_len + p
         rows_t = self._idx
-        self.draft_logits[rows_t] = dl
+        if self.draft_logits is not None:
+            self.draft_logits[rows_t] = dl
         self.n_drafts[rows_t] = n
         processed = process_logits(dl, self.params, self.banned)
         if self.eng.draft == "sampled" and self.params.temperature > 0:

@@ -79,3 +79,15 @@ def test_reference_logprobs_are_zero_past_the_last_emitted_slot():
     out = verify_reference(logits, drafts, None, n, u, 1.0)
     emitted = torch.arange(5)[None] <= out.accept_len[:, None]
     assert not out.logprobs.isnan().any() and (out.logprobs[~emitted] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampled", [False, True])
+def test_triton_on_cuda_equals_reference(sampled):
+    """The compiled kernel on CUDA tensors (TRITON_INTERPRET=0) against the torch reference on the CPU."""
+    logits, drafts, q, n, u = case(R=64, K=16, V=32768, sampled=sampled, seed=3)
+    ref = verify_reference(logits, drafts, q, n, u, 1.0)
+    cuda = [None if t is None else t.cuda() for t in (logits, drafts, q, n, u)]
+    tri = verify_triton(*cuda, 1.0)
+    assert torch.equal(tri.accept_len.cpu(), ref.accept_len)
+    assert torch.equal(tri.tokens.cpu(), ref.tokens)

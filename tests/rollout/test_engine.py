@@ -248,3 +248,48 @@ def test_top_k_1_and_tiny_top_p_sample_the_argmax(sampler):
     greedy = [t.tokens for t in eng.generate(PROMPTS, 16, temperature=0)]
     assert [t.tokens for t in eng.generate(PROMPTS, 16, temperature=1.0, top_k=1, seed=4)] == greedy
     assert [t.tokens for t in eng.generate(PROMPTS, 16, temperature=1.0, top_p=1e-6, seed=4)] == greedy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["moe", "llama"])
+def test_on_cuda_greedy_matches_hf_and_bf16_samples_are_fp32(kind):
+    """On CUDA (the Triton verify kernel): fp32 greedy is token-identical to HF generate on the GPU; in bf16 the
+    engine samples from fp32 logits (its log-probs are fp32 and finite)."""
+    policy = lively_policy(kind).cuda()
+    eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=3)
+    assert eng.device.type == "cuda"
+    for p, t in zip(
+        PROMPTS, eng.generate(PROMPTS, max_new_tokens=24, temperature=0, eos_token_id=None), strict=True
+    ):
+        out = policy.model.generate(
+            torch.tensor([p], device="cuda"),
+            max_new_tokens=24,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        assert t.tokens == out[0, len(p) :].tolist()
+    bf16 = BlockEngine(lively_policy(kind).to("cuda", torch.bfloat16), sampler="lossless", levels=[0, 2])
+    trajs = bf16.generate(PROMPTS, max_new_tokens=24, temperature=1.0, seed=0, eos_token_id=None)
+    assert all(
+        len(t.tokens) == 24 and all(math.isfinite(lp) and lp <= 0 for lp in t.ar_logprobs) for t in trajs
+    )
+
+
+@pytest.mark.parametrize(
+    ("sampler", "draft", "has_logits", "has_probs"),
+    [
+        ("lossless", "dirac", False, False),
+        ("lossless", "sampled", False, True),
+        ("logit_mix", "dirac", True, False),
+    ],
+)
+def test_per_row_vocab_state_only_where_a_sampler_reads_it(sampler, draft, has_logits, has_probs):
+    """Dirac drafts keep only their ids: no [B, K, V] fp32 draft logits unless logit mixing reads them, no draft
+    distribution unless drafts are sampled."""
+    from rollout.types import SamplingParams
+
+    eng = BlockEngine(lively_policy(), sampler=sampler, levels=[0, 2], max_batch=3, draft=draft)
+    run = engine_mod._Run(eng, PROMPTS, SamplingParams(max_new_tokens=4), audit=False)
+    assert (run.draft_logits is not None) == has_logits and (run.draft_probs is not None) == has_probs
+    assert run.drafts.shape == (3, 4) and run.drafts.dtype == torch.long
