@@ -29,9 +29,10 @@ from common.config import ConfigError, Section, ShippedPath
 from common.device import DeviceSettings
 from envs import splits
 from envs.tasks import TaskName, TaskSample, score
+from policy.factory import ModelSpec, build_model, make_config
 from policy.generate import hf_generate
 from policy.hybrid import HybridPolicy, load_tokenizer
-from policy.tokenizer import encode_prompt
+from policy.tokenizer import build_char_tokenizer, encode_prompt
 from rollout.auto import AutoSampler, engine_factory
 from rollout.cost_model import AcceptanceStats, CostModel
 from rollout.types import Option
@@ -94,6 +95,11 @@ class BenchConfig(DeviceSettings):
     """torch threads."""
     experts_implementation: str | None = None
     """MoE experts kernel for every sampler, HF included ("eager", "grouped_mm", ...; None = the model's default)."""
+    model: ModelSpec | None = None
+    """instead of `checkpoint`, a random-init model of this shape (converted, char-tokenizer prompts): speed and
+    memory at a realistic size or vocabulary; its drafts are untrained, so tokens per forward means nothing there."""
+    model_vocab: int = Field(32768, ge=128)
+    """vocabulary of `model`."""
     compare: list[ShippedPath] = Field(default_factory=list)
     """other converted checkpoints, run in the same session beside `checkpoint` (hf, ar and every lossless level
     set at every batch size, on the same task prompts, each in its training prompt format under
@@ -340,9 +346,28 @@ def load_bench_policy(path: str, cfg: BenchConfig):
     return policy.eval(), tok
 
 
+def random_bench_policy(cfg: BenchConfig):
+    """A converted random-init policy of shape `cfg.model` with `cfg.model_vocab` tokens (prompts use the char
+    tokenizer's ids, all below the vocabulary)."""
+    tok = build_char_tokenizer()
+    hf = make_config(
+        cfg.model,
+        cfg.model_vocab,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    policy = HybridPolicy(build_model(hf, seed=cfg.seed))
+    policy.convert(tok, block_size=16)
+    return policy.to(device=cfg.torch_device(), dtype=cfg.torch_dtype).eval(), tok
+
+
 def run_bench(cfg: BenchConfig) -> list[RunResult]:
     torch.set_num_threads(cfg.threads)
-    policy, tok = load_bench_policy(cfg.checkpoint, cfg)
+    if cfg.model is not None:
+        policy, tok = random_bench_policy(cfg)
+    else:
+        policy, tok = load_bench_policy(cfg.checkpoint, cfg)
     cost = CostModel(policy.block_size)
     results: list[RunResult] = []
     for B in cfg.batch_sizes:
@@ -361,9 +386,11 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
     results += run_sweeps(policy, tok, cfg, cost)
     for path in cfg.compare:
         results += run_comparison(path, cfg)
+    name = f"random {cfg.model.arch} h{cfg.model.hidden_size} V{cfg.model_vocab}" if cfg.model else cfg.checkpoint
+    vocab = policy.model.get_input_embeddings().weight.shape[0]
     for r in results:
-        r.checkpoint = r.checkpoint or str(cfg.checkpoint)
-        r.vocab_size = r.vocab_size or len(tok)
+        r.checkpoint = r.checkpoint or str(name)
+        r.vocab_size = r.vocab_size or vocab
     return results
 
 
