@@ -386,7 +386,11 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
     results += run_sweeps(policy, tok, cfg, cost)
     for path in cfg.compare:
         results += run_comparison(path, cfg)
-    name = f"random {cfg.model.arch} h{cfg.model.hidden_size} V{cfg.model_vocab}" if cfg.model else cfg.checkpoint
+    name = (
+        f"random {cfg.model.arch} h{cfg.model.hidden_size} V{cfg.model_vocab}"
+        if cfg.model
+        else cfg.checkpoint
+    )
     vocab = policy.model.get_input_embeddings().weight.shape[0]
     for r in results:
         r.checkpoint = r.checkpoint or str(name)
