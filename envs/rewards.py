@@ -17,6 +17,7 @@ default) or is recorded (`record`: that sample's term counts 0, and the failure 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -32,6 +33,8 @@ from common.config import ConfigError, Section
 from envs.text_env import RewardError
 
 OnRewardError = Literal["raise", "record"]
+# the call's own arguments, and the columns TRL does not forward: never passed as columns
+RESERVED = ("prompt", "prompts", "completion", "completions", "completion_ids")
 
 
 class RewardSpec(Section):
@@ -53,7 +56,9 @@ def load_function(ref: str, field_name: str = "rewards") -> Callable:
             path = Path(mod_name).resolve()
             if not path.is_file():
                 raise ConfigError(f"{field_name}: {ref!r}: no such file {path}")
-            name = f"blockrl_reward_{abs(hash(str(path)))}"
+            name = (
+                "blockrl_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+            )  # stable across processes
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # so that pickling (Ray) and dataclasses inside it work
@@ -88,6 +93,11 @@ class RewardFunctions:
             raise ConfigError("rewards: a prompt file needs at least one reward function ('module:function')")
         self.specs = list(specs)
         self.fns = [load_function(s.function, f"rewards[{i}].function") for i, s in enumerate(self.specs)]
+        short = [s.function.rpartition(":")[2] for s in self.specs]
+        # metric names: the function's name, or its whole reference where two share a name
+        self.names = [
+            f if short.count(f) == 1 else s.function for f, s in zip(short, self.specs, strict=True)
+        ]
         self.on_error = on_error
 
     def __call__(
@@ -100,13 +110,12 @@ class RewardFunctions:
     ) -> Scored:
         """Score n samples; `columns[i]` are sample i's extra columns, `where[i]` names its row."""
         n = len(completions)
-        keys = list(dict.fromkeys(k for c in columns for k in c))
+        keys = [k for k in dict.fromkeys(k for c in columns for k in c) if k not in RESERVED]
         kwargs = {k: [c.get(k) for c in columns] for k in keys}
         totals, scored = [0.0] * n, [False] * n
         failed = [False] * n
         per: dict[str, list[float]] = {}
-        for spec, fn in zip(self.specs, self.fns, strict=True):
-            name = spec.function
+        for spec, fn, name in zip(self.specs, self.fns, self.names, strict=True):
             try:
                 out = list(
                     fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
@@ -115,7 +124,9 @@ class RewardFunctions:
                     raise ValueError(f"returned {len(out)} rewards for {n} completions")
             except Exception as e:  # deliberate: user reward code may fail in any way
                 if self.on_error == "raise":
-                    raise RewardError(f"reward {name}: failed on a batch from {where[0]}: {e}") from e
+                    raise RewardError(
+                        f"reward {spec.function}: failed on a batch from {where[0]}: {e}"
+                    ) from e
                 per[name] = [math.nan] * n
                 failed = [True] * n
                 continue
@@ -130,7 +141,7 @@ class RewardFunctions:
                     v = math.nan
                 if not math.isfinite(v):
                     if self.on_error == "raise":
-                        raise RewardError(f"reward {name}: returned {r!r} for {where[i]}")
+                        raise RewardError(f"reward {spec.function}: returned {r!r} for {where[i]}")
                     failed[i] = True
                     vals.append(math.nan)
                     continue

@@ -408,7 +408,8 @@ def run_comparison(path: str, cfg: BenchConfig) -> list[RunResult]:
         rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
         finish_rows(rows, None)
         for r in rows:
-            r.sweep, r.checkpoint, r.vocab_size = f"checkpoint={Path(path).name}", str(path), len(tok)
+            r.sweep, r.checkpoint = f"checkpoint={Path(path).name}", str(path)
+            r.vocab_size = policy.model.get_input_embeddings().weight.shape[0]
         out += rows
     return out
 

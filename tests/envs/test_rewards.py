@@ -54,7 +54,7 @@ def test_weighted_sum_with_none_meaning_not_scored(mod):
     assert out.rewards == pytest.approx(
         [1 + 0.5 * 0.2, 0 + 0.5 * 0.1, 1.0]
     )  # the third: length did not score
-    assert math.isnan(out.per_function[f"{mod}:length"][2]) and out.failures == 0 and out.unscored == 0
+    assert math.isnan(out.per_function["length"][2]) and out.failures == 0 and out.unscored == 0
 
 
 def test_failures_raise_naming_function_and_row_or_are_recorded(mod):
@@ -87,3 +87,18 @@ def test_bad_references_name_the_field(mod):
     with pytest.raises(ConfigError, match=r"rewards\[0\].function: .*no such file"):
         RewardFunctions([RewardSpec(function="/nonexistent/r.py:f")])
     assert load_function("math:sqrt")(4) == 2.0  # an importable module works too
+
+
+def test_reserved_columns_are_not_passed_and_metric_names_stay_distinct(mod, tmp_path):
+    other = tmp_path / "other.py"
+    other.write_text(
+        "def exact(prompts, completions, completion_ids, **kw):\n    return [0.5] * len(completions)\n"
+    )
+    fns = RewardFunctions([RewardSpec(function=f"{mod}:exact"), RewardSpec(function=f"{other}:exact")])
+    assert fns.names == [f"{mod}:exact", f"{other}:exact"]  # two functions named `exact`: whole references
+    out = fns(
+        ["p"], ["7"], [[1]], [{"answer": "7", "completion": "gold", "prompts": "x"}], ["f.jsonl: line 1"]
+    )
+    assert out.rewards == [
+        1.5
+    ]  # `completion` / `prompts` columns did not clash with the call's own arguments

@@ -131,7 +131,9 @@ class Parallel:
             for m in self.policy.model.modules():
                 if type(m).__name__ in layers:
                     fully_shard(m)
-            fully_shard(self.loss_module)  # the rest (embeddings, head, norms) as the root unit
+            # the rest (embeddings, head, norms) as the root unit. The model was sharded on the CPU: fully_shard
+            # moves each rank's parameter shards, and the buffers, to the mesh's device (a full copy never lands there)
+            fully_shard(self.loss_module)
         elif self.ctx.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -232,7 +232,8 @@ def train_loop(
         (run_dir / "data.json").write_text(json.dumps(data.stats, indent=1))
     sampler = Sampler(data.train, cfg.data.batching)
     par = Parallel(ctx, policy, loss_fn, cfg.parallel)  # before the move: FSDP's rank-0 CPU copy
-    policy.to(ctx.device)
+    if not par.fsdp:
+        policy.to(ctx.device)  # FSDP instead shards the CPU model and moves only each rank's shards (place)
     if policy.is_converted:
         choose_training_attention(policy, cfg.attention, ctx.device)
     if cfg.activation_checkpointing:

@@ -146,7 +146,7 @@ def reward_metrics(scored: Scored, prefix: str = "reward") -> dict[str, float]:
     for name, vals in scored.per_function.items():
         ok = [v for v in vals if v == v]  # not NaN
         if ok:
-            m[f"{prefix}/fn/{name.rpartition(':')[2]}/mean"] = sum(ok) / len(ok)
+            m[f"{prefix}/fn/{name}/mean"] = sum(ok) / len(ok)
     return m
 
 

@@ -143,13 +143,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     policy, learner, start, drift, wandb_id = _start(cfg, ckpt, resume)
     sink, wandb_sink = _sinks(cfg, run_dir, start, wandb_id)
 
-    init_ray(run_dir, cfg.rollout.address, num_cpus=None)
-    r = cfg.rollout
-    pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings())
-    sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature)
-    fmt = policy.resolve_prompt_format(cfg.prompt_format)
-    if cfg.env and fmt == "chat":
-        raise ConfigError(f"prompt_format: env {cfg.env} feeds text turns; chat-format prompts need `tasks`")
     file_task = None
     if cfg.prompts.files:
         file_task = PromptFileTask(cfg.prompts, RewardFunctions(cfg.rewards, cfg.on_reward_error))
@@ -159,6 +152,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             len(file_task.heldout),
             file_task.bad.summary() if file_task.bad.skipped else "no bad rows",
         )
+    init_ray(run_dir, cfg.rollout.address, num_cpus=None)
+    r = cfg.rollout
+    pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings())
+    sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature)
+    fmt = policy.resolve_prompt_format(cfg.prompt_format)
+    if cfg.env and fmt == "chat":
+        raise ConfigError(f"prompt_format: env {cfg.env} feeds text turns; chat-format prompts need `tasks`")
     rollouts = StepRollouts(
         pool,
         tok,
