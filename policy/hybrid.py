@@ -8,6 +8,7 @@ under the key `blockrl`, so a converted checkpoint is still a plain `AutoModelFo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,38 +212,45 @@ class HybridPolicy(nn.Module):
             return {k: to_additive(v, dtype) for k, v in m.items()}
         return to_additive(m, dtype)  # eager (and others) need an additive mask
 
+    @contextlib.contextmanager
+    def _probing(self):
+        """A probe's model state: eval mode, sliding windows shrunk to 3 (so windowed masks matter at the probe's
+        short length); both restored after."""
+        cfg = self.model.config
+        was_training, saved_window = self.model.training, getattr(cfg, "sliding_window", None)
+        self.model.eval()
+        if saved_window:
+            cfg.sliding_window = 3
+        try:
+            yield
+        finally:
+            if saved_window:
+                cfg.sliding_window = saved_window
+            self.model.train(was_training)
+
     @torch.no_grad()
     def probe(self, seq_len: int = 9) -> None:
         """One forward through the policy's logit path vs `model(ids).logits`; raises UnsupportedModelError naming
         the family on a mismatch (or when the path fails). Sliding windows are shrunk to 3 during the probe so
         that the windowed masks are exercised at the probe's short length."""
-        cfg = self.model.config
         emb = self.model.get_input_embeddings().weight
         V = min(int(emb.shape[0]), 1000)
         ids = (torch.arange(seq_len, device=emb.device) * 7 + 3) % V
         ids = ids[None]
         pos = torch.arange(seq_len, device=emb.device)[None]
-        was_training = self.model.training
-        saved_window = getattr(cfg, "sliding_window", None)
-        self.model.eval()
         try:
-            if saved_window:
-                cfg.sliding_window = 3
-            ref = self.model(input_ids=ids, use_cache=False).logits.float()
-            got = self.masked_forward(ids, pos, torch.ones(seq_len, seq_len, dtype=torch.bool).tril())[
-                0
-            ].float()
+            with self._probing():
+                ref = self.model(input_ids=ids, use_cache=False).logits.float()
+                got = self.masked_forward(ids, pos, torch.ones(seq_len, seq_len, dtype=torch.bool).tril())[
+                    0
+                ].float()
         except UnsupportedModelError:
             raise
         except Exception as e:
             raise UnsupportedModelError(
                 f"{family_name(self.model)}: not supported: the policy's forward path fails ({type(e).__name__}: {e})"
             ) from e
-        finally:
-            if saved_window:
-                cfg.sliding_window = saved_window
-            self.model.train(was_training)
-        tol = (1e-4 if emb.dtype == torch.float32 else 3e-2) * max(1.0, float(ref.abs().max()))
+        tol = _probe_tolerance(ref, emb.dtype)
         err = float((got - ref).abs().max())
         if got.shape != ref.shape or not err <= tol:
             raise UnsupportedModelError(
@@ -366,33 +374,25 @@ class HybridPolicy(nn.Module):
     @torch.no_grad()
     def _probe_flex(self, seq_len: int = 11, block_size: int = 4) -> None:
         """The TiDAR forward's logits under the BlockMask vs the dense mask, on a short probe (windows shrunk to 3)."""
-        cfg = self.model.config
         emb = self.model.get_input_embeddings().weight
         V = min(int(emb.shape[0]), 1000)
         S = seq_len
         ids = ((torch.arange(2 * S, device=emb.device) * 7 + 3) % V)[None].expand(2, -1)
         pos = torch.arange(S, device=emb.device).repeat(2)[None].expand(2, -1)
-        was_training, saved_window = self.model.training, getattr(cfg, "sliding_window", None)
-        self.model.eval()
         try:
-            if saved_window:
-                cfg.sliding_window = 3
-            dense, got = (
-                self._forward_4d(
-                    ids, pos, self._tidar_mask_4d(S, block_size, 1, 2, pos, f), None, False, False
-                )[0].float()
-                for f in (False, True)
-            )
+            with self._probing():
+                dense, got = (
+                    self._forward_4d(
+                        ids, pos, self._tidar_mask_4d(S, block_size, 1, 2, pos, f), None, False, False
+                    )[0].float()
+                    for f in (False, True)
+                )
         except Exception as e:
             raise UnsupportedModelError(
                 f"{family_name(self.model)}: FlexAttention training masks not supported: the flex forward fails "
                 f"({type(e).__name__}: {e})"
             ) from e
-        finally:
-            if saved_window:
-                cfg.sliding_window = saved_window
-            self.model.train(was_training)
-        tol = (1e-4 if emb.dtype == torch.float32 else 3e-2) * max(1.0, float(dense.abs().max()))
+        tol = _probe_tolerance(dense, emb.dtype)
         err = float((got - dense).abs().max())
         if not err <= tol:
             raise UnsupportedModelError(
@@ -417,6 +417,11 @@ class HybridPolicy(nn.Module):
             else 0.0
         )
         return tidar_loss(out.ar_logits, out.diff_logits, input_ids, loss_mask, alpha, out.aux_loss, coef)
+
+
+def _probe_tolerance(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """A probe's allowed |error|: 1e-4 (fp32) or 3e-2 (half precision) of the logit scale."""
+    return (1e-4 if dtype == torch.float32 else 3e-2) * max(1.0, float(ref.abs().max()))
 
 
 def _map_masks(fn, masks):

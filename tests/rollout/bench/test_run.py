@@ -97,31 +97,40 @@ def test_auto_sampler_runs_and_reports_its_choice(tokenizer):
     )  # what the TRL adapter and regress read  # the pilot fed the live acceptance curve
 
 
+SMALL = {
+    "repeats": 1,
+    "batch_sizes": "[2]",
+    "min_prompts": 2,
+    "prompts_per_row": 1,
+    "threads": 1,
+    "sweep.prompt_formats": "[]",
+    "compare": "[]",
+}
+
+
+def small_bench(out, **sets) -> None:
+    """`blockrl bench` at a tiny budget (B=2, one repeat, no sweeps or comparisons), JSON to `out`."""
+    argv = ["bench", "--json", str(out)]
+    for k, v in (SMALL | sets).items():
+        argv += ["--set", f"{k}={v}"]
+    assert main(argv) == 0
+
+
 def test_bench_runs_in_bf16_on_cpu(tmp_path, tokenizer):
     """dtype=bfloat16: every sampler (HF generate too) runs on bf16 weights; the config is recorded in the JSON."""
     ckpt = tmp_path / "ckpt"
     converted(ckpt, tokenizer)
     out = tmp_path / "bench.json"
-    sets = {
-        "checkpoint": ckpt,
-        "run_dir": tmp_path / "run",
-        "dtype": "bfloat16",
-        "device": "cpu",
-        "repeats": 1,
-        "batch_sizes": "[2]",
-        "max_new_tokens": 8,
-        "min_prompts": 2,
-        "prompts_per_row": 1,
-        "levels": "[[0,2]]",
-        "mix_levels": "[0,2]",
-        "threads": 1,
-        "sweep.prompt_formats": "[]",
-        "compare": "[]",
-    }
-    argv = ["bench", "--json", str(out)]
-    for k, v in sets.items():
-        argv += ["--set", f"{k}={v}"]
-    assert main(argv) == 0
+    small_bench(
+        out,
+        checkpoint=ckpt,
+        run_dir=tmp_path / "run",
+        dtype="bfloat16",
+        device="cpu",
+        max_new_tokens=8,
+        levels="[[0,2]]",
+        mix_levels="[0,2]",
+    )
     body = json.loads(out.read_text())
     assert body["meta"]["config"]["dtype"] == "bfloat16"
     assert {r["sampler"] for r in body["runs"]} == {"hf", "ar", "lossless", "logit_mix", "auto"}
@@ -131,26 +140,16 @@ def test_bench_runs_in_bf16_on_cpu(tmp_path, tokenizer):
 def test_bench_on_a_random_model_of_a_given_shape_and_vocabulary(tmp_path):
     """`model` + `model_vocab`: speed and memory of a random-init model (here V = 32,768), no checkpoint needed."""
     out = tmp_path / "bench.json"
-    sets = {
-        "model": "{arch: qwen3_moe, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+    small_bench(
+        out,
+        model="{arch: qwen3_moe, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
         "moe_intermediate_size: 16, num_experts: 4, experts_per_token: 2}",
-        "model_vocab": 32768,
-        "run_dir": tmp_path / "run",
-        "repeats": 1,
-        "batch_sizes": "[2]",
-        "max_new_tokens": 6,
-        "min_prompts": 2,
-        "prompts_per_row": 1,
-        "levels": "[[0]]",
-        "mix_levels": "[0]",
-        "threads": 1,
-        "sweep.prompt_formats": "[]",
-        "compare": "[]",
-    }
-    argv = ["bench", "--json", str(out)]
-    for k, v in sets.items():
-        argv += ["--set", f"{k}={v}"]
-    assert main(argv) == 0
+        model_vocab=32768,
+        run_dir=tmp_path / "run",
+        max_new_tokens=6,
+        levels="[[0]]",
+        mix_levels="[0]",
+    )
     runs = json.loads(out.read_text())["runs"]
     assert {r["vocab_size"] for r in runs} == {32768} and all(r["peak_mem_mb"] >= 0 for r in runs)
     assert runs[0]["checkpoint"].startswith("random qwen3_moe h32 V32768")
