@@ -69,3 +69,11 @@ def resolve_device(spec: str, field: str = "device") -> torch.device:
                 f"{field}: {spec}, but only {torch.cuda.device_count()} CUDA devices are visible"
             )
     return dev
+
+
+def host_to_device(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A small host list as a device tensor without a host sync: staged through pinned memory and copied
+    asynchronously on CUDA (a pageable copy would wait for the stream); a plain tensor on the CPU."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -77,12 +77,23 @@ def load_function(ref: str, field_name: str = "rewards") -> Callable:
 
 @dataclass
 class Scored:
-    """A batch's rewards: the weighted sums, each function's raw values (NaN = not scored or failed), failures."""
+    """A batch's rewards: the weighted sums, each function's raw values (NaN = not scored or failed), and per sample
+    whether any function scored it and whether a term failed (`record` policy; the failed term counts 0)."""
 
     rewards: list[float]
     per_function: dict[str, list[float]] = field(default_factory=dict)
-    failures: int = 0  # samples with at least one failed term (`record` policy)
-    unscored: int = 0  # samples no function scored (reward 0)
+    scored: list[bool] = field(default_factory=list)
+    failed: list[bool] = field(default_factory=list)
+
+    @property
+    def failures(self) -> int:
+        """samples with at least one failed term."""
+        return sum(self.failed)
+
+    @property
+    def unscored(self) -> int:
+        """samples no function scored, none failed on (reward 0)."""
+        return sum(1 for s, f in zip(self.scored, self.failed, strict=True) if not s and not f)
 
 
 class RewardFunctions:
@@ -149,9 +160,4 @@ class RewardFunctions:
                 scored[i] = True
                 vals.append(v)
             per[name] = vals
-        return Scored(
-            totals,
-            per,
-            failures=sum(failed),
-            unscored=sum(1 for i in range(n) if not scored[i] and not failed[i]),
-        )
+        return Scored(totals, per, scored, failed)

@@ -169,3 +169,23 @@ def score(sample: TaskSample, completion: str) -> float:
     if answer is None:
         return 0.0
     return float(_scorer(sample.task)(answer, sample.entry))
+
+
+def task_reward(completions, task=None, answer=None, metadata=None, **_columns) -> list[float | None]:
+    """The built-in verifier as a reward function with TRL's signature (`envs.rewards`): rows whose `task` column
+    names a built-in task are scored against their `answer` (and `metadata`); other rows get None (not scored).
+
+    Referenced as `envs.tasks:task_reward`; the default reward of `blockrl rollout` and `blockrl regress`."""
+    n = len(completions)
+    task, answer, metadata = task or [None] * n, answer or [None] * n, metadata or [None] * n
+    out: list[float | None] = []
+    for c, t, a, m in zip(completions, task, answer, metadata, strict=True):
+        if t not in TASKS or a is None:
+            out.append(None)
+            continue
+        text = c[0]["content"] if isinstance(c, list) else c  # a conversational completion is one message
+        out.append(score(TaskSample(t, "", "", {"answer": str(a), "metadata": m or {}}), text))
+    return out
+
+
+BUILTIN_REWARD = "envs.tasks:task_reward"

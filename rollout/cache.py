@@ -24,6 +24,9 @@ class _RaggedState:
 
     def __init__(self, batch_size: int, device: torch.device):
         self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.host_lens = [
+            0
+        ] * batch_size  # the same lengths on the host: laying out a step reads no device value
         self.rows: torch.Tensor | None = None  # rows of the current forward (None = all)
         self.write_pos: torch.Tensor | None = None  # [R, Q] cache positions of this forward's queries
         self.uniform_start: int | None = None  # common length when every row of the forward has the same one
@@ -97,8 +100,11 @@ class RaggedKVCache(Cache):
     def lens(self) -> torch.Tensor:
         return self.state.lens
 
-    def begin(self, rows: torch.Tensor | None, qmask: torch.Tensor) -> torch.Tensor | None:
-        """Lay out the next forward for `rows` (None = all) with query mask `qmask` bool [R or 1, Q, Q].
+    def begin(
+        self, rows: torch.Tensor | None, qmask: torch.Tensor, row_ids: list[int]
+    ) -> torch.Tensor | None:
+        """Lay out the next forward for `rows` (None = all; `row_ids` the same slots as a list) with query mask
+        `qmask` bool [R or 1, Q, Q]. The extent comes from the host copy of the lengths: no device read.
 
         Returns the full bool mask [R, Q, extent]: row r's queries see its cache [0, lens[r]) and, through qmask,
         the queries written at [lens[r], lens[r]+Q). Returns None when no mask is needed at all (every row has the
@@ -108,7 +114,7 @@ class RaggedKVCache(Cache):
         st.rows = rows
         lens = st.lens if rows is None else st.lens[rows]
         Q = qmask.shape[-1]
-        lo, hi = int(lens.min()), int(lens.max())
+        lo, hi = min(st.host_lens[r] for r in row_ids), max(st.host_lens[r] for r in row_ids)
         st.extent = hi + Q
         st.uniform_start = lo if lo == hi else None
         if st.uniform_start is not None and rows is None:
@@ -124,13 +130,20 @@ class RaggedKVCache(Cache):
         step = qm.gather(2, rel.clamp(0, Q - 1)[:, None, :].expand(-1, Q, -1))  # [R, Q, extent]
         return (rel < 0)[:, None, :] | (in_step[:, None, :] & step)
 
-    def commit(self, rows: torch.Tensor | None, kept: torch.Tensor) -> None:
-        """Row r keeps its first kept[r] queries of the last forward (they already sit at lens[r]..)."""
+    def commit(
+        self, rows: torch.Tensor | None, kept: torch.Tensor, row_ids: list[int], kept_host: list[int]
+    ) -> None:
+        """Row r keeps its first kept[r] queries of the last forward (they already sit at lens[r]..); `kept_host`
+        is the same counts, already read by the caller, for the host copy."""
         if rows is None:
             self.state.lens += kept
         else:
             self.state.lens[rows] += kept
+        for r, k in zip(row_ids, kept_host, strict=True):
+            self.state.host_lens[r] += k
         self.state.rows = None
 
-    def reset_rows(self, rows: torch.Tensor) -> None:
+    def reset_rows(self, rows: torch.Tensor, row_ids: list[int]) -> None:
         self.state.lens[rows] = 0
+        for r in row_ids:
+            self.state.host_lens[r] = 0

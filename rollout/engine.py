@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.device import host_to_device
 from kernels.verify import default_verify
 from policy.families import sliding_layer_window
 from policy.hybrid import HybridPolicy
@@ -44,7 +45,7 @@ class _Row:
 
     index: int  # prompt index
     traj: Trajectory
-    gen: torch.Generator
+    gen: torch.Generator  # on the engine's device: drawing the row's uniforms needs no host copy
     started: float
 
 
@@ -211,6 +212,9 @@ class _Run:
         )  # q of sampled drafts, which the next verify needs
         self.banned = constraint_mask(params, self.V, dev)
         self.results: list[Trajectory | None] = [None] * len(prompts)
+        self._indices: dict[
+            tuple[int, ...], torch.Tensor
+        ] = {}  # slot lists as device tensors, built once each
 
     # ---------------------------------------------------------------------------------------------- driver
     def run(self) -> list[Trajectory]:
@@ -239,8 +243,8 @@ class _Run:
         would dominate memory."""
         # None: every slot, the cache's view path
         rows_t = None if len(rows) == len(self.slots) else self._idx
-        self._rows_t = rows_t
-        mask = self.cache.begin(rows_t, qmask)  # [R, Q, extent] or None (uniform single-query step)
+        self._rows_t, self._rows = rows_t, rows
+        mask = self.cache.begin(rows_t, qmask, rows)  # [R, Q, extent] or None (uniform single-query step)
         policy = self.eng.policy
         k_pos = None
         if self.window is not None:
@@ -265,23 +269,33 @@ class _Run:
         any family-specific transform after it)."""
         return self.eng.policy.logits(hidden).float()
 
-    def commit(self, kept: torch.Tensor) -> None:
-        """Keep each row's first `kept` queries of the last forward (prompt, or anchor + accepted drafts)."""
-        self.cache.commit(self._rows_t, kept)
+    def commit(self, kept: torch.Tensor, kept_host: list[int]) -> None:
+        """Keep each row's first `kept` queries of the last forward (prompt, or anchor + accepted drafts);
+        `kept_host` holds the same counts, read already."""
+        self.cache.commit(self._rows_t, kept, self._rows, kept_host)
+
+    def index(self, rows: list[int]) -> torch.Tensor:
+        """The slot list as a device tensor (cached: in steady state a step copies nothing to the device)."""
+        key = tuple(rows)
+        if key not in self._indices:
+            if len(self._indices) > 64:
+                self._indices.clear()
+            self._indices[key] = host_to_device(rows, self.eng.device)
+        return self._indices[key]
 
     # ---------------------------------------------------------------------------------------------- prefill
     def prefill(self, take: list[tuple[int, int]]) -> None:
         """Prompts (causal) + one proposal block of K+1 masks after each; the AR head samples the first anchor."""
         eng, dev, K = self.eng, self.eng.device, self.eng.K
         rows = [s for s, _ in take]
-        self._idx = torch.tensor(rows, device=dev)  # the slot indices of this pass, built once
-        lens = torch.tensor([len(self.prompts[i]) for _, i in take], device=dev)
-        P = int(lens.max())
+        self._idx = self.index(rows)  # the slot indices of this pass
+        host_lens = [len(self.prompts[i]) for _, i in take]
+        lens = host_to_device(host_lens, dev)
+        P = max(host_lens)
         n = K + 1 if K else 0
         R, Q = len(take), P + n
-        ids = torch.full((R, Q), eng.policy.mask_token_id or 0, dtype=torch.long, device=dev)
-        for r, (_, i) in enumerate(take):
-            ids[r, : lens[r]] = torch.tensor(self.prompts[i], device=dev)
+        pad = eng.policy.mask_token_id or 0
+        ids = host_to_device([self.prompts[i] + [pad] * (Q - len(self.prompts[i])) for _, i in take], dev)
         q = torch.arange(Q, device=dev)
         is_prompt = q[None, :] < lens[:, None]  # [R, Q]
         is_mask = q[None, :] >= P
@@ -289,16 +303,17 @@ class _Run:
         causal = (q[None, :] <= q[:, None])[None] & is_prompt[:, None, :] & is_prompt[:, :, None]
         block = is_mask[:, :, None] & (is_prompt[:, None, :] | is_mask[:, None, :])
         pad_self = (~is_prompt & ~is_mask)[:, :, None] & torch.eye(Q, dtype=torch.bool, device=dev)[None]
-        self.cache.reset_rows(self._idx)
+        self.cache.reset_rows(self._idx, rows)
         hidden = self.forward(rows, ids, pos, causal | block | pad_self)
-        self.commit(lens)
+        self.commit(lens, host_lens)
         for s, i in take:
             seed = self.params.seed * 1_000_003 + self.index_offset + i
             traj = Trajectory(
                 prompt_ids=list(self.prompts[i]), policy_version=eng.policy_version, sampler=eng.option.name
             )
             traj.audit = [] if self.audit else None
-            self.slots[s] = _Row(i, traj, torch.Generator().manual_seed(seed), time.perf_counter())
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            self.slots[s] = _Row(i, traj, gen, time.perf_counter())
         last = self.head(hidden[torch.arange(R, device=dev), lens - 1])  # [R, V]: AR distribution of token 1
         empty = torch.zeros(R, 0, dtype=torch.long, device=dev)
         out = self.verify(rows, last[:, None], empty, None, torch.zeros(R, dtype=torch.long, device=dev))
@@ -310,7 +325,7 @@ class _Run:
     # ---------------------------------------------------------------------------------------------- decode
     def decode_step(self, rows: list[int]) -> None:
         eng, dev, K = self.eng, self.eng.device, self.eng.K
-        rows_t = self._idx = torch.tensor(rows, device=dev)  # the slot indices of this pass, built once
+        rows_t = self._idx = self.index(rows)  # the slot indices of this pass
         R = len(rows)
         if K:
             L = len(eng.levels)
@@ -331,11 +346,11 @@ class _Run:
             n_drafts,
         )
         accept_len = verified[0].accept_len
-        self.commit(accept_len + 1)
         if K:
             proposals = hidden[:, K + 1 :].view(R, len(eng.levels), K + 1, -1)
             self.set_drafts(rows, proposals, accept_len)
-        self.emit(rows, verified, drafts_used=drafts)
+        na = self.emit(rows, verified, drafts_used=drafts)  # the step's one host read
+        self.commit(accept_len + 1, [n + 1 for n in na])
 
     def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts):
         """Processors -> (logit mixing) -> fused verify with per-row uniforms; adds ar_logprobs."""
@@ -351,7 +366,7 @@ class _Run:
         q = None
         if self.draft_probs is not None and K1 > 1 and p.temperature > 0:
             q = self.draft_probs[self._idx]
-        u = torch.stack([torch.rand(K1, generator=self.slots[s].gen) for s in rows]).to(ar_logits.device)
+        u = torch.stack([torch.rand(K1, generator=self.slots[s].gen, device=ar_logits.device) for s in rows])
         out = eng.verify_fn(target, drafts, q, n_drafts, u, p.temperature)
         if p.temperature == 0:
             ar_lp = torch.zeros_like(out.logprobs)
@@ -383,7 +398,7 @@ class _Run:
         if self.eng.draft == "sampled" and self.params.temperature > 0:
             probs = torch.softmax(processed / self.eng.draft_temperature, dim=-1)
             self.draft_probs[rows_t] = probs  # q, reused by the next verify
-            u = torch.stack([torch.rand(K, generator=self.slots[s].gen) for s in rows]).to(dev)
+            u = torch.stack([torch.rand(K, generator=self.slots[s].gen, device=dev) for s in rows])
             cdf = probs.cumsum(-1)
             drafts = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
         else:
@@ -391,17 +406,23 @@ class _Run:
         self.drafts[rows_t] = drafts
 
     # ---------------------------------------------------------------------------------------------- outputs
-    def emit(self, rows: list[int], verified, drafts_used) -> None:
-        """Append each row's committed tokens, cut at stops, free finished slots."""
+    def emit(self, rows: list[int], verified, drafts_used) -> list[int]:
+        """Append each row's committed tokens, cut at stops, free finished slots; returns the accept lengths.
+
+        Everything the host needs from the step (accept lengths, draft counts, tokens, both log-probs) comes back
+        in one packed float64 copy (ids are exact in float64 below 2**53; the fp32 log-probs convert exactly): the
+        one host sync of a decode step."""
         out, ar_lp, n_drafts = verified
         rows_t = self._idx
-        self.anchor[rows_t] = out.tokens[
-            torch.arange(len(rows), device=rows_t.device), out.accept_len
-        ]  # last token
-        na = out.accept_len.tolist()
-        n_drafts = n_drafts.tolist()
-        toks = out.tokens.tolist()
-        blp, alp = out.logprobs.tolist(), ar_lp.tolist()
+        R, K1 = out.tokens.shape
+        self.anchor[rows_t] = out.tokens[torch.arange(R, device=rows_t.device), out.accept_len]  # last token
+        parts = (out.accept_len[:, None], n_drafts[:, None], out.tokens, out.logprobs, ar_lp)
+        packed = torch.cat([x.double() for x in parts], dim=1)
+        host = packed.tolist()
+        na = [int(h[0]) for h in host]
+        n_drafts = [int(h[1]) for h in host]
+        toks = [[int(x) for x in h[2 : 2 + K1]] for h in host]
+        blp, alp = [h[2 + K1 : 2 + 2 * K1] for h in host], [h[2 + 2 * K1 :] for h in host]
         now = time.perf_counter()
         for r, s in enumerate(rows):
             row = self.slots[s]
@@ -431,6 +452,7 @@ class _Run:
                 t.timings["total"] = now - row.started
                 self.results[row.index] = t
                 self.slots[s] = None
+        return na
 
     def find_stop(self, tokens: list[int], start: int) -> tuple[int | None, str]:
         """Length to keep if a stop falls in tokens[start:], else None. EOS is kept; nothing after a stop is."""

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import ray
 from ray.exceptions import ObjectLostError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from common.config import ConfigError
 from rollout.settings import EngineSettings, WorkerSettings
 from rollout.types import SamplingParams, Trajectory
 from rollout.worker import RolloutWorker, Shard, ShardResult, StaleWeightsError
@@ -60,6 +63,32 @@ def init_ray(run_dir: str | Path, address: str | None = None, num_cpus: int | No
     )
 
 
+def bundle(cpus: float, gpus: float) -> dict[str, float]:
+    """A placement-group bundle (Ray refuses zero-valued resources in one)."""
+    return {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+
+
+def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> PlacementGroup:
+    """A placement group of `bundles`, ready; a ConfigError naming the request and the cluster if Ray cannot
+    reserve it within `timeout_s` (nothing is left reserved)."""
+    pg = placement_group(bundles, strategy=strategy.upper())
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise ConfigError(
+            f"placement: could not reserve {len(bundles)} bundles {bundles} ({strategy}) within {timeout_s:g} s; "
+            f"the cluster has {ray.cluster_resources()} (lower workers, cpus_per_worker or gpus_per_worker, or "
+            "use placement: none)"
+        )
+    return pg
+
+
+@ray.remote(num_cpus=0)
+def _where() -> tuple[str, list]:
+    """(node id, GPU ids Ray assigned) of the bundle this task runs in."""
+    return ray.get_runtime_context().get_node_id(), [int(g) for g in ray.get_gpu_ids()]
+
+
 class RolloutPool:
     def __init__(
         self,
@@ -71,23 +100,45 @@ class RolloutPool:
         threads: int = 1,
         max_restarts: int = 3,
         shard_timeout_s: float = 600.0,
+        placement: str = "none",
+        placement_timeout_s: float = 120.0,
+        learner: dict[str, float] | None = None,
     ):
+        """`placement` != none reserves one bundle per worker (plus bundle 0 = `learner`'s resources, e.g.
+        {"CPU": 1, "GPU": 1}, when given) in one placement group before any worker starts; workers then run in
+        their bundles (a restarted worker comes back in its own)."""
         if not isinstance(engine, EngineSettings):
             raise TypeError(f"engine: expected EngineSettings, got {type(engine).__name__}")
+        self.placement_group: PlacementGroup | None = None
+        self.learner_bundle: int | None = None
+        options: list[dict] = [{"scheduling_strategy": "SPREAD"}] * num_workers
+        if placement != "none":
+            bundles = [bundle(num_cpus_per_worker, num_gpus_per_worker)] * num_workers
+            if learner:
+                bundles, self.learner_bundle = [learner, *bundles], 0
+            pg = self.placement_group = reserve(bundles, placement, placement_timeout_s)
+            first = 0 if self.learner_bundle is None else 1
+            options = [
+                {
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                        pg, placement_group_bundle_index=first + i
+                    )
+                }
+                for i in range(num_workers)
+            ]
         # SPREAD: on a cluster the workers land on different nodes, so one node's loss costs a fraction of the pool
         actor_cls = ray.remote(
-            num_cpus=num_cpus_per_worker,
-            num_gpus=num_gpus_per_worker,
-            max_restarts=max_restarts,
-            scheduling_strategy="SPREAD",
+            num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=max_restarts
         )(RolloutWorker)
-        self.workers = [actor_cls.remote(checkpoint, engine, threads) for _ in range(num_workers)]
+        self.workers = [actor_cls.options(**o).remote(checkpoint, engine, threads) for o in options]
         self.shard_timeout_s = shard_timeout_s
         self.version = 0
         self._weights_ref = None
 
     @classmethod
-    def from_settings(cls, checkpoint: str, engine: EngineSettings, workers: WorkerSettings) -> RolloutPool:
+    def from_settings(
+        cls, checkpoint: str, engine: EngineSettings, workers: WorkerSettings, learner: dict | None = None
+    ) -> RolloutPool:
         return cls(
             checkpoint,
             engine,
@@ -96,7 +147,20 @@ class RolloutPool:
             num_gpus_per_worker=workers.gpus_per_worker,
             threads=workers.threads,
             shard_timeout_s=workers.shard_timeout_s,
+            placement=workers.placement,
+            placement_timeout_s=workers.placement_timeout_s,
+            learner=learner,
         )
+
+    def learner_placement(self) -> tuple[bool, list[int]] | None:
+        """(whether the learner's bundle is on this process's node, the GPU ids Ray gave it), or None without
+        one: the learner (this process) should run on that node and GPU, which Ray keeps from the workers."""
+        if self.learner_bundle is None:
+            return None
+        gpus = self.placement_group.bundle_specs[self.learner_bundle].get("GPU", 0)
+        strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=0)
+        node, ids = ray.get(_where.options(scheduling_strategy=strategy, num_gpus=gpus).remote())
+        return node == ray.get_runtime_context().get_node_id(), ids
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its checkpoint."""
@@ -235,3 +299,6 @@ class RolloutPool:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None

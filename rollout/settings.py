@@ -54,6 +54,12 @@ class WorkerSettings(Section):
     """Ray cluster address ("auto" or host:port); None = local Ray with its temp dir in the run directory."""
     shard_timeout_s: float = Field(600.0, gt=0.0)
     """a shard not back after this long counts as a hung worker: it is restarted and the shard resubmitted."""
+    placement: Literal["none", "pack", "spread", "strict_pack", "strict_spread"] = "none"
+    """Ray placement group for the workers (and, in `blockrl train`, the learner's bundle): reserved all at once
+    before any worker starts, so a job never runs on half its workers. pack / spread: Ray's best-effort strategies;
+    strict_*: all bundles on one node / each on its own node. none = no reservation (workers spread best-effort)."""
+    placement_timeout_s: float = Field(120.0, gt=0.0)
+    """how long to wait for the placement group's resources before failing (naming what was asked for)."""
 
     def worker_settings(self) -> WorkerSettings:
         """Just the worker fields (jobs inherit this class)."""

@@ -6,10 +6,11 @@
 # 1. installs what is missing: wheels carried in .whl/ (pip download ... -d .whl, see the device README) go to
 #    /tmp/site, which is put first on PYTHONPATH; nothing is fetched;
 # 2. runs the `gpu`-marked tests (Triton verify kernel vs its reference on CUDA, FlexAttention training vs the dense
-#    mask, engine greedy vs HF generate on the GPU, bf16 sampling);
+#    mask, engine greedy vs HF generate on the GPU, bf16 sampling, one host sync per decode step counted by CUDA's
+#    sync debug mode, decode masks on sdpa's fused kernels with the math backend excluded);
 # 3. `blockrl bench` in bf16 at B = 1, 4, 16, 64 on the shipped checkpoint, and on a random-init MoE of realistic
 #    shape (hidden 1024, 16 layers, 16 experts top-2, vocabulary 32,768; speed and memory only: it has no drafter);
-# 4. 3 RL steps with rollout workers on the GPU (needs ray; skipped, and said so, where it is not installed);
+# 4. 3 RL steps with rollout workers on the GPU in a placement group with the learner's bundle (needs ray; skipped, and said so, where it is not installed);
 # 5. writes summary.json and summary.md to OUT_DIR, beside the steps' logs (6 files: the device tool returns 8).
 # The steps' time limits add up to 450 s, so the whole fits in 8 minutes on one H100 or H200. Run directories and
 # caches live in WORK (/tmp/gpu_check); only the summaries and logs go to OUT_DIR.
@@ -55,7 +56,8 @@ status bench_moe $?
 # 4. 3 RL steps, rollout workers and learner on the GPU
 if $PY -c "import ray, gymnasium" 2>/dev/null; then
     timeout 120 $PY -m trainers.cli train --set run_dir="$WORK/rl" --set steps=3 --set wandb=disabled \
-        --set rollout.workers=2 --set rollout.gpus_per_worker=0.5 --set rollout.device=cuda \
+        --set rollout.workers=2 --set rollout.gpus_per_worker=0.25 --set rollout.device=cuda \
+        --set rollout.placement=strict_pack --set learner.gpus=0.5 \
         --set rollout.dtype=bfloat16 --set learner.device=cuda --set learner.autocast=bfloat16 \
         > "$OUT_DIR/rl.log" 2>&1
     status rl_steps $?

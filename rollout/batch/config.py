@@ -12,6 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 import envs  # noqa: F401 (registers the blockrl/... env ids the `env` field is checked against)
 from common.config import ShippedPath
+from envs.rewards import OnRewardError, RewardSpec
 from envs.tasks import TaskName
 from rollout.settings import EngineSettings, WorkerSettings
 
@@ -26,7 +27,14 @@ class RolloutJobConfig(EngineSettings, WorkerSettings):
     tasks: list[TaskName] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
     """built-in task mix cycled over the prompts (repeat a task to weight it); ignored with env or prompts_file."""
     prompts_file: str | None = None
-    """JSONL, JSON (array) or Parquet prompts (schema in rollout/batch/io.py and docs/rollout.md); overrides `tasks`."""
+    """JSONL, JSON (array), Parquet or `datasets` prompts: `prompt` (text or messages) or `messages`, any other
+    columns passed to `rewards` (schema in rollout/batch/io.py and docs/rollout.md); overrides `tasks`."""
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    """reward functions (`module:function` or `file.py:function`, TRL's signature) and weights; empty = the
+    built-in verifier (`envs.tasks:task_reward`), which scores rows of built-in tasks and leaves others null."""
+    on_reward_error: OnRewardError = "raise"
+    """a reward function that raises or returns a non-finite value: stop the job naming it and the row, or
+    record it (the term null in `reward_terms`, counted 0, the failures counted in `_summary.json`)."""
     env: str | None = None
     """registered gym text env (e.g. blockrl/chain_sum-v0, multi-turn blockrl/calc-chain_sum-v0); overrides tasks."""
     prompt_format: Literal["auto", "text", "raw", "chat"] = "auto"

@@ -4,14 +4,19 @@ Prompt sources, one `PromptRecord` per distinct prompt:
 - built-in tasks (`envs/tasks.py`, reasoning-gym's first samples at the job seed);
 - a registered gymnasium text env (`blockrl/chain_sum-v0`, multi-turn `blockrl/calc-chain_sum-v0`): prompt j is
   `env.reset(seed=env_seed(seed, j))`, a hash of (job seed, j);
-- a prompts file read by `common.records`, validated record by record (errors name the file and the 1-based
-  line / record / row): `.jsonl` (one JSON object a line), `.json` (one JSON array of objects), `.parquet` (one row
-  each) or a `datasets` save_to_disk directory, fields
+- a prompts file, the same rows `blockrl train` reads (`envs.prompt_file`, through `common.records`; errors name the
+  file and the 1-based line / record / row): `.jsonl` (one JSON object a line), `.json` (one JSON array of
+  objects), `.parquet` (one row each) or a `datasets` save_to_disk directory, fields
 
-    prompt    string, required   the text the completion continues (BOS is prepended)
-    task      string, optional   a label; a built-in task (envs/tasks.py) is scored by its reasoning-gym verifier
-    answer    string or number   the gold answer; required when `task` is built-in
-    metadata  object or JSON     the reasoning-gym entry metadata some verifiers read (e.g. countdown's numbers)
+    prompt    string or messages  the text the completion continues (in the prompt format), or a conversation
+    messages  messages            a conversation ending on the turn the model answers (instead of `prompt`)
+    task      string, optional    a label; a built-in task (envs/tasks.py) is scored by its reasoning-gym verifier
+    answer    string or number    the gold answer; required when `task` is built-in
+    metadata  object or JSON      the reasoning-gym entry metadata some verifiers read (e.g. countdown's numbers)
+    ...       anything            every other column reaches the reward functions as a keyword argument
+
+Rewards: the config's functions (TRL's signature, `envs.rewards`), else the built-in verifier; `reward` is their
+weighted sum (null where none scored the row), `reward_terms` each function's value.
 
 Shards are written to a dot-prefixed temp file, fsynced and renamed, so a `part-NNNNN.parquet` that exists is
 complete. `_manifest.json` pins a hash of what determines the rows, keyed on content, not paths: the config fields
@@ -25,9 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
@@ -36,8 +42,10 @@ import pyarrow.parquet as pq
 
 import envs  # noqa: F401 (registers the blockrl/... env ids)
 from common.config import ConfigError
-from common.records import RecordError, read_records
-from envs.tasks import TASKS, TaskSample, iter_samples, score
+from common.records import BadRows, RecordError
+from envs.prompt_file import PromptRow, read_prompt_rows
+from envs.rewards import RewardFunctions, RewardSpec
+from envs.tasks import BUILTIN_REWARD, iter_samples
 from rollout.batch.config import RolloutJobConfig
 from rollout.types import Trajectory
 
@@ -52,6 +60,8 @@ OPERATIONAL = (
     "threads",
     "address",
     "shard_timeout_s",
+    "placement",
+    "placement_timeout_s",
 )
 # Config fields that say where the inputs are: the manifest pins their content instead.
 LOCATIONS = ("checkpoint", "prompts_file")
@@ -68,6 +78,7 @@ ROW_SCHEMA = pa.schema(
         ("behavior_logprobs", pa.list_(pa.float32())),
         ("ar_logprobs", pa.list_(pa.float32())),
         ("reward", pa.float64()),
+        ("reward_terms", pa.map_(pa.string(), pa.float64())),
         ("accept_counts", pa.list_(pa.int16())),
         ("draft_counts", pa.list_(pa.int16())),
         ("num_forwards", pa.int32()),
@@ -93,15 +104,28 @@ class ManifestMismatchError(ConfigError):
 
 @dataclass(frozen=True)
 class PromptRecord:
-    prompt: str
-    task: str | None = None  # a label; an env prompt carries the env id
-    entry: dict | None = None  # what the task verifier reads ({"answer", "metadata"}); None = not scored
-    env_seed: int | None = None  # env prompts: the env.reset seed; the env scores the episode
+    """One distinct prompt of the job, whatever its source."""
 
-    def reward(self, text: str) -> float | None:
-        if self.task not in TASKS or self.entry is None:
-            return None
-        return score(TaskSample(self.task, self.prompt, "", self.entry), text)
+    prompt: str | list[dict]  # text, or a conversation (rendered with the chat template)
+    task: str | None = None  # a label; an env prompt carries the env id
+    columns: dict = field(
+        default_factory=dict
+    )  # what the reward functions receive (task, answer, metadata, ...)
+    env_seed: int | None = None  # env prompts: the env.reset seed; the env scores the episode
+    where: str = ""  # "<file>: line N", or the source and index
+
+    @classmethod
+    def from_row(cls, row: PromptRow) -> PromptRecord:
+        return cls(row.prompt, row.columns.get("task"), row.columns, None, row.where)
+
+    def as_row(self) -> PromptRow:
+        """The record as the shared prompt row (its encoding and the completion form its rewards receive)."""
+        return PromptRow(self.prompt, self.columns, self.where, self.task or "prompts")
+
+    @property
+    def text(self) -> str:
+        """The `prompt` column: the text, or the conversation as JSON."""
+        return self.prompt if isinstance(self.prompt, str) else json.dumps(self.prompt, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------- prompt sources
@@ -111,11 +135,10 @@ def task_prompts(tasks: list[str], n: int, seed: int) -> list[PromptRecord]:
     """n prompts cycling over `tasks`; each task's prompts are reasoning-gym's first samples at `seed`."""
     names = [tasks[j % len(tasks)] for j in range(n)]
     draws = {t: iter(iter_samples(t, names.count(t), seed)) for t in dict.fromkeys(names)}
-    out = []
-    for t in names:
-        s = next(draws[t])
-        out.append(PromptRecord(s.prompt, t, s.entry))
-    return out
+    return [
+        PromptRecord.from_row(PromptRow.from_task(next(draws[t]), f"tasks: prompt {j}"))
+        for j, t in enumerate(names)
+    ]
 
 
 def env_seed(seed: int, j: int) -> int:
@@ -135,67 +158,21 @@ def env_prompts(env_id: str, n: int, seed: int) -> list[PromptRecord]:
             raise ConfigError(
                 f"env: {env_id} is not a text env (reset returned {type(prompt).__name__} {prompt!r:.40})"
             )
-        out.append(PromptRecord(prompt, env_id, None, s))
+        out.append(PromptRecord(prompt, env_id, {}, s, f"env {env_id}: prompt {j}"))
     env.close()
     return out
 
 
-def _record(row, where: str) -> PromptRecord:
-    """Validate one input record against the schema above; `where` is "<file>: line N" / "record N" / "row N"."""
-    if not isinstance(row, dict):
-        raise PromptFileError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
-    if row.get("prompt") is None:
-        raise PromptFileError(f"{where}: missing required field 'prompt'")
-    prompt, task, answer, meta = row["prompt"], row.get("task"), row.get("answer"), row.get("metadata")
-    if not isinstance(prompt, str) or not prompt:
-        raise PromptFileError(f"{where}: field 'prompt' must be a non-empty string, got {prompt!r:.60}")
-    if task is not None and not isinstance(task, str):
-        raise PromptFileError(f"{where}: field 'task' must be a string, got {type(task).__name__}")
-    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, str | int | float)):
-        raise PromptFileError(
-            f"{where}: field 'answer' must be a string or number, got {type(answer).__name__}"
-        )
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta)
-        except json.JSONDecodeError:
-            raise PromptFileError(f"{where}: field 'metadata' is a string but not JSON") from None
-    if meta is not None and not isinstance(meta, dict):
-        raise PromptFileError(f"{where}: field 'metadata' must be an object, got {type(meta).__name__}")
-    if task in TASKS and answer is None:
-        raise PromptFileError(
-            f"{where}: built-in task {task!r} is scored by its verifier, which needs 'answer'"
-        )
-    entry = None if answer is None else {"answer": str(answer), "metadata": meta or {}}
-    return PromptRecord(prompt, task, entry)
-
-
 def read_prompts_file(path: str | Path, limit: int | None = None) -> list[PromptRecord]:
-    """Records of a prompts file (the first `limit`), read by `common.records` (.jsonl, .json, .parquet or a
-    `datasets` directory); errors name the file and the row."""
-    path = Path(path)
-    if not path.exists():
+    """Records of a prompts file (the first `limit`): rows parsed by `envs.prompt_file` (`prompt` text or messages,
+    or `messages`; every other column kept for the rewards), errors naming the file and the row."""
+    if not Path(path).exists():
         raise PromptFileError(f"prompts_file: {path} not found")
-    if path.is_file() and path.suffix.lower() in (".parquet", ".pq"):
-        try:
-            names = pq.read_schema(path).names
-        except (pa.ArrowException, OSError) as e:
-            raise PromptFileError(f"{path}: not a readable Parquet file ({e})") from None
-        if "prompt" not in names:
-            raise PromptFileError(f"{path}: no 'prompt' column (columns: {names})")
-    out = []
     try:
-        for rec in read_records(path):
-            if limit is not None and len(out) == limit:
-                break
-            out.append(_record(rec.fields, rec.where))
+        rows = read_prompt_rows([str(path)], BadRows("error"), limit)
     except RecordError as e:
-        raise PromptFileError(str(e)) from None
-    if not out:
-        raise PromptFileError(f"prompts_file: {path} is empty (no prompt records)")
-    if limit is not None and len(out) < limit:
-        raise PromptFileError(f"prompts_file: {path} holds {len(out)} prompts, num_prompts asks for {limit}")
-    return out
+        raise PromptFileError(f"num_prompts: {e}" if e.kind == "short" else str(e)) from None
+    return [PromptRecord.from_row(r) for r in rows]
 
 
 def load_prompts(cfg: RolloutJobConfig) -> list[PromptRecord]:
@@ -204,6 +181,11 @@ def load_prompts(cfg: RolloutJobConfig) -> list[PromptRecord]:
     if cfg.env is not None:
         return env_prompts(cfg.env, cfg.num_prompts, cfg.seed)
     return task_prompts(cfg.tasks, cfg.num_prompts, cfg.seed)
+
+
+def reward_functions(cfg: RolloutJobConfig) -> RewardFunctions:
+    """The config's reward functions, or the built-in verifier (which scores rows of built-in tasks only)."""
+    return RewardFunctions(cfg.rewards or [RewardSpec(function=BUILTIN_REWARD)], cfg.on_reward_error)
 
 
 # ---------------------------------------------------------------------------------------------- the manifest
@@ -253,7 +235,7 @@ def checkpoint_fingerprint(checkpoint: str | Path) -> dict[str, str]:
 
 def prompts_fingerprint(records: list[PromptRecord]) -> str:
     """sha256 of the prompts as loaded (text, label, answer and metadata, env seed), whatever their source."""
-    data = [[r.prompt, r.task, r.entry, r.env_seed] for r in records]
+    data = [[r.prompt, r.task, r.columns, r.env_seed] for r in records]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -318,26 +300,51 @@ def is_complete(out_dir: Path, shard_id: int, rows: int) -> bool:
 
 
 def trajectory_rows(
-    trajs: list[Trajectory], indices: list[int], records: list[PromptRecord], group_size: int, tok
-) -> list[dict]:
-    """One ROW_SCHEMA row per sample; an env episode's reward is the sum of its turn rewards."""
+    trajs: list[Trajectory],
+    indices: list[int],
+    records: list[PromptRecord],
+    group_size: int,
+    tok,
+    rewards: RewardFunctions,
+) -> tuple[list[dict], int]:
+    """(one ROW_SCHEMA row per sample, reward failures). A prompt row's reward is the weighted sum of the reward
+    functions that scored it (null where none did; each term in `reward_terms`, null where it did not score or
+    failed); an env episode's reward is the sum of its turn rewards."""
+    recs = [records[i // group_size] for i in indices]
+    texts = [tok.decode(t.tokens, skip_special_tokens=True) for t in trajs]
+    plain = [k for k, r in enumerate(recs) if r.env_seed is None]  # env episodes are scored by their env
+    reward: list[float | None] = [None] * len(trajs)
+    terms: list[list | None] = [None] * len(trajs)
+    scored = None
+    if plain:
+        rows = [recs[k].as_row() for k in plain]
+        scored = rewards(
+            [r.prompt for r in rows],
+            [r.completion(texts[k]) for r, k in zip(rows, plain, strict=True)],
+            [trajs[k].tokens for k in plain],
+            [r.columns for r in rows],
+            [r.where for r in rows],
+        )
+        for j, k in enumerate(plain):
+            terms[k] = [(name, None if math.isnan(v[j]) else v[j]) for name, v in scored.per_function.items()]
+            if scored.scored[j] or scored.failed[j]:
+                reward[k] = scored.rewards[j]
     rows = []
-    for i, t in zip(indices, trajs, strict=True):
-        rec = records[i // group_size]
-        text = tok.decode(t.tokens, skip_special_tokens=True)
-        reward = rec.reward(text) if rec.env_seed is None else float(sum(t.turn_rewards))
+    for k, (i, t) in enumerate(zip(indices, trajs, strict=True)):
+        rec = recs[k]
         rows.append(
             {
                 "sample_index": i,
                 "group_index": i // group_size,
                 "task": rec.task,
-                "prompt": rec.prompt,
+                "prompt": rec.text,
                 "prompt_ids": t.prompt_ids,
                 "tokens": t.tokens,
-                "text": text,
+                "text": texts[k],
                 "behavior_logprobs": t.behavior_logprobs,
                 "ar_logprobs": t.ar_logprobs,
-                "reward": reward,
+                "reward": float(sum(t.turn_rewards)) if rec.env_seed is not None else reward[k],
+                "reward_terms": terms[k],
                 "accept_counts": t.accept_counts,
                 "draft_counts": t.draft_counts,
                 "num_forwards": t.num_forwards,
@@ -351,4 +358,4 @@ def trajectory_rows(
                 "turn_rewards": t.turn_rewards,
             }
         )
-    return rows
+    return rows, scored.failures if scored is not None else 0

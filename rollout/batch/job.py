@@ -45,7 +45,6 @@ from tqdm import tqdm
 from common.config import ConfigError, dump_config
 from policy.hybrid import checkpoint_prompt_format, load_tokenizer
 from policy.masks import decode_step_layout
-from policy.tokenizer import encode_prompt
 from rollout.batch import io as job_io  # the job's inputs (prompts) and outputs (shards, manifest)
 from rollout.batch.config import RolloutJobConfig
 from rollout.settings import EngineSettings, WorkerSettings
@@ -111,6 +110,7 @@ class JobSummary:
     seconds: float
     tokens_per_forward: float  # model tokens per forward over the whole dataset
     reward_mean: float | None  # over scored rows of the whole dataset
+    reward_failures: int = 0  # this run's samples with a failed reward term (on_reward_error: record)
 
     @property
     def tokens_per_s(self) -> float:
@@ -152,7 +152,7 @@ def plan_shards(cfg: RolloutJobConfig, records, tok, out_dir: Path) -> tuple[int
         raise ConfigError(
             f"prompt_format: env {cfg.env} feeds text turns; chat-format prompts need tasks or a file"
         )
-    encoded = [encode_prompt(tok, r.prompt, fmt) for r in records]
+    encoded = [r.as_row().encode(tok, fmt) for r in records]
     sampling = SamplingParams(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -182,6 +182,7 @@ def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSu
     out_dir = Path(cfg.out_dir)
     check_checkpoint(cfg)
     records = job_io.load_prompts(cfg)
+    rewards = job_io.reward_functions(cfg)  # imported now: a bad reference fails before any work
     tok = load_tokenizer(cfg.checkpoint)
     job_io.check_manifest(out_dir, job_io.content_spec(cfg, records), len(records) * cfg.group_size)
     dump_config(cfg, out_dir / "_config.yaml")
@@ -189,7 +190,7 @@ def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSu
         stale.unlink()
     n, num_shards, shards = plan_shards(cfg, records, tok, out_dir)
     log.info("rollout: %d samples in %d shards, %d to generate -> %s", n, num_shards, len(shards), out_dir)
-    t0, tokens, generated = time.time(), 0, 0
+    t0, tokens, generated, failures = time.time(), 0, 0, 0
     if shards:
         own = backend is None  # a backend we create we also close; a caller's stays open
         backend = backend or make_backend(cfg)
@@ -203,8 +204,11 @@ def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSu
         )
         try:
             for res in backend.run(shards):
-                rows = job_io.trajectory_rows(res.trajectories, res.indices, records, cfg.group_size, tok)
+                rows, failed = job_io.trajectory_rows(
+                    res.trajectories, res.indices, records, cfg.group_size, tok, rewards
+                )
                 job_io.write_shard(out_dir, res.shard.shard_id, rows)
+                failures += failed
                 tokens += sum(t.num_model_tokens for t in res.trajectories)
                 generated += 1
                 bar.update(len(res.trajectories))
@@ -213,11 +217,15 @@ def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSu
             bar.close()
             if own:
                 backend.close()
-    return _summarize(out_dir, n, num_shards, generated, tokens, time.time() - t0)
+    if failures:
+        log.warning(
+            "rollout: %d samples had a failed reward term (null in reward_terms, counted 0)", failures
+        )
+    return _summarize(out_dir, n, num_shards, generated, tokens, time.time() - t0, failures)
 
 
 def _summarize(
-    out_dir: Path, n: int, num_shards: int, generated: int, tokens: int, seconds: float
+    out_dir: Path, n: int, num_shards: int, generated: int, tokens: int, seconds: float, failures: int
 ) -> JobSummary:
     table = pq.read_table(out_dir, columns=["num_forwards", "tokens", "env_mask", "reward"])
     mask = table["env_mask"]  # null = every token is the model's
@@ -233,6 +241,7 @@ def _summarize(
         seconds,
         model / max(1, pc.sum(table["num_forwards"]).as_py()),
         pc.mean(rewards).as_py() if len(rewards) else None,
+        failures,
     )
     if table.num_rows != n:
         raise RuntimeError(f"{out_dir}: {table.num_rows} rows on disk, expected {n}")

@@ -10,7 +10,7 @@ from common.config import load_config
 from envs import splits
 from envs.tasks import CORPUS_TASKS, iter_samples
 from trainers.lm.data import DataConfig, heldout_samples
-from trainers.regress.job import RegressConfig, suite_samples
+from trainers.regress.job import RegressConfig, load_suite
 from trainers.rl.rollouts import StepRollouts
 
 TASKS = list(CORPUS_TASKS)
@@ -62,5 +62,5 @@ def test_rl_heldout_in_tasks_mode_excludes_the_rl_pool():
 def test_corpus_heldout_and_regress_prompts_are_the_evaluation_split():
     data = load_config(DataConfig, None, [])
     assert prompts(heldout_samples(data)) <= prompts(splits.heldout(TASKS, splits.HELDOUT_SIZE))
-    suite = suite_samples(load_config(RegressConfig, "regress", []))
-    assert prompts(suite) <= prompts(splits.heldout(TASKS, splits.HELDOUT_SIZE))
+    suite = load_suite(load_config(RegressConfig, "regress", []))
+    assert {r.prompt for r in suite.rows} <= prompts(splits.heldout(TASKS, splits.HELDOUT_SIZE))

@@ -293,3 +293,98 @@ def test_per_row_vocab_state_only_where_a_sampler_reads_it(sampler, draft, has_l
     run = engine_mod._Run(eng, PROMPTS, SamplingParams(max_new_tokens=4), audit=False)
     assert (run.draft_logits is not None) == has_logits and (run.draft_probs is not None) == has_probs
     assert run.drafts.shape == (3, 4) and run.drafts.dtype == torch.long
+
+
+def _decode_syncs(eng, prompts, steps=6, **params):
+    """Host syncs of each of `steps` decode steps after a prefill of `prompts` (none of which finishes)."""
+    from common.host_sync import HostSyncs
+    from rollout.types import SamplingParams
+
+    run = engine_mod._Run(
+        eng, prompts, SamplingParams(max_new_tokens=1 << 20, eos_token_id=None, **params), False
+    )
+    counts = []
+    with torch.inference_mode():
+        run.prefill([(s, s) for s in range(len(prompts))])
+        for _ in range(steps):
+            with HostSyncs() as syncs:
+                run.decode_step(list(range(len(prompts))))
+            counts.append((syncs.count, syncs.report()))
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("sampler", "draft", "params"),
+    [
+        ("ar", "dirac", {}),
+        ("lossless", "dirac", {}),
+        ("lossless", "sampled", {"top_p": 0.9, "top_k": 20}),
+        ("logit_mix", "dirac", {"temperature": 0.0}),
+    ],
+)
+@pytest.mark.parametrize("kind", ["llama", "moe"])
+def test_a_decode_step_makes_one_host_sync(kind, sampler, draft, params):
+    """Every decode step, on a ragged batch, reads the device exactly once: the packed committed tokens. Layout
+    (the cache extent comes from host-side lengths), uniforms (per-row generators on the device) and slot indices
+    (cached) read nothing. Counted at the torch-function and dispatcher levels (`common.host_sync`), so the CPU
+    sees what would be a sync on a GPU."""
+    policy = lively_policy(kind)
+    if kind == "moe":
+        policy.model.set_experts_implementation("grouped_mm")
+    eng = BlockEngine(policy, sampler=sampler, levels=[0, 2], max_batch=4, draft=draft)
+    for count, report in _decode_syncs(eng, PROMPTS[:3], **params):
+        assert count == 1, report
+        assert "emit" in report
+
+
+def test_the_sync_counter_sees_the_models_own_syncs():
+    """The counter is not blind to model code: HF's eager MoE experts loop over the experts that were hit
+    (`nonzero`, a host read per layer), which the grouped_mm kernel avoids."""
+    policy = lively_policy("moe")
+    policy.model.set_experts_implementation("eager")
+    eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=4)
+    count, report = _decode_syncs(eng, PROMPTS[:3], steps=1)[0]
+    assert count > policy.config.num_hidden_layers and "nonzero" in report
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_decode_step_makes_one_host_sync():
+    """The same budget measured by CUDA itself (`torch.cuda.set_sync_debug_mode`: a warning per synchronizing
+    call), with the Triton verify kernel."""
+    import warnings
+
+    from rollout.types import SamplingParams
+
+    policy = lively_policy("llama").cuda()
+    eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=4)
+    run = engine_mod._Run(eng, PROMPTS[:3], SamplingParams(max_new_tokens=1 << 20, eos_token_id=None), False)
+    with torch.inference_mode():
+        run.prefill([(s, s) for s in range(3)])
+        run.decode_step([0, 1, 2])  # warm: kernels compiled, generators created
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(4):
+                    run.decode_step([0, 1, 2])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 4, [str(w.message) for w in syncs]
+
+
+@pytest.mark.gpu
+def test_on_cuda_decode_masks_keep_sdpa_fused_kernels():
+    """The decode-step and prefill masks (bool [R, 1, Q, extent]) are ones sdpa's fused kernels take: with the math
+    backend excluded, sdpa raises rather than fall back, and the bf16 engine still decodes, token-identical to the
+    unrestricted run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    policy = lively_policy("llama").to("cuda", torch.bfloat16)
+    eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=3)
+    free = eng.generate(PROMPTS, max_new_tokens=16, temperature=0, eos_token_id=None)
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused):
+        got = eng.generate(PROMPTS, max_new_tokens=16, temperature=0, eos_token_id=None)
+    assert [t.tokens for t in got] == [t.tokens for t in free]

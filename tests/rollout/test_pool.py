@@ -158,3 +158,43 @@ def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(ckpt, tmp_p
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_placement_group_reserves_learner_and_workers_up_front(ckpt, local_ray):
+    """placement: the learner's bundle (0) and one bundle per worker are reserved at once; each worker runs in its
+    own bundle, the learner's bundle is on this node, collection works; a request the cluster cannot hold fails
+    fast naming what was asked for, and leaves nothing reserved; shutdown releases the group."""
+    from ray.util import placement_group_table
+
+    from common.config import ConfigError
+
+    pool = RolloutPool(
+        ckpt,
+        ENGINE,
+        num_workers=2,
+        num_cpus_per_worker=0.5,
+        placement="strict_pack",
+        placement_timeout_s=30,
+        learner={"CPU": 1.0},
+    )
+    pg = pool.placement_group
+    assert pg.bundle_specs == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]
+    pool.wait_ready()
+    group_of = lambda _self: ray.get_runtime_context().get_placement_group_id()  # noqa: E731 (runs in the actor)
+    assert ray.get([w.__ray_call__.remote(group_of) for w in pool.workers]) == [pg.id.hex()] * 2
+    free = (
+        ray.available_resources()
+    )  # bundles 1 and 2 are taken by the workers, the learner's bundle 0 is not
+    assert free.get(f"CPU_group_0_{pg.id.hex()}") == 1.0
+    assert not free.get(f"CPU_group_1_{pg.id.hex()}") and not free.get(f"CPU_group_2_{pg.id.hex()}")
+    assert pool.learner_placement() == (True, [])  # on this node, no GPU asked for
+    trajs = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
+    assert len(trajs) == 2 * len(PROMPTS)
+    pool.shutdown()
+    assert placement_group_table(pg)["state"] == "REMOVED"
+
+    with pytest.raises(ConfigError, match=r"placement: could not reserve 3 bundles .*'CPU': 8.*within 2 s"):
+        RolloutPool(
+            ckpt, ENGINE, num_workers=3, num_cpus_per_worker=8, placement="spread", placement_timeout_s=2
+        )
+    assert all(t["state"] == "REMOVED" for t in placement_group_table().values())

@@ -41,10 +41,12 @@ from tqdm.auto import tqdm
 from common.checkpoint import require_checkpoint
 from common.config import ConfigError, Section, ShippedPath, dump_config
 from common.device import DeviceSettings
+from common.records import BadRows, RecordError
 from envs import splits
-from envs.tasks import CORPUS_TASKS, TaskName, TaskSample, score
+from envs.prompt_file import PromptRow, read_prompt_rows
+from envs.rewards import OnRewardError, RewardFunctions, RewardSpec
+from envs.tasks import BUILTIN_REWARD, CORPUS_TASKS, TaskName
 from policy.hybrid import HybridPolicy, load_tokenizer
-from policy.tokenizer import encode_prompt
 from rollout.auto import build_engine
 from rollout.cost_model import AcceptanceStats
 from rollout.settings import EngineSettings
@@ -96,7 +98,21 @@ class RegressConfig(DeviceSettings):
     baseline: ShippedPath = "configs/regress_baseline.json"
     """baseline JSON compared against (rewritten by --update-baseline)."""
     tasks: list[TaskName] = Field(default_factory=lambda: list(CORPUS_TASKS), min_length=1)
-    """reasoning-gym tasks of the suite (envs.tasks.TASKS)."""
+    """reasoning-gym tasks of the suite (envs.tasks.TASKS); ignored with prompts_file."""
+    prompts_file: str | None = None
+    """the researcher's eval prompts instead of `tasks`: JSONL / JSON / Parquet / `datasets` rows with `prompt`
+    (text or messages) or `messages`, other columns passed to `rewards` (`envs.prompt_file`, as in `blockrl train`);
+    the `task` column labels the per-task rates."""
+    num_prompts: int | None = Field(None, ge=1)
+    """with prompts_file: its first num_prompts rows (None = every row)."""
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    """reward functions (`module:function` or `file.py:function`, TRL's signature) and weights; empty = the
+    built-in verifier (`envs.tasks:task_reward`). Every sample must be scored by at least one."""
+    on_reward_error: OnRewardError = "raise"
+    """a reward function that raises or returns a non-finite value: stop naming it and the row, or record it
+    (the term counts 0; `reward_failures` per sampler in results.json)."""
+    solve_threshold: float = 1.0
+    """a sample counts as solved (solve rate, pass@k, the paired tests) when its reward is at least this."""
     prompts_per_task: int = Field(20, ge=1)
     """prompts per task."""
     samples_per_prompt: int = Field(4, ge=1)
@@ -147,19 +163,19 @@ class RegressConfig(DeviceSettings):
     def ar_name(self) -> str:
         return next(s.name for s in self.samplers if s.sampler == "ar")
 
-    def suite(self) -> dict:
-        """What makes two runs comparable (the checkpoint, threads and tolerances are not part of it)."""
-        keys = (
-            "tasks",
-            "prompts_per_task",
-            "samples_per_prompt",
-            "prompt_seed",
-            "seed",
-            "temperature",
-            "max_new_tokens",
-            "max_batch",
-        )
+    def suite(self, prompts_sha256: str | None = None) -> dict:
+        """What makes two runs comparable (the checkpoint, threads and tolerances are not part of it); a prompts
+        file enters by the hash of its rows (`prompts_sha256`), not its path. Fields at their defaults are left out,
+        so baselines written before a field existed still compare."""
+        keys = ["samples_per_prompt", "seed", "temperature", "max_new_tokens", "max_batch"]
+        keys += ["num_prompts"] if self.prompts_file else ["tasks", "prompts_per_task", "prompt_seed"]
         d = {k: v for k, v in self.model_dump(mode="json").items() if k in keys}
+        if self.prompts_file:
+            d["prompts_sha256"] = prompts_sha256
+        if self.rewards:
+            d["rewards"] = [r.model_dump(mode="json") for r in self.rewards]
+        if self.solve_threshold != 1.0:
+            d["solve_threshold"] = self.solve_threshold
         return d | {"samplers": {s.name: s.model_dump(mode="json", exclude={"name"}) for s in self.samplers}}
 
 
@@ -204,6 +220,7 @@ class SamplerMetrics(_Record):
     speedup_vs_ar: float  # median over passes of tok/s / AR tok/s in the same pass
     speedup_runs: list[float]
     rewards_binary: bool = False  # every reward 0 or 1: reward_mean is the solve rate again (not gated)
+    reward_failures: int = 0  # samples with a failed reward term (on_reward_error: record; counted 0)
     # task -> solved bit per sample, suite order (None: unpaired tests)
     solved_bits: dict[str, Bits] | None = None
 
@@ -254,9 +271,10 @@ def load_baseline(path: str | Path) -> RegressResults:
         raise ConfigError("\n".join(lines)) from None
 
 
-def check_suite(baseline: RegressResults, cfg: RegressConfig, path: str | Path) -> list[str]:
-    """Raise ConfigError if the baseline was made with another suite; return notes on samplers it has extra."""
-    now, base = cfg.suite(), baseline.suite
+def check_suite(baseline: RegressResults, now: dict, path: str | Path) -> list[str]:
+    """Raise ConfigError if the baseline was made with another suite (`now`, RegressConfig.suite); return notes on
+    samplers it has extra."""
+    base = baseline.suite
     diff = [
         f"{k}: baseline {base.get(k)!r} vs config {v!r}"
         for k, v in now.items()
@@ -285,26 +303,65 @@ def write_json_atomic(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def suite_samples(cfg: RegressConfig) -> list[TaskSample]:
-    return splits.task_prompts(cfg.tasks, cfg.prompts_per_task, cfg.prompt_seed)
+@dataclass
+class Suite:
+    """The eval suite: its prompt rows (built-in task samples, or the prompts file) and what scores them."""
+
+    rows: list[PromptRow]
+    rewards: RewardFunctions
+    threshold: float = 1.0
+    sha256: str | None = None  # a prompts file's rows, hashed (None: built-in tasks)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Row labels in first-seen order (the per-task rates)."""
+        return list(dict.fromkeys(r.task for r in self.rows))
+
+    def score(self, texts: list[str], trajs: list[Trajectory], n: int) -> tuple[np.ndarray, int]:
+        """([P, n] rewards, failures) of the samples, sample j of row i at i * n + j; a sample no function scores
+        is an error naming its row (a reward of 0 there would be made up)."""
+        rows = [self.rows[i // n] for i in range(len(texts))]
+        out = self.rewards(
+            [r.prompt for r in rows],
+            [r.completion(x) for r, x in zip(rows, texts, strict=True)],
+            [t.tokens for t in trajs],
+            [r.columns for r in rows],
+            [r.where for r in rows],
+        )
+        for r, s, f in zip(rows, out.scored, out.failed, strict=True):
+            if not s and not f:
+                raise ConfigError(
+                    f"rewards: no reward function scored {r.where} (task {r.task!r}); give `rewards` that score "
+                    "every row (the default, the built-in verifier, scores built-in tasks only)"
+                )
+        return np.array(out.rewards).reshape(-1, n), out.failures
+
+
+def load_suite(cfg: RegressConfig) -> Suite:
+    rewards = RewardFunctions(cfg.rewards or [RewardSpec(function=BUILTIN_REWARD)], cfg.on_reward_error)
+    if cfg.prompts_file is None:
+        samples = splits.task_prompts(cfg.tasks, cfg.prompts_per_task, cfg.prompt_seed)
+        rows = [PromptRow.from_task(s, f"{s.task} prompt {i}") for i, s in enumerate(samples)]
+        return Suite(rows, rewards, cfg.solve_threshold)
+    try:
+        rows = read_prompt_rows([cfg.prompts_file], BadRows("error"), cfg.num_prompts)
+    except RecordError as e:
+        raise ConfigError(f"prompts_file: {e}") from None
+    data = json.dumps([[r.prompt, r.columns] for r in rows], sort_keys=True, default=str)
+    return Suite(rows, rewards, cfg.solve_threshold, hashlib.sha256(data.encode()).hexdigest()[:16])
 
 
 def summarize(
-    spec: SamplerSpec,
-    K: int,
-    trajs: list[Trajectory],
-    rewards: np.ndarray,
-    samples: list[TaskSample],
-    cfg: RegressConfig,
+    spec: SamplerSpec, K: int, trajs: list[Trajectory], rewards: np.ndarray, suite: Suite, cfg: RegressConfig
 ) -> dict:
     """Quality and acceptance of one sampler's pass; `rewards` is [P, n]."""
-    solved = rewards >= 1.0  # [P, n]
+    solved = rewards >= suite.threshold  # [P, n]
     k, N = int(solved.sum()), solved.size
     per_prompt = solved.sum(axis=1)  # [P]
     pk = {str(kk): [pass_at_k(cfg.samples_per_prompt, int(c), kk) for c in per_prompt] for kk in cfg.pass_k}
     per_task, bits = {}, {}
-    for task in cfg.tasks:
-        rows = [i for i, s in enumerate(samples) if s.task == task]
+    for task in suite.tasks:
+        rows = [i for i, r in enumerate(suite.rows) if r.task == task]
         tk, tn = int(solved[rows].sum()), solved[rows].size
         per_task[task] = TaskRate(solved=tk, n=tn, rate=tk / tn, ci95=wilson(tk, tn))
         bits[task] = bits_string(solved[rows])
@@ -318,7 +375,7 @@ def summarize(
     return dict(
         sampler=spec.sampler,
         block_size=K,
-        n_prompts=len(samples),
+        n_prompts=len(suite.rows),
         n_samples=N,
         solved=k,
         solve_rate=k / N,
@@ -338,13 +395,13 @@ def summarize(
     )
 
 
-def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple[dict, list[dict]]:
+def measure(cfg: RegressConfig, policy, tok, suite: Suite) -> tuple[dict, list[dict]]:
     """{name: SamplerMetrics} and one completion record per (sampler, sample)."""
     n = cfg.samples_per_prompt
 
     def sample_ids(spec: SamplerSpec) -> list[list[int]]:  # sample j of prompt i has index i * n + j
         fmt = policy.resolve_prompt_format(spec.prompt_format)
-        return [encode_prompt(tok, s.prompt, fmt) for s in samples for _ in range(n)]
+        return [r.encode(tok, fmt) for r in suite.rows for _ in range(n)]
 
     ids = {s.name: sample_ids(s) for s in cfg.samplers}
     engines = {s.name: build_engine(policy, s.engine_settings(cfg.max_batch), tok) for s in cfg.samplers}
@@ -373,10 +430,11 @@ def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple
     for spec in cfg.samplers:
         trajs = first[spec.name]
         texts = tok.batch_decode([t.tokens for t in trajs], skip_special_tokens=True)
-        rewards = np.array([score(samples[i // n], x) for i, x in enumerate(texts)]).reshape(len(samples), n)
+        rewards, failures = suite.score(texts, trajs, n)
         ratios = [a / b for a, b in zip(tps[spec.name], ar, strict=True)]
         metrics[spec.name] = SamplerMetrics(
-            **summarize(spec, engines[spec.name].K, trajs, rewards, samples, cfg),
+            **summarize(spec, engines[spec.name].K, trajs, rewards, suite, cfg),
+            reward_failures=failures,
             tok_per_s=median(tps[spec.name]),
             tok_per_s_runs=tps[spec.name],
             speedup_vs_ar=median(ratios),
@@ -385,8 +443,8 @@ def measure(cfg: RegressConfig, policy, tok, samples: list[TaskSample]) -> tuple
         records += [
             {
                 "sampler": spec.name,
-                "task": samples[i // n].task,
-                "prompt": samples[i // n].prompt,
+                "task": suite.rows[i // n].task,
+                "prompt": suite.rows[i // n].prompt,
                 "sample": i % n,
                 "completion": x,
                 "reward": float(rewards.flat[i]),
@@ -413,9 +471,10 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
     from trainers.regress.report import log_wandb, write_report
 
     baseline, notes = None, []
+    suite = load_suite(cfg)  # a bad prompts file or reward reference fails here, before any decoding
     if not update_baseline:  # fail fast, before minutes of decoding
         baseline = load_baseline(cfg.baseline)
-        notes += check_suite(baseline, cfg, cfg.baseline)
+        notes += check_suite(baseline, cfg.suite(suite.sha256), cfg.baseline)
     require_checkpoint(cfg.checkpoint)
     run_dir = Path(cfg.run_dir)
     dump_config(cfg, run_dir / "config.yaml")
@@ -424,15 +483,14 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
     if not policy.is_converted and any(s.sampler != "ar" for s in cfg.samplers):
         raise ConfigError(f"checkpoint: {cfg.checkpoint} is not converted; only sampler 'ar' can run on it")
     tok = load_tokenizer(cfg.checkpoint)
-    samples = suite_samples(cfg)
     log.info(
         "regress: %s, %d prompts x %d samples, samplers %s",
         cfg.checkpoint,
-        len(samples),
+        len(suite.rows),
         cfg.samples_per_prompt,
         [s.name for s in cfg.samplers],
     )
-    metrics, records = measure(cfg, policy, tok, samples)
+    metrics, records = measure(cfg, policy, tok, suite)
     meta = {
         "checkpoint": cfg.checkpoint,
         "checkpoint_sha256": checkpoint_fingerprint(cfg.checkpoint),
@@ -442,7 +500,7 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
         "torch": torch.__version__,
     }
     created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    results = RegressResults(created=created, suite=cfg.suite(), meta=meta, samplers=metrics)
+    results = RegressResults(created=created, suite=cfg.suite(suite.sha256), meta=meta, samplers=metrics)
     text = results.model_dump_json(indent=1)
     write_json_atomic(run_dir / "results.json", text)
     with (run_dir / "completions.jsonl").open("w") as f:

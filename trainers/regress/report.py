@@ -119,13 +119,27 @@ def write_report(out, cfg) -> Path:
     plot_throughput(out, out.run_dir / PLOTS[2], cfg.tolerance.speedup_rel)
     r, meta = out.results, out.results.meta
     suite = r.suite
+    if "prompts_sha256" in suite:  # the researcher's prompts file
+        m = next(iter(r.samplers.values()))
+        source = (
+            f"`{cfg.prompts_file}` (rows sha256 {suite['prompts_sha256']}): {m.n_prompts} prompts, labels "
+            f"{', '.join(m.per_task)}"
+        )
+    else:
+        source = (
+            f"{len(suite['tasks'])} tasks ({', '.join(suite['tasks'])}) x {suite['prompts_per_task']} prompts, "
+            f"prompt seed {suite['prompt_seed']}"
+        )
+    rewards = (
+        ", ".join(f"{x['function']} x {x['weight']:g}" for x in suite.get("rewards", []))
+        or "the built-in verifier"
+    )
     lines = [f"# blockrl regress: {verdict(out)}", ""]
     lines += [
         f"- checkpoint: `{meta['checkpoint']}` (weights sha256 {meta['checkpoint_sha256']}), run {r.created}",
-        f"- suite: {len(suite['tasks'])} tasks ({', '.join(suite['tasks'])}) x {suite['prompts_per_task']} "
-        f"prompts x {suite['samples_per_prompt']} samples, T={suite['temperature']:g}, "
-        f"max_new_tokens {suite['max_new_tokens']}, batch {suite['max_batch']}, prompt seed "
-        f"{suite['prompt_seed']}, sampling seed {suite['seed']}",
+        f"- suite: {source} x {suite['samples_per_prompt']} samples, T={suite['temperature']:g}, "
+        f"max_new_tokens {suite['max_new_tokens']}, batch {suite['max_batch']}, sampling seed {suite['seed']}",
+        f"- rewards: {rewards}; solved = reward >= {suite.get('solve_threshold', 1.0):g}",
         f"- device: {meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}; "
         f"throughput: median of {cfg.repeats} alternating pass(es)",
     ]

@@ -48,6 +48,8 @@ class LearnerConfig(Section):
     ppo: PPOConfig = PPOConfig()
     device: DeviceName = "auto"
     """the learner's device, apart from the rollout workers' (auto: CUDA when visible, else cpu)."""
+    gpus: float = Field(1.0, gt=0.0, le=1.0)
+    """the GPU share the learner's bundle reserves under `rollout.placement` (a fraction lets workers share its GPU)."""
     autocast: Literal["none", "bfloat16"] = "none"
     """bf16 autocast of the learner's forwards (weights and AdamW state stay fp32; log-probs and losses fp32)."""
 

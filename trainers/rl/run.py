@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from common.checkpoint import load_trainer_state, recover, save_checkpoint
@@ -154,7 +156,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         )
     init_ray(run_dir, cfg.rollout.address, num_cpus=None)
     r = cfg.rollout
-    pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings())
+    # under a placement group the learner's share (a CPU, and its GPU when it has one) is bundle 0: workers never
+    # land on it
+    learner_bundle = {"CPU": 1.0} | ({"GPU": cfg.learner.gpus} if learner.device.type == "cuda" else {})
+    pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings(), learner_bundle)
+    _check_learner_placement(pool, learner.device)
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature)
     fmt = policy.resolve_prompt_format(cfg.prompt_format)
     if cfg.env and fmt == "chat":
@@ -190,21 +196,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             _publish(pool, policy, learner.version)
             sink.log(0, evaluate())
         for step in range(start, cfg.steps):
-            t0 = time.time()
+            t0, synced = time.time(), {}
             if pending is None:  # on-policy: the rollouts use the weights of the last learner step
-                _publish(pool, policy, learner.version)
+                synced = _publish(pool, policy, learner.version)
                 pending = rollouts.launch(step)
             batch = pending.result()
             pending = None
             # one step off-policy: step+1's rollouts overlap learning
             if cfg.async_rollouts and step + 1 < cfg.steps:
-                _publish(pool, policy, learner.version)
+                synced = _publish(pool, policy, learner.version)
                 pending = rollouts.launch(step + 1)
             t1 = time.time()
             metrics = learner.step(
                 RolloutBatch.from_trajectories(batch.trajs, batch.rewards, cfg.group_size, pad_id(tok))
             )
-            metrics |= rollout_metrics(batch, cfg.group_size, K)
+            metrics |= rollout_metrics(batch, cfg.group_size, K) | synced
             metrics |= {
                 "time/train_s": time.time() - t1,
                 "time/step_s": time.time() - t0,
@@ -263,10 +269,36 @@ def _finite(metrics: dict, step: int) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, float | int) and math.isfinite(v)}
 
 
-def _publish(pool: RolloutPool, policy: HybridPolicy, version: int) -> None:
-    """Weight sync: the numpy state dict goes to every worker as `version` (skipped when they already hold it)."""
-    if pool.version != version:
-        pool.sync_weights(state_dict_numpy(policy), version=version)
+def _publish(pool: RolloutPool, policy: HybridPolicy, version: int) -> dict[str, float]:
+    """Weight sync: the numpy state dict goes to every worker as `version` (skipped when they already hold it).
+    Returns its cost: seconds (device -> host copy, object store put, every worker's load) and megabytes sent."""
+    if pool.version == version:
+        return {}
+    t0 = time.perf_counter()
+    weights = state_dict_numpy(policy)
+    pool.sync_weights(weights, version=version)
+    mb = sum(a.nbytes for a in weights.values()) / 2**20
+    return {"time/weight_sync_s": time.perf_counter() - t0, "sync/weights_mb": mb}
+
+
+def _check_learner_placement(pool: RolloutPool, device: torch.device) -> None:
+    """The learner runs in this process: say so if its reserved bundle is on another node or another GPU."""
+    where = pool.learner_placement()
+    if where is None:
+        return
+    here, gpus = where
+    if not here:
+        log.warning("placement: the learner's bundle is on another node than this driver: use strict_pack")
+    elif gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [int(x) for x in visible.split(",")] if visible else list(range(torch.cuda.device_count()))
+        mine = ids[device.index or 0] if (device.index or 0) < len(ids) else None
+        if mine not in gpus:
+            log.warning(
+                "placement: Ray reserved GPU %s for the learner, which runs on GPU %s: set learner.device",
+                gpus,
+                mine,
+            )
 
 
 def _check_drift(drift: DriftMonitor, metrics: dict, cfg: TrainConfig, learner: Learner, step: int) -> dict:

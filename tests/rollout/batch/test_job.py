@@ -176,7 +176,11 @@ GOOD = json.dumps({"prompt": "sum: 1 + 2\n"})
         ([json.dumps({"prompt": 17})], 1, "'prompt' must be a non-empty string"),
         ([GOOD, GOOD, json.dumps(["sum: 1\n"])], 3, "expected an object"),
         ([GOOD, json.dumps({"prompt": "sum: 1 + 2\n", "task": "chain_sum"})], 2, "needs 'answer'"),
-        ([json.dumps({"prompt": "x", "answer": "1", "metadata": [1]})], 1, "'metadata' must be an object"),
+        (
+            [json.dumps({"prompt": "x", "task": "countdown", "answer": "1", "metadata": [1]})],
+            1,
+            "'metadata' must be",
+        ),
     ],
 )
 def test_malformed_jsonl_names_file_and_line(tmp_path, local, lines, row, message, capsys):
@@ -204,14 +208,14 @@ def test_unreadable_or_incomplete_parquet_is_named(tmp_path, local):
         run_job(config(tmp_path / "o1", prompts_file=str(bad), num_prompts=None), backend=local)
     no_col = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.table({"question": ["a"]}), no_col)
-    with pytest.raises(PromptFileError, match="no 'prompt' column"):
+    with pytest.raises(PromptFileError, match="no 'prompt' or 'messages' column"):
         run_job(config(tmp_path / "o2", prompts_file=str(no_col), num_prompts=None), backend=local)
     nulls = tmp_path / "nulls.parquet"
     pq.write_table(pa.table({"prompt": ["a", None]}), nulls)
     with pytest.raises(PromptFileError, match=f"{nulls}: row 2: missing required field 'prompt'"):
         run_job(config(tmp_path / "o3", prompts_file=str(nulls), num_prompts=None), backend=local)
     short = write_jsonl(tmp_path / "short.jsonl", [GOOD])
-    with pytest.raises(PromptFileError, match="holds 1 prompts, num_prompts asks for 4"):
+    with pytest.raises(PromptFileError, match=r"num_prompts: .*1 usable prompt rows, 4 asked for"):
         run_job(config(tmp_path / "o4", prompts_file=str(short), num_prompts=4), backend=local)
 
 
@@ -405,3 +409,69 @@ def test_bf16_workers_write_complete_rows(tmp_path):
     assert all(
         len(r["ar_logprobs"]) == len(r["tokens"]) and all(lp <= 0 for lp in r["ar_logprobs"]) for r in rows
     )
+
+
+REWARDS = """
+def has_digit(prompts, completions, completion_ids, level, **kwargs):
+    # TRL's forms: a text prompt's completion is text, a conversation's is one assistant message
+    assert all(isinstance(c, list) == isinstance(p, list) for p, c in zip(prompts, completions))
+    text = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [float(any(ch.isdigit() for ch in t)) * lv for t, lv in zip(text, level)]
+
+def length(prompts, completions, completion_ids, **kwargs):
+    return [None if isinstance(p, list) else float(len(ids)) for p, ids in zip(prompts, completion_ids)]
+
+def flaky(prompts, completions, completion_ids, level, **kwargs):
+    return [float("nan") if lv == 2 else 1.0 for lv in level]
+"""
+
+
+def test_the_researchers_prompt_file_and_reward_functions(tmp_path):
+    """Text and conversational rows (the chat template renders the latter), an extra column reaching the reward
+    functions, two weighted functions: `reward` is the weighted sum over the functions that scored a row, each term
+    in `reward_terms`; a NaN under `record` is a null term and a counted failure, under `raise` an error naming the
+    function and the row."""
+    from common.paths import SHIPPED_BPE_CHECKPOINT
+    from envs.rewards import RewardError
+    from policy.tokenizer import encode_chat_prompt
+
+    ckpt = str(SHIPPED_BPE_CHECKPOINT)
+    tok = load_tokenizer(ckpt)
+    chat = [{"role": "user", "content": "sum: 1 + 2"}]
+    write_jsonl(
+        tmp_path / "p.jsonl",
+        [json.dumps({"prompt": "sum: 3 + 4\n", "level": 1}), json.dumps({"messages": chat, "level": 2})],
+    )
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    fn = f"{tmp_path / 'my_rewards.py'}"
+    kw = dict(checkpoint=ckpt, prompts_file=str(tmp_path / "p.jsonl"), num_prompts=None, prompt_format="text")
+    rewards = [{"function": f"{fn}:has_digit", "weight": 2.0}, {"function": f"{fn}:length", "weight": 0.5}]
+    backend = make_backend(config("unused", checkpoint=ckpt), kind="local")
+    cfg = config(tmp_path / "out", rewards=rewards, **kw)
+    assert run_job(cfg, backend=backend, progress=False).num_samples == 4
+    rows = table(cfg.out_dir).to_pylist()
+    assert rows[0]["prompt_ids"] == tok("sum: 3 + 4\n")["input_ids"]
+    assert rows[2]["prompt_ids"] == encode_chat_prompt(tok, chat)
+    assert json.loads(rows[2]["prompt"]) == chat
+    for r in rows:
+        level = 1 if r["group_index"] == 0 else 2
+        terms = dict(r["reward_terms"])
+        assert terms["has_digit"] == level * any(ch.isdigit() for ch in r["text"])
+        assert terms["length"] == (len(r["tokens"]) if level == 1 else None)  # not scored: the term is null
+        assert r["reward"] == pytest.approx(2.0 * terms["has_digit"] + 0.5 * (terms["length"] or 0.0))
+
+    flaky = [{"function": f"{fn}:flaky"}]
+    out = run_job(
+        config(tmp_path / "rec", rewards=flaky, on_reward_error="record", **kw),
+        backend=backend,
+        progress=False,
+    )
+    assert out.reward_failures == 2
+    assert [dict(r["reward_terms"])["flaky"] for r in table(tmp_path / "rec").to_pylist()] == [
+        1,
+        1,
+        None,
+        None,
+    ]
+    with pytest.raises(RewardError, match=r"reward .*:flaky: returned nan for .*p.jsonl: line 2"):
+        run_job(config(tmp_path / "raise", rewards=flaky, **kw), backend=backend, progress=False)

@@ -10,6 +10,7 @@ tests (tolerance.speedup_rel=null).
 """
 
 import json
+import re
 import shutil
 
 import pytest
@@ -189,3 +190,59 @@ def test_bad_baseline_is_a_clear_error(baseline, tmp_path, capsys):
     broken.write_text("{not json")
     assert run(broken, tmp_path / "r", "--update-baseline") == 0
     assert load_baseline(broken).samplers["ar"].solved == load_baseline(path).samplers["ar"].solved
+
+
+REWARDS = """
+import re
+
+def correct(prompts, completions, completion_ids, answer, **kwargs):
+    got = [re.search(r"<answer>(.*?)</answer>", c) for c in completions]
+    return [float(m is not None and m.group(1).strip() == str(a)) for m, a in zip(got, answer)]
+
+def brevity(prompts, completions, completion_ids, **kwargs):
+    return [1.0 - len(ids) / 96 for ids in completion_ids]
+"""
+
+
+def test_the_researchers_prompt_file_and_reward_functions(tmp_path, capsys):
+    """regress on a prompt file with its own labels and a reward module: the labels are the per-task rates, the
+    reward is the weighted sum, solved = reward >= solve_threshold; the unchanged checkpoint passes its own
+    baseline, an edited file is another suite (named by its hash), and a row no function scores is an error."""
+    from envs.splits import heldout
+
+    samples = heldout(["chain_sum", "spell_backward"], 3)
+    rows = [{"prompt": s.prompt, "answer": s.entry["answer"], "task": f"my_{s.task}"} for s in samples]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.py").write_text(REWARDS)
+    user = [
+        "--set",
+        f"prompts_file={tmp_path / 'p.jsonl'}",
+        "--set",
+        f"rewards=[{{function: {tmp_path / 'r.py'}:correct}}, {{function: {tmp_path / 'r.py'}:brevity, weight: 0.1}}]",
+        "--set",
+        "solve_threshold=1.0",
+    ]
+    base = tmp_path / "base.json"
+    assert run(base, tmp_path / "b", *user, "--update-baseline") == 0
+    b = load_baseline(base)
+    assert b.suite["prompts_sha256"] and "tasks" not in b.suite and b.suite["rewards"][1]["weight"] == 0.1
+    for m in b.samplers.values():
+        assert list(m.per_task) == ["my_chain_sum", "my_spell_backward"] and m.n_samples == 6 * 2
+        assert not m.rewards_binary  # the brevity term makes rewards continuous
+    done = [json.loads(x) for x in (tmp_path / "b" / "completions.jsonl").read_text().splitlines()]
+    for d in done:
+        ok = re.search(r"<answer>(.*?)</answer>", d["completion"])
+        gold = next(r["answer"] for r in rows if r["prompt"] == d["prompt"])
+        assert d["reward"] == pytest.approx(
+            float(bool(ok) and ok.group(1).strip() == str(gold)) + 0.1 * (1 - d["tokens"] / 96)
+        )
+    assert b.samplers["ar"].solved == sum(d["reward"] >= 1.0 for d in done if d["sampler"] == "ar")
+    assert run(base, tmp_path / "same", *user) == 0
+    rows[0]["prompt"] = "sum: 1 + 1\n"
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert run(base, tmp_path / "edited", *user) == 2
+    assert "prompts_sha256" in capsys.readouterr().err
+    assert run(base, tmp_path / "unscored", user[0], user[1], "--update-baseline") == 2
+    err = capsys.readouterr().err
+    assert "no reward function scored" in err and "p.jsonl: line 1 (task 'my_chain_sum')" in err

@@ -162,6 +162,8 @@ def test_train_on_the_researchers_prompt_file_and_reward_functions(tmp_path):
     try:
         argv = ["train", "--set", f"run_dir={run}", "--set", "steps=2", "--set", "eval_every=2", *SMALL]
         argv += ["--set", f"prompts.files=[{tmp_path / 'prompts.jsonl'}]", "--set", "prompts.heldout_rows=3"]
+        # under a placement group: the learner's bundle (1 CPU) and one of half a CPU per worker, on 2 cores
+        argv += ["--set", "rollout.placement=pack", "--set", "rollout.cpus_per_worker=0.5"]
         argv += [
             "--set",
             f"rewards=[{{function: {tmp_path / 'my_rewards.py'}:correct}}, "
@@ -187,6 +189,9 @@ def test_train_on_the_researchers_prompt_file_and_reward_functions(tmp_path):
     assert records[1]["reward/fn/correct/mean"] == pytest.approx(mean_correct)
     assert "reward/prompts/mean" in records[1] and records[1]["reward/failures"] == 0
     assert "eval/reward_mean" in records[0] and "eval/reward_mean" in records[2]
+    # weight sync is measured where it happens: step 2 publishes version 1 (step 1 ran on the checkpoint's weights)
+    assert "time/weight_sync_s" not in records[1] and records[2]["time/weight_sync_s"] > 0
+    assert records[2]["sync/weights_mb"] > 1
 
 
 def test_two_rl_steps_in_bf16_on_cpu(tmp_path):
