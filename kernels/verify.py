@@ -41,6 +41,12 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=weights.shape[-1] - 1)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / T, without a full-vocabulary copy at T = 1 (the RL default)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def _sample_reference(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> VerifyOutput:
     """K = 0 case of `verify_reference`: one inverse-CDF (or greedy) draw per row. logits [R, V], u [R]."""
     if temperature == 0:
@@ -48,7 +54,7 @@ def _sample_reference(logits: torch.Tensor, u: torch.Tensor, temperature: float)
         return VerifyOutput(
             torch.zeros_like(tok), tok[:, None], torch.zeros(len(tok), 1, device=logits.device)
         )
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(_scaled(logits, temperature), dim=-1)
     tok = inverse_cdf(logp.exp(), u)
     return VerifyOutput(torch.zeros_like(tok), tok[:, None], logp.gather(-1, tok[:, None]))
 
@@ -73,8 +79,10 @@ def verify_reference(
         greedy = target_logits.argmax(-1)  # [R, K+1]
         ok = (draft_tokens == greedy[:, :K]) & valid
     else:
-        p = torch.softmax(target_logits.float() / temperature, dim=-1)  # [R, K+1, V]
-        p_d = p[:, :K].gather(-1, draft_tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [R, K]
+        # the one full-vocabulary tensor of the verify: probabilities are read from it where needed (the draft
+        # tokens, the row at the first rejection), never materialised for every slot
+        logp = torch.log_softmax(_scaled(target_logits, temperature), dim=-1)  # [R, K+1, V]
+        p_d = logp[:, :K].gather(-1, draft_tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1).exp()  # [R, K]
         if draft_probs is None:
             q_d = torch.ones_like(p_d)
         else:
@@ -84,7 +92,7 @@ def verify_reference(
     if temperature == 0:
         final = greedy[rows, accept_len]
     else:
-        p_na = p[rows, accept_len]  # [R, V]
+        p_na = logp[rows, accept_len].exp()  # [R, V]
         weights = p_na
         if K > 0:
             rejected = accept_len < num_drafts
@@ -105,7 +113,6 @@ def verify_reference(
     if temperature == 0:
         logprobs = torch.zeros(R, K1, device=target_logits.device)
     else:
-        logp = torch.log_softmax(target_logits.float() / temperature, dim=-1)
         gathered = logp.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         logprobs = torch.where(emitted, gathered, 0.0)  # 0 past na (a -inf * 0 would be NaN)
     return VerifyOutput(accept_len, tokens, logprobs)

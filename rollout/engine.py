@@ -18,9 +18,10 @@ from the prompt queue (continuous batching). Each row draws its randomness from 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,29 @@ from rollout.processors import constraint_mask, process_logits
 from rollout.types import Option, SamplingParams, Trajectory, with_eos
 
 SAMPLERS = ("ar", "lossless", "logit_mix")  # `auto` chooses among these: rollout/auto.py wraps engines
+PHASES = ("body", "heads", "verify", "drafts", "bookkeeping")  # a decode step's parts (`StepTimer`)
+_UNTIMED = contextlib.nullcontext()
+
+
+class StepTimer:
+    """Wall time of a decode step's phases: the forward body (mask layout, decoder layers), the LM heads (verify
+    slots and the chosen proposal block), the verify (processors, uniforms, the fused ratio test and draw), draft
+    selection, and bookkeeping (the one host read, stop checks, cache commit). On CUDA each phase is bracketed by a
+    synchronize, so profiling adds syncs: it measures, it is not the fast path."""
+
+    def __init__(self, device: torch.device):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[phase] += time.perf_counter() - t
 
 
 @dataclass
@@ -180,6 +204,30 @@ class BlockEngine(GenerateAPI):
             times.append(time.perf_counter() - t)
         return prefill, statistics.median(times)
 
+    @torch.inference_mode()
+    def profile_decode_steps(
+        self, prompt_ids: list[list[int]], steps: int, temperature: float = 1.0
+    ) -> dict[str, float]:
+        """Seconds per decode step of each phase (`PHASES`, plus `total` and the unattributed `other`), over `steps`
+        steps of this batch after one warm step: where a step's time goes, for a user tuning levels or K."""
+        if len(prompt_ids) > self.max_batch:
+            raise ValueError(
+                f"profile_decode_steps: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}"
+            )
+        params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
+        run = _Run(self, prompt_ids, params, audit=False)
+        rows = list(range(len(prompt_ids)))
+        run.prefill(list(zip(rows, rows, strict=True)))
+        run.decode_step(rows)  # warm
+        run.timer = StepTimer(self.device)
+        with run.timer("total"):
+            for _ in range(steps):
+                run.decode_step(rows)
+        out = {ph: run.timer.seconds[ph] / steps for ph in PHASES}
+        out["total"] = run.timer.seconds["total"] / steps
+        out["other"] = max(0.0, out["total"] - sum(out[ph] for ph in PHASES))  # level choice, slicing
+        return out
+
 
 class _Run:
     """State of one `generate` call: slots, cache, drafts."""
@@ -206,15 +254,20 @@ class _Run:
         self.n_drafts = torch.zeros(B, dtype=torch.long, device=dev)
         # per-row draft logits [B, K, V] only where logit mixing reads them; Dirac drafts keep just their ids
         mixing = K and eng.sampler == "logit_mix" and eng.mix_weight < 1.0
-        self.draft_logits = torch.zeros(B, K, self.V, device=dev) if mixing else None
+        # (in bf16: half the fp32 state; the mixed target is what is sampled, and its log-probs are recorded
+        # exactly, so the rounding changes the behaviour policy slightly, never its bookkeeping)
+        self.draft_logits = torch.zeros(B, K, self.V, dtype=torch.bfloat16, device=dev) if mixing else None
         self.draft_probs = (
             torch.zeros(B, K, self.V, device=dev) if K and eng.draft == "sampled" else None
         )  # q of sampled drafts, which the next verify needs
         self.banned = constraint_mask(params, self.V, dev)
         self.results: list[Trajectory | None] = [None] * len(prompts)
-        self._indices: dict[
-            tuple[int, ...], torch.Tensor
-        ] = {}  # slot lists as device tensors, built once each
+        # slot lists as device tensors, built once each
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self.timer: StepTimer | None = None  # set by profile_decode_steps
+
+    def timed(self, phase: str):
+        return _UNTIMED if self.timer is None else self.timer(phase)
 
     # ---------------------------------------------------------------------------------------------- driver
     def run(self) -> list[Trajectory]:
@@ -325,32 +378,38 @@ class _Run:
     # ---------------------------------------------------------------------------------------------- decode
     def decode_step(self, rows: list[int]) -> None:
         eng, dev, K = self.eng, self.eng.device, self.eng.K
-        rows_t = self._idx = self.index(rows)  # the slot indices of this pass
+        with self.timed("bookkeeping"):
+            rows_t = self._idx = self.index(rows)  # the slot indices of this pass
         R = len(rows)
-        if K:
-            L = len(eng.levels)
-            verify_ids = torch.cat([self.anchor[rows_t, None], self.drafts[rows_t]], dim=1)  # [R, K+1]
-            masks = torch.full((R, L * (K + 1)), eng.policy.mask_token_id, dtype=torch.long, device=dev)
-            ids = torch.cat([verify_ids, masks], dim=1)
-        else:
-            ids = self.anchor[rows_t, None]
-        pos = self.cache.lens[rows_t, None] + eng._offsets[None]
-        hidden = self.forward(rows, ids, pos, eng._step_mask[None])
-        n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
-        drafts = self.drafts[rows_t, :K]
-        verified = self.verify(
-            rows,
-            self.head(hidden[:, : K + 1]),
-            drafts,
-            None if self.draft_logits is None else self.draft_logits[rows_t],
-            n_drafts,
-        )
+        with self.timed("body"):
+            if K:
+                L = len(eng.levels)
+                verify_ids = torch.cat([self.anchor[rows_t, None], self.drafts[rows_t]], dim=1)  # [R, K+1]
+                masks = torch.full((R, L * (K + 1)), eng.policy.mask_token_id, dtype=torch.long, device=dev)
+                ids = torch.cat([verify_ids, masks], dim=1)
+            else:
+                ids = self.anchor[rows_t, None]
+            pos = self.cache.lens[rows_t, None] + eng._offsets[None]
+            hidden = self.forward(rows, ids, pos, eng._step_mask[None])
+        with self.timed("heads"):
+            ar_logits = self.head(hidden[:, : K + 1])
+        with self.timed("verify"):
+            n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
+            drafts = self.drafts[rows_t, :K]
+            verified = self.verify(
+                rows,
+                ar_logits,
+                drafts,
+                None if self.draft_logits is None else self.draft_logits[rows_t],
+                n_drafts,
+            )
         accept_len = verified[0].accept_len
         if K:
             proposals = hidden[:, K + 1 :].view(R, len(eng.levels), K + 1, -1)
             self.set_drafts(rows, proposals, accept_len)
-        na = self.emit(rows, verified, drafts_used=drafts)  # the step's one host read
-        self.commit(accept_len + 1, [n + 1 for n in na])
+        with self.timed("bookkeeping"):
+            na = self.emit(rows, verified, drafts_used=drafts)  # the step's one host read
+            self.commit(accept_len + 1, [n + 1 for n in na])
 
     def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts):
         """Processors -> (logit mixing) -> fused verify with per-row uniforms; adds ar_logprobs."""
@@ -359,7 +418,7 @@ class _Run:
         target = ar_logits
         if eng.sampler == "logit_mix" and eng.mix_weight < 1.0 and K1 > 1:
             w = eng.mix_weight
-            mixed = w * ar_logits[:, :-1] + (1 - w) * draft_logits
+            mixed = w * ar_logits[:, :-1] + (1 - w) * draft_logits.float()
             valid = (torch.arange(K1 - 1, device=ar_logits.device)[None] < n_drafts[:, None])[..., None]
             target = torch.cat([torch.where(valid, mixed, ar_logits[:, :-1]), ar_logits[:, -1:]], dim=1)
         target = process_logits(target, p, self.banned)
@@ -388,22 +447,24 @@ class _Run:
         chosen = proposals[torch.arange(R, device=dev), lvl]  # [R, K+1, H]
         first = accept_len - p + 1  # slot of position b+na+2
         slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(max=K)  # [R, K]
-        dl = self.head(chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1])))  # [R, K, V]
-        n = K - accept_len + p
-        rows_t = self._idx
-        if self.draft_logits is not None:
-            self.draft_logits[rows_t] = dl
-        self.n_drafts[rows_t] = n
-        processed = process_logits(dl, self.params, self.banned)
-        if self.eng.draft == "sampled" and self.params.temperature > 0:
-            probs = torch.softmax(processed / self.eng.draft_temperature, dim=-1)
-            self.draft_probs[rows_t] = probs  # q, reused by the next verify
-            u = torch.stack([torch.rand(K, generator=self.slots[s].gen, device=dev) for s in rows])
-            cdf = probs.cumsum(-1)
-            drafts = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
-        else:
-            drafts = processed.argmax(-1)
-        self.drafts[rows_t] = drafts
+        with self.timed("heads"):
+            dl = self.head(chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1])))  # [R, K, V]
+        with self.timed("drafts"):
+            n = K - accept_len + p
+            rows_t = self._idx
+            if self.draft_logits is not None:
+                self.draft_logits[rows_t] = dl.to(self.draft_logits.dtype)
+            self.n_drafts[rows_t] = n
+            processed = process_logits(dl, self.params, self.banned)
+            if self.eng.draft == "sampled" and self.params.temperature > 0:
+                probs = torch.softmax(processed / self.eng.draft_temperature, dim=-1)
+                self.draft_probs[rows_t] = probs  # q, reused by the next verify
+                u = torch.stack([torch.rand(K, generator=self.slots[s].gen, device=dev) for s in rows])
+                cdf = probs.cumsum(-1)
+                drafts = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+            else:
+                drafts = processed.argmax(-1)
+            self.drafts[rows_t] = drafts
 
     # ---------------------------------------------------------------------------------------------- outputs
     def emit(self, rows: list[int], verified, drafts_used) -> list[int]:

@@ -80,10 +80,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from rollout.bench.report import plot, print_checkpoints, print_table, write_json
+    from rollout.bench.report import plot, print_checkpoints, print_profile, print_table, write_json
     from rollout.bench.run import BenchConfig, run_bench
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
+    if args.profile:
+        cfg = cfg.model_copy(update={"profile": True})
     require_checkpoint(cfg.checkpoint)
     for path in cfg.compare:
         require_checkpoint(path, "compare")
@@ -93,6 +95,7 @@ def cmd_bench(args) -> int:
     write_json(results, json_path, cfg)
     plot(results, run_dir / "bench.png")
     print_table(results)
+    print_profile(results)
     print_checkpoints(results)
     print(f"results: {json_path}  plot: {run_dir / 'bench.png'}")
     return 0
@@ -171,6 +174,7 @@ def format_eval(result: dict, run_dir: str) -> str:
 
 RESUME = ("--resume", {"action": "store_true", "help": "continue from <run_dir>/checkpoint if present"})
 JSON = ("--json", {"default": None, "help": "write results JSON here (default: <run_dir>/results.json)"})
+PROFILE = ("--profile", {"action": "store_true", "help": "also time each engine row's decode step by phase"})
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,7 @@ COMMANDS = (
         "HF generate vs engine ar / lossless / logit_mix / auto, side by side",
         cmd_bench,
         "bench",
-        (JSON,),
+        (JSON, PROFILE),
     ),
     Command(
         "export-tasks",

@@ -73,6 +73,26 @@ def print_table(results: list[RunResult]) -> None:
     Console(width=max(160, Console().width)).print(table)
 
 
+def print_profile(results: list[RunResult]) -> None:
+    """`--profile`: ms per decode step by phase, and each phase's share, for every profiled row."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rollout.engine import PHASES
+
+    rows = [r for r in results if r.step_ms]
+    if not rows:
+        return
+    t = Table(title="decode step by phase (ms per step; share of the step)")
+    for col in ("B", "sampler", "levels", "step ms", *PHASES, "other"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        total = r.step_ms["total"]
+        cells = [f"{r.step_ms[ph]:.2f} ({r.step_ms[ph] / total:.0%})" for ph in (*PHASES, "other")]
+        t.add_row(str(r.batch_size), r.sampler, str(r.levels or ""), f"{total:.2f}", *cells)
+    Console(width=max(160, Console().width)).print(t)
+
+
 def checkpoint_summary(results: list[RunResult]) -> list[dict]:
     """Per checkpoint and batch size: ar, and the best lossless level set by tokens/s (the side-by-side figures)."""
     out = []

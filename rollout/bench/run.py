@@ -106,6 +106,10 @@ class BenchConfig(DeviceSettings):
     prompt_format: auto): e.g. the char-level and the
     BPE checkpoints side by side."""
     sweep: SweepConfig = SweepConfig()
+    profile: bool = False
+    """also time each engine row's decode step by phase (body, heads, verify, drafts, bookkeeping; `--profile`)."""
+    profile_steps: int = Field(20, ge=1)
+    """decode steps timed per row by the profile."""
 
 
 @dataclass
@@ -132,6 +136,7 @@ class RunResult:
     prompt_format: str = ""  # how the prompts were encoded (text | raw | chat)
     checkpoint: str = ""  # the checkpoint directory that ran
     vocab_size: int = 0  # its tokenizer's vocabulary
+    step_ms: dict[str, float] = field(default_factory=dict)  # --profile: ms per decode step by phase
     _acc: AcceptanceStats | None = field(default=None, repr=False)  # observed acceptance (for the projection)
     _option: Option | None = field(default=None, repr=False)  # the concrete option that ran
     _lengths: list[int] = field(default_factory=list, repr=False)  # completion lengths of the last repeat
@@ -321,6 +326,15 @@ def run_cell(policy, tok, samples, B: int, cfg: BenchConfig, sampler: str, **kw)
     return res, cell.trajs
 
 
+def profile_row(policy, tok, samples: list[TaskSample], cfg: BenchConfig, option: Option) -> dict[str, float]:
+    """ms per decode step of `option` on these prompts (one batch), by phase (`BlockEngine.profile_decode_steps`)."""
+    fmt = policy.resolve_prompt_format(cfg.prompt_format)
+    ids = [encode_prompt(tok, s.prompt, fmt) for s in samples]
+    engine = engine_factory(policy, tokenizer=tok, mix_weight=cfg.mix_weight)(option, len(ids))
+    phases = engine.profile_decode_steps(ids, cfg.profile_steps, cfg.temperature)
+    return {k: 1e3 * v for k, v in phases.items()}
+
+
 def prompts_for(cfg: BenchConfig, n: int) -> list[TaskSample]:
     per = -(-n // len(cfg.tasks))
     pool = splits.bench_prompts(cfg.tasks, per, cfg.seed)
@@ -381,6 +395,8 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
             # time this option's steps now, in the machine state the runs just saw
             if res._option is not None:
                 cost.calibrate(engine_factory(policy), [res._option], [B], steps=12, tails=True)
+            if cfg.profile and res.sampler in ("ar", "lossless", "logit_mix"):
+                res.step_ms = profile_row(policy, tok, samples[:B], cfg, res._option)
         finish_rows(rows, cost)
         results += rows
     results += run_sweeps(policy, tok, cfg, cost)

@@ -292,6 +292,8 @@ def test_per_row_vocab_state_only_where_a_sampler_reads_it(sampler, draft, has_l
     eng = BlockEngine(lively_policy(), sampler=sampler, levels=[0, 2], max_batch=3, draft=draft)
     run = engine_mod._Run(eng, PROMPTS, SamplingParams(max_new_tokens=4), audit=False)
     assert (run.draft_logits is not None) == has_logits and (run.draft_probs is not None) == has_probs
+    if has_logits:  # the one [B, K, V] state logit mixing needs, in bf16 (half of fp32)
+        assert run.draft_logits.dtype == torch.bfloat16
     assert run.drafts.shape == (3, 4) and run.drafts.dtype == torch.long
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from policy import HybridPolicy
 from policy.factory import build_model, tiny_moe_config
 from rollout.auto import AutoSampler, engine_factory
@@ -108,9 +110,9 @@ SMALL = {
 }
 
 
-def small_bench(out, **sets) -> None:
+def small_bench(out, *flags, **sets) -> None:
     """`blockrl bench` at a tiny budget (B=2, one repeat, no sweeps or comparisons), JSON to `out`."""
-    argv = ["bench", "--json", str(out)]
+    argv = ["bench", "--json", str(out), *flags]
     for k, v in (SMALL | sets).items():
         argv += ["--set", f"{k}={v}"]
     assert main(argv) == 0
@@ -142,6 +144,8 @@ def test_bench_on_a_random_model_of_a_given_shape_and_vocabulary(tmp_path):
     out = tmp_path / "bench.json"
     small_bench(
         out,
+        "--profile",
+        profile_steps=3,
         model="{arch: qwen3_moe, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
         "moe_intermediate_size: 16, num_experts: 4, experts_per_token: 2}",
         model_vocab=32768,
@@ -153,3 +157,15 @@ def test_bench_on_a_random_model_of_a_given_shape_and_vocabulary(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert {r["vocab_size"] for r in runs} == {32768} and all(r["peak_mem_mb"] >= 0 for r in runs)
     assert runs[0]["checkpoint"].startswith("random qwen3_moe h32 V32768")
+    # --profile: every engine row (not HF, not auto) has its decode step split into phases that add up
+    from rollout.engine import PHASES
+
+    for r in runs:
+        if r["sampler"] in ("hf", "auto"):
+            assert r["step_ms"] == {}
+            continue
+        ms = r["step_ms"]
+        assert set(ms) == {*PHASES, "total", "other"} and all(v >= 0 for v in ms.values())
+        assert sum(ms[ph] for ph in (*PHASES, "other")) == pytest.approx(ms["total"], rel=1e-6)
+        assert ms["body"] > 0 and ms["heads"] > 0 and ms["bookkeeping"] > 0
+        assert (ms["drafts"] > 0) == (r["sampler"] != "ar")  # ar drafts nothing
