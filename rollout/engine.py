@@ -348,7 +348,9 @@ class _Run:
         n = K + 1 if K else 0
         R, Q = len(take), P + n
         pad = eng.policy.mask_token_id or 0
-        ids = host_to_device([self.prompts[i] + [pad] * (Q - len(self.prompts[i])) for _, i in take], dev)
+        ids = host_to_device(
+            [list(self.prompts[i]) + [pad] * (Q - len(self.prompts[i])) for _, i in take], dev
+        )
         q = torch.arange(Q, device=dev)
         is_prompt = q[None, :] < lens[:, None]  # [R, Q]
         is_mask = q[None, :] >= P

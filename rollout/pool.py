@@ -84,9 +84,9 @@ def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float) ->
 
 
 @ray.remote(num_cpus=0)
-def _where() -> tuple[str, list]:
+def _where() -> tuple[str, list[str]]:
     """(node id, GPU ids Ray assigned) of the bundle this task runs in."""
-    return ray.get_runtime_context().get_node_id(), [int(g) for g in ray.get_gpu_ids()]
+    return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]  # ids, UUIDs or MIG
 
 
 class RolloutPool:
@@ -152,7 +152,7 @@ class RolloutPool:
             learner=learner,
         )
 
-    def learner_placement(self) -> tuple[bool, list[int]] | None:
+    def learner_placement(self) -> tuple[bool, list[str]] | None:
         """(whether the learner's bundle is on this process's node, the GPU ids Ray gave it), or None without
         one: the learner (this process) should run on that node and GPU, which Ray keeps from the workers."""
         if self.learner_bundle is None:

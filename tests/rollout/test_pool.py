@@ -187,7 +187,7 @@ def test_placement_group_reserves_learner_and_workers_up_front(ckpt, local_ray):
     )  # bundles 1 and 2 are taken by the workers, the learner's bundle 0 is not
     assert free.get(f"CPU_group_0_{pg.id.hex()}") == 1.0
     assert not free.get(f"CPU_group_1_{pg.id.hex()}") and not free.get(f"CPU_group_2_{pg.id.hex()}")
-    assert pool.learner_placement() == (True, [])  # on this node, no GPU asked for
+    assert pool.learner_placement() == (True, [])  # on this node, no GPU asked for (ids would be strings)
     trajs = pool.collect(PROMPTS, group_size=2, sampling=SAMPLING, shard_size=2)
     assert len(trajs) == 2 * len(PROMPTS)
     pool.shutdown()

@@ -275,10 +275,13 @@ def check_suite(baseline: RegressResults, now: dict, path: str | Path) -> list[s
     """Raise ConfigError if the baseline was made with another suite (`now`, RegressConfig.suite); return notes on
     samplers it has extra."""
     base = baseline.suite
+    # suite() leaves fields at their defaults out: compare over both sides' keys, a missing one at its default
+    defaults = {"rewards": [], "solve_threshold": 1.0}
+    keys = [k for k in dict.fromkeys([*now, *base]) if k != "samplers"]
     diff = [
-        f"{k}: baseline {base.get(k)!r} vs config {v!r}"
-        for k, v in now.items()
-        if k != "samplers" and base.get(k) != v
+        f"{k}: baseline {base.get(k, defaults.get(k))!r} vs config {now.get(k, defaults.get(k))!r}"
+        for k in keys
+        if base.get(k, defaults.get(k)) != now.get(k, defaults.get(k))
     ]
     base_samplers = base.get("samplers", {})
     for name, spec in now["samplers"].items():

@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             pending = None
             # one step off-policy: step+1's rollouts overlap learning
             if cfg.async_rollouts and step + 1 < cfg.steps:
-                synced = _publish(pool, policy, learner.version)
+                synced |= _publish(pool, policy, learner.version)
                 pending = rollouts.launch(step + 1)
             t1 = time.time()
             metrics = learner.step(
@@ -290,8 +290,12 @@ def _check_learner_placement(pool: RolloutPool, device: torch.device) -> None:
     if not here:
         log.warning("placement: the learner's bundle is on another node than this driver: use strict_pack")
     elif gpus:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = [int(x) for x in visible.split(",")] if visible else list(range(torch.cuda.device_count()))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # indices, or GPU-/MIG- UUIDs, as Ray reports them
+        ids = (
+            [x.strip() for x in visible.split(",")]
+            if visible
+            else [str(i) for i in range(torch.cuda.device_count())]
+        )
         mine = ids[device.index or 0] if (device.index or 0) < len(ids) else None
         if mine not in gpus:
             log.warning(

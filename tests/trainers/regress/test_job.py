@@ -246,3 +246,18 @@ def test_the_researchers_prompt_file_and_reward_functions(tmp_path, capsys):
     assert run(base, tmp_path / "unscored", user[0], user[1], "--update-baseline") == 2
     err = capsys.readouterr().err
     assert "no reward function scored" in err and "p.jsonl: line 1 (task 'my_chain_sum')" in err
+
+
+def test_suite_fields_left_at_their_defaults_still_compare():
+    """suite() omits rewards / solve_threshold at their defaults; a baseline made with them set is still another
+    suite for a default config (and the shipped baseline matches the shipped config)."""
+    from common.config import ConfigError, load_config
+    from trainers.regress.job import check_suite
+
+    cfg = load_config(RegressConfig, "regress", [])
+    base = load_baseline("configs/regress_baseline.json")
+    assert check_suite(base, cfg.suite(), "configs/regress_baseline.json") == []
+    for extra in ({"rewards": [{"function": "m:f", "weight": 1.0}]}, {"solve_threshold": 0.5}):
+        other = base.model_copy(update={"suite": base.suite | extra})
+        with pytest.raises(ConfigError, match=next(iter(extra))):
+            check_suite(other, cfg.suite(), "b.json")
