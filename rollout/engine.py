@@ -181,19 +181,21 @@ class BlockEngine(GenerateAPI):
         self.policy.eval()
         return _Run(self, prompt_ids, params, audit, index_offset).run()
 
+    def _probe(self, prompt_ids: list[list[int]], temperature: float, caller: str) -> tuple[_Run, list[int]]:
+        """A run over one batch of these prompts that never stops (no EOS, no length limit), not yet prefilled:
+        the probes below step it by hand through the same code path as `generate`."""
+        if len(prompt_ids) > self.max_batch:
+            raise ValueError(f"{caller}: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}")
+        params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
+        return _Run(self, prompt_ids, params, audit=False), list(range(len(prompt_ids)))
+
     @torch.inference_mode()
     def time_decode_steps(
         self, prompt_ids: list[list[int]], steps: int, temperature: float = 1.0
     ) -> tuple[float, float]:
         """(prefill seconds, median seconds of one decode step) for this batch of prompts: the cost model's
-        calibration probe, through the same code path as `generate`."""
-        if len(prompt_ids) > self.max_batch:
-            raise ValueError(
-                f"time_decode_steps: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}"
-            )
-        params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
-        run = _Run(self, prompt_ids, params, audit=False)
-        rows = list(range(len(prompt_ids)))
+        calibration probe."""
+        run, rows = self._probe(prompt_ids, temperature, "time_decode_steps")
         t0 = time.perf_counter()
         run.prefill(list(zip(rows, rows, strict=True)))
         prefill = time.perf_counter() - t0
@@ -210,13 +212,7 @@ class BlockEngine(GenerateAPI):
     ) -> dict[str, float]:
         """Seconds per decode step of each phase (`PHASES`, plus `total` and the unattributed `other`), over `steps`
         steps of this batch after one warm step: where a step's time goes, for a user tuning levels or K."""
-        if len(prompt_ids) > self.max_batch:
-            raise ValueError(
-                f"profile_decode_steps: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}"
-            )
-        params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
-        run = _Run(self, prompt_ids, params, audit=False)
-        rows = list(range(len(prompt_ids)))
+        run, rows = self._probe(prompt_ids, temperature, "profile_decode_steps")
         run.prefill(list(zip(rows, rows, strict=True)))
         run.decode_step(rows)  # warm
         run.timer = StepTimer(self.device)
