@@ -28,14 +28,14 @@ from dataclasses import dataclass
 import torch
 
 from common.device import host_to_device
-from kernels.verify import default_verify
+from kernels.verify import VerifyOutput, default_verify
 from policy.families import sliding_layer_window
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
 from policy.tokenizer import eos_ids
 from rollout.cache import RaggedKVCache
 from rollout.processors import constraint_mask, process_logits
-from rollout.types import Option, SamplingParams, Trajectory, with_eos
+from rollout.types import Option, Request, SamplingParams, StepEvent, Trajectory, with_eos
 
 SAMPLERS = ("ar", "lossless", "logit_mix")  # `auto` chooses among these: rollout/auto.py wraps engines
 PHASES = ("body", "heads", "verify", "drafts", "bookkeeping")  # a decode step's parts (`StepTimer`)
@@ -67,10 +67,13 @@ class StepTimer:
 class _Row:
     """Book-keeping of one occupied batch slot (tensors for all slots live on the engine)."""
 
-    index: int  # prompt index
+    index: int  # request id
     traj: Trajectory
     gen: torch.Generator  # on the engine's device: drawing the row's uniforms needs no host copy
     started: float
+    params: SamplingParams
+    key: tuple  # `_sampling_key(params)`: rows with equal keys are verified together
+    top_n: int  # alternatives recorded per token
 
 
 class GenerateAPI:
@@ -173,21 +176,32 @@ class BlockEngine(GenerateAPI):
     def run(
         self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0, audit: bool = False
     ) -> list[Trajectory]:
-        """`generate` with the sampling settings as one typed object (what crosses the Ray boundary)."""
+        """`generate` with the sampling settings as one typed object (what crosses the Ray boundary): one request
+        per prompt on the step-level core, stepped until every one has finished."""
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("prompt_ids: every prompt needs at least one token")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need the engine's tokenizer")
         self.policy.eval()
-        return _Run(self, prompt_ids, params, audit, index_offset).run()
+        core = EngineCore(self, min(self.max_batch, len(prompt_ids)))
+        ids = [core.add(Request(p, params, index_offset + i, audit)) for i, p in enumerate(prompt_ids)]
+        done: dict[int, Trajectory] = {}
+        while core.has_work:
+            done |= {ev.request_id: ev.finished for ev in core.step() if ev.finished is not None}
+        return [done[i] for i in ids]
 
-    def _probe(self, prompt_ids: list[list[int]], temperature: float, caller: str) -> tuple[_Run, list[int]]:
-        """A run over one batch of these prompts that never stops (no EOS, no length limit), not yet prefilled:
+    def _probe(
+        self, prompt_ids: list[list[int]], temperature: float, caller: str
+    ) -> tuple[EngineCore, list[int]]:
+        """A core holding one batch of these prompts that never stop (no EOS, no length limit), not yet admitted:
         the probes below step it by hand through the same code path as `generate`."""
         if len(prompt_ids) > self.max_batch:
             raise ValueError(f"{caller}: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}")
         params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
-        return _Run(self, prompt_ids, params, audit=False), list(range(len(prompt_ids)))
+        core = EngineCore(self, len(prompt_ids))
+        for i, p in enumerate(prompt_ids):
+            core.add(Request(p, params, i))
+        return core, list(range(len(prompt_ids)))
 
     @torch.inference_mode()
     def time_decode_steps(
@@ -197,7 +211,7 @@ class BlockEngine(GenerateAPI):
         calibration probe."""
         run, rows = self._probe(prompt_ids, temperature, "time_decode_steps")
         t0 = time.perf_counter()
-        run.prefill(list(zip(rows, rows, strict=True)))
+        run.admit()
         prefill = time.perf_counter() - t0
         times = []
         for _ in range(steps):
@@ -213,7 +227,7 @@ class BlockEngine(GenerateAPI):
         """Seconds per decode step of each phase (`PHASES`, plus `total` and the unattributed `other`), over `steps`
         steps of this batch after one warm step: where a step's time goes, for a user tuning levels or K."""
         run, rows = self._probe(prompt_ids, temperature, "profile_decode_steps")
-        run.prefill(list(zip(rows, rows, strict=True)))
+        run.admit()
         run.decode_step(rows)  # warm
         run.timer = StepTimer(self.device)
         with run.timer("total"):
@@ -225,22 +239,31 @@ class BlockEngine(GenerateAPI):
         return out
 
 
-class _Run:
-    """State of one `generate` call: slots, cache, drafts."""
+def _sampling_key(p: SamplingParams) -> tuple:
+    """The settings that shape a row's distribution: rows that share them are processed and verified together."""
+    return (p.temperature, p.top_p, p.top_k, p.banned_token_ids, p.allowed_token_ids)
 
-    def __init__(
-        self,
-        eng: BlockEngine,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        audit: bool,
-        index_offset: int = 0,
-    ):
-        self.eng, self.prompts, self.params, self.audit = eng, prompts, params, audit
-        self.index_offset = index_offset
-        B, K, dev = min(eng.max_batch, len(prompts)), eng.K, eng.device
+
+class EngineCore:
+    """The engine's step-level API, and the one code path of every generation. Requests join (`add`) and leave
+    (finished, or `cancel`) between steps; each `step` prefills queued requests into free slots, runs one decode
+    step over every active row, and returns what each request got (`StepEvent`). `BlockEngine.run` drives it over
+    a prompt list; the server (rollout/serve) drives it from its request queue.
+
+    Rows may differ in every sampling setting: rows that share temperature, top-p, top-k and token constraints are
+    processed and verified together (`_groups`; one group in the common case, at no extra cost).
+
+        core = EngineCore(engine)
+        rid = core.add(Request(prompt_ids, SamplingParams(max_new_tokens=64)))
+        while core.has_work:
+            for event in core.step(): ...
+    """
+
+    def __init__(self, eng: BlockEngine, max_batch: int | None = None):
+        self.eng = eng
+        B, K, dev = max_batch or eng.max_batch, eng.K, eng.device
         cfg = eng.policy.config
-        self.V = eng.policy.model.get_output_embeddings().weight.shape[0]
+        self.V = eng.vocab_size
         self.cache = RaggedKVCache(cfg.num_hidden_layers, B, dev)
         self.dtype = eng.policy.model.dtype
         self.window = sliding_layer_window(cfg)  # sliding-window layers need key positions in the mask
@@ -256,30 +279,78 @@ class _Run:
         self.draft_probs = (
             torch.zeros(B, K, self.V, device=dev) if K and eng.draft == "sampled" else None
         )  # q of sampled drafts, which the next verify needs
-        self.banned = constraint_mask(params, self.V, dev)
-        self.results: list[Trajectory | None] = [None] * len(prompts)
+        self.queue: deque[tuple[int, Request]] = deque()
+        self._next_id = 0
+        self._banned: dict[tuple, torch.Tensor | None] = {}  # constraint mask per sampling key
+        self._events: list[StepEvent] = []
         # slot lists as device tensors, built once each
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.timer: StepTimer | None = None  # set by profile_decode_steps
 
+    # ---------------------------------------------------------------------------------------------- requests
+    @property
+    def num_active(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue) or any(r is not None for r in self.slots)
+
+    def add(self, req: Request) -> int:
+        """Queue a request; it joins the batch at the next step with a free slot. Returns its id."""
+        if req.params.stop_strings and self.eng.tokenizer is None:
+            raise ValueError("stop_strings need the engine's tokenizer")
+        rid, self._next_id = self._next_id, self._next_id + 1
+        self.queue.append((rid, req))
+        return rid
+
+    def cancel(self, rid: int) -> Trajectory | None:
+        """Drop a request between steps (queued or running): its slot is free for the next step. Returns what it
+        had generated (finish_reason "cancelled"), or None for an unknown or finished id."""
+        for i, (qid, req) in enumerate(self.queue):
+            if qid == rid:
+                del self.queue[i]
+                traj = self._trajectory(req)
+                traj.finish_reason = "cancelled"
+                return traj
+        for s, row in enumerate(self.slots):
+            if row is not None and row.index == rid:
+                row.traj.finish_reason = "cancelled"
+                row.traj.timings["total"] = time.perf_counter() - row.started
+                self.slots[s] = None
+                return row.traj
+        return None
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """Admit queued requests into free slots (one prefill pass), then one decode step over every active row."""
+        self.admit()
+        active = [s for s, r in enumerate(self.slots) if r is not None]
+        if active:
+            self.decode_step(active)
+        events, self._events = self._events, []
+        return events
+
+    def admit(self) -> None:
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        if self.queue and free:
+            self.prefill([(s, *self.queue.popleft()) for s in free[: len(self.queue)]])
+
+    def _trajectory(self, req: Request) -> Trajectory:
+        eng = self.eng
+        traj = Trajectory(
+            prompt_ids=list(req.prompt_ids), policy_version=eng.policy_version, sampler=eng.option.name
+        )
+        traj.audit = [] if req.audit else None
+        traj.top_logprobs = [] if req.top_logprobs else None
+        return traj
+
     def timed(self, phase: str):
         return _UNTIMED if self.timer is None else self.timer(phase)
-
-    # ---------------------------------------------------------------------------------------------- driver
-    def run(self) -> list[Trajectory]:
-        queue = deque(range(len(self.prompts)))
-        while True:
-            free = [s for s, r in enumerate(self.slots) if r is None]
-            if queue and free:
-                take = [(s, queue.popleft()) for s in free[: len(queue)]]
-                self.prefill(take)
-            active = [s for s, r in enumerate(self.slots) if r is not None]
-            if not active:
-                if not queue:
-                    break
-                continue
-            self.decode_step(active)
-        return self.results
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
@@ -332,21 +403,38 @@ class _Run:
             self._indices[key] = host_to_device(rows, self.eng.device)
         return self._indices[key]
 
+    def _groups(self, rows: list[int]) -> list[tuple[torch.Tensor | None, list[int], SamplingParams]]:
+        """This pass's rows by sampling settings: [(positions in `rows`, or None for all; their slots; params)]."""
+        by: dict[tuple, list[int]] = {}
+        for r, s in enumerate(rows):
+            by.setdefault(self.slots[s].key, []).append(r)
+        if len(by) == 1:
+            return [(None, rows, self.slots[rows[0]].params)]
+        return [
+            (self.index(pos), [rows[r] for r in pos], self.slots[rows[pos[0]]].params) for pos in by.values()
+        ]
+
+    def _banned_for(self, params: SamplingParams) -> torch.Tensor | None:
+        key = _sampling_key(params)
+        if key not in self._banned:
+            self._banned[key] = constraint_mask(params, self.V, self.eng.device)
+        return self._banned[key]
+
     # ---------------------------------------------------------------------------------------------- prefill
-    def prefill(self, take: list[tuple[int, int]]) -> None:
-        """Prompts (causal) + one proposal block of K+1 masks after each; the AR head samples the first anchor."""
+    def prefill(self, take: list[tuple[int, int, Request]]) -> None:
+        """Prompts (causal) + one proposal block of K+1 masks after each; the AR head samples the first anchor.
+        take: (slot, request id, request) per newcomer."""
         eng, dev, K = self.eng, self.eng.device, self.eng.K
-        rows = [s for s, _ in take]
+        rows = [s for s, _, _ in take]
         self._idx = self.index(rows)  # the slot indices of this pass
-        host_lens = [len(self.prompts[i]) for _, i in take]
+        prompts = [list(req.prompt_ids) for _, _, req in take]
+        host_lens = [len(p) for p in prompts]
         lens = host_to_device(host_lens, dev)
         P = max(host_lens)
         n = K + 1 if K else 0
         R, Q = len(take), P + n
         pad = eng.policy.mask_token_id or 0
-        ids = host_to_device(
-            [list(self.prompts[i]) + [pad] * (Q - len(self.prompts[i])) for _, i in take], dev
-        )
+        ids = host_to_device([p + [pad] * (Q - len(p)) for p in prompts], dev)
         q = torch.arange(Q, device=dev)
         is_prompt = q[None, :] < lens[:, None]  # [R, Q]
         is_mask = q[None, :] >= P
@@ -357,14 +445,13 @@ class _Run:
         self.cache.reset_rows(self._idx, rows)
         hidden = self.forward(rows, ids, pos, causal | block | pad_self)
         self.commit(lens, host_lens)
-        for s, i in take:
-            seed = self.params.seed * 1_000_003 + self.index_offset + i
-            traj = Trajectory(
-                prompt_ids=list(self.prompts[i]), policy_version=eng.policy_version, sampler=eng.option.name
-            )
-            traj.audit = [] if self.audit else None
+        for s, rid, req in take:
+            seed = req.params.seed * 1_000_003 + req.stream
             gen = torch.Generator(device=dev).manual_seed(seed)
-            self.slots[s] = _Row(i, traj, gen, time.perf_counter())
+            p = req.params
+            self.slots[s] = _Row(
+                rid, self._trajectory(req), gen, time.perf_counter(), p, _sampling_key(p), req.top_logprobs
+            )
         last = self.head(hidden[torch.arange(R, device=dev), lens - 1])  # [R, V]: AR distribution of token 1
         empty = torch.zeros(R, 0, dtype=torch.long, device=dev)
         out = self.verify(rows, last[:, None], empty, None, torch.zeros(R, dtype=torch.long, device=dev))
@@ -410,8 +497,47 @@ class _Run:
             self.commit(accept_len + 1, [n + 1 for n in na])
 
     def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts):
-        """Processors -> (logit mixing) -> fused verify with per-row uniforms; adds ar_logprobs."""
-        p, eng = self.params, self.eng
+        """Per sampling group: processors -> (logit mixing) -> fused verify with per-row uniforms. Returns
+        (VerifyOutput, ar_logprobs, n_drafts, top) with top = (log-probs, ids) [R, K+1, n] of the most likely
+        tokens under the behaviour distribution when a row asked for alternatives, else None."""
+        q_all = (
+            self.draft_probs[self._idx] if self.draft_probs is not None and ar_logits.shape[1] > 1 else None
+        )
+        top_n = min(self.V, max(self.slots[s].top_n for s in rows))
+        groups = self._groups(rows)
+        parts = []
+        for pos, sub, params in groups:
+
+            def take(x, pos=pos):
+                return x if x is None or pos is None else x[pos]
+
+            parts.append(
+                self._verify_group(
+                    sub,
+                    params,
+                    take(ar_logits),
+                    take(drafts),
+                    take(draft_logits),
+                    take(n_drafts),
+                    take(q_all),
+                    top_n,
+                )
+            )
+        if len(groups) == 1:
+            (out, ar_lp, top) = parts[0]
+        else:
+            fields = [_scatter([p[0].accept_len for p in parts], groups, len(rows))]
+            fields += [_scatter([p[0].tokens for p in parts], groups, len(rows))]
+            fields += [_scatter([p[0].logprobs for p in parts], groups, len(rows))]
+            out = VerifyOutput(*fields)
+            ar_lp = _scatter([p[1] for p in parts], groups, len(rows))
+            top = None
+            if top_n:
+                top = tuple(_scatter([p[2][i] for p in parts], groups, len(rows)) for i in range(2))
+        return out, ar_lp, n_drafts, top
+
+    def _verify_group(self, rows, p, ar_logits, drafts, draft_logits, n_drafts, q, top_n):
+        eng, banned = self.eng, self._banned_for(p)
         K1 = ar_logits.shape[1]
         target = ar_logits
         if eng.sampler == "logit_mix" and eng.mix_weight < 1.0 and K1 > 1:
@@ -419,10 +545,9 @@ class _Run:
             mixed = w * ar_logits[:, :-1] + (1 - w) * draft_logits.float()
             valid = (torch.arange(K1 - 1, device=ar_logits.device)[None] < n_drafts[:, None])[..., None]
             target = torch.cat([torch.where(valid, mixed, ar_logits[:, :-1]), ar_logits[:, -1:]], dim=1)
-        target = process_logits(target, p, self.banned)
-        q = None
-        if self.draft_probs is not None and K1 > 1 and p.temperature > 0:
-            q = self.draft_probs[self._idx]
+        target = process_logits(target, p, banned)
+        if p.temperature == 0:
+            q = None
         u = torch.stack([torch.rand(K1, generator=self.slots[s].gen, device=ar_logits.device) for s in rows])
         out = eng.verify_fn(target, drafts, q, n_drafts, u, p.temperature)
         if p.temperature == 0:
@@ -430,10 +555,14 @@ class _Run:
         elif target is ar_logits or eng.sampler != "logit_mix":
             ar_lp = out.logprobs
         else:
-            lp = torch.log_softmax(process_logits(ar_logits, p, self.banned) / p.temperature, dim=-1)
+            lp = torch.log_softmax(process_logits(ar_logits, p, banned) / p.temperature, dim=-1)
             emitted = torch.arange(K1, device=lp.device)[None] <= out.accept_len[:, None]
             ar_lp = torch.where(emitted, lp.gather(-1, out.tokens.clamp(min=0)[..., None]).squeeze(-1), 0.0)
-        return out, ar_lp, n_drafts
+        top = None
+        if top_n:  # only when asked: the alternatives under the distribution the tokens were drawn from
+            scaled = target if p.temperature in (0.0, 1.0) else target / p.temperature
+            top = torch.log_softmax(scaled, dim=-1).topk(top_n, dim=-1)
+        return out, ar_lp, top
 
     def set_drafts(self, rows: list[int], proposals: torch.Tensor, accept_len: torch.Tensor) -> None:
         """Next drafts from the closest-below proposal. proposals: hidden states [R, L, K+1, H]; accept_len [R]."""
@@ -453,45 +582,50 @@ class _Run:
             if self.draft_logits is not None:
                 self.draft_logits[rows_t] = dl.to(self.draft_logits.dtype)
             self.n_drafts[rows_t] = n
-            processed = process_logits(dl, self.params, self.banned)
-            if self.eng.draft == "sampled" and self.params.temperature > 0:
-                probs = torch.softmax(processed / self.eng.draft_temperature, dim=-1)
-                self.draft_probs[rows_t] = probs  # q, reused by the next verify
-                u = torch.stack([torch.rand(K, generator=self.slots[s].gen, device=dev) for s in rows])
-                cdf = probs.cumsum(-1)
-                drafts = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
-            else:
-                drafts = processed.argmax(-1)
-            self.drafts[rows_t] = drafts
+            groups = self._groups(rows)
+            parts = []
+            for pos, sub, params in groups:
+                processed = process_logits(dl if pos is None else dl[pos], params, self._banned_for(params))
+                if self.eng.draft == "sampled" and params.temperature > 0:
+                    probs = torch.softmax(processed / self.eng.draft_temperature, dim=-1)
+                    self.draft_probs[rows_t if pos is None else rows_t[pos]] = (
+                        probs  # q, reused by the next verify
+                    )
+                    u = torch.stack([torch.rand(K, generator=self.slots[s].gen, device=dev) for s in sub])
+                    cdf = probs.cumsum(-1)
+                    parts.append((cdf <= u[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1))
+                else:
+                    parts.append(processed.argmax(-1))
+            self.drafts[rows_t] = parts[0] if len(groups) == 1 else _scatter(parts, groups, R)
 
     # ---------------------------------------------------------------------------------------------- outputs
     def emit(self, rows: list[int], verified, drafts_used) -> list[int]:
-        """Append each row's committed tokens, cut at stops, free finished slots; returns the accept lengths.
+        """Append each row's committed tokens, cut at stops, free finished slots, queue each request's StepEvent;
+        returns the accept lengths.
 
-        Everything the host needs from the step (accept lengths, draft counts, tokens, both log-probs) comes back
-        in one packed float64 copy (ids are exact in float64 below 2**53; the fp32 log-probs convert exactly): the
-        one host sync of a decode step."""
-        out, ar_lp, n_drafts = verified
+        Everything the host needs from the step (accept lengths, draft counts, tokens, both log-probs, any asked-for
+        alternatives) comes back in one packed float64 copy (ids are exact in float64 below 2**53; the fp32
+        log-probs convert exactly): the one host sync of a decode step."""
+        out, ar_lp, n_drafts, top = verified
         rows_t = self._idx
         R, K1 = out.tokens.shape
         self.anchor[rows_t] = out.tokens[torch.arange(R, device=rows_t.device), out.accept_len]  # last token
-        parts = (out.accept_len[:, None], n_drafts[:, None], out.tokens, out.logprobs, ar_lp)
+        parts = [out.accept_len[:, None], n_drafts[:, None], out.tokens, out.logprobs, ar_lp]
+        if top is not None:
+            parts += [top[0].flatten(1), top[1].flatten(1)]
         packed = torch.cat([x.double() for x in parts], dim=1)
         host = packed.tolist()
         na = [int(h[0]) for h in host]
-        n_drafts = [int(h[1]) for h in host]
-        toks = [[int(x) for x in h[2 : 2 + K1]] for h in host]
-        blp, alp = [h[2 + K1 : 2 + 2 * K1] for h in host], [h[2 + 2 * K1 :] for h in host]
         now = time.perf_counter()
         for r, s in enumerate(rows):
             row = self.slots[s]
-            t = row.traj
+            t, h = row.traj, host[r]
             n = na[r] + 1
             if drafts_used is not None:  # a decode step (prefill emits the first anchor)
                 t.accept_counts.append(na[r])
-                t.draft_counts.append(n_drafts[r])
+                t.draft_counts.append(int(h[1]))
             t.num_forwards += 1
-            chunk = toks[r][:n]
+            chunk = [int(x) for x in h[2 : 2 + n]]
             if t.audit is not None:
                 t.audit.append(
                     {
@@ -502,20 +636,31 @@ class _Run:
                 )
             start = len(t.tokens)
             t.tokens += chunk
-            t.behavior_logprobs += blp[r][:n]
-            t.ar_logprobs += alp[r][:n]
-            cut, reason = self.find_stop(t.tokens, start)
+            t.behavior_logprobs += h[2 + K1 : 2 + K1 + n]
+            t.ar_logprobs += h[2 + 2 * K1 : 2 + 2 * K1 + n]
+            if t.top_logprobs is not None:
+                t.top_logprobs += _alternatives(h[2 + 3 * K1 :], n, K1, row.top_n)
+            cut, reason = self.find_stop(t.tokens, start, row.params)
             if cut is not None:
                 del t.tokens[cut:], t.behavior_logprobs[cut:], t.ar_logprobs[cut:]
+                if t.top_logprobs is not None:
+                    del t.top_logprobs[cut:]
                 t.finish_reason = reason
                 t.timings["total"] = now - row.started
-                self.results[row.index] = t
                 self.slots[s] = None
+            self._events.append(
+                StepEvent(
+                    row.index,
+                    t.tokens[start:],
+                    t.behavior_logprobs[start:],
+                    None if t.top_logprobs is None else t.top_logprobs[start:],
+                    t if cut is not None else None,
+                )
+            )
         return na
 
-    def find_stop(self, tokens: list[int], start: int) -> tuple[int | None, str]:
+    def find_stop(self, tokens: list[int], start: int, p: SamplingParams) -> tuple[int | None, str]:
         """Length to keep if a stop falls in tokens[start:], else None. EOS is kept; nothing after a stop is."""
-        p = self.params
         cut, reason = None, ""
         if p.eos_token_id is not None:
             eos = {p.eos_token_id} if isinstance(p.eos_token_id, int) else set(p.eos_token_id)
@@ -536,3 +681,26 @@ class _Run:
         if (cut is None and len(tokens) >= p.max_new_tokens) or (cut is not None and cut > p.max_new_tokens):
             cut, reason = p.max_new_tokens, "length"
         return cut, reason
+
+
+def _scatter(parts: list[torch.Tensor], groups, R: int) -> torch.Tensor:
+    """Per-group results (rows of each group in order) -> one tensor over all R rows of the pass."""
+    full = parts[0].new_empty((R, *parts[0].shape[1:]))
+    for x, (pos, _, _) in zip(parts, groups, strict=True):
+        full[pos] = x
+    return full
+
+
+def _alternatives(flat: list[float], n: int, K1: int, want: int) -> list[list[tuple[int, float]]]:
+    """The packed top log-probs and ids [K1 * top] + [K1 * top] of a row -> its first n tokens' `want` best
+    alternatives, [(id, log-prob)] best first (tokens a processor excluded, at -inf, left out)."""
+    top = len(flat) // (2 * K1)
+    vals, ids = flat[: K1 * top], flat[K1 * top :]
+    return [
+        [
+            (int(ids[j * top + i]), vals[j * top + i])
+            for i in range(want)
+            if vals[j * top + i] != float("-inf")
+        ]
+        for j in range(n)
+    ]

@@ -59,9 +59,12 @@ class Trajectory:
     policy_version: int = 0
     # the concrete option that generated it (`Option.name`); "auto" where turns mixed options
     sampler: str = ""
-    finish_reason: str = ""  # "eos" | "stop_string" | "length"
+    finish_reason: str = ""  # "eos" | "stop_string" | "length" | "cancelled"
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds: "total"
     audit: list[dict] | None = None  # per step: proposal drafts, accept_len, committed tokens
+    # per token, the most likely alternatives under the behaviour distribution, [(id, log-prob)] best first; only
+    # when the request asked for them (`Request.top_logprobs`)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     # multi-turn episodes (rollout/multiturn.py): `tokens` interleaves model turns and env turns
     # per token: 1 = the model generated it (trained on), 0 = env observation
     env_mask: list[int] | None = None
@@ -81,6 +84,39 @@ class Trajectory:
     def tokens_per_forward(self) -> float:
         """Model tokens per forward pass (env tokens were never decoded)."""
         return self.num_model_tokens / max(1, self.num_forwards)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion for the engine's step-level API (`EngineCore.add`): what `generate()` makes per prompt and
+    what the server makes per choice.
+
+    The request draws its randomness from its own generator, seeded by (params.seed, stream): the same request
+    gives the same tokens alone or in any batch."""
+
+    prompt_ids: tuple[int, ...] | list[int]
+    params: SamplingParams
+    stream: int = 0  # random stream index within the seed (the prompt index in generate, the choice in serve)
+    audit: bool = False
+    top_logprobs: int = 0  # alternatives recorded per token (Trajectory.top_logprobs); 0 = none
+
+    def __post_init__(self):
+        if len(self.prompt_ids) == 0:
+            raise ValueError("prompt_ids: every prompt needs at least one token")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+
+
+@dataclass
+class StepEvent:
+    """What one request got from one engine step: the tokens it committed (with their behaviour log-probs and any
+    alternatives), and its trajectory once it has finished or been cancelled."""
+
+    request_id: int
+    tokens: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finished: Trajectory | None = None
 
 
 def with_eos(params: SamplingParams, eos_ids: tuple[int, ...]) -> SamplingParams:

@@ -12,6 +12,7 @@ from policy.tokenizer import encode_prompt
 from rollout import BlockEngine
 from rollout import engine as engine_mod
 from rollout.auto import AutoSampler, engine_factory
+from rollout.types import Request, SamplingParams
 
 PROMPTS = [[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8], [2, 11, 12]]
 
@@ -57,7 +58,7 @@ def test_cache_holds_exactly_the_committed_prefix(monkeypatch):
     """At every forward, the anchor's logits (verify slot 0) equal a from-scratch forward over prompt + tokens."""
     policy = lively_policy("moe")
     checked = []
-    orig_forward = engine_mod._Run.forward
+    orig_forward = engine_mod.EngineCore.forward
 
     def checking_forward(self, rows, ids, pos, qmask):
         hidden = orig_forward(self, rows, ids, pos, qmask)
@@ -70,7 +71,7 @@ def test_cache_holds_exactly_the_committed_prefix(monkeypatch):
                 checked.append(len(t.tokens))
         return hidden
 
-    monkeypatch.setattr(engine_mod._Run, "forward", checking_forward)
+    monkeypatch.setattr(engine_mod.EngineCore, "forward", checking_forward)
     BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=2).generate(PROMPTS, 20, temperature=1.0)
     assert len(checked) > 10
 
@@ -80,7 +81,7 @@ def test_oracle_drafter_accepts_whole_blocks(monkeypatch):
     K = 4
     policy = lively_policy("moe", block_size=K)
     refs = {tuple(p): hf_greedy(policy, p, 40) for p in PROMPTS}
-    orig = engine_mod._Run.set_drafts
+    orig = engine_mod.EngineCore.set_drafts
 
     def oracle(self, rows, proposals, accept_len):
         orig(self, rows, proposals, accept_len)
@@ -91,7 +92,7 @@ def test_oracle_drafter_accepts_whole_blocks(monkeypatch):
             self.drafts[s, : len(cont)] = torch.tensor(cont)
             self.n_drafts[s] = len(cont)
 
-    monkeypatch.setattr(engine_mod._Run, "set_drafts", oracle)
+    monkeypatch.setattr(engine_mod.EngineCore, "set_drafts", oracle)
     trajs = BlockEngine(policy, sampler="lossless", levels=[0], max_batch=2).generate(
         PROMPTS, 26, temperature=0, eos_token_id=None
     )
@@ -287,27 +288,33 @@ def test_on_cuda_greedy_matches_hf_and_bf16_samples_are_fp32(kind):
 def test_per_row_vocab_state_only_where_a_sampler_reads_it(sampler, draft, has_logits, has_probs):
     """Dirac drafts keep only their ids: no [B, K, V] fp32 draft logits unless logit mixing reads them, no draft
     distribution unless drafts are sampled."""
-    from rollout.types import SamplingParams
 
     eng = BlockEngine(lively_policy(), sampler=sampler, levels=[0, 2], max_batch=3, draft=draft)
-    run = engine_mod._Run(eng, PROMPTS, SamplingParams(max_new_tokens=4), audit=False)
+    run = engine_mod.EngineCore(eng)
     assert (run.draft_logits is not None) == has_logits and (run.draft_probs is not None) == has_probs
     if has_logits:  # the one [B, K, V] state logit mixing needs, in bf16 (half of fp32)
         assert run.draft_logits.dtype == torch.bfloat16
     assert run.drafts.shape == (3, 4) and run.drafts.dtype == torch.long
 
 
+def _never_stopping(eng, prompts, **params):
+    """A core holding `prompts` as requests that never stop, not yet admitted."""
+    from rollout.types import Request, SamplingParams
+
+    core = engine_mod.EngineCore(eng, len(prompts))
+    for i, p in enumerate(prompts):
+        core.add(Request(p, SamplingParams(max_new_tokens=1 << 20, eos_token_id=None, **params), i))
+    return core
+
+
 def _decode_syncs(eng, prompts, steps=6, **params):
     """Host syncs of each of `steps` decode steps after a prefill of `prompts` (none of which finishes)."""
     from common.host_sync import HostSyncs
-    from rollout.types import SamplingParams
 
-    run = engine_mod._Run(
-        eng, prompts, SamplingParams(max_new_tokens=1 << 20, eos_token_id=None, **params), False
-    )
+    run = _never_stopping(eng, prompts, **params)
     counts = []
     with torch.inference_mode():
-        run.prefill([(s, s) for s in range(len(prompts))])
+        run.admit()
         for _ in range(steps):
             with HostSyncs() as syncs:
                 run.decode_step(list(range(len(prompts))))
@@ -355,13 +362,11 @@ def test_on_cuda_a_decode_step_makes_one_host_sync():
     call), with the Triton verify kernel."""
     import warnings
 
-    from rollout.types import SamplingParams
-
     policy = lively_policy("llama").cuda()
     eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=4)
-    run = engine_mod._Run(eng, PROMPTS[:3], SamplingParams(max_new_tokens=1 << 20, eos_token_id=None), False)
+    run = _never_stopping(eng, PROMPTS[:3])
     with torch.inference_mode():
-        run.prefill([(s, s) for s in range(3)])
+        run.admit()
         run.decode_step([0, 1, 2])  # warm: kernels compiled, generators created
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
@@ -390,3 +395,88 @@ def test_on_cuda_decode_masks_keep_sdpa_fused_kernels():
     with sdpa_kernel(fused):
         got = eng.generate(PROMPTS, max_new_tokens=16, temperature=0, eos_token_id=None)
     assert [t.tokens for t in got] == [t.tokens for t in free]
+
+
+# ------------------------------------------------------------------------------------------ step-level core
+def _alone(eng, req):
+    """The request's trajectory when it has the engine to itself."""
+    core = engine_mod.EngineCore(eng, 1)
+    core.add(req)
+    while core.has_work:
+        for ev in core.step():
+            if ev.finished is not None:
+                return ev.finished
+    raise AssertionError("never finished")
+
+
+MIXED = [
+    SamplingParams(24, temperature=0.0, eos_token_id=None),
+    SamplingParams(24, temperature=1.0, seed=3, eos_token_id=None),
+    SamplingParams(24, temperature=0.7, top_k=5, seed=4, eos_token_id=None),
+    SamplingParams(24, temperature=1.0, top_p=0.8, banned_token_ids=(5, 6, 7), seed=5, eos_token_id=None),
+]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "draft"), [("ar", "dirac"), ("lossless", "dirac"), ("lossless", "sampled")]
+)
+def test_rows_with_different_sampling_settings_share_a_batch(sampler, draft):
+    """Requests that differ in temperature, top-k, top-p and banned tokens run in one batch, each exactly as it
+    would alone; requests also join a running batch between steps."""
+    eng = BlockEngine(lively_policy(), sampler=sampler, levels=[0, 2], max_batch=4, draft=draft)
+    reqs = [Request(p, params, stream=i) for i, (p, params) in enumerate(zip(PROMPTS, MIXED, strict=True))]
+    core = engine_mod.EngineCore(eng)
+    ids = [core.add(r) for r in reqs[:2]]
+    got, streamed = {}, {}
+    for n in range(200):
+        if n == 3:  # two more join a batch that is already decoding
+            ids += [core.add(r) for r in reqs[2:]]
+        for ev in core.step():
+            streamed.setdefault(ev.request_id, []).extend(ev.tokens)
+            if ev.finished is not None:
+                got[ev.request_id] = ev.finished
+        if not core.has_work:
+            break
+    for rid, req in zip(ids, reqs, strict=True):
+        t = got[rid]
+        assert t.tokens == _alone(eng, req).tokens
+        assert streamed[rid] == t.tokens  # the step events add up to the trajectory
+        assert not set(t.tokens) & set(req.params.banned_token_ids)
+
+
+def test_cancel_frees_the_slot_for_the_next_request():
+    eng = BlockEngine(lively_policy(), sampler="lossless", levels=[0, 2], max_batch=1)
+    core = engine_mod.EngineCore(eng)
+    long = core.add(Request(PROMPTS[0], SamplingParams(10_000, eos_token_id=None)))
+    nxt = core.add(Request(PROMPTS[1], SamplingParams(8, eos_token_id=None)))
+    core.step()
+    assert core.num_active == 1 and core.num_queued == 1
+    cut = core.cancel(long)
+    assert cut.finish_reason == "cancelled" and 0 < len(cut.tokens) < 10_000
+    assert core.cancel(long) is None  # gone
+    done = {}
+    while core.has_work:
+        done |= {ev.request_id: ev.finished for ev in core.step() if ev.finished is not None}
+    assert list(done) == [nxt] and done[nxt].num_tokens == 8
+    queued = core.add(Request(PROMPTS[2], SamplingParams(4)))
+    assert core.cancel(queued).finish_reason == "cancelled" and not core.has_work
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_top_logprobs_are_the_behaviour_distributions_best(temperature):
+    """Alternatives come best first, hold the emitted token whenever it ranks among them with the same log-prob, and
+    at T = 0 the emitted token is the best one."""
+    eng = BlockEngine(lively_policy(), sampler="lossless", levels=[0, 2], max_batch=2)
+    params = SamplingParams(20, temperature=temperature, seed=2, eos_token_id=None)
+    t = _alone(eng, Request(PROMPTS[0], params, top_logprobs=3))
+    assert len(t.top_logprobs) == t.num_tokens
+    for tok, lp, alts in zip(t.tokens, t.behavior_logprobs, t.top_logprobs, strict=True):
+        vals = [v for _, v in alts]
+        assert len(alts) == 3 and vals == sorted(vals, reverse=True)
+        if temperature == 0:
+            assert alts[0][0] == tok
+        elif tok in dict(alts):
+            assert dict(alts)[tok] == pytest.approx(lp, abs=1e-5)
+    assert (
+        _alone(eng, Request(PROMPTS[0], params)).tokens == t.tokens
+    )  # asking for alternatives changes nothing
