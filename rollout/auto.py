@@ -110,13 +110,26 @@ class AutoSampler(GenerateAPI):
         eng.policy_version = self.policy_version
         return eng
 
+    def _calibrate(self, batch_size: int) -> None:
+        if batch_size not in self.calibrated:
+            self.cost.calibrate(self.make_engine, self.options, [batch_size])
+            self.calibrated.add(batch_size)
+
+    def choose_for(self, busy_rows: int) -> Option:
+        """The option a request joining `busy_rows` others should run (the server's per-request auto): the
+        lossless pilot until some acceptance has been observed (`observe`), then the cost model's choice at the
+        calibrated batch size that covers them (powers of two up to max_batch, each calibrated on first use)."""
+        B = min(self.max_batch, 1 << max(0, busy_rows - 1).bit_length())
+        self._calibrate(B)
+        choice = self.pilot if self.cost.acceptance.steps == 0 else self.cost.choose(self.options, B)
+        self.last_choice = choice
+        return choice
+
     def run(
         self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0, audit: bool = False
     ) -> list[Trajectory]:
         B = min(self.max_batch, len(prompt_ids))
-        if B not in self.calibrated:
-            self.cost.calibrate(self.make_engine, self.options, [B])
-            self.calibrated.add(B)
+        self._calibrate(B)
         results: list[Trajectory] = []
         if self.cost.acceptance.steps == 0:
             head, prompt_ids = prompt_ids[:B], prompt_ids[B:]

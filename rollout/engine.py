@@ -289,6 +289,10 @@ class EngineCore:
 
     # ---------------------------------------------------------------------------------------------- requests
     @property
+    def max_batch(self) -> int:
+        return len(self.slots)
+
+    @property
     def num_active(self) -> int:
         return sum(r is not None for r in self.slots)
 
@@ -640,7 +644,7 @@ class EngineCore:
             t.ar_logprobs += h[2 + 2 * K1 : 2 + 2 * K1 + n]
             if t.top_logprobs is not None:
                 t.top_logprobs += _alternatives(h[2 + 3 * K1 :], n, K1, row.top_n)
-            cut, reason = self.find_stop(t.tokens, start, row.params)
+            cut, reason = find_stop(t.tokens, start, row.params, self.eng.tokenizer)
             if cut is not None:
                 del t.tokens[cut:], t.behavior_logprobs[cut:], t.ar_logprobs[cut:]
                 if t.top_logprobs is not None:
@@ -659,28 +663,29 @@ class EngineCore:
             )
         return na
 
-    def find_stop(self, tokens: list[int], start: int, p: SamplingParams) -> tuple[int | None, str]:
-        """Length to keep if a stop falls in tokens[start:], else None. EOS is kept; nothing after a stop is."""
-        cut, reason = None, ""
-        if p.eos_token_id is not None:
-            eos = {p.eos_token_id} if isinstance(p.eos_token_id, int) else set(p.eos_token_id)
-            for i in range(start, len(tokens)):
-                if tokens[i] in eos:
-                    cut, reason = i + 1, "eos"
-                    break
-        if p.stop_strings:
-            tok = self.eng.tokenizer
-            end = cut or len(tokens)
-            # a stop string spans at most len(stop) tokens (one char or more each), and none ended before `start`
-            lo = max(0, start - max(map(len, p.stop_strings)))
-            for i in range(start, end):
-                text = tok.decode(tokens[lo : i + 1])
-                if any(s in text for s in p.stop_strings):
-                    cut, reason = i + 1, "stop_string"
-                    break
-        if (cut is None and len(tokens) >= p.max_new_tokens) or (cut is not None and cut > p.max_new_tokens):
-            cut, reason = p.max_new_tokens, "length"
-        return cut, reason
+
+def find_stop(tokens: list[int], start: int, p: SamplingParams, tokenizer=None) -> tuple[int | None, str]:
+    """Length to keep if a stop falls in tokens[start:] (the tokens added since the last check), else None, and
+    why: "eos", "stop_string" or "length". EOS is kept; nothing after a stop is."""
+    cut, reason = None, ""
+    if p.eos_token_id is not None:
+        eos = {p.eos_token_id} if isinstance(p.eos_token_id, int) else set(p.eos_token_id)
+        for i in range(start, len(tokens)):
+            if tokens[i] in eos:
+                cut, reason = i + 1, "eos"
+                break
+    if p.stop_strings:
+        end = cut or len(tokens)
+        # a stop string spans at most len(stop) tokens (one char or more each), and none ended before `start`
+        lo = max(0, start - max(map(len, p.stop_strings)))
+        for i in range(start, end):
+            text = tokenizer.decode(tokens[lo : i + 1])
+            if any(s in text for s in p.stop_strings):
+                cut, reason = i + 1, "stop_string"
+                break
+    if (cut is None and len(tokens) >= p.max_new_tokens) or (cut is not None and cut > p.max_new_tokens):
+        cut, reason = p.max_new_tokens, "length"
+    return cut, reason
 
 
 def _scatter(parts: list[torch.Tensor], groups, R: int) -> torch.Tensor:

@@ -129,6 +129,22 @@ def cmd_rollout(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """OpenAI-compatible server (completions, chat, streaming, weight updates) with continuous batching."""
+    from rollout.serve.app import run_server
+    from rollout.serve.config import ServeConfig
+
+    overrides = list(args.overrides)
+    if args.checkpoint:
+        overrides.insert(0, f"checkpoint={args.checkpoint}")
+    if args.port is not None:
+        overrides.insert(0, f"port={args.port}")
+    cfg = load_config(ServeConfig, args.config, overrides)
+    require_checkpoint(cfg.checkpoint)
+    run_server(cfg)
+    return 0
+
+
 def cmd_regress(args) -> int:
     """Nightly reward regression: seeded suite per sampler vs a stored baseline; exit 1 naming failing metrics."""
     from trainers.regress.job import RegressConfig, run_regress
@@ -252,6 +268,22 @@ COMMANDS = (
         cmd_regress,
         "regress",
         (("--update-baseline", {"action": "store_true", "help": "rewrite the baseline file from this run"}),),
+    ),
+    Command(
+        "serve",
+        "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching",
+        cmd_serve,
+        "serve",
+        (
+            (
+                "--checkpoint",
+                {"default": None, "help": "converted checkpoint to serve (overrides the config)"},
+            ),
+            (
+                "--port",
+                {"type": int, "default": None, "help": "TCP port (overrides the config; 0 = any free)"},
+            ),
+        ),
     ),
     Command(
         "pretrain", "AR pretraining from scratch on the task corpus", cmd_pretrain, "tiny_pretrain", (RESUME,)
