@@ -145,6 +145,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_serve_bench(args) -> int:
+    """Server throughput vs HF generate behind the same API, at several client concurrencies, one run."""
+    from rollout.serve.bench import ServeBenchConfig, format_summary, plot, run_serve_bench
+
+    cfg = load_config(ServeBenchConfig, args.config, args.overrides)
+    require_checkpoint(cfg.checkpoint)
+    out = run_serve_bench(cfg)
+    run_dir = Path(cfg.run_dir)
+    if args.json:
+        Path(args.json).write_text((run_dir / "results.json").read_text())
+    plot(out, run_dir / "serve_bench.png")
+    print(format_summary(out))
+    print(f"results: {args.json or run_dir / 'results.json'}  plot: {run_dir / 'serve_bench.png'}")
+    return 0
+
+
 def cmd_regress(args) -> int:
     """Nightly reward regression: seeded suite per sampler vs a stored baseline; exit 1 naming failing metrics."""
     from trainers.regress.job import RegressConfig, run_regress
@@ -284,6 +300,13 @@ COMMANDS = (
                 {"type": int, "default": None, "help": "TCP port (overrides the config; 0 = any free)"},
             ),
         ),
+    ),
+    Command(
+        "serve-bench",
+        "blockrl serve vs HF generate behind the same API at 1, 8, 32 concurrent clients",
+        cmd_serve_bench,
+        None,
+        (JSON,),
     ),
     Command(
         "pretrain", "AR pretraining from scratch on the task corpus", cmd_pretrain, "tiny_pretrain", (RESUME,)

@@ -20,6 +20,8 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -160,7 +162,7 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
             for j in range(body.n)
         ]
         mode = body.on_weight_update or cfg.on_weight_update
-        return Submission(reqs, sampler, deliver=lambda d: None, on_weight_update=mode)
+        return Submission(reqs, sampler, deliver=lambda d: None, on_weight_update=mode, stream=body.stream)
 
     async def _run(request: HTTPRequest, body: P._Sampling, prompts, param: str, kind: str, want: int | None):
         """want: alternatives per token, or None when no log-probs were asked for."""
@@ -263,9 +265,7 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
                     continue
                 if d.error is not None:
                     raise P.APIError(d.error, status=500, code="engine_error")
-                streams[d.choice].push(d.event.tokens, d.event.finished is not None)
-                if d.event.finished is not None:
-                    finished[d.choice] = (d.event.finished, d.option)
+                finished[d.choice] = (d.event.finished, d.option)  # non-streamed: only finished choices come
         except asyncio.CancelledError:
             scheduler.cancel(sub.sub_id)
             raise
@@ -273,6 +273,7 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
         for i in range(n_choices):
             t, option = finished[i]
             c = {"index": i, "finish_reason": P.FINISH.get(t.finish_reason, t.finish_reason)}
+            streams[i].tokens = t.tokens
             text = streams[i].final_text()
             if kind == "chat":
                 c["message"] = {"role": "assistant", "content": text}
@@ -330,8 +331,12 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
         t0 = time.perf_counter()
         state = await asyncio.to_thread(_compatible_state, path, policy, cfg)
         version = body.policy_version if body.policy_version is not None else scheduler.version + 1
-        mode = body.on_weight_update or cfg.on_weight_update
-        new = await asyncio.wrap_future(scheduler.update_weights(state, version, mode))
+        try:
+            new = await asyncio.wrap_future(scheduler.update_weights(state, version, body.on_weight_update))
+        except RuntimeError as e:  # another update is in progress
+            raise P.APIError(str(e), code="update_in_progress", status=409) from e
+        except Exception as e:  # the weights did not load: the old ones keep serving
+            raise P.APIError(f"checkpoint: {e}", "checkpoint") from e
         metrics.requests.labels(request.url.path, "200").inc()
         return {"policy_version": new, "checkpoint": str(path), "seconds": time.perf_counter() - t0}
 
@@ -442,3 +447,50 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class ServerProcess:
+    """`blockrl serve` in a child process (the benchmark's servers, the CLI test): started with this config, its
+    URL read from its first line of output, stopped with SIGTERM to its own pid.
+
+    with ServerProcess(cfg, log_path) as url:
+        ...
+    """
+
+    def __init__(self, cfg: ServeConfig, log_path: Path, env: dict | None = None, timeout_s: float = 180.0):
+        self.cfg, self.log_path, self.env, self.timeout_s = cfg, Path(log_path), env, timeout_s
+
+    def __enter__(self) -> str:
+        import yaml
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        config = self.log_path.with_suffix(".yaml")
+        config.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json")))
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trainers.cli", "serve", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=self.env,
+        )
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if "http://" in line:
+                return line.strip().split(" on ")[-1]
+            if not line and self.proc.poll() is not None:
+                break
+        self.__exit__()
+        raise RuntimeError(f"blockrl serve did not start (log: {self.log_path})")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        self.log.close()

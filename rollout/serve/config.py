@@ -37,7 +37,8 @@ class ServeConfig(EngineSettings):
     admin_token: str | None = None
     """the weight-update token itself (the environment variable wins); neither set = weight updates disabled."""
     on_weight_update: Literal["finish", "cancel"] = "finish"
-    """in-flight requests at a weight update: finish on their version (new requests wait for the swap), or stop
-    at once (finish_reason "abort", their tokens so far returned); a request may override it."""
+    """a request's fate if a weight update comes while it decodes: finish on its version (new requests wait for the
+    swap), or stop at once (finish_reason "abort", its tokens so far returned). A request may set its own; an
+    update that names one decides for every request in flight."""
     weights_root: str | None = None
     """if set, weight updates may only load checkpoints under this directory."""

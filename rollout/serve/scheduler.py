@@ -63,6 +63,7 @@ class Submission:
     sampler: str  # ar | lossless | logit_mix | auto
     deliver: Callable[[Delivery], None]
     on_weight_update: str = "finish"  # finish | cancel
+    stream: bool = True  # False: deliver only finished choices (no wake-up of the handler per decode step)
     sub_id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -78,7 +79,9 @@ class _Choice:
 class _Update:
     state_dict: dict
     version: int
-    mode: str
+    mode: (
+        str | None
+    )  # finish | cancel for every request in flight; None = each request's own on_weight_update
     done: Future
 
 
@@ -176,8 +179,9 @@ class HFCore:
 
 
 def _hf_key(req: Request) -> tuple:
+    """What one `generate` call must share (the seed is not: HF seeds a batch, from its oldest request)."""
     p = req.params
-    return (p.temperature, p.top_p, p.top_k, p.seed, p.eos_token_id)
+    return (p.temperature, p.top_p, p.top_k, p.eos_token_id, p.stop_strings)
 
 
 class Scheduler:
@@ -198,12 +202,27 @@ class Scheduler:
         self._running: dict[tuple[str, int], _Choice] = {}  # (core key, request id) -> choice
         self._subs: dict[int, list[_Choice]] = {}  # submission id -> its unfinished choices
         self._update: _Update | None = None
+        self._auto: Option | None = None  # the option auto traffic runs on now (`_auto_option`)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="blockrl-engine", daemon=True)
 
     # ------------------------------------------------------------------------------------------ any thread
     def start(self) -> None:
+        if self.auto is not None and self.cfg.sampler == "auto":
+            self.calibrate()
         self._thread.start()
+
+    def calibrate(self) -> None:
+        """Time every option `auto` chooses among at each batch size it may see (powers of two up to max_batch),
+        before serving: otherwise the first `auto` request at each size would stall the engine while it is timed."""
+        t0 = time.perf_counter()
+        b = 1
+        while True:
+            self.auto.choose_for(b)
+            if b >= self.cfg.max_batch:
+                break
+            b *= 2
+        log.info("auto calibrated up to batch %d in %.1fs", self.cfg.max_batch, time.perf_counter() - t0)
 
     def stop(self) -> None:
         self._stop.set()
@@ -217,8 +236,10 @@ class Scheduler:
         """Drop a submission's unfinished choices (a client that went away): their slots free at the next step."""
         self._commands.put(("cancel", sub_id))
 
-    def update_weights(self, state_dict: dict, version: int, mode: str) -> Future:
-        """Swap in new weights between steps; the future resolves to the new version once they serve."""
+    def update_weights(self, state_dict: dict, version: int, mode: str | None) -> Future:
+        """Swap in new weights between steps; the future resolves to the new version once they serve. mode: what
+        happens to requests decoding now (`finish` on the old weights, or `cancel`); None lets each request's own
+        `on_weight_update` decide."""
         done: Future = Future()
         self._commands.put(("update", _Update(state_dict, version, mode, done)))
         return done
@@ -276,8 +297,7 @@ class Scheduler:
                 self.cores[key].policy_version = self.version
             return key, self.cores[key]
         if sampler == "auto":
-            busy = sum(c.num_active + c.num_queued for c in self.cores.values()) + 1
-            opt = self.auto.choose_for(busy)
+            opt = self._auto_option()
         else:
             opt = Option(sampler, () if sampler == "ar" else tuple(self.cfg.levels))
         if opt.name not in self.cores:
@@ -286,9 +306,18 @@ class Scheduler:
             self.cores[opt.name] = EngineCore(engine)
         return opt.name, self.cores[opt.name]
 
+    def _auto_option(self) -> Option:
+        """auto's current option. It is re-chosen only when its core has drained (one option at a time: two cores
+        stepping in turn would each wait for the other), for the auto choices waiting now (the batch it will run)."""
+        cur = self._auto
+        if cur is None or cur.name not in self.cores or not self.cores[cur.name].has_work:
+            waiting = sum(1 for ch in self._backlog if ch.sub.sampler == "auto")  # besides the one joining
+            self._auto = cur = self.auto.choose_for(1 + waiting)
+        return cur
+
     def _feed(self) -> None:
         """Backlog -> cores with a free slot, oldest first (a full core does not hold back the others)."""
-        if self._update is not None and self._update.mode == "finish":
+        if self._update is not None:
             return  # new work waits for the swap
         if not self._backlog:
             return
@@ -322,7 +351,8 @@ class Scheduler:
             m.tokens.inc(len(ev.tokens))
             if ch is None:  # cancelled after the step began
                 continue
-            ch.sub.deliver(Delivery(ch.index, ev, key))
+            if ch.sub.stream or ev.finished is not None:
+                ch.sub.deliver(Delivery(ch.index, ev, key))
             if ev.finished is not None:
                 self._done(ch)
                 t = ev.finished
@@ -367,8 +397,9 @@ class Scheduler:
             upd.done.set_exception(RuntimeError("a weight update is already in progress"))
             return
         self._update = upd
-        if upd.mode == "cancel":  # stop every started choice now; queued ones run on the new weights
-            for (key, rid), ch in list(self._running.items()):
+        # stop the started choices that cancel now; queued ones run on the new weights
+        for (key, rid), ch in list(self._running.items()):
+            if (upd.mode or ch.sub.on_weight_update) == "cancel":
                 core = self.cores[key]
                 if isinstance(core, EngineCore) and any(r is not None and r.index == rid for r in core.slots):
                     traj = core.cancel(rid)

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,7 @@ import torch
 
 from common.paths import SHIPPED_BPE_CHECKPOINT
 from policy.hybrid import HybridPolicy, load_tokenizer
-from rollout.serve.app import ServerThread
+from rollout.serve.app import ServerProcess, ServerThread
 from rollout.serve.config import ServeConfig
 
 CKPT = str(SHIPPED_BPE_CHECKPOINT)
@@ -330,20 +328,33 @@ def test_weight_update_needs_the_token_and_serves_the_new_weights(updatable):
     assert out.policy_version == 1 and out.choices[0].blockrl["policy_version"] == 1
 
 
-@pytest.mark.parametrize("mode", ["finish", "cancel"])
-def test_in_flight_requests_at_a_weight_update(updatable, mode):
-    """finish: a request in flight ends on its version; cancel: it stops at once with finish_reason abort. Either
-    way the update lands and later requests say the new version."""
+@pytest.mark.parametrize(
+    ("update_mode", "request_mode", "mode"),
+    [
+        ("finish", None, "finish"),
+        ("cancel", None, "cancel"),
+        (None, "cancel", "cancel"),
+        ("finish", "cancel", "finish"),
+    ],
+)
+def test_in_flight_requests_at_a_weight_update(updatable, update_mode, request_mode, mode):
+    """finish: a request in flight ends on its version; cancel: it stops at once with finish_reason abort. The
+    update's mode decides when it names one, else the request's own. Either way the update lands and later
+    requests say the new version."""
     client, url, _, _, path = updatable
     result = {}
+    extra = {"on_weight_update": request_mode} if request_mode else None
 
     def long_request():
-        result["r"] = client.completions.create(model=MODEL, prompt=LONG, max_tokens=300, seed=0)
+        result["r"] = client.completions.create(
+            model=MODEL, prompt=LONG, max_tokens=300, seed=0, extra_body=extra
+        )
 
     th = threading.Thread(target=long_request)
     th.start()
     time.sleep(1.0)  # the request is decoding
-    assert _update(url, path, on_weight_update=mode).json()["policy_version"] == 1
+    body = {"on_weight_update": update_mode} if update_mode else {}
+    assert _update(url, path, **body).json()["policy_version"] == 1
     th.join(timeout=120)
     c = result["r"].choices[0]
     assert c.blockrl["policy_version"] == 0
@@ -359,34 +370,9 @@ def test_in_flight_requests_at_a_weight_update(updatable, mode):
 def test_blockrl_serve_command(tmp_path):
     """`blockrl serve` binds loopback, prints its URL, answers, and stops on SIGTERM (ended by its own pid)."""
     env = {**os.environ, "MPLCONFIGDIR": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trainers.cli",
-            "serve",
-            "--checkpoint",
-            CKPT,
-            "--set",
-            "port=0",
-            "--set",
-            "device=cpu",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "http://" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "serve exited early"
-        url = line.strip().split(" on ")[-1]
+    server = ServerProcess(_cfg(), tmp_path / "serve.log", env=env)
+    with server as url:
         assert url.startswith("http://127.0.0.1:")
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         assert client.completions.create(model=MODEL, prompt="1+1=", max_tokens=4).choices[0].token_ids
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    assert server.proc.returncode is not None  # stopped

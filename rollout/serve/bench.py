@@ -1,0 +1,254 @@
+"""`blockrl serve-bench`: the server's throughput against HF `generate` behind the same OpenAI API, at several
+client concurrencies, measured side by side in one run.
+
+Two `blockrl serve` processes on loopback, one per backend (`engine`, `hf`), both alive for the whole run. For each
+concurrency c and repeat, every arm (the HF server, and the engine server with each sampler named per request)
+serves the same `requests` completions from c closed-loop clients (each sends its next request when the last one
+returns), in an order that alternates between repeats. Per run: wall seconds, completion tokens/s, p50/p99 request
+latency, tokens per forward. The summary takes medians over repeats and each arm's ratio to HF at that c.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from common.config import Section, ShippedPath
+from envs import splits
+from envs.tasks import TaskName
+from rollout.serve.app import ServerProcess
+from rollout.serve.config import ServeConfig
+
+Arm = Literal["hf", "ar", "lossless", "logit_mix", "auto"]
+
+
+class ServeBenchConfig(Section):
+    """Throughput of `blockrl serve` vs HF generate behind the same API."""
+
+    checkpoint: ShippedPath = "checkpoints/tiny-moe"
+    """converted checkpoint both servers load."""
+    run_dir: str = "runs/serve_bench"
+    """results.json, serve_bench.png and the servers' logs."""
+    arms: list[Arm] = Field(default_factory=lambda: ["hf", "ar", "lossless"])
+    """hf = the HF-generate server; the others = the engine server with that sampler per request."""
+    concurrency: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    """concurrent clients."""
+    requests: int = Field(32, ge=1)
+    """completions per arm, concurrency and repeat."""
+    repeats: int = Field(2, ge=1)
+    """runs per arm and concurrency (order alternates)."""
+    max_tokens: int = Field(96, ge=1)
+    """completion budget per request."""
+    temperature: float = Field(1.0, ge=0.0)
+    """sampling temperature."""
+    levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    """proposal levels of the engine server."""
+    max_batch: int = Field(32, ge=1)
+    """rows per batch, both servers."""
+    server_threads: int = Field(1, ge=0)
+    """torch threads per server process (0 = torch's default)."""
+    device: str = "auto"
+    """device of both servers."""
+    tasks: list[TaskName] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
+    """built-in tasks the prompts come from (the bench split)."""
+    seed: int = 0
+    """prompt draw and per-request seeds."""
+
+
+@dataclass
+class LoadRun:
+    arm: str
+    concurrency: int
+    repeat: int
+    seconds: float
+    tokens: int
+    tokens_per_s: float
+    p50_s: float
+    p99_s: float
+    tokens_per_forward: float
+    failed: int
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+async def drive(url: str, model: str, prompts: list[str], concurrency: int, cfg: ServeBenchConfig, sampler):
+    """`len(prompts)` completions from `concurrency` closed-loop clients -> (wall s, [(latency, tokens, tpf)], failed)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    todo = list(enumerate(prompts))[::-1]
+    done: list[tuple[float, int, float]] = []
+    failed = 0
+
+    async def worker():
+        nonlocal failed
+        while todo:
+            i, prompt = todo.pop()
+            t0 = time.perf_counter()
+            try:
+                r = await client.completions.create(
+                    model=model,
+                    prompt=prompt,
+                    max_tokens=cfg.max_tokens,
+                    temperature=cfg.temperature,
+                    seed=cfg.seed + i,
+                    extra_body={"sampler": sampler} if sampler else None,
+                )
+            except openai.APIError:
+                failed += 1
+                continue
+            c = r.choices[0]
+            done.append((time.perf_counter() - t0, len(c.token_ids), c.blockrl["tokens_per_forward"]))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - t0
+    await client.close()
+    return seconds, done, failed
+
+
+def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
+    import logging
+
+    from policy.hybrid import checkpoint_prompt_format, load_tokenizer
+    from policy.tokenizer import encode_prompt
+
+    for name in ("httpx", "httpx2", "openai"):  # one line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(cfg.checkpoint)
+    fmt = checkpoint_prompt_format(cfg.checkpoint)
+    pool = splits.bench_prompts(cfg.tasks, -(-cfg.requests // len(cfg.tasks)), cfg.seed)[: cfg.requests]
+    # the training format's text: chat-format checkpoints get their template rendered (completions take text)
+    prompts = [tok.decode(encode_prompt(tok, s.prompt, fmt)) if fmt == "chat" else s.prompt for s in pool]
+    base = dict(
+        checkpoint=cfg.checkpoint,
+        port=0,
+        device=cfg.device,
+        levels=cfg.levels,
+        max_batch=cfg.max_batch,
+        threads=cfg.server_threads,
+        max_n=1,
+        default_max_tokens=cfg.max_tokens,
+    )
+    model = Path(cfg.checkpoint).name
+    runs: list[LoadRun] = []
+    servers = {"engine": ServeConfig(backend="engine", sampler="lossless", **base)}
+    if "hf" in cfg.arms:
+        servers["hf"] = ServeConfig(backend="hf", sampler="ar", **base)
+    with ServerProcess(servers["engine"], run_dir / "engine.log") as engine_url:
+        hf = ServerProcess(servers["hf"], run_dir / "hf.log") if "hf" in servers else None
+        hf_url = hf.__enter__() if hf else None
+        try:
+            for arm in cfg.arms:  # warm: first requests load kernels, calibrate auto
+                asyncio.run(
+                    drive(hf_url if arm == "hf" else engine_url, model, prompts[:2], 1, cfg, _sampler(arm))
+                )
+            for c in cfg.concurrency:
+                for rep in range(cfg.repeats):
+                    order = cfg.arms if rep % 2 == 0 else cfg.arms[::-1]
+                    for arm in order:
+                        url = hf_url if arm == "hf" else engine_url
+                        seconds, done, failed = asyncio.run(drive(url, model, prompts, c, cfg, _sampler(arm)))
+                        lat = [d[0] for d in done] or [0.0]
+                        tokens = sum(d[1] for d in done)
+                        tpf = sum(d[2] * d[1] for d in done) / max(1, tokens)
+                        r = LoadRun(
+                            arm, c, rep, seconds, tokens, tokens / seconds, statistics.median(lat),
+                            percentile(lat, 0.99), tpf, failed,
+                        )  # fmt: skip
+                        runs.append(r)
+                        log(
+                            f"c={c:<3} {arm:<10} {r.tokens_per_s:8.0f} tok/s  p50 {r.p50_s:6.2f}s  "
+                            f"p99 {r.p99_s:6.2f}s  tokens/forward {tpf:4.2f}  failed {failed}"
+                        )
+        finally:
+            if hf:
+                hf.__exit__()
+    out = {
+        "config": cfg.model_dump(mode="json"),
+        "runs": [asdict(r) for r in runs],
+        "summary": summarize(runs),
+    }
+    from rollout.bench.report import device_name
+
+    out["device"] = device_name()
+    (run_dir / "results.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _sampler(arm: str) -> str | None:
+    return None if arm == "hf" else arm
+
+
+def summarize(runs: list[LoadRun]) -> list[dict]:
+    """Per (concurrency, arm): medians over repeats, and the ratio of median tokens/s to the HF arm's."""
+    rows = []
+    for c in sorted({r.concurrency for r in runs}):
+        by = {}
+        for r in runs:
+            if r.concurrency == c:
+                by.setdefault(r.arm, []).append(r)
+        hf = statistics.median(r.tokens_per_s for r in by["hf"]) if "hf" in by else None
+        for arm, rs in by.items():
+            tps = statistics.median(r.tokens_per_s for r in rs)
+            rows.append(
+                {
+                    "concurrency": c,
+                    "arm": arm,
+                    "tokens_per_s": tps,
+                    "p50_s": statistics.median(r.p50_s for r in rs),
+                    "p99_s": statistics.median(r.p99_s for r in rs),
+                    "tokens_per_forward": statistics.median(r.tokens_per_forward for r in rs),
+                    "vs_hf": tps / hf if hf else None,
+                    "failed": sum(r.failed for r in rs),
+                }
+            )
+    return rows
+
+
+def format_summary(out: dict) -> str:
+    lines = [f"blockrl serve-bench on {out['device']} (median over repeats; vs_hf = tokens/s ratio)"]
+    lines.append(
+        f"{'clients':>7} {'arm':<10} {'tok/s':>8} {'vs hf':>6} {'p50 s':>7} {'p99 s':>7} {'tok/fwd':>7}"
+    )
+    for r in out["summary"]:
+        ratio = f"{r['vs_hf']:.2f}x" if r["vs_hf"] is not None else "-"
+        lines.append(
+            f"{r['concurrency']:>7} {r['arm']:<10} {r['tokens_per_s']:>8.0f} {ratio:>6} {r['p50_s']:>7.2f} "
+            f"{r['p99_s']:>7.2f} {r['tokens_per_forward']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(out: dict, path: Path) -> None:
+    from common.plots import pyplot
+
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm in dict.fromkeys(r["arm"] for r in out["summary"]):
+        rows = [r for r in out["summary"] if r["arm"] == arm]
+        xs = [r["concurrency"] for r in rows]
+        a.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=arm)
+        b.plot(xs, [r["p50_s"] for r in rows], marker="o", label=f"{arm} p50")
+    for ax, title in ((a, "completion tokens/s"), (b, "p50 request latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"blockrl serve vs HF generate behind the same API ({out['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
