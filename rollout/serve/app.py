@@ -27,6 +27,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import torch
 import uvicorn
 from fastapi import FastAPI
@@ -475,14 +476,22 @@ class ServerProcess:
             env=self.env,
         )
         deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
+        url = None
+        while url is None and time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if "http://" in line:
-                return line.strip().split(" on ")[-1]
-            if not line and self.proc.poll() is not None:
+                url = line.strip().split(" on ")[-1]
+            elif not line and self.proc.poll() is not None:
                 break
+        while url is not None and time.monotonic() < deadline and self.proc.poll() is None:
+            try:  # bound, but serving only once start-up (loading, auto's calibration) is done
+                if httpx.get(url.removesuffix("/v1") + "/health", timeout=5).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
         self.__exit__()
-        raise RuntimeError(f"blockrl serve did not start (log: {self.log_path})")
+        raise RuntimeError(f"blockrl serve did not start within {self.timeout_s:.0f}s (log: {self.log_path})")
 
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:

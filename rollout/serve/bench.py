@@ -82,16 +82,16 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 async def drive(url: str, model: str, prompts: list[str], concurrency: int, cfg: ServeBenchConfig, sampler):
-    """`len(prompts)` completions from `concurrency` closed-loop clients -> (wall s, [(latency, tokens, tpf)], failed)."""
+    """`len(prompts)` completions from `concurrency` closed-loop clients -> (wall s, [(latency, tokens, tpf)], 0);
+    any failed request stops the benchmark."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
     todo = list(enumerate(prompts))[::-1]
     done: list[tuple[float, int, float]] = []
-    failed = 0
+    failed: list[str] = []
 
     async def worker():
-        nonlocal failed
         while todo:
             i, prompt = todo.pop()
             t0 = time.perf_counter()
@@ -104,8 +104,8 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, cfg:
                     seed=cfg.seed + i,
                     extra_body={"sampler": sampler} if sampler else None,
                 )
-            except openai.APIError:
-                failed += 1
+            except openai.APIError as e:
+                failed.append(f"request {i}: {e}")
                 continue
             c = r.choices[0]
             done.append((time.perf_counter() - t0, len(c.token_ids), c.blockrl["tokens_per_forward"]))
@@ -114,7 +114,9 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, cfg:
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - t0
     await client.close()
-    return seconds, done, failed
+    if failed:  # a benchmark with failed requests measures nothing: stop, naming the first
+        raise RuntimeError(f"{len(failed)} of {len(prompts)} requests failed at {url}; first: {failed[0]}")
+    return seconds, done, 0
 
 
 def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:

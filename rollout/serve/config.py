@@ -24,6 +24,9 @@ class ServeConfig(EngineSettings):
     backend: Literal["engine", "hf"] = "engine"
     """engine: blockrl's step-level core (continuous batching, every sampler); hf: HF `generate` on batches of
     waiting requests, the baseline the benchmark compares with behind the same API."""
+    auto_calibration: Literal["start", "first_use"] = "start"
+    """when `auto` times its options at each batch size it may run (powers of two up to max_batch): all before
+    serving (startup takes longer), or each on first use (that request, and every one sharing the engine, waits)."""
     threads: int = Field(0, ge=0)
     """torch threads (0 = torch's default)."""
     max_n: int = Field(16, ge=1)

@@ -208,7 +208,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ any thread
     def start(self) -> None:
-        if self.auto is not None and self.cfg.sampler == "auto":
+        if self.auto is not None and self.cfg.auto_calibration == "start":
             self.calibrate()
         self._thread.start()
 

@@ -27,6 +27,7 @@ CHAT = [{"role": "user", "content": "Spell backward: hello"}]
 
 
 def _cfg(**kw) -> ServeConfig:
+    kw = {"auto_calibration": "first_use", **kw}  # no start-up timing in tests
     return ServeConfig(checkpoint=CKPT, port=0, device="cpu", sampler="lossless", max_batch=8, **kw)
 
 
