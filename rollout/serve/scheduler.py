@@ -41,6 +41,7 @@ from rollout.types import Option, Request, StepEvent, Trajectory
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+AUTO_REVISIT_S = 2.0  # under steady load, auto's option is re-chosen at most this often
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ class Scheduler:
         self._subs: dict[int, list[_Choice]] = {}  # submission id -> its unfinished choices
         self._update: _Update | None = None
         self._auto: Option | None = None  # the option auto traffic runs on now (`_auto_option`)
+        self._auto_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="blockrl-engine", daemon=True)
 
@@ -307,13 +309,17 @@ class Scheduler:
         return opt.name, self.cores[opt.name]
 
     def _auto_option(self) -> Option:
-        """auto's current option. It is re-chosen only when its core has drained (one option at a time: two cores
-        stepping in turn would each wait for the other), for the auto choices waiting now (the batch it will run)."""
-        cur = self._auto
-        if cur is None or cur.name not in self.cores or not self.cores[cur.name].has_work:
+        """auto's current option, for the rows it would run with: its core's rows plus the auto choices waiting.
+        Re-chosen when that core has drained, or at most every `AUTO_REVISIT_S` under steady load. One option at a
+        time otherwise: two cores stepping in turn each wait for the other (while a switch drains the old core,
+        both run)."""
+        cur, now = self._auto, time.perf_counter()
+        core = self.cores.get(cur.name) if cur is not None else None
+        if core is None or not core.has_work or now - self._auto_at > AUTO_REVISIT_S:
             waiting = sum(1 for ch in self._backlog if ch.sub.sampler == "auto")  # besides the one joining
-            self._auto = cur = self.auto.choose_for(1 + waiting)
-        return cur
+            busy = (core.num_active + core.num_queued if core is not None else 0) + waiting + 1
+            self._auto, self._auto_at = self.auto.choose_for(busy), now
+        return self._auto
 
     def _feed(self) -> None:
         """Backlog -> cores with a free slot, oldest first (a full core does not hold back the others)."""
