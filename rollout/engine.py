@@ -450,7 +450,7 @@ class EngineCore:
         hidden = self.forward(rows, ids, pos, causal | block | pad_self)
         self.commit(lens, host_lens)
         for s, rid, req in take:
-            seed = req.params.seed * 1_000_003 + req.stream
+            seed = (req.params.seed * 1_000_003 + req.stream) % (1 << 63)  # any int seeds a generator
             gen = torch.Generator(device=dev).manual_seed(seed)
             p = req.params
             self.slots[s] = _Row(

@@ -41,7 +41,7 @@ from policy.tokenizer import ChatFormatError, encode_chat_prompt, encode_prompt
 from rollout.serve import protocol as P
 from rollout.serve.config import ServeConfig
 from rollout.serve.metrics import CONTENT_TYPE, ServeMetrics
-from rollout.serve.scheduler import Delivery, Scheduler, Submission
+from rollout.serve.scheduler import Delivery, Scheduler, Submission, UpdateInProgress
 from rollout.types import Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
     # ------------------------------------------------------------------------------------------ info
     @app.get("/health")
     async def health():
+        if not scheduler.alive:
+            raise P.APIError("the engine thread is not running", code="engine_down", status=503)
         return {"status": "ok", "model": name, "policy_version": scheduler.version}
 
     @app.get("/v1/models")
@@ -173,7 +175,10 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
         sub = _submission(body, prompts, param, top)
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         sub.deliver = lambda d: loop.call_soon_threadsafe(q.put_nowait, d)
-        scheduler.submit(sub)
+        if not body.stream:
+            scheduler.submit(
+                sub
+            )  # a stream submits when its response starts: a client gone before then costs nothing
         n_choices = len(sub.requests)
         rid, created = P.new_id("chatcmpl" if kind == "chat" else "cmpl"), P.now()
         streams = [P.TextStream(tokenizer, body.stops) for _ in range(n_choices)]
@@ -193,6 +198,7 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
             async def events():
                 done, completion_tokens = 0, 0
                 obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+                scheduler.submit(sub)
                 try:
                     if kind == "chat":
                         for i in range(n_choices):
@@ -213,7 +219,7 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
                             yield _sse(P.APIError(d.error, status=500).body())
                             break
                         ev, st = d.event, streams[d.choice]
-                        offset = st.sent
+                        offset = len(st.text()) if want is not None and kind != "chat" else 0
                         text = st.push(ev.tokens, ev.finished is not None)
                         c = {"index": d.choice, "finish_reason": None, "token_ids": ev.tokens}
                         c["logprobs"] = choice_logprobs(ev.tokens, ev.logprobs, ev.top_logprobs, offset)
@@ -330,11 +336,16 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
                 f"checkpoint: {path} is not a checkpoint directory (no config.json)", "checkpoint"
             )
         t0 = time.perf_counter()
-        state = await asyncio.to_thread(_compatible_state, path, policy, cfg)
+        try:
+            state = await asyncio.to_thread(_compatible_state, path, policy, cfg)
+        except P.APIError:
+            raise
+        except Exception as e:  # not loadable as a blockrl checkpoint
+            raise P.APIError(f"checkpoint: {path} did not load: {e}", "checkpoint") from e
         version = body.policy_version if body.policy_version is not None else scheduler.version + 1
         try:
             new = await asyncio.wrap_future(scheduler.update_weights(state, version, body.on_weight_update))
-        except RuntimeError as e:  # another update is in progress
+        except UpdateInProgress as e:
             raise P.APIError(str(e), code="update_in_progress", status=409) from e
         except Exception as e:  # the weights did not load: the old ones keep serving
             raise P.APIError(f"checkpoint: {e}", "checkpoint") from e
@@ -389,8 +400,10 @@ def _compatible_state(path: Path, policy: HybridPolicy, cfg: ServeConfig) -> dic
         if k not in state or state[k].shape != v.shape:
             got = "missing" if k not in state else tuple(state[k].shape)
             raise P.APIError(f"checkpoint: {k} is {got}, the served model has {tuple(v.shape)}", "checkpoint")
-    dev = next(policy.parameters()).device
-    return {k: v.to(dev) for k, v in state.items()}
+    extra = sorted(set(state) - set(have))
+    if extra:
+        raise P.APIError(f"checkpoint: {extra[0]} is not a tensor of the served model", "checkpoint")
+    return state  # on the host: load_state_dict copies tensor by tensor, never two models on the device
 
 
 # ------------------------------------------------------------------------------------------ running it

@@ -220,8 +220,8 @@ def token_logprobs(
     out = []
     for i, (tok, lp) in enumerate(zip(tokens, logprobs, strict=True)):
         a = alts[i] if alts is not None else []
-        if greedy:
-            lp = dict(a).get(tok, lp)
+        if greedy:  # the chosen token is the argmax: its entry, or (a tie ranked another first) the top value
+            lp = dict(a).get(tok, a[0][1] if a else lp)
         out.append((tok, lp, a))
     return out
 

@@ -76,6 +76,10 @@ class _Choice:
     rid: int = -1
 
 
+class UpdateInProgress(RuntimeError):
+    """A weight update was asked for while another one is still draining."""
+
+
 @dataclass
 class _Update:
     state_dict: dict
@@ -141,7 +145,7 @@ class HFCore:
         enc = {k: v.to(self.device) for k, v in left_pad([list(r.prompt_ids) for _, r in batch], pad).items()}
         sampling = dict(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p) if p.temperature > 0 else {}
         eos = p.eos_token_id
-        torch.manual_seed(p.seed)
+        torch.manual_seed(p.seed % (1 << 63))
         t0 = time.perf_counter()
         out = model.generate(
             **enc,
@@ -159,6 +163,8 @@ class HFCore:
         # scores: the processed logits (temperature, top-k/p warpers) each token was drawn from
         logp = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1)  # [B, T, V]
         lp = logp.gather(-1, gen[..., None]).squeeze(-1).tolist()
+        want = max(r.top_logprobs for _, r in batch)
+        top = logp.topk(min(want, logp.shape[-1]), dim=-1) if want else None
         events = []
         for b, (rid, req) in enumerate(batch):
             toks = gen[b].tolist()
@@ -175,7 +181,13 @@ class HFCore:
                 finish_reason=reason or "length",
                 timings={"total": seconds},
             )
-            events.append(StepEvent(rid, t.tokens, t.behavior_logprobs, None, t))
+            if req.top_logprobs:
+                vals, ids = top.values[b, :n].tolist(), top.indices[b, :n].tolist()
+                t.top_logprobs = [
+                    [(i, v) for i, v in zip(ii[: req.top_logprobs], vv, strict=False) if v != float("-inf")]
+                    for ii, vv in zip(ids, vals, strict=True)
+                ]
+            events.append(StepEvent(rid, t.tokens, t.behavior_logprobs, t.top_logprobs, t))
         return events
 
 
@@ -255,20 +267,33 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
         while not self._stop.is_set():
-            busy = bool(self._backlog) or any(c.has_work for c in self.cores.values())
-            self._apply_commands(block=not busy and self._update is None)
-            self._feed()
-            self._maybe_swap()
-            for key, core in list(self.cores.items()):
-                if core.has_work:
-                    try:
-                        events = core.step()
-                    except Exception as e:  # a failing step fails its requests, never the server
-                        log.exception("engine step failed on %s", key)
-                        self._fail_core(key, f"engine error: {e}")
-                        continue
-                    self._deliver(key, events)
-            self._gauges()
+            try:
+                self._iteration()
+            except Exception as e:  # anything outside a core's step: fail what is in flight, keep serving
+                log.exception("engine loop failed")
+                for ch in list(self._backlog) + list(self._running.values()):
+                    if ch.sub.sub_id in self._subs:
+                        self._fail(ch.sub, f"engine error: {e}")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _iteration(self) -> None:
+        busy = bool(self._backlog) or any(c.has_work for c in self.cores.values())
+        self._apply_commands(block=not busy and self._update is None)
+        self._feed()
+        self._maybe_swap()
+        for key, core in list(self.cores.items()):
+            if core.has_work:
+                try:
+                    events = core.step()
+                except Exception as e:  # a failing step fails its requests, never the server
+                    log.exception("engine step failed on %s", key)
+                    self._fail_core(key, f"engine error: {e}")
+                    continue
+                self._deliver(key, events)
+        self._gauges()
 
     def _apply_commands(self, block: bool) -> None:
         try:
@@ -351,7 +376,10 @@ class Scheduler:
 
     def _deliver(self, key: str, events: list[StepEvent]) -> None:
         m = self.metrics
-        m.forwards.inc(len(events))
+        if key == "hf":  # one event per completion: a forward per token
+            m.forwards.inc(sum(len(ev.tokens) for ev in events))
+        else:
+            m.forwards.inc(len(events))  # one event per row and engine pass
         for ev in events:
             ch = self._running.get((key, ev.request_id))
             m.tokens.inc(len(ev.tokens))
@@ -362,8 +390,8 @@ class Scheduler:
             if ev.finished is not None:
                 self._done(ch)
                 t = ev.finished
-                if self.auto is not None and t.accept_counts:
-                    self.auto.observe([t])  # auto's live acceptance: this server's own traffic
+                if self.auto is not None and key.startswith("lossless") and sum(t.draft_counts):
+                    self.auto.observe([t])  # auto's live acceptance: this server's own exact drafts
 
     def _done(self, ch: _Choice) -> None:
         self._running.pop((ch.key, ch.rid), None)
@@ -400,7 +428,7 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ weights
     def _begin_update(self, upd: _Update) -> None:
         if self._update is not None:
-            upd.done.set_exception(RuntimeError("a weight update is already in progress"))
+            upd.done.set_exception(UpdateInProgress("a weight update is already in progress"))
             return
         self._update = upd
         # stop the started choices that cancel now; queued ones run on the new weights
@@ -442,5 +470,8 @@ class Scheduler:
         m.queue_depth.set(len(self._backlog) + sum(c.num_queued for c in self.cores.values()))
         active = sum(c.num_active for c in self.cores.values())
         m.active_rows.set(active)
-        m.occupancy.set(active / self.cfg.max_batch)
+        stepping = (
+            sum(1 for c in self.cores.values() if c.num_active) or 1
+        )  # cores holding rows: each has max_batch
+        m.occupancy.set(active / (self.cfg.max_batch * stepping))
         m.tick()

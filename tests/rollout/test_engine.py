@@ -418,13 +418,17 @@ MIXED = [
 
 
 @pytest.mark.parametrize(
-    ("sampler", "draft"), [("ar", "dirac"), ("lossless", "dirac"), ("lossless", "sampled")]
+    ("sampler", "draft"),
+    [("ar", "dirac"), ("lossless", "dirac"), ("lossless", "sampled"), ("logit_mix", "dirac")],
 )
 def test_rows_with_different_sampling_settings_share_a_batch(sampler, draft):
     """Requests that differ in temperature, top-k, top-p and banned tokens run in one batch, each exactly as it
     would alone; requests also join a running batch between steps."""
     eng = BlockEngine(lively_policy(), sampler=sampler, levels=[0, 2], max_batch=4, draft=draft)
-    reqs = [Request(p, params, stream=i) for i, (p, params) in enumerate(zip(PROMPTS, MIXED, strict=True))]
+    reqs = [
+        Request(p, params, stream=i, top_logprobs=i % 3)  # some rows want alternatives, some not
+        for i, (p, params) in enumerate(zip(PROMPTS, MIXED, strict=True))
+    ]
     core = engine_mod.EngineCore(eng)
     ids = [core.add(r) for r in reqs[:2]]
     got, streamed = {}, {}
@@ -438,8 +442,15 @@ def test_rows_with_different_sampling_settings_share_a_batch(sampler, draft):
         if not core.has_work:
             break
     for rid, req in zip(ids, reqs, strict=True):
-        t = got[rid]
-        assert t.tokens == _alone(eng, req).tokens
+        t, alone = got[rid], _alone(eng, req)
+        assert t.tokens == alone.tokens
+        assert t.behavior_logprobs == pytest.approx(alone.behavior_logprobs, abs=1e-5)
+        if req.top_logprobs:
+            assert [[i for i, _ in a] for a in t.top_logprobs] == [
+                [i for i, _ in a] for a in alone.top_logprobs
+            ]
+        else:
+            assert t.top_logprobs is None
         assert streamed[rid] == t.tokens  # the step events add up to the trajectory
         assert not set(t.tokens) & set(req.params.banned_token_ids)
 

@@ -108,11 +108,22 @@ def test_n_choices_are_distinct_and_reproducible(served):
     assert [c.token_ids for c in a.choices] == [c.token_ids for c in b.choices]
 
 
-def test_logprobs_are_the_behaviour_logprobs(served):
-    client, *_ = served
+def test_logprobs_are_the_policys(served):
+    """Lossless at T = 1: each token's log-prob is the AR policy's log-softmax at that position (an HF forward over
+    prompt + completion), and so are the alternatives, best first."""
+    client, _, policy, _, _ = served
     r = client.completions.create(model=MODEL, prompt=LONG, max_tokens=10, seed=1, logprobs=3)
     c = r.choices[0]
-    assert c.logprobs.token_logprobs == pytest.approx(c.blockrl["behavior_logprobs"])
+    with torch.no_grad():
+        ref = torch.log_softmax(
+            policy.model(torch.tensor([c.prompt_token_ids + c.token_ids])).logits[0].float(), -1
+        )
+    P = len(c.prompt_token_ids)
+    want = [float(ref[P - 1 + i, t]) for i, t in enumerate(c.token_ids)]
+    assert c.logprobs.token_logprobs == pytest.approx(want, abs=1e-4)
+    assert c.blockrl["ar_logprobs"] == pytest.approx(want, abs=1e-4)
+    best = ref[P - 1].topk(3).values.tolist()
+    assert sorted(c.logprobs.top_logprobs[0].values(), reverse=True) == pytest.approx(best, abs=1e-4)
     assert len(c.logprobs.tokens) == len(c.token_ids) and all(len(t) <= 3 for t in c.logprobs.top_logprobs)
     chat = client.chat.completions.create(
         model=MODEL, messages=CHAT, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2
@@ -147,6 +158,34 @@ def test_stop_sequences_end_the_text_before_them(served):
     c = r.choices[0]
     assert c.finish_reason == "stop" and stop not in c.text and free.startswith(c.text)
     assert len(c.text) == free.find(stop)
+
+
+def test_streamed_choices_and_stops_match_the_whole_response(served):
+    """n = 3 streamed with a stop string: per choice, the streamed text (held back where it could still be a stop)
+    and ids equal the non-streamed response's."""
+    client, *_ = served
+    free = client.completions.create(model=MODEL, prompt=LONG, max_tokens=40, seed=5).choices[0].text
+    kw = dict(model=MODEL, prompt=LONG, max_tokens=40, seed=5, n=3, stop=[free[15:18]])
+    whole = client.completions.create(**kw)
+    text, ids, ends = {}, {}, {}
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            text[c.index] = text.get(c.index, "") + c.text
+            ids[c.index] = ids.get(c.index, []) + (c.model_extra.get("token_ids") or [])
+            if c.finish_reason:
+                ends[c.index] = c.finish_reason
+    for c in whole.choices:
+        assert text[c.index] == c.text and ids[c.index] == c.token_ids and ends[c.index] == c.finish_reason
+    assert whole.choices[0].finish_reason == "stop"
+
+
+def test_any_integer_seed(served):
+    client, *_ = served
+    a, b = (
+        client.completions.create(model=MODEL, prompt=LONG, max_tokens=6, seed=2**62 + 7) for _ in range(2)
+    )
+    assert a.choices[0].token_ids == b.choices[0].token_ids
+    assert client.completions.create(model=MODEL, prompt=LONG, max_tokens=6, seed=-5).choices[0].token_ids
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
@@ -266,6 +305,19 @@ def test_bounded_load_64_concurrent_streams(served, tmp_path):
         assert len(finishes) == 1  # exactly one end per stream
         ext = finishes[0].model_extra["blockrl"]
         assert 0 < len(ids) <= 24 and len(ids) == len(ext["behavior_logprobs"])  # every token once, in chunks
+
+    async def replay():  # the same seeded requests, not streamed: the streamed ids must be these, in order
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        return await asyncio.gather(
+            *(
+                client.completions.create(model=MODEL, prompt=f"{LONG} {i}", max_tokens=24, seed=i)
+                for i in range(64)
+            )
+        )
+
+    whole = asyncio.run(replay())
+    for (i, _, ids, _, _), r in zip(sorted(out), whole, strict=True):
+        assert ids == r.choices[0].token_ids, f"stream {i}"
     lat = sorted(x[-1] for x in out)
     tokens = sum(len(x[2]) for x in out)
     report = {
@@ -308,6 +360,17 @@ def updatable(tmp_path, monkeypatch):
         yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0), url, other, tok, tmp_path / "v1"
 
 
+def server_metrics(url):
+    """() -> the server's unlabelled metrics, read from /metrics."""
+
+    def read():
+        text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+        lines = [ln.split() for ln in text.splitlines() if ln and not ln.startswith("#") and "{" not in ln]
+        return {ln[0]: float(ln[1]) for ln in lines}
+
+    return read
+
+
 def _update(url, path, token="s3cret", **body):
     return httpx.post(
         url + "/weights",
@@ -348,21 +411,22 @@ def test_in_flight_requests_at_a_weight_update(updatable, update_mode, request_m
 
     def long_request():
         result["r"] = client.completions.create(
-            model=MODEL, prompt=LONG, max_tokens=300, seed=0, extra_body=extra
+            model=MODEL, prompt=LONG, max_tokens=1000, seed=0, extra_body=extra
         )
 
     th = threading.Thread(target=long_request)
     th.start()
-    time.sleep(1.0)  # the request is decoding
+    metrics = server_metrics(url)
+    assert _wait(lambda: metrics()["blockrl_active_rows"] > 0)  # the request is decoding
     body = {"on_weight_update": update_mode} if update_mode else {}
     assert _update(url, path, **body).json()["policy_version"] == 1
     th.join(timeout=120)
     c = result["r"].choices[0]
     assert c.blockrl["policy_version"] == 0
     if mode == "finish":
-        assert c.finish_reason == "length" and len(c.token_ids) == 300
+        assert c.finish_reason == "length" and len(c.token_ids) == 1000
     else:
-        assert c.finish_reason == "abort" and len(c.token_ids) < 300
+        assert c.finish_reason == "abort" and len(c.token_ids) < 1000
     after = client.completions.create(model=MODEL, prompt=LONG, max_tokens=4)
     assert after.choices[0].blockrl["policy_version"] == 1
 
