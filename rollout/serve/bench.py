@@ -143,6 +143,7 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
         threads=cfg.server_threads,
         max_n=1,
         default_max_tokens=cfg.max_tokens,
+        auto_calibration="start" if "auto" in cfg.arms else "first_use",  # never timed inside a measured run
     )
     model = Path(cfg.checkpoint).name
     runs: list[LoadRun] = []
