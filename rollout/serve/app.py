@@ -150,6 +150,10 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
         if body.stops and tokenizer is None:
             raise P.APIError("stop: needs the checkpoint's tokenizer", "stop")
         seed = body.seed if body.seed is not None else secrets.randbits(31)
+        if sampler == "auto" and body.seed is not None and cfg.backend == "engine":
+            # a seed fixes the tokens of one sampler; auto's pick depends on the load, so a seeded request runs
+            # lossless (exact, like every auto pick) and gives the same tokens alone or under any load
+            sampler = "lossless"
         params = SamplingParams(
             budget,
             body.temperature,

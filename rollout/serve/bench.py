@@ -101,7 +101,7 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, cfg:
                     prompt=prompt,
                     max_tokens=cfg.max_tokens,
                     temperature=cfg.temperature,
-                    seed=cfg.seed + i,
+                    seed=None if sampler == "auto" else cfg.seed + i,  # a seed pins auto to lossless
                     extra_body={"sampler": sampler} if sampler else None,
                 )
             except openai.APIError as e:

@@ -150,6 +150,26 @@ def test_a_seeded_request_is_the_same_alone_and_under_load(served):
         assert all(len(f.result()) > 0 for f in others)
 
 
+def test_a_seeded_auto_request_is_the_same_under_load(served):
+    """auto picks by load; with a seed it runs lossless, so the seed fixes the tokens under any load."""
+    client, *_ = served
+
+    def ask(seed, prompt=LONG, sampler="auto"):
+        r = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=24, seed=seed, extra_body={"sampler": sampler}
+        )
+        return r.choices[0].token_ids, r.choices[0].blockrl["sampler"]
+
+    alone, name = ask(321)
+    assert name.startswith("lossless")
+    with ThreadPoolExecutor(9) as pool:
+        for f in [pool.submit(ask, None, f"{LONG} {s}", "auto") for s in range(4)]:  # unseeded auto traffic
+            f.result()
+        others = [pool.submit(ask, s, f"{LONG} {s}", "ar") for s in range(4)]
+        assert pool.submit(ask, 321).result() == (alone, name)
+        assert all(f.result()[0] for f in others)
+
+
 def test_stop_sequences_end_the_text_before_them(served):
     client, *_ = served
     free = client.completions.create(model=MODEL, prompt=LONG, max_tokens=60, seed=3).choices[0].text
