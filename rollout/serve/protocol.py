@@ -176,6 +176,8 @@ class TextStream:
         self.tokens += tokens
         if finished:
             out = self.final_text()
+            if len(out) < self.sent:  # a stop the engine's token window missed, in text already sent: keep it
+                out = self.text()[: self.sent]
         else:
             out = self.text()
             out = out[: max(self.sent, len(out) - self.hold)]
