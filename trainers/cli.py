@@ -131,8 +131,8 @@ def cmd_rollout(args) -> int:
 
 def cmd_serve(args) -> int:
     """OpenAI-compatible server (completions, chat, streaming, weight updates) with continuous batching."""
-    from rollout.serve.app import run_server
     from rollout.serve.config import ServeConfig
+    from rollout.serve.run import run_server
 
     overrides = list(args.overrides)
     if args.checkpoint:

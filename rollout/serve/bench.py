@@ -23,8 +23,8 @@ from pydantic import Field
 from common.config import Section, ShippedPath
 from envs import splits
 from envs.tasks import TaskName
-from rollout.serve.app import ServerProcess
 from rollout.serve.config import ServeConfig
+from rollout.serve.run import ServerProcess
 
 Arm = Literal["hf", "ar", "lossless", "logit_mix", "auto"]
 

@@ -34,7 +34,7 @@ from policy.generate import left_pad
 from policy.hybrid import HybridPolicy
 from policy.tokenizer import pad_id
 from rollout.auto import AutoSampler, engine_factory
-from rollout.engine import EngineCore, find_stop
+from rollout.core import EngineCore, find_stop
 from rollout.serve.config import ServeConfig
 from rollout.serve.metrics import ServeMetrics
 from rollout.types import Option, Request, StepEvent, Trajectory
@@ -356,6 +356,8 @@ class Scheduler:
         keep: deque[_Choice] = deque()
         while self._backlog:
             ch = self._backlog.popleft()
+            if ch.sub.sub_id not in self._subs:  # its submission failed while this feed ran
+                continue
             sampler = ch.sub.sampler
             if sampler in full:
                 keep.append(ch)
@@ -401,22 +403,21 @@ class Scheduler:
             if not left:
                 del self._subs[ch.sub.sub_id]
 
-    def _cancel(self, sub_id: int) -> None:
-        for ch in self._subs.pop(sub_id, []):
+    def _drop(self, sub_id: int) -> int:
+        """Remove a submission's unfinished choices, from the backlog or their cores; returns how many."""
+        choices = self._subs.pop(sub_id, [])
+        for ch in choices:
             if ch.key:
                 self.cores[ch.key].cancel(ch.rid)
                 self._running.pop((ch.key, ch.rid), None)
-            else:
-                self._backlog.remove(ch)
-            self.metrics.cancelled.inc()
+        self._backlog = deque(ch for ch in self._backlog if ch.sub.sub_id != sub_id)
+        return len(choices)
+
+    def _cancel(self, sub_id: int) -> None:
+        self.metrics.cancelled.inc(self._drop(sub_id))
 
     def _fail(self, sub: Submission, message: str) -> None:
-        for ch in self._subs.pop(sub.sub_id, []):
-            if ch.key:
-                self.cores[ch.key].cancel(ch.rid)
-                self._running.pop((ch.key, ch.rid), None)
-            elif ch in self._backlog:
-                self._backlog.remove(ch)
+        self._drop(sub.sub_id)
         sub.deliver(Delivery(-1, error=message))
 
     def _fail_core(self, key: str, message: str) -> None:

@@ -17,8 +17,8 @@ import torch
 
 from common.paths import SHIPPED_BPE_CHECKPOINT
 from policy.hybrid import HybridPolicy, load_tokenizer
-from rollout.serve.app import ServerProcess, ServerThread
 from rollout.serve.config import ServeConfig
+from rollout.serve.run import ServerProcess, ServerThread
 
 CKPT = str(SHIPPED_BPE_CHECKPOINT)
 MODEL = "tiny-moe-bpe"

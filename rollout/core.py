@@ -1,0 +1,528 @@
+"""The engine's step-level core (`EngineCore`): the one code path of every generation. `BlockEngine`
+(rollout/engine.py) holds the settings and runs `generate()` on it; the server (rollout/serve) drives it request by
+request. The algorithm, step by step: the module docstring of rollout/engine.py and docs/architecture.md.
+
+    core = EngineCore(engine)
+    rid = core.add(Request(prompt_ids, SamplingParams(max_new_tokens=64)))
+    while core.has_work:
+        for event in core.step(): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from common.device import host_to_device
+from kernels.verify import VerifyOutput
+from policy.families import sliding_layer_window
+from rollout.cache import RaggedKVCache
+from rollout.processors import constraint_mask, process_logits
+from rollout.types import Request, SamplingParams, StepEvent, Trajectory
+
+PHASES = ("body", "heads", "verify", "drafts", "bookkeeping")  # a decode step's parts (`StepTimer`)
+_UNTIMED = contextlib.nullcontext()
+
+
+class StepTimer:
+    """Wall time of a decode step's phases: the forward body (mask layout, decoder layers), the LM heads (verify
+    slots and the chosen proposal block), the verify (processors, uniforms, the fused ratio test and draw), draft
+    selection, and bookkeeping (the one host read, stop checks, cache commit). On CUDA each phase is bracketed by a
+    synchronize, so profiling adds syncs: it measures, it is not the fast path."""
+
+    def __init__(self, device: torch.device):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[phase] += time.perf_counter() - t
+
+
+@dataclass
+class _Row:
+    """Book-keeping of one occupied batch slot (tensors for all slots live on the engine)."""
+
+    index: int  # request id
+    traj: Trajectory
+    gen: torch.Generator  # on the engine's device: drawing the row's uniforms needs no host copy
+    started: float
+    params: SamplingParams
+    key: tuple  # `_sampling_key(params)`: rows with equal keys are verified together
+    top_n: int  # alternatives recorded per token
+
+
+class _Group(NamedTuple):
+    """Rows of one pass that share sampling settings (`EngineCore._group`)."""
+
+    pos: torch.Tensor | None  # their positions among the pass's rows; None = all of them
+    slots: list[int]
+    params: SamplingParams
+    banned: torch.Tensor | None  # constraint mask of these settings
+
+    def take(self, x):
+        """x's rows of this group (x itself for the one group of a uniform pass, None stays None)."""
+        return x if x is None or self.pos is None else x[self.pos]
+
+
+_VERIFY_FIELDS = [f.name for f in dataclasses.fields(VerifyOutput)]
+
+
+def _sampling_key(p: SamplingParams) -> tuple:
+    """The settings that shape a row's distribution: rows that share them are processed and verified together."""
+    return (p.temperature, p.top_p, p.top_k, p.banned_token_ids, p.allowed_token_ids)
+
+
+class EngineCore:
+    """The engine's step-level API, and the one code path of every generation. Requests join (`add`) and leave
+    (finished, or `cancel`) between steps; each `step` prefills queued requests into free slots, runs one decode
+    step over every active row, and returns what each request got (`StepEvent`). `BlockEngine.run` drives it over
+    a prompt list; the server (rollout/serve) drives it from its request queue.
+
+    Rows may differ in every sampling setting: rows that share temperature, top-p, top-k and token constraints are
+    processed and verified together (`_group`; one group in the common case, at no extra cost).
+
+        core = EngineCore(engine)
+        rid = core.add(Request(prompt_ids, SamplingParams(max_new_tokens=64)))
+        while core.has_work:
+            for event in core.step(): ...
+    """
+
+    def __init__(self, eng, max_batch: int | None = None):
+        """eng: the BlockEngine whose policy and settings this core runs (it imports this module, not the reverse)."""
+        self.eng = eng
+        B, K, dev = max_batch or eng.max_batch, eng.K, eng.device
+        cfg = eng.policy.config
+        self.V = eng.vocab_size
+        self.cache = RaggedKVCache(cfg.num_hidden_layers, B, dev)
+        self.dtype = eng.policy.model.dtype
+        self.window = sliding_layer_window(cfg)  # sliding-window layers need key positions in the mask
+        self.slots: list[_Row | None] = [None] * B
+        self.anchor = torch.zeros(B, dtype=torch.long, device=dev)
+        self.drafts = torch.zeros(B, max(K, 1), dtype=torch.long, device=dev)
+        self.n_drafts = torch.zeros(B, dtype=torch.long, device=dev)
+        # per-row draft logits [B, K, V] only where logit mixing reads them; Dirac drafts keep just their ids
+        mixing = K and eng.sampler == "logit_mix" and eng.mix_weight < 1.0
+        # (in bf16: half the fp32 state; the mixed target is what is sampled, and its log-probs are recorded
+        # exactly, so the rounding changes the behaviour policy slightly, never its bookkeeping)
+        self.draft_logits = torch.zeros(B, K, self.V, dtype=torch.bfloat16, device=dev) if mixing else None
+        self.draft_probs = (
+            torch.zeros(B, K, self.V, device=dev) if K and eng.draft == "sampled" else None
+        )  # q of sampled drafts, which the next verify needs
+        self.queue: deque[tuple[int, Request]] = deque()
+        self._next_id = 0
+        self._banned: dict[tuple, torch.Tensor | None] = {}  # constraint mask per sampling key
+        self._events: list[StepEvent] = []
+        # slot lists as device tensors, built once each
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self.timer: StepTimer | None = None  # set by profile_decode_steps
+
+    # ---------------------------------------------------------------------------------------------- requests
+    @property
+    def max_batch(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_active(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue) or any(r is not None for r in self.slots)
+
+    def add(self, req: Request) -> int:
+        """Queue a request; it joins the batch at the next step with a free slot. Returns its id."""
+        if req.params.stop_strings and self.eng.tokenizer is None:
+            raise ValueError("stop_strings need the engine's tokenizer")
+        rid, self._next_id = self._next_id, self._next_id + 1
+        self.queue.append((rid, req))
+        return rid
+
+    def cancel(self, rid: int) -> Trajectory | None:
+        """Drop a request between steps (queued or running): its slot is free for the next step. Returns what it
+        had generated (finish_reason "cancelled"), or None for an unknown or finished id."""
+        for i, (qid, req) in enumerate(self.queue):
+            if qid == rid:
+                del self.queue[i]
+                traj = self._trajectory(req)
+                traj.finish_reason = "cancelled"
+                return traj
+        for s, row in enumerate(self.slots):
+            if row is not None and row.index == rid:
+                row.traj.finish_reason = "cancelled"
+                row.traj.timings["total"] = time.perf_counter() - row.started
+                self.slots[s] = None
+                return row.traj
+        return None
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """Admit queued requests into free slots (one prefill pass), then one decode step over every active row."""
+        self.admit()
+        active = [s for s, r in enumerate(self.slots) if r is not None]
+        if active:
+            self.decode_step(active)
+        events, self._events = self._events, []
+        return events
+
+    def admit(self) -> None:
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        if self.queue and free:
+            self.prefill([(s, *self.queue.popleft()) for s in free[: len(self.queue)]])
+
+    def _trajectory(self, req: Request) -> Trajectory:
+        eng = self.eng
+        traj = Trajectory(
+            prompt_ids=list(req.prompt_ids), policy_version=eng.policy_version, sampler=eng.option.name
+        )
+        traj.audit = [] if req.audit else None
+        traj.top_logprobs = [] if req.top_logprobs else None
+        return traj
+
+    def timed(self, phase: str):
+        return _UNTIMED if self.timer is None else self.timer(phase)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(
+        self, rows: list[int], ids: torch.Tensor, pos: torch.Tensor, qmask: torch.Tensor
+    ) -> torch.Tensor:
+        """ids/pos [R, Q], qmask bool [R or 1, Q, Q] -> final hidden states [R, Q, H] over cache + queries.
+
+        Logits are taken later with `head`, only for the rows that are used (verify slots, the last prompt token,
+        the one proposal block each row drafts from): with a real vocabulary, [R, Q, V] logits for every level
+        would dominate memory."""
+        # None: every slot, the cache's view path
+        rows_t = None if len(rows) == len(self.slots) else self._idx
+        self._rows_t, self._rows = rows_t, rows
+        mask = self.cache.begin(rows_t, qmask, rows)  # [R, Q, extent] or None (uniform single-query step)
+        policy = self.eng.policy
+        k_pos = None
+        if self.window is not None:
+            lens = self.cache.lens if rows_t is None else self.cache.lens[rows_t]
+            extent = self.cache.state.extent
+            if mask is None:
+                mask = torch.ones(len(rows), ids.shape[1], extent, dtype=torch.bool, device=ids.device)
+            keys = torch.arange(extent, device=ids.device)[None]
+            rel = (keys - lens[:, None]).clamp(0, ids.shape[1] - 1)
+            k_pos = torch.where(keys < lens[:, None], keys, pos.gather(1, rel))  # [R, extent] token positions
+        out = policy.model.base_model(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=None if mask is None else policy.attention_mask_4d(mask, self.dtype, pos, k_pos),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., H] -> fp32 logits [..., V], as the model's own forward makes them (LM head plus
+        any family-specific transform after it)."""
+        return self.eng.policy.logits(hidden).float()
+
+    def commit(self, kept: torch.Tensor, kept_host: list[int]) -> None:
+        """Keep each row's first `kept` queries of the last forward (prompt, or anchor + accepted drafts);
+        `kept_host` holds the same counts, read already."""
+        self.cache.commit(self._rows_t, kept, self._rows, kept_host)
+
+    def index(self, rows: list[int]) -> torch.Tensor:
+        """The slot list as a device tensor (cached: in steady state a step copies nothing to the device)."""
+        key = tuple(rows)
+        if key not in self._indices:
+            if len(self._indices) > 64:
+                self._indices.clear()
+            self._indices[key] = host_to_device(rows, self.eng.device)
+        return self._indices[key]
+
+    def _group(self, rows: list[int]) -> None:
+        """Split this pass's rows by sampling settings, once per pass (verify and drafting both read it):
+        `self._pass` = [_Group], one in the common case (positions None: every row of the pass)."""
+        by: dict[tuple, list[int]] = {}
+        for r, s in enumerate(rows):
+            by.setdefault(self.slots[s].key, []).append(r)
+        groups = []
+        for key, pos in by.items():
+            params = self.slots[rows[pos[0]]].params
+            if key not in self._banned:
+                self._banned[key] = constraint_mask(params, self.V, self.eng.device)
+            idx = None if len(by) == 1 else self.index(pos)
+            groups.append(_Group(idx, [rows[r] for r in pos], params, self._banned[key]))
+        self._pass = groups
+
+    # ---------------------------------------------------------------------------------------------- prefill
+    def prefill(self, take: list[tuple[int, int, Request]]) -> None:
+        """Prompts (causal) + one proposal block of K+1 masks after each; the AR head samples the first anchor.
+        take: (slot, request id, request) per newcomer."""
+        eng, dev, K = self.eng, self.eng.device, self.eng.K
+        rows = [s for s, _, _ in take]
+        self._idx = self.index(rows)  # the slot indices of this pass
+        prompts = [list(req.prompt_ids) for _, _, req in take]
+        host_lens = [len(p) for p in prompts]
+        lens = host_to_device(host_lens, dev)
+        P = max(host_lens)
+        n = K + 1 if K else 0
+        R, Q = len(take), P + n
+        pad = eng.policy.mask_token_id or 0
+        ids = host_to_device([p + [pad] * (Q - len(p)) for p in prompts], dev)
+        q = torch.arange(Q, device=dev)
+        is_prompt = q[None, :] < lens[:, None]  # [R, Q]
+        is_mask = q[None, :] >= P
+        pos = torch.where(is_mask, lens[:, None] + (q[None, :] - P), torch.where(is_prompt, q[None, :], 0))
+        causal = (q[None, :] <= q[:, None])[None] & is_prompt[:, None, :] & is_prompt[:, :, None]
+        block = is_mask[:, :, None] & (is_prompt[:, None, :] | is_mask[:, None, :])
+        pad_self = (~is_prompt & ~is_mask)[:, :, None] & torch.eye(Q, dtype=torch.bool, device=dev)[None]
+        self.cache.reset_rows(self._idx, rows)
+        hidden = self.forward(rows, ids, pos, causal | block | pad_self)
+        self.commit(lens, host_lens)
+        for s, rid, req in take:
+            seed = (req.params.seed * 1_000_003 + req.stream) % (1 << 63)  # any int seeds a generator
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            p = req.params
+            self.slots[s] = _Row(
+                rid, self._trajectory(req), gen, time.perf_counter(), p, _sampling_key(p), req.top_logprobs
+            )
+        self._group(rows)
+        last = self.head(hidden[torch.arange(R, device=dev), lens - 1])  # [R, V]: AR distribution of token 1
+        empty = torch.zeros(R, 0, dtype=torch.long, device=dev)
+        out = self.verify(rows, last[:, None], empty, None, torch.zeros(R, dtype=torch.long, device=dev))
+        if K:
+            proposal = hidden[:, P:]  # [R, K+1, H] at positions lens..lens+K: level 0 with na = 0
+            self.set_drafts(rows, proposal[:, None], torch.zeros(R, dtype=torch.long, device=dev))
+        self.emit(rows, out, drafts_used=None)
+
+    # ---------------------------------------------------------------------------------------------- decode
+    def decode_step(self, rows: list[int]) -> None:
+        eng, dev, K = self.eng, self.eng.device, self.eng.K
+        with self.timed("bookkeeping"):
+            rows_t = self._idx = self.index(rows)  # the slot indices of this pass
+            self._group(rows)
+        R = len(rows)
+        with self.timed("body"):
+            if K:
+                L = len(eng.levels)
+                verify_ids = torch.cat([self.anchor[rows_t, None], self.drafts[rows_t]], dim=1)  # [R, K+1]
+                masks = torch.full((R, L * (K + 1)), eng.policy.mask_token_id, dtype=torch.long, device=dev)
+                ids = torch.cat([verify_ids, masks], dim=1)
+            else:
+                ids = self.anchor[rows_t, None]
+            pos = self.cache.lens[rows_t, None] + eng._offsets[None]
+            hidden = self.forward(rows, ids, pos, eng._step_mask[None])
+        with self.timed("heads"):
+            ar_logits = self.head(hidden[:, : K + 1])
+        with self.timed("verify"):
+            n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
+            drafts = self.drafts[rows_t, :K]
+            verified = self.verify(
+                rows,
+                ar_logits,
+                drafts,
+                None if self.draft_logits is None else self.draft_logits[rows_t],
+                n_drafts,
+            )
+        accept_len = verified[0].accept_len
+        if K:
+            proposals = hidden[:, K + 1 :].view(R, len(eng.levels), K + 1, -1)
+            self.set_drafts(rows, proposals, accept_len)
+        with self.timed("bookkeeping"):
+            na = self.emit(rows, verified, drafts_used=drafts)  # the step's one host read
+            self.commit(accept_len + 1, [n + 1 for n in na])
+
+    def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts):
+        """Per sampling group: processors -> (logit mixing) -> fused verify with per-row uniforms. Returns
+        (VerifyOutput, ar_logprobs, n_drafts, top) with top = (log-probs, ids) [R, K+1, n] of the most likely
+        tokens under the behaviour distribution when a row asked for alternatives, else None."""
+        q_all = (
+            self.draft_probs[self._idx] if self.draft_probs is not None and ar_logits.shape[1] > 1 else None
+        )
+        top_n = min(self.V, max(self.slots[s].top_n for s in rows))
+        tensors = (ar_logits, drafts, draft_logits, n_drafts, q_all)
+        parts = [self._verify_group(g, *(g.take(x) for x in tensors), top_n) for g in self._pass]
+        if len(parts) == 1:
+            out, ar_lp, top = parts[0]
+        else:  # each output field, scattered back over the pass's rows
+            R = len(rows)
+            out = VerifyOutput(*(self._scatter([getattr(p[0], f) for p in parts], R) for f in _VERIFY_FIELDS))
+            ar_lp = self._scatter([p[1] for p in parts], R)
+            top = tuple(self._scatter([p[2][i] for p in parts], R) for i in range(2)) if top_n else None
+        return out, ar_lp, n_drafts, top
+
+    def _scatter(self, parts: list[torch.Tensor], R: int) -> torch.Tensor:
+        """Per-group results (each group's rows in order) -> one tensor over all R rows of the pass."""
+        full = parts[0].new_empty((R, *parts[0].shape[1:]))
+        for x, g in zip(parts, self._pass, strict=True):
+            full[g.pos] = x
+        return full
+
+    def _verify_group(self, g: _Group, ar_logits, drafts, draft_logits, n_drafts, q, top_n):
+        eng, rows, p, banned = self.eng, g.slots, g.params, g.banned
+        K1 = ar_logits.shape[1]
+        target = ar_logits
+        if eng.sampler == "logit_mix" and eng.mix_weight < 1.0 and K1 > 1:
+            w = eng.mix_weight
+            mixed = w * ar_logits[:, :-1] + (1 - w) * draft_logits.float()
+            valid = (torch.arange(K1 - 1, device=ar_logits.device)[None] < n_drafts[:, None])[..., None]
+            target = torch.cat([torch.where(valid, mixed, ar_logits[:, :-1]), ar_logits[:, -1:]], dim=1)
+        target = process_logits(target, p, banned)
+        if p.temperature == 0:
+            q = None
+        u = torch.stack([torch.rand(K1, generator=self.slots[s].gen, device=ar_logits.device) for s in rows])
+        out = eng.verify_fn(target, drafts, q, n_drafts, u, p.temperature)
+        if p.temperature == 0:
+            ar_lp = torch.zeros_like(out.logprobs)
+        elif target is ar_logits or eng.sampler != "logit_mix":
+            ar_lp = out.logprobs
+        else:
+            lp = torch.log_softmax(process_logits(ar_logits, p, banned) / p.temperature, dim=-1)
+            emitted = torch.arange(K1, device=lp.device)[None] <= out.accept_len[:, None]
+            ar_lp = torch.where(emitted, lp.gather(-1, out.tokens.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+        top = None
+        if top_n:  # only when asked: the alternatives under the distribution the tokens were drawn from
+            scaled = target if p.temperature in (0.0, 1.0) else target / p.temperature
+            top = torch.log_softmax(scaled, dim=-1).topk(top_n, dim=-1)
+        return out, ar_lp, top
+
+    def set_drafts(self, rows: list[int], proposals: torch.Tensor, accept_len: torch.Tensor) -> None:
+        """Next drafts from the closest-below proposal. proposals: hidden states [R, L, K+1, H]; accept_len [R]."""
+        eng, K = self.eng, self.eng.K
+        dev = proposals.device
+        R = len(rows)
+        lvl = torch.searchsorted(eng._levels_t, accept_len, right=True) - 1  # largest level p <= na
+        p = eng._levels_t[lvl]
+        chosen = proposals[torch.arange(R, device=dev), lvl]  # [R, K+1, H]
+        first = accept_len - p + 1  # slot of position b+na+2
+        slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(max=K)  # [R, K]
+        with self.timed("heads"):
+            dl = self.head(chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1])))  # [R, K, V]
+        with self.timed("drafts"):
+            n = K - accept_len + p
+            rows_t = self._idx
+            if self.draft_logits is not None:
+                self.draft_logits[rows_t] = dl.to(self.draft_logits.dtype)
+            self.n_drafts[rows_t] = n
+            parts = []
+            for g in self._pass:
+                processed = process_logits(g.take(dl), g.params, g.banned)
+                if self.eng.draft == "sampled" and g.params.temperature > 0:
+                    probs = torch.softmax(processed / self.eng.draft_temperature, dim=-1)
+                    self.draft_probs[g.take(rows_t)] = probs  # q, reused by the next verify
+                    u = torch.stack([torch.rand(K, generator=self.slots[s].gen, device=dev) for s in g.slots])
+                    cdf = probs.cumsum(-1)
+                    parts.append((cdf <= u[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1))
+                else:
+                    parts.append(processed.argmax(-1))
+            self.drafts[rows_t] = parts[0] if len(parts) == 1 else self._scatter(parts, R)
+
+    # ---------------------------------------------------------------------------------------------- outputs
+    def emit(self, rows: list[int], verified, drafts_used) -> list[int]:
+        """Append each row's committed tokens, cut at stops, free finished slots, queue each request's StepEvent;
+        returns the accept lengths.
+
+        Everything the host needs from the step (accept lengths, draft counts, tokens, both log-probs, any asked-for
+        alternatives) comes back in one packed float64 copy (ids are exact in float64 below 2**53; the fp32
+        log-probs convert exactly): the one host sync of a decode step."""
+        out, ar_lp, n_drafts, top = verified
+        rows_t = self._idx
+        R, K1 = out.tokens.shape
+        self.anchor[rows_t] = out.tokens[torch.arange(R, device=rows_t.device), out.accept_len]  # last token
+        parts = [out.accept_len[:, None], n_drafts[:, None], out.tokens, out.logprobs, ar_lp]
+        if top is not None:
+            parts += [top[0].flatten(1), top[1].flatten(1)]
+        packed = torch.cat([x.double() for x in parts], dim=1)
+        host = packed.tolist()
+        na = [int(h[0]) for h in host]
+        now = time.perf_counter()
+        for r, s in enumerate(rows):
+            row = self.slots[s]
+            t, h = row.traj, host[r]
+            n = na[r] + 1
+            if drafts_used is not None:  # a decode step (prefill emits the first anchor)
+                t.accept_counts.append(na[r])
+                t.draft_counts.append(int(h[1]))
+            t.num_forwards += 1
+            chunk = [int(x) for x in h[2 : 2 + n]]
+            if t.audit is not None:
+                t.audit.append(
+                    {
+                        "drafts": drafts_used[r].tolist() if drafts_used is not None else [],
+                        "accept_len": na[r],
+                        "committed": chunk,
+                    }
+                )
+            start = len(t.tokens)
+            t.tokens += chunk
+            t.behavior_logprobs += h[2 + K1 : 2 + K1 + n]
+            t.ar_logprobs += h[2 + 2 * K1 : 2 + 2 * K1 + n]
+            if t.top_logprobs is not None:
+                t.top_logprobs += _alternatives(h[2 + 3 * K1 :], n, K1, row.top_n)
+            cut, reason = find_stop(t.tokens, start, row.params, self.eng.tokenizer)
+            if cut is not None:
+                del t.tokens[cut:], t.behavior_logprobs[cut:], t.ar_logprobs[cut:]
+                if t.top_logprobs is not None:
+                    del t.top_logprobs[cut:]
+                t.finish_reason = reason
+                t.timings["total"] = now - row.started
+                self.slots[s] = None
+            self._events.append(
+                StepEvent(
+                    row.index,
+                    t.tokens[start:],
+                    t.behavior_logprobs[start:],
+                    None if t.top_logprobs is None else t.top_logprobs[start:],
+                    t if cut is not None else None,
+                )
+            )
+        return na
+
+
+def find_stop(tokens: list[int], start: int, p: SamplingParams, tokenizer=None) -> tuple[int | None, str]:
+    """Length to keep if a stop falls in tokens[start:] (the tokens added since the last check), else None, and
+    why: "eos", "stop_string" or "length". EOS is kept; nothing after a stop is."""
+    cut, reason = None, ""
+    if p.eos_token_id is not None:
+        eos = {p.eos_token_id} if isinstance(p.eos_token_id, int) else set(p.eos_token_id)
+        for i in range(start, len(tokens)):
+            if tokens[i] in eos:
+                cut, reason = i + 1, "eos"
+                break
+    if p.stop_strings:
+        end = cut or len(tokens)
+        # a stop string spans at most len(stop) tokens (one char or more each), and none ended before `start`
+        lo = max(0, start - max(map(len, p.stop_strings)))
+        for i in range(start, end):
+            text = tokenizer.decode(tokens[lo : i + 1])
+            if any(s in text for s in p.stop_strings):
+                cut, reason = i + 1, "stop_string"
+                break
+    if (cut is None and len(tokens) >= p.max_new_tokens) or (cut is not None and cut > p.max_new_tokens):
+        cut, reason = p.max_new_tokens, "length"
+    return cut, reason
+
+
+def _alternatives(flat: list[float], n: int, K1: int, want: int) -> list[list[tuple[int, float]]]:
+    """The packed top log-probs and ids [K1 * top] + [K1 * top] of a row -> its first n tokens' `want` best
+    alternatives, [(id, log-prob)] best first (tokens a processor excluded, at -inf, left out)."""
+    top = len(flat) // (2 * K1)
+    vals, ids = flat[: K1 * top], flat[K1 * top :]
+    return [
+        [
+            (int(ids[j * top + i]), vals[j * top + i])
+            for i in range(want)
+            if vals[j * top + i] != float("-inf")
+        ]
+        for j in range(n)
+    ]
