@@ -34,7 +34,7 @@ from policy.families import (
 )
 from policy.flex import FLEX, block_mask, register_flex
 from policy.losses import TidarLossOutput, load_balancing_loss, tidar_loss
-from policy.masks import tidar_mask_mod, tidar_training_mask, to_additive
+from policy.masks import draft_blocks_mask, tidar_mask_mod, tidar_training_mask, to_additive
 from policy.tokenizer import MASK, eos_ids
 
 METADATA_KEY = "blockrl"
@@ -44,7 +44,9 @@ METADATA_FORMAT = 1
 @dataclass(frozen=True)
 class TidarOutput:
     ar_logits: torch.Tensor  # [B, S, V] clean half: position t predicts token t+1
-    diff_logits: torch.Tensor  # [B, S, V] mask half: position t predicts token t
+    diff_logits: (
+        torch.Tensor
+    )  # [B, S, V] mask half: position t predicts token t ([B, n*L, V] for draft blocks)
     aux_loss: torch.Tensor | None  # MoE load balancing over real tokens, None for dense models
     hidden: torch.Tensor | None = None  # [B, S, H] clean half's last hidden state (= the AR forward's)
 
@@ -333,6 +335,31 @@ class HybridPolicy(nn.Module):
         logits, aux, hidden = self._forward_4d(ids, pos, attn, valid2, want_aux=True, want_hidden=True)
         return TidarOutput(logits[:, :S], logits[:, S:], aux, hidden[:, :S])
 
+    def draft_blocks_forward(
+        self,
+        input_ids: torch.Tensor,  # [B, S] right-padded
+        valid: torch.Tensor,  # [B, S] real tokens
+        starts: torch.Tensor,  # [B, n] first position of each mask block
+        block_len: int | None = None,
+    ) -> TidarOutput:
+        """The short training layout `[x | n blocks of L masks]` (`policy.masks.draft_blocks_mask`): the AR forward
+        plus n decode proposals per row (L = K+1 by default, the engine's proposal size); `diff_logits` [B, n*L, V]
+        holds block i's slot j at i*L + j, predicting x[starts[:, i] + j] (`draft_block_targets`). It costs n*L
+        extra tokens per row instead of the full layout's S."""
+        if not self.is_converted:
+            raise RuntimeError("draft_blocks_forward needs a mask token: call HybridPolicy.convert() first")
+        B, S = input_ids.shape
+        L = block_len or self.block_size + 1
+        slot_pos = draft_block_positions(starts, L)
+        ids = torch.cat([input_ids, torch.full_like(slot_pos, self.mask_token_id)], dim=1)
+        pos = torch.cat([torch.arange(S, device=input_ids.device).expand(B, S), slot_pos], dim=1)
+        in_seq = slot_pos < S
+        token_mask = torch.cat([valid, valid.gather(1, slot_pos.clamp(max=S - 1)) * in_seq], dim=1)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        attn = self.attention_mask_4d(draft_blocks_mask(S, starts, L), dtype, pos, pos)
+        logits, aux, hidden = self._forward_4d(ids, pos, attn, token_mask, want_aux=True, want_hidden=True)
+        return TidarOutput(logits[:, :S], logits[:, S:], aux, hidden[:, :S])
+
     def _tidar_mask_4d(self, S: int, bs: int, shift: int, B: int, pos: torch.Tensor, use_flex: bool):
         """The TiDAR training mask over `[x | M]` in the form the attention reads: a FlexAttention BlockMask built from
         the mask rule (no dense [2S, 2S] tensor), or the dense 4D mask."""
@@ -417,6 +444,22 @@ class HybridPolicy(nn.Module):
             else 0.0
         )
         return tidar_loss(out.ar_logits, out.diff_logits, input_ids, loss_mask, alpha, out.aux_loss, coef)
+
+
+def draft_block_positions(starts: torch.Tensor, block_len: int) -> torch.Tensor:
+    """[B, n] block starts -> [B, n*L] positions of the blocks' mask slots (block i's slot j at i*L + j)."""
+    return (starts[:, :, None] + torch.arange(block_len, device=starts.device)).flatten(1)
+
+
+def draft_block_targets(
+    input_ids: torch.Tensor, weight: torch.Tensor, starts: torch.Tensor, block_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and loss weights [B, n*L] of `draft_blocks_forward`'s slots: the token at each slot's position and
+    `weight` there (0 past the sequence's end)."""
+    S = input_ids.shape[1]
+    slot_pos = draft_block_positions(starts, block_len)
+    at = slot_pos.clamp(max=S - 1)
+    return input_ids.gather(1, at), weight.gather(1, at) * (slot_pos < S)
 
 
 def _probe_tolerance(ref: torch.Tensor, dtype: torch.dtype) -> float:

@@ -29,6 +29,15 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor)
     return (ce * w).sum() / w.sum().clamp(min=1.0)
 
 
+def masked_soft_ce(logits: torch.Tensor, teacher_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against a teacher's distribution (softmax of `teacher_logits`, no gradient) over positions
+    with weight > 0: distillation. logits and teacher_logits [B,T,V], weight [B,T]."""
+    teacher = F.softmax(teacher_logits.detach().float(), dim=-1)
+    ce = -(teacher * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    w = weight.to(ce.dtype)
+    return (ce * w).sum() / w.sum().clamp(min=1.0)
+
+
 def ar_ce(ar_logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Next-token CE: logits at t predict input_ids[t+1], counted where loss_mask[t+1] is set."""
     return masked_ce(ar_logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])

@@ -1,8 +1,10 @@
 """Attention masks of the hybrid policy, as small pure functions. True = may attend.
 
-Two layouts (pictured in docs/architecture.md):
+Three layouts (pictured in docs/architecture.md):
 - `tidar_training_mask`: the TiDAR training layout over `[clean S | mask S]`; `tidar_mask_mod` is its rule, which
   `policy.flex` turns into a FlexAttention `BlockMask` (the dense mask is that rule evaluated by broadcasting).
+- `draft_blocks_mask`: the short training layout over `[clean S | a few mask blocks]`, each block one decode
+  proposal (L masks at a chosen start, seeing the clean prefix before it), for a cheap diffusion term.
 - `decode_step_mask`: one decode step's queries: the verify segment plus one proposal block per level.
 
 `to_additive` turns a bool mask into the additive float form that eager attention needs
@@ -85,6 +87,36 @@ def tidar_mask_mod(seq_len: int, block_size: int, shift: int = 0) -> MaskMod:
         return causal | prefix | own_block
 
     return mod
+
+
+def draft_blocks_mask(seq_len: int, starts: torch.Tensor, block_len: int) -> torch.Tensor:
+    """Bool `[B, S + n*L, S + n*L]` mask over `[x_0..x_{S-1} | block_1 | .. | block_n]`, `starts` [B, n].
+
+    - clean x_i sees clean x_j for j <= i (causal);
+    - block i of row b is L masks at positions `starts[b, i] + 0..L-1`: each sees clean x_j for j < starts[b, i] and
+      every mask of its own block (bidirectional); nothing else.
+
+    Slot j of a block predicts x_{start + j}: the block is the decode step's proposal whose prefix ends at start - 1
+    (`decode_step_mask`), so training on it trains exactly what the engine drafts. S=4, one block at 2, L=2:
+
+              x0 x1 x2 x3 | m2 m3
+        x0     1  .  .  . |  .  .
+        x1     1  1  .  . |  .  .
+        x2     1  1  1  . |  .  .
+        x3     1  1  1  1 |  .  .
+        m2     1  1  .  . |  1  1
+        m3     1  1  .  . |  1  1
+    """
+    if block_len < 1:
+        raise ValueError(f"block_len must be >= 1, got {block_len}")
+    B, n = starts.shape
+    S, M = seq_len, n * block_len
+    block = torch.arange(M, device=starts.device) // block_len  # block of each mask slot
+    mask = torch.zeros(B, S + M, S + M, dtype=torch.bool, device=starts.device)
+    mask[:, :S, :S] = torch.ones(S, S, dtype=torch.bool, device=starts.device).tril()
+    mask[:, S:, :S] = torch.arange(S, device=starts.device) < starts[:, block, None]
+    mask[:, S:, S:] = block[:, None] == block[None, :]
+    return mask
 
 
 def decode_step_layout(block_size: int, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

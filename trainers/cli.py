@@ -115,6 +115,20 @@ def cmd_trl_bench(args) -> int:
     return 0
 
 
+def cmd_learner_bench(args) -> int:
+    """Learner step time per freshness arm (lambda_diff / diffusion layout), alternated in one run."""
+    from trainers.rl.bench import LearnerBenchConfig, format_summary, run_learner_bench, write_json
+
+    cfg = load_config(LearnerBenchConfig, args.config, args.overrides)
+    require_checkpoint(cfg.checkpoint)
+    result = run_learner_bench(cfg)
+    json_path = Path(args.json) if args.json else Path(cfg.run_dir) / "results.json"
+    write_json(result, json_path)
+    print(format_summary(result))
+    print(f"results: {json_path}")
+    return 0
+
+
 def cmd_rollout(args) -> int:
     """N trajectories on Ray workers -> sharded Parquet in out_dir; a re-run resumes (skips finished shards)."""
     from rollout.batch.job import RolloutJobConfig, run_job
@@ -272,6 +286,13 @@ COMMANDS = (
         "trl-bench",
         "TRL GRPOTrainer step time: HF generate vs blockrl rollout_func",
         cmd_trl_bench,
+        None,
+        (JSON,),
+    ),
+    Command(
+        "learner-bench",
+        "learner step time per freshness arm: lambda_diff=0 vs the full diffusion term vs draft blocks",
+        cmd_learner_bench,
         None,
         (JSON,),
     ),

@@ -6,8 +6,9 @@ from transformers import AutoModelForCausalLM
 
 from policy import HybridPolicy, decode_step_mask, tidar_training_mask
 from policy.factory import build_model, tiny_dense_config, tiny_moe_config
+from policy.hybrid import draft_block_targets
 from policy.losses import load_balancing_loss
-from policy.masks import decode_step_layout
+from policy.masks import decode_step_layout, draft_blocks_mask, prefill_mask
 from tests.conftest import make_policy
 
 KINDS = ["moe", "llama", "qwen3"]
@@ -105,6 +106,51 @@ def test_decode_step_proposal_equals_training_block(kind):
             torch.testing.assert_close(step[0, b:][seg == s], ref, atol=1e-5, rtol=1e-5)
         verify_ref = policy(input_ids=x).logits[0, b:]
         torch.testing.assert_close(step[0, b:][seg == 0], verify_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["moe", "llama", "qwen3"])
+def test_draft_block_is_the_engines_proposal_and_blind_to_other_blocks(kind):
+    """The short training layout: its clean half is the AR forward; a draft block at start s has exactly the logits
+    of the engine's prefill proposal after the prompt x[:s]; and a block's logits do not depend on the others."""
+    K = 3
+    policy = make_policy(kind, block_size=K)
+    x = torch.randint(3, 36, (2, 12))
+    starts = torch.tensor([[4, 9], [6, 2]])
+    L = K + 1
+    with torch.no_grad():
+        out = policy.draft_blocks_forward(x, torch.ones_like(x), starts)
+        torch.testing.assert_close(out.ar_logits, policy(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+        for row in range(2):
+            for i, s in enumerate(starts[row].tolist()):
+                ids = torch.cat([x[row, :s], torch.full((L,), policy.mask_token_id)])[None]
+                pos = torch.arange(s + L)[None]
+                ref, _ = policy.masked_forward(ids, pos, prefill_mask(s, K))
+                got = out.diff_logits[row, i * L : (i + 1) * L]
+                torch.testing.assert_close(got, ref[0, s:], atol=1e-5, rtol=1e-5)
+        alone = policy.draft_blocks_forward(x[:1], torch.ones_like(x[:1]), starts[:1, 1:])
+        torch.testing.assert_close(alone.diff_logits[0], out.diff_logits[0, L:], atol=1e-5, rtol=1e-5)
+
+
+def test_draft_blocks_mask_matches_the_full_layout_on_aligned_blocks():
+    """A draft block at a block-aligned start sees what the full TiDAR layout's block there sees."""
+    S, K = 12, 4
+    full = tidar_training_mask(S, K)
+    got = draft_blocks_mask(S, torch.tensor([[4, 8]]), K)[0]
+    for i, s in enumerate((4, 8)):
+        rows = slice(S + i * K, S + (i + 1) * K)
+        assert torch.equal(got[rows, :S], full[S + s : S + s + K, :S])
+        assert torch.equal(got[rows, S:][:, i * K : (i + 1) * K], full[S + s : S + s + K, S + s : S + s + K])
+        assert not got[rows, S:].sum(1).ne(K).any()  # nothing of the other block
+    assert torch.equal(got[:S, :S], full[:S, :S]) and not got[:S, S:].any()
+
+
+def test_draft_block_targets_stop_at_the_sequence_end():
+    x = torch.arange(10)[None]
+    weight = torch.zeros(1, 10)
+    weight[0, 3:] = 1
+    targets, w = draft_block_targets(x, weight, torch.tensor([[2, 8]]), 4)
+    assert targets.tolist() == [[2, 3, 4, 5, 8, 9, 9, 9]]
+    assert w.tolist() == [[0, 1, 1, 1, 1, 1, 0, 0]]
 
 
 @pytest.mark.parametrize("kind", ["moe", "llama"])

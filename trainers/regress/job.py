@@ -58,6 +58,7 @@ from trainers.regress.stats import (
     bits_string,
     bootstrap_mean_ci,
     compare,
+    floor_check,
     median,
     pass_at_k,
 )
@@ -80,6 +81,9 @@ class SamplerSpec(Section):
     prompt_format: Literal["auto", "text", "raw", "chat"] = "auto"
     """prompt encoding: auto = the checkpoint's training format; a `raw` row (no special tokens) measures, and gates,
     the drafter's sensitivity to the prompt format."""
+    gate_speedup: bool = True
+    """hold this row's tok/s to `tolerance.min_speedup` x the engine AR path's (off for a diagnostic row, such as
+    raw prompts, that measures a known slowdown; it stays gated against its baseline)."""
 
     def engine_settings(self, max_batch: int) -> EngineSettings:
         return EngineSettings(
@@ -459,6 +463,18 @@ def measure(cfg: RegressConfig, policy, tok, suite: Suite) -> tuple[dict, list[d
     return metrics, records
 
 
+def speedup_floor(cfg: RegressConfig, metrics: dict[str, SamplerMetrics]) -> list[Check]:
+    """Never slower than AR: every gated non-ar row's speed-up vs the engine AR path against the floor."""
+    floor = cfg.tolerance.min_speedup
+    if floor is None:
+        return []
+    return [
+        floor_check(s.name, "speedup_vs_ar>=floor", floor, metrics[s.name].speedup_vs_ar)
+        for s in cfg.samplers
+        if s.sampler != "ar" and s.gate_speedup
+    ]
+
+
 def checkpoint_fingerprint(path: str | Path) -> str:
     """sha256 (first 16 hex digits) of the checkpoint's weight files."""
     h = hashlib.sha256()
@@ -509,6 +525,7 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
     with (run_dir / "completions.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     checks = compare(baseline.samplers, metrics, cfg.tolerance) if baseline is not None else []
+    checks += speedup_floor(cfg, metrics)
     if baseline is not None and baseline.meta.get("device") != meta["device"]:
         notes.append(f"baseline device {baseline.meta.get('device')!r} differs: tok/s are not comparable")
     out = Outcome(results, baseline, checks, run_dir, Path(cfg.baseline), update_baseline, notes)

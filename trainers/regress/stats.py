@@ -51,6 +51,9 @@ class ToleranceConfig(Section):
     """relative drop of tokens per forward and of the accept rate that fails (null = not gated)."""
     speedup_rel: float | None = Field(0.40, ge=0.0, le=1.0)
     """relative drop of tok/s vs the engine AR path that fails (null = not gated; timings are noisy)."""
+    min_speedup: float | None = Field(0.95, ge=0.0)
+    """floor on every gated sampler's tok/s vs the engine AR path of the same run, baseline or not: block decoding
+    must not cost speed (1.0x less 5% timing noise; null = not gated)."""
 
 
 # ------------------------------------------------------------------------------------------------ estimates
@@ -322,6 +325,11 @@ def quality_tests(name: str, base, now, tol: ToleranceConfig) -> list[QualityTes
 
 def relative_check(name: str, metric: str, base: float, now: float, rel: float) -> Check:
     return Check(name, metric, base, now, failed=now < base * (1 - rel), threshold=f"drop > {rel:.0%}")
+
+
+def floor_check(name: str, metric: str, floor: float, now: float) -> Check:
+    """An absolute gate: `now` must reach `floor` (reported in the baseline column)."""
+    return Check(name, metric, floor, now, failed=now < floor, threshold=f"below {floor:g}")
 
 
 def compare(baseline: dict, current: dict, tol: ToleranceConfig) -> list[Check]:

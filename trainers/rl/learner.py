@@ -19,8 +19,8 @@ from pydantic import Field
 
 from common.config import Section
 from common.device import DeviceName, resolve_device
-from policy.hybrid import HybridPolicy
-from policy.losses import masked_ce
+from policy.hybrid import HybridPolicy, draft_block_positions, draft_block_targets
+from policy.losses import masked_ce, masked_soft_ce
 from rollout.types import Trajectory
 from trainers.rl.losses import GRPOConfig, LossInputs, group_advantages, grpo_loss
 from trainers.rl.ppo import PPOConfig, ValueHead, gae, value_loss, whiten
@@ -39,6 +39,16 @@ class LearnerConfig(Section):
     """global grad-norm clip."""
     lambda_diff: float = Field(0.5, ge=0.0)
     """weight of the diffusion self-distillation loss on the rollouts (0 = drafter left to drift)."""
+    diffusion: Literal["blocks", "full"] = "blocks"
+    """the diffusion term's layout. `blocks`: `diff_blocks` decode proposals (K+1 masks each, the engine's draft)
+    per row at random completion positions, n(K+1) extra tokens per row; `full`: TiDAR's S masks per row (K-blocks
+    at shift 0), S extra tokens and a [2S, 2S] attention."""
+    diff_blocks: int = Field(4, ge=1)
+    """mask blocks per row under `diffusion: blocks`."""
+    diff_target: Literal["tokens", "ar"] = "tokens"
+    """what a diffusion slot learns: the rollout's sampled token (CE), or the AR policy's own distribution at that
+    position, from the same forward at the rollout temperature (distillation: the same expected target, less
+    variance)."""
     temperature: float = Field(1.0, gt=0.0)
     """sampling temperature of the rollouts: learner log-probs are taken at the same T."""
     algo: Literal["grpo", "ppo"] = "grpo"
@@ -173,14 +183,25 @@ class Learner:
         if self.ref is not None:
             self.ref.model.load_state_dict(state["ref"])
 
-    def _forward(self, ids, valid, need_diff: bool, need_values: bool, need_aux: bool = True):
+    def _forward(
+        self,
+        ids,
+        valid,
+        need_diff: bool,
+        need_values: bool,
+        need_aux: bool = True,
+        starts: torch.Tensor | None = None,
+    ):
         """AR logits [B,S,V], diffusion logits or None, MoE aux or None, values [B,S] (V before token t) or None.
 
-        One forward either way: the clean half of the TiDAR forward is the AR forward, so its hidden states feed the
-        value head too."""
+        One forward either way: the clean half of the TiDAR forward (full layout, or the draft blocks at `starts`)
+        is the AR forward, so its hidden states feed the value head too."""
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast == "bfloat16"):
             if need_diff:
-                out = self.policy.tidar_forward(ids, valid)
+                if starts is not None:
+                    out = self.policy.draft_blocks_forward(ids, valid, starts)
+                else:
+                    out = self.policy.tidar_forward(ids, valid)
                 logits, diff, aux, hidden = out.ar_logits, out.diff_logits, out.aux_loss, out.hidden
             else:
                 ar = self.policy.ar_forward(ids, valid, want_aux=need_aux)
@@ -239,12 +260,37 @@ class Learner:
             "reward/std": float(batch.rewards.std(unbiased=False)),
         }
 
+    def _diff_loss(self, diff_logits, ar_logits, ids, comp, starts, ok) -> torch.Tensor:
+        """The diffusion term: each slot's CE against the sampled token at its position, or (diff_target: ar)
+        against the AR distribution there (the AR logits one position back predict it)."""
+        cfg = self.cfg
+        if starts is None:  # full layout: slot t predicts x_t
+            pos, weight = None, comp
+            targets = ids
+        else:
+            L = diff_logits.shape[1] // starts.shape[1]
+            targets, weight = draft_block_targets(ids, comp, starts, L)
+            weight = weight * ok.repeat_interleave(L, dim=1)
+            pos = draft_block_positions(starts, L).clamp(max=ids.shape[1] - 1)
+        if cfg.diff_target == "tokens":
+            return masked_ce(diff_logits, targets, weight)
+        teacher = F.pad(
+            ar_logits[:, :-1], (0, 0, 1, 0)
+        )  # [B, S, V]: row t predicts x_t (row 0 never weighted)
+        if pos is not None:
+            teacher = teacher.gather(1, pos[:, :, None].expand(-1, -1, teacher.shape[-1]))
+        return masked_soft_ce(diff_logits, teacher / cfg.temperature, weight)
+
     def _minibatch(self, batch: RolloutBatch, t: _Targets, idx: torch.Tensor, diagnose: bool):
         """One optimizer step on rows `idx`: (train metrics, rollout diagnostics or {})."""
         cfg, policy = self.cfg, self.policy
         ids, valid, comp = batch.input_ids[idx], batch.valid[idx], batch.completion[idx]
+        need_diff = self.lambda_diff > 0
+        starts = ok = None
+        if need_diff and cfg.diffusion == "blocks":
+            starts, ok = sample_block_starts(comp, cfg.diff_blocks)
         logits, diff_logits, aux, values = self._forward(
-            ids, valid, need_diff=self.lambda_diff > 0, need_values=self.value_head is not None
+            ids, valid, need_diff, need_values=self.value_head is not None, starts=starts
         )
         learner = token_logprobs(logits, ids, cfg.temperature)
         ref = None
@@ -269,7 +315,7 @@ class Learner:
             loss = loss + cfg.ppo.vf_coef * v_loss
             metrics["train/value_loss"] = float(v_loss.detach())
         if diff_logits is not None:
-            diff_loss = masked_ce(diff_logits, ids, comp)
+            diff_loss = self._diff_loss(diff_logits, logits, ids, comp, starts, ok)
             loss = loss + self.lambda_diff * diff_loss
             metrics["train/diff_loss"] = float(diff_loss.detach())
         if aux is not None:
@@ -281,6 +327,14 @@ class Learner:
         self.opt.step()
         metrics["train/loss"] = float(loss.detach())
         return metrics, diag
+
+
+def sample_block_starts(eligible: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to n distinct start positions per row, uniform over the row's eligible positions ([B, S] > 0, e.g. its
+    model tokens): (starts [B, min(n, S)], ok [B, min(n, S)]); ok is False where a row has fewer than n."""
+    score = torch.rand(eligible.shape, device=eligible.device).masked_fill(eligible <= 0, -1.0)
+    top = score.topk(min(n, eligible.shape[1]), dim=1)
+    return top.indices, top.values >= 0
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,11 @@
 
 - `plot_run(run_dir)` -> `<run_dir>/curves.png`: reward (mean and per task), acceptance (tokens per forward, accept
   rate) and, when the run evaluates, the held-out solve rate.
-- `plot_compare({label: run_dir}, out)`: acceptance of several runs side by side (e.g. the lambda_diff ablation).
+- `plot_compare({label: run_dir}, out)`: acceptance of several runs side by side (e.g. the lambda_diff ablation),
+  each step faint and a 5-step running mean bold; `compare_table` is the same comparison as a markdown table.
 
     python -m trainers.rl.plots runs/grpo-abl-ld0 runs/grpo-abl-ld05 --labels "lambda_diff=0" "lambda_diff=0.5" \\
-        --out docs/ablation_lambda_diff.png
+        --out docs/ablation_lambda_diff.png --table
 """
 
 from __future__ import annotations
@@ -60,14 +61,21 @@ def plot_run(run_dir: str | Path) -> Path:
     return out
 
 
+def _running_mean(ys: list[float], n: int = 5) -> list[float]:
+    return [sum(ys[max(0, i - n + 1) : i + 1]) / len(ys[max(0, i - n + 1) : i + 1]) for i in range(len(ys))]
+
+
 def plot_compare(runs: dict[str, str | Path], out: str | Path) -> Path:
-    """Acceptance rate and tokens per forward per RL step for each run, on shared axes."""
+    """Acceptance rate and tokens per forward per RL step for each run, on shared axes (faint: each step; bold: the
+    5-step running mean)."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, run_dir in runs.items():
+    for i, (label, run_dir) in enumerate(runs.items()):
         recs = _records(Path(run_dir))
-        ax1.plot(*_series(recs, "rollout/accept_rate"), label=label)
-        ax2.plot(*_series(recs, "rollout/tokens_per_forward"), label=label)
+        for ax, key in ((ax1, "rollout/accept_rate"), (ax2, "rollout/tokens_per_forward")):
+            x, y = _series(recs, key)
+            ax.plot(x, y, color=f"C{i}", lw=0.8, alpha=0.3)
+            ax.plot(x, _running_mean(y), color=f"C{i}", lw=2, label=label)
     ax1.set(xlabel="RL step", ylabel="draft accept rate")
     ax2.set(xlabel="RL step", ylabel="tokens per forward")
     for ax in (ax1, ax2):
@@ -80,16 +88,47 @@ def plot_compare(runs: dict[str, str | Path], out: str | Path) -> Path:
     return out
 
 
+def _window_mean(recs: list[dict], key: str, lo: int, hi: int) -> float:
+    ys = [r[key] for r in recs if lo <= r["step"] <= hi and key in r]
+    return sum(ys) / len(ys) if ys else float("nan")
+
+
+def compare_table(runs: dict[str, str | Path], window: int = 5) -> str:
+    """Markdown: per run, tokens per forward and accept rate over the first and last `window` steps (mean) and
+    their relative change, the batch reward of the last 10 steps, and the median learner seconds per step."""
+    rows = [
+        f"| run | tokens/forward, steps 1-{window} -> last {window} | change | accept rate, first -> last | change "
+        "| reward, last 10 | learner s/step (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, run_dir in runs.items():
+        recs = _records(Path(run_dir))
+        last = max(r["step"] for r in recs)
+        cells = [label]
+        for key in ("rollout/tokens_per_forward", "rollout/accept_rate"):
+            a, b = _window_mean(recs, key, 1, window), _window_mean(recs, key, last - window + 1, last)
+            cells += [f"{a:.2f} -> {b:.2f}", f"{100 * (b / a - 1):+.1f}%"]
+        cells.append(f"{_window_mean(recs, 'reward/mean', last - 9, last):.3f}")
+        train_s = sorted(r["time/train_s"] for r in recs if "time/train_s" in r)
+        cells.append(f"{train_s[len(train_s) // 2]:.2f}" if train_s else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="compare the acceptance curves of RL runs")
     p.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     p.add_argument("--labels", nargs="*", default=None, help="one label per run (default: directory names)")
     p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--table", action="store_true", help="also print the comparison as a markdown table")
     args = p.parse_args(argv)
     labels = args.labels or [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
         p.error(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
-    print(plot_compare(dict(zip(labels, args.runs, strict=True)), args.out))
+    runs = dict(zip(labels, args.runs, strict=True))
+    print(plot_compare(runs, args.out))
+    if args.table:
+        print(compare_table(runs))
 
 
 if __name__ == "__main__":

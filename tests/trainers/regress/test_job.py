@@ -6,7 +6,7 @@ with the failing metrics named, and a missing, malformed or mismatched baseline 
 The end-to-end unchanged run reuses the baseline's seeds on the same machine and thread count, so it reproduces
 every sample exactly (no discordant pair: all paired p-values 1) and cannot fail the quality gates; false alarms
 are what the Monte Carlo tests check. The throughput gate, which timing noise could trip, is off in the end-to-end
-tests (tolerance.speedup_rel=null).
+tests (tolerance.speedup_rel=null, tolerance.min_speedup=null).
 """
 
 import json
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainers.cli import main
-from trainers.regress.job import RegressConfig, load_baseline
+from trainers.regress.job import RegressConfig, load_baseline, speedup_floor
 from trainers.regress.stats import (
     ToleranceConfig,
     compare,
@@ -41,6 +41,8 @@ SMALL = [
     "--set",
     "tolerance.speedup_rel=null",
     "--set",
+    "tolerance.min_speedup=null",
+    "--set",
     "samplers=[{name: ar, sampler: ar}, {name: lossless, sampler: lossless}]",
 ]
 
@@ -52,6 +54,32 @@ def test_config_errors_name_the_field(capsys):
     assert main(["regress", "--set", "pass_k=[9]"]) == 2
     assert "pass_k" in capsys.readouterr().err
     RegressConfig()  # the defaults validate
+
+
+def test_a_block_sampler_slower_than_ar_fails_the_floor_unless_it_is_a_diagnostic_row():
+    """Never slower than AR: a gated row below `tolerance.min_speedup` fails with or without a baseline; ar
+    itself and rows with gate_speedup off (raw prompts) are not held to it; null turns the floor off."""
+    from tests.trainers.regress.test_stats import fake
+
+    samplers = [
+        {"name": "ar", "sampler": "ar"},
+        {"name": "lossless", "sampler": "lossless"},
+        {"name": "auto", "sampler": "auto"},
+        {"name": "raw", "sampler": "lossless", "prompt_format": "raw", "gate_speedup": False},
+    ]
+    cfg = RegressConfig(samplers=samplers)
+    metrics = {
+        "ar": fake(300, K=0, speedup=1.0),
+        "lossless": fake(300, speedup=0.92),
+        "auto": fake(300, speedup=0.97),
+        "raw": fake(300, speedup=0.3),
+    }
+    checks = speedup_floor(cfg, metrics)
+    assert [c.sampler for c in checks] == ["lossless", "auto"]
+    assert [c.name for c in checks if c.failed] == ["lossless/speedup_vs_ar>=floor"]
+    assert "below 0.95" in checks[0].describe()
+    off = RegressConfig(samplers=samplers, tolerance={"min_speedup": None})
+    assert speedup_floor(off, metrics) == []
 
 
 # ------------------------------------------------------------------------------------------------ end to end

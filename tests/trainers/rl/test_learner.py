@@ -1,11 +1,12 @@
 """Learner on real engine rollouts from a tiny model: exact on-policy log-probs, and rewarded tokens get likelier."""
 
+import pytest
 import torch
 
 from policy import HybridPolicy
 from policy.factory import build_model, tiny_moe_config
 from rollout import BlockEngine
-from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch, token_logprobs
+from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch, sample_block_starts, token_logprobs
 
 
 def rollouts(policy, G=4, seed=0):
@@ -121,29 +122,89 @@ def test_metrics_are_the_mean_over_every_minibatch_and_epoch(monkeypatch):
     assert m["train/is_weight_mean"] == 3.5
 
 
-def test_ppo_with_the_diffusion_term_runs_one_forward_per_minibatch(monkeypatch):
-    """PPO + lambda_diff: the values come from the clean half of the TiDAR forward (equal to the AR forward's hidden
-    states), so a minibatch step runs one forward; only the no-grad GAE pass at the start runs the AR forward."""
+@pytest.mark.parametrize("layout", ["blocks", "full"])
+def test_ppo_with_the_diffusion_term_runs_one_forward_per_minibatch(monkeypatch, layout):
+    """PPO + lambda_diff: the values come from the clean half of the diffusion forward (equal to the AR forward's
+    hidden states, under either layout), so a minibatch step runs one forward; only the no-grad GAE pass at the
+    start runs the AR forward."""
     from trainers.rl.ppo import PPOConfig
 
     policy = tiny_policy()
     trajs = rollouts(policy.eval())
     batch = RolloutBatch.from_trajectories(trajs, [float(i % 2) for i in range(len(trajs))], 4, pad_id=0)
+    diff_forward = {"full": "tidar_forward", "blocks": "draft_blocks_forward"}[layout]
     with torch.no_grad():
-        tidar = policy.tidar_forward(batch.input_ids, batch.valid)
+        args = (batch.input_ids, batch.valid)
+        if layout == "blocks":
+            args += (sample_block_starts(batch.completion, 2)[0],)
+        diff = getattr(policy, diff_forward)(*args)
         ar = policy.ar_forward(batch.input_ids, batch.valid)
     real = batch.valid.bool()
-    assert torch.allclose(tidar.hidden[real], ar.hidden[real], atol=1e-5)
-    calls = {"ar": 0, "tidar": 0}
+    assert torch.allclose(diff.hidden[real], ar.hidden[real], atol=1e-5)
+    calls = {"ar_forward": 0, diff_forward: 0}
     for name in calls:
-        fn = getattr(policy, f"{name}_forward")
+        fn = getattr(policy, name)
 
         def counted(*a, _fn=fn, _name=name, **kw):
             calls[_name] += 1
             return _fn(*a, **kw)
 
-        monkeypatch.setattr(policy, f"{name}_forward", counted)
-    cfg = LearnerConfig(lr=1e-3, algo="ppo", lambda_diff=0.5, minibatches=2, ppo=PPOConfig())
+        monkeypatch.setattr(policy, name, counted)
+    cfg = LearnerConfig(
+        lr=1e-3, algo="ppo", lambda_diff=0.5, diffusion=layout, minibatches=2, ppo=PPOConfig()
+    )
     m = Learner(policy, cfg).step(batch)
-    assert calls == {"ar": 1, "tidar": 2}
+    assert calls == {"ar_forward": 1, diff_forward: 2}
     assert "train/value_loss" in m and "train/diff_loss" in m
+
+
+def test_block_starts_are_distinct_eligible_positions():
+    eligible = torch.zeros(3, 20)
+    eligible[0, 5:15] = 1
+    eligible[1, 18:] = 1  # only two eligible positions
+    starts, ok = sample_block_starts(eligible, 4)
+    assert starts.shape == ok.shape == (3, 4)
+    assert ok[0].all() and set(starts[0].tolist()) <= set(range(5, 15)) and len(set(starts[0].tolist())) == 4
+    assert ok[1].sum() == 2 and set(starts[1][ok[1]].tolist()) == {18, 19}
+    assert not ok[2].any()
+
+
+@pytest.mark.parametrize("layout", ["blocks", "full"])
+@pytest.mark.parametrize("target", ["tokens", "ar"])
+def test_the_diffusion_term_trains_the_drafter_on_the_rollouts(layout, target):
+    """Either layout, either target: the diffusion loss on the rollouts falls over learner steps (no reward signal
+    at all, so only the diffusion term moves the drafter)."""
+    policy = tiny_policy()
+    trajs = rollouts(policy, G=8, seed=3)
+    batch = RolloutBatch.from_trajectories(trajs, [0.0] * len(trajs), 8, pad_id=0)
+    cfg = LearnerConfig(lr=3e-3, lambda_diff=1.0, diffusion=layout, diff_blocks=2, diff_target=target)
+    learner = Learner(policy, cfg)
+    torch.manual_seed(0)
+    losses = [learner.step(batch)["train/diff_loss"] for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.2
+
+
+def test_the_distillation_target_is_the_ar_distribution_at_the_slot():
+    """diff_target=ar: a block slot at position t is scored against softmax(AR logits at t-1 / T); with the drafter's
+    logits set to the AR ones the loss is the AR entropy there, and the sampled token plays no part."""
+    policy = tiny_policy()
+    trajs = rollouts(policy, G=4, seed=4)
+    batch = RolloutBatch.from_trajectories(trajs, [0.0] * len(trajs), 4, pad_id=0)
+    learner = Learner(policy, LearnerConfig(lambda_diff=1.0, diff_target="ar", temperature=0.7))
+    ids, comp = batch.input_ids, batch.completion
+    starts, ok = sample_block_starts(comp, 2)
+    L = policy.block_size + 1
+    ar = torch.randn(*ids.shape, 37)
+    pos = (starts[:, :, None] + torch.arange(L)).flatten(1).clamp(max=ids.shape[1] - 1)
+    same = ar.gather(1, (pos - 1)[:, :, None].expand(-1, -1, 37)) / 0.7
+    got = learner._diff_loss(same, ar, ids, comp, starts, ok)
+    logp = torch.log_softmax(same, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    from policy.hybrid import draft_block_targets
+
+    _, w = draft_block_targets(ids, comp, starts, L)
+    w = w * ok.repeat_interleave(L, dim=1)
+    torch.testing.assert_close(got, (entropy * w).sum() / w.sum())
+    other = ids.clone()
+    other[comp.bool()] = 1  # different sampled tokens, same AR logits: the same loss
+    torch.testing.assert_close(learner._diff_loss(same, ar, other, comp, starts, ok), got)
