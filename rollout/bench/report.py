@@ -53,6 +53,7 @@ def print_table(results: list[RunResult]) -> None:
         name = (
             r.sampler
             + (f" w={r.mix_weight}" if r.mix_weight is not None else "")
+            + (f" T_d={r.draft_temperature:g}" if r.draft_temperature is not None else "")
             + (f" -> {r.choice}" if r.choice else "")
             + (f" K={r.block_size}" if r.sweep == "block_size" else "")
         )
@@ -209,6 +210,7 @@ def plot(results: list[RunResult], path: Path) -> None:
                 f"{r.sampler}{r.levels if name == 'levels' else ''}"
                 + (f"K{r.block_size}" if name == "block_size" else "")
                 + (f"w{r.mix_weight}" if name == "mix_weight" else "")
+                + (f"T{r.draft_temperature:g}" if name == "draft_temperature" else "")
                 + (f"B{r.batch_size}" if name == "batch_size" or name.startswith("checkpoint=") else "")
                 for r in rows
             ],

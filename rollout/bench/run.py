@@ -55,6 +55,9 @@ class SweepConfig(Section):
     """extra prompt padding (tokens of a neutral prefix) for ar vs lossless."""
     mix_weights: list[float] = Field(default_factory=list)
     """w values for logit_mix."""
+    draft_temperatures: list[float] = Field(default_factory=list)
+    """draft temperatures for logit_mix (w = mix_weight) with sampled drafts (draft ~ softmax(mixed / T_d)), e.g.
+    [0.5, 1.0]: the other knob besides w that trades acceptance for exactness."""
     prompt_formats: list[Literal["text", "raw", "chat"]] = Field(default_factory=lambda: ["raw"])
     """other prompt encodings for ar vs lossless (raw: no special tokens), so the drafter's sensitivity to the
     prompt format is measured, not discovered."""
@@ -119,6 +122,7 @@ class RunResult:
     levels: list[int] = field(default_factory=list)
     block_size: int = 0
     mix_weight: float | None = None
+    draft_temperature: float | None = None  # logit_mix with sampled drafts at this T_d (None: Dirac drafts)
     tokens_per_s: float = 0.0
     tokens_per_s_runs: list[float] = field(default_factory=list)
     speedup_vs_hf: float = 0.0
@@ -211,6 +215,7 @@ class Cell:
         levels=(0,),
         block_size=None,
         mix_weight=None,
+        draft_temperature=None,
     ):
         self.policy, self.tok, self.samples, self.B, self.cfg, self.sampler = (
             policy,
@@ -229,6 +234,7 @@ class Cell:
             list(levels) if sampler in ("lossless", "logit_mix") else [],
             block_size or (policy.block_size if sampler != "ar" else 0),
             mix_weight,
+            draft_temperature,
             prompt_format=fmt,
         )
         self.engine = None
@@ -238,6 +244,8 @@ class Cell:
                 block_size=block_size,
                 tokenizer=tok,
                 mix_weight=mix_weight if mix_weight is not None else 0.5,
+                draft="dirac" if draft_temperature is None else "sampled",
+                draft_temperature=draft_temperature or 1.0,
             )
             self.engine = (
                 AutoSampler(make, policy.block_size, max_batch=B)
@@ -456,6 +464,20 @@ def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult
     for w in sw.mix_weights:
         r, _ = run_cell(policy, tok, samples, B, cfg, "logit_mix", levels=cfg.mix_levels, mix_weight=w)
         r.sweep = "mix_weight"
+        out.append(r)
+    for t in sw.draft_temperatures:
+        r, _ = run_cell(
+            policy,
+            tok,
+            samples,
+            B,
+            cfg,
+            "logit_mix",
+            levels=cfg.mix_levels,
+            mix_weight=cfg.mix_weight,
+            draft_temperature=t,
+        )
+        r.sweep = "draft_temperature"
         out.append(r)
     for b in sw.batch_sizes:
         s = prompts_for(cfg, max(b * cfg.prompts_per_row, cfg.min_prompts))

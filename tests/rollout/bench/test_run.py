@@ -48,6 +48,8 @@ def test_bench_cli_writes_json_with_all_samplers(tmp_path, tokenizer, bpe_tokeni
             "--set",
             "sweep.block_sizes=[2]",
             "--set",
+            "sweep.draft_temperatures=[0.5]",
+            "--set",
             f"compare=[{other}]",
             "--json",
             str(out),
@@ -67,6 +69,8 @@ def test_bench_cli_writes_json_with_all_samplers(tmp_path, tokenizer, bpe_tokeni
     ]
     assert all(s["tokens_per_forward"] >= 1.0 and s["ar_tokens_per_s"] > 0 for s in summary)
     assert {r["sampler"] for r in runs} == {"hf", "ar", "lossless", "logit_mix", "auto"}
+    sampled = [r for r in runs if r["sweep"] == "draft_temperature"]
+    assert [(r["sampler"], r["draft_temperature"]) for r in sampled] == [("logit_mix", 0.5)]
     keys = {
         "batch_size",
         "sampler",
