@@ -341,6 +341,8 @@ class HybridPolicy(nn.Module):
         valid: torch.Tensor,  # [B, S] real tokens
         starts: torch.Tensor,  # [B, n] first position of each mask block
         block_len: int | None = None,
+        active: torch.Tensor
+        | None = None,  # [B, n] blocks that count (others are padding: out of the MoE aux)
     ) -> TidarOutput:
         """The short training layout `[x | n blocks of L masks]` (`policy.masks.draft_blocks_mask`): the AR forward
         plus n decode proposals per row (L = K+1 by default, the engine's proposal size); `diff_logits` [B, n*L, V]
@@ -354,7 +356,10 @@ class HybridPolicy(nn.Module):
         ids = torch.cat([input_ids, torch.full_like(slot_pos, self.mask_token_id)], dim=1)
         pos = torch.cat([torch.arange(S, device=input_ids.device).expand(B, S), slot_pos], dim=1)
         in_seq = slot_pos < S
-        token_mask = torch.cat([valid, valid.gather(1, slot_pos.clamp(max=S - 1)) * in_seq], dim=1)
+        slot_mask = valid.gather(1, slot_pos.clamp(max=S - 1)) * in_seq
+        if active is not None:
+            slot_mask = slot_mask * active.repeat_interleave(L, dim=1)
+        token_mask = torch.cat([valid, slot_mask], dim=1)
         dtype = self.model.get_input_embeddings().weight.dtype
         attn = self.attention_mask_4d(draft_blocks_mask(S, starts, L), dtype, pos, pos)
         logits, aux, hidden = self._forward_4d(ids, pos, attn, token_mask, want_aux=True, want_hidden=True)

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -55,7 +55,7 @@ class SweepConfig(Section):
     """extra prompt padding (tokens of a neutral prefix) for ar vs lossless."""
     mix_weights: list[float] = Field(default_factory=list)
     """w values for logit_mix."""
-    draft_temperatures: list[float] = Field(default_factory=list)
+    draft_temperatures: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
     """draft temperatures for logit_mix (w = mix_weight) with sampled drafts (draft ~ softmax(mixed / T_d)), e.g.
     [0.5, 1.0]: the other knob besides w that trades acceptance for exactness."""
     prompt_formats: list[Literal["text", "raw", "chat"]] = Field(default_factory=lambda: ["raw"])
@@ -245,7 +245,7 @@ class Cell:
                 tokenizer=tok,
                 mix_weight=mix_weight if mix_weight is not None else 0.5,
                 draft="dirac" if draft_temperature is None else "sampled",
-                draft_temperature=draft_temperature or 1.0,
+                draft_temperature=1.0 if draft_temperature is None else draft_temperature,
             )
             self.engine = (
                 AutoSampler(make, policy.block_size, max_batch=B)

@@ -131,6 +131,25 @@ def test_draft_block_is_the_engines_proposal_and_blind_to_other_blocks(kind):
         torch.testing.assert_close(alone.diff_logits[0], out.diff_logits[0, L:], atol=1e-5, rtol=1e-5)
 
 
+def test_draft_blocks_under_right_padding_and_the_aux_mask_of_inactive_blocks():
+    """A row padded on the right gives its blocks the logits it gives alone (a block running into the padding
+    included), and a block marked inactive leaves the MoE aux loss as if it were not there."""
+    K = 3
+    policy = make_policy("moe", block_size=K)
+    x = torch.randint(3, 36, (2, 12))
+    valid = torch.ones_like(x)
+    valid[1, 8:] = 0  # row 1 is 8 tokens long
+    starts = torch.tensor([[3, 9], [2, 6]])  # row 1's second block covers 6..9: two slots in the padding
+    with torch.no_grad():
+        both = policy.draft_blocks_forward(x, valid, starts)
+        alone = policy.draft_blocks_forward(x[1:, :8], valid[1:, :8], starts[1:])
+        torch.testing.assert_close(both.diff_logits[1], alone.diff_logits[0], atol=1e-5, rtol=1e-5)
+        one = policy.draft_blocks_forward(x, valid, starts[:, :1])
+        masked = policy.draft_blocks_forward(x, valid, starts, active=torch.tensor([[True, False]] * 2))
+    torch.testing.assert_close(masked.aux_loss, one.aux_loss, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(both.aux_loss, one.aux_loss, atol=1e-6)
+
+
 def test_draft_blocks_mask_matches_the_full_layout_on_aligned_blocks():
     """A draft block at a block-aligned start sees what the full TiDAR layout's block there sees."""
     S, K = 12, 4

@@ -180,7 +180,11 @@ class RegressConfig(DeviceSettings):
             d["rewards"] = [r.model_dump(mode="json") for r in self.rewards]
         if self.solve_threshold != 1.0:
             d["solve_threshold"] = self.solve_threshold
-        return d | {"samplers": {s.name: s.model_dump(mode="json", exclude={"name"}) for s in self.samplers}}
+        # gate_speedup is a gating choice, like the tolerances: not part of what makes runs comparable
+        samplers = {
+            s.name: s.model_dump(mode="json", exclude={"name", "gate_speedup"}) for s in self.samplers
+        }
+        return d | {"samplers": samplers}
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -525,7 +529,8 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
     with (run_dir / "completions.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     checks = compare(baseline.samplers, metrics, cfg.tolerance) if baseline is not None else []
-    checks += speedup_floor(cfg, metrics)
+    if not update_baseline:  # an update records the speed-ups; the floor gates runs against a baseline
+        checks += speedup_floor(cfg, metrics)
     if baseline is not None and baseline.meta.get("device") != meta["device"]:
         notes.append(f"baseline device {baseline.meta.get('device')!r} differs: tok/s are not comparable")
     out = Outcome(results, baseline, checks, run_dir, Path(cfg.baseline), update_baseline, notes)

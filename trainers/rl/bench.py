@@ -118,6 +118,7 @@ def run_learner_bench(cfg: LearnerBenchConfig) -> dict:
     for r in range(cfg.rounds):
         for name, learner in learners.items():
             torch.manual_seed(cfg.seed + r)  # the same minibatches and draft blocks for every arm in a round
+            learner.version = batch.policy_version  # every round on-policy (no stale-batch extra forward)
             t0 = time.perf_counter()
             learner.step(batch)
             if r:  # round 0 warms up

@@ -191,6 +191,7 @@ class Learner:
         need_values: bool,
         need_aux: bool = True,
         starts: torch.Tensor | None = None,
+        active: torch.Tensor | None = None,
     ):
         """AR logits [B,S,V], diffusion logits or None, MoE aux or None, values [B,S] (V before token t) or None.
 
@@ -199,7 +200,7 @@ class Learner:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast == "bfloat16"):
             if need_diff:
                 if starts is not None:
-                    out = self.policy.draft_blocks_forward(ids, valid, starts)
+                    out = self.policy.draft_blocks_forward(ids, valid, starts, active=active)
                 else:
                     out = self.policy.tidar_forward(ids, valid)
                 logits, diff, aux, hidden = out.ar_logits, out.diff_logits, out.aux_loss, out.hidden
@@ -274,11 +275,12 @@ class Learner:
             pos = draft_block_positions(starts, L).clamp(max=ids.shape[1] - 1)
         if cfg.diff_target == "tokens":
             return masked_ce(diff_logits, targets, weight)
-        teacher = F.pad(
-            ar_logits[:, :-1], (0, 0, 1, 0)
-        )  # [B, S, V]: row t predicts x_t (row 0 never weighted)
-        if pos is not None:
-            teacher = teacher.gather(1, pos[:, :, None].expand(-1, -1, teacher.shape[-1]))
+        if pos is None:  # row t - 1's AR logits predict x_t (row 0 is a prompt position, never weighted)
+            teacher = F.pad(ar_logits[:, :-1], (0, 0, 1, 0))
+        else:  # slot positions are completion positions or later, so pos - 1 >= 0
+            teacher = ar_logits.gather(
+                1, (pos - 1).clamp(min=0)[:, :, None].expand(-1, -1, ar_logits.shape[-1])
+            )
         return masked_soft_ce(diff_logits, teacher / cfg.temperature, weight)
 
     def _minibatch(self, batch: RolloutBatch, t: _Targets, idx: torch.Tensor, diagnose: bool):
@@ -290,7 +292,7 @@ class Learner:
         if need_diff and cfg.diffusion == "blocks":
             starts, ok = sample_block_starts(comp, cfg.diff_blocks)
         logits, diff_logits, aux, values = self._forward(
-            ids, valid, need_diff, need_values=self.value_head is not None, starts=starts
+            ids, valid, need_diff, need_values=self.value_head is not None, starts=starts, active=ok
         )
         learner = token_logprobs(logits, ids, cfg.temperature)
         ref = None
