@@ -42,7 +42,8 @@ class LearnerArm(Section):
     name: str
     lambda_diff: float = Field(0.5, ge=0.0)
     diffusion: Literal["blocks", "full"] = "blocks"
-    diff_blocks: int = Field(4, ge=1)
+    diff_blocks: int = Field(2, ge=1)
+    diff_target: Literal["tokens", "ar"] = "tokens"
 
 
 class LearnerBenchConfig(Section):
@@ -67,7 +68,7 @@ class LearnerBenchConfig(Section):
         default_factory=lambda: [
             LearnerArm(name="lambda_diff=0", lambda_diff=0.0),
             LearnerArm(name="full", diffusion="full"),
-            LearnerArm(name="blocks x2", diff_blocks=2),
+            LearnerArm(name="blocks x2 (default)", diff_blocks=2),
             LearnerArm(name="blocks x4", diff_blocks=4),
         ]
     )
@@ -109,6 +110,7 @@ def run_learner_bench(cfg: LearnerBenchConfig) -> dict:
                 lambda_diff=arm.lambda_diff,
                 diffusion=arm.diffusion,
                 diff_blocks=arm.diff_blocks,
+                diff_target=arm.diff_target,
             ),
         )
         for arm in cfg.arms

@@ -2,7 +2,8 @@
 
 Prompts are the evaluation split of envs/splits.py (the held-out set `blockrl train` evaluates on, which no training
 split holds), `--per-task` per task (at most 300); every checkpoint samples each prompt once per `--seeds` value at T = 1 with lossless
-block decoding (exact AR samples). Reports overall and per-task rates with Wilson 95% intervals.
+block decoding (exact AR samples). Reports overall and per-task rates with Wilson 95% intervals, and the drafter's
+tokens per forward on those same prompts and seeds (a drafter comparison that the prompt mix of a step cannot move).
 
     python -m trainers.rl.heldout_compare checkpoints/tiny-moe runs/grpo-letters/checkpoint --per-task 300
 """
@@ -27,8 +28,11 @@ def solve_rates(checkpoint: str, tok, samples, seeds: list[int]) -> dict:
     engine = BlockEngine(policy, sampler="lossless", levels=[0, 4, 8], max_batch=32, tokenizer=tok)
     prompts = [encode_prompt(tok, s.prompt, policy.prompt_format) for s in samples]
     solved = []  # (task, ok) per sample
+    tokens = forwards = 0
     for seed in seeds:
         trajs = engine.generate(prompts, max_new_tokens=160, temperature=1.0, seed=seed)
+        tokens += sum(t.num_tokens for t in trajs)
+        forwards += sum(t.num_forwards for t in trajs)
         solved += [
             (s.task, score(s, tok.decode(t.tokens, skip_special_tokens=True)) >= 1.0)
             for s, t in zip(samples, trajs, strict=True)
@@ -39,6 +43,7 @@ def solve_rates(checkpoint: str, tok, samples, seeds: list[int]) -> dict:
         "rate": sum(ok for _, ok in solved) / len(solved),
         "ci95": wilson(sum(ok for _, ok in solved), len(solved)),
         "per_task": {},
+        "tokens_per_forward": tokens / max(forwards, 1),
     }
     for task in dict.fromkeys(t for t, _ in solved):
         own = [ok for t, ok in solved if t == task]
@@ -68,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         lo, hi = r["ci95"]
         tasks = ", ".join(f"{t} {v['rate']:.1%}" for t, v in r["per_task"].items())
         delta = f" ({100 * (r['rate'] - results[0]['rate']):+.1f} pts)" if r is not results[0] else ""
-        print(f"{r['checkpoint']}: {r['rate']:.1%} [{lo:.1%}, {hi:.1%}] of {r['n']}{delta} | {tasks}")
+        print(
+            f"{r['checkpoint']}: {r['rate']:.1%} [{lo:.1%}, {hi:.1%}] of {r['n']}{delta} | {tasks}"
+            f" | tokens/forward {r['tokens_per_forward']:.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -11,9 +11,7 @@ def test_learner_bench_times_every_arm_against_the_reference(tmp_path, capsys):
     args = ["learner-bench", "--json", str(out), "--set", f"run_dir={tmp_path}"]
     for s in ("prompts=2", "group_size=2", "max_new_tokens=8", "rounds=2", "minibatches=1", "threads=1"):
         args += ["--set", s]
-    arms = (
-        "arms=[{name: none, lambda_diff: 0}, {name: full, diffusion: full}, {name: blocks, diff_blocks: 2}]"
-    )
+    arms = "arms=[{name: none, lambda_diff: 0}, {name: full, diffusion: full}, {name: blocks, diff_blocks: 2, diff_target: ar}]"
     assert main([*args, "--set", arms]) == 0
     result = json.loads(out.read_text())
     assert [a["name"] for a in result["arms"]] == ["none", "full", "blocks"]

@@ -25,4 +25,5 @@ def test_same_checkpoint_twice_gives_identical_rates(tmp_path, capsys):
     )
     a, b = json.loads(out.read_text())
     assert a["n"] == b["n"] == 6 and a["rate"] == b["rate"] and a["per_task"] == b["per_task"]
+    assert a["tokens_per_forward"] == b["tokens_per_forward"] > 1.0  # the shipped drafter drafts
     assert "(+0.0 pts)" in capsys.readouterr().out
