@@ -42,7 +42,7 @@ class LearnerArm(Section):
     name: str
     lambda_diff: float = Field(0.5, ge=0.0)
     diffusion: Literal["blocks", "full"] = "blocks"
-    diff_blocks: int = Field(2, ge=1)
+    diff_blocks: int = Field(4, ge=1)
     diff_target: Literal["tokens", "ar"] = "tokens"
 
 
@@ -68,8 +68,8 @@ class LearnerBenchConfig(Section):
         default_factory=lambda: [
             LearnerArm(name="lambda_diff=0", lambda_diff=0.0),
             LearnerArm(name="full", diffusion="full"),
-            LearnerArm(name="blocks x2 (default)", diff_blocks=2),
-            LearnerArm(name="blocks x4", diff_blocks=4),
+            LearnerArm(name="blocks x2", diff_blocks=2),
+            LearnerArm(name="blocks x4 (default)", diff_blocks=4),
         ]
     )
     """the first arm is the reference (normally lambda_diff = 0)."""

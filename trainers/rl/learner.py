@@ -43,8 +43,9 @@ class LearnerConfig(Section):
     """the diffusion term's layout. `blocks`: `diff_blocks` decode proposals (K+1 masks each, the engine's draft)
     per row at random completion positions, n(K+1) extra tokens per row; `full`: TiDAR's S masks per row (K-blocks
     at shift 0), S extra tokens and a [2S, 2S] attention."""
-    diff_blocks: int = Field(2, ge=1)
-    """mask blocks per row under `diffusion: blocks` (2: +25% on the learner step, `blockrl learner-bench`)."""
+    diff_blocks: int = Field(4, ge=1)
+    """mask blocks per row under `diffusion: blocks` (4: +54% on the learner step and the drafter held over 100 RL
+    steps; 2: +25%, but it went stale after a policy shift in the one 100-step run; docs/benchmarks.md)."""
     diff_target: Literal["tokens", "ar"] = "tokens"
     """what a diffusion slot learns: the rollout's sampled token (CE), or the AR policy's own distribution at that
     position, from the same forward at the rollout temperature (distillation: the same expected target, less
