@@ -343,27 +343,38 @@ class HybridPolicy(nn.Module):
         block_len: int | None = None,
         active: torch.Tensor
         | None = None,  # [B, n] blocks that count (others are padding: out of the MoE aux)
+        cols: torch.Tensor
+        | None = None,  # [B, n] layout column of each block (default: after x); < 0: absent
     ) -> TidarOutput:
         """The short training layout `[x | n blocks of L masks]` (`policy.masks.draft_blocks_mask`): the AR forward
         plus n decode proposals per row (L = K+1 by default, the engine's proposal size); `diff_logits` [B, n*L, V]
         holds block i's slot j at i*L + j, predicting x[starts[:, i] + j] (`draft_block_targets`). It costs n*L
-        extra tokens per row instead of the full layout's S."""
+        extra tokens per row instead of the full layout's S, or fewer with `cols` (`pack_block_columns`): blocks
+        packed into a row's own padding cost nothing the padded batch did not already compute."""
         if not self.is_converted:
             raise RuntimeError("draft_blocks_forward needs a mask token: call HybridPolicy.convert() first")
         B, S = input_ids.shape
-        L = block_len or self.block_size + 1
+        n, L, dev = starts.shape[1], block_len or self.block_size + 1, input_ids.device
+        if cols is None:
+            cols = (S + L * torch.arange(n, device=dev)).expand(B, n)
+        present = (cols >= 0).repeat_interleave(L, dim=1)
+        W = max(S, int((cols + L).max())) if n else S
+        slot_col = torch.where(present, (cols[:, :, None] + torch.arange(L, device=dev)).flatten(1), W)
         slot_pos = draft_block_positions(starts, L)
-        ids = torch.cat([input_ids, torch.full_like(slot_pos, self.mask_token_id)], dim=1)
-        pos = torch.cat([torch.arange(S, device=input_ids.device).expand(B, S), slot_pos], dim=1)
-        in_seq = slot_pos < S
-        slot_mask = valid.gather(1, slot_pos.clamp(max=S - 1)) * in_seq
+        slot_mask = valid.gather(1, slot_pos.clamp(max=S - 1)) * (slot_pos < S) * present
         if active is not None:
             slot_mask = slot_mask * active.repeat_interleave(L, dim=1)
-        token_mask = torch.cat([valid, slot_mask], dim=1)
+        spare = torch.zeros(
+            B, W + 1 - S, dtype=input_ids.dtype, device=dev
+        )  # columns past x, and W for absent
+        ids = torch.cat([input_ids, spare], dim=1).scatter(1, slot_col, self.mask_token_id)[:, :W]
+        pos = torch.arange(W + 1, device=dev).expand(B, -1).scatter(1, slot_col, slot_pos)[:, :W]
+        token_mask = torch.cat([valid, spare.to(valid.dtype)], dim=1).scatter(1, slot_col, slot_mask)[:, :W]
         dtype = self.model.get_input_embeddings().weight.dtype
-        attn = self.attention_mask_4d(draft_blocks_mask(S, starts, L), dtype, pos, pos)
+        attn = self.attention_mask_4d(draft_blocks_mask(S, starts, L, cols, W), dtype, pos, pos)
         logits, aux, hidden = self._forward_4d(ids, pos, attn, token_mask, want_aux=True, want_hidden=True)
-        return TidarOutput(logits[:, :S], logits[:, S:], aux, hidden[:, :S])
+        diff = logits.gather(1, slot_col.clamp(max=W - 1)[:, :, None].expand(-1, -1, logits.shape[-1]))
+        return TidarOutput(logits[:, :S], diff, aux, hidden[:, :S])
 
     def _tidar_mask_4d(self, S: int, bs: int, shift: int, B: int, pos: torch.Tensor, use_flex: bool):
         """The TiDAR training mask over `[x | M]` in the form the attention reads: a FlexAttention BlockMask built from
@@ -454,6 +465,15 @@ class HybridPolicy(nn.Module):
 def draft_block_positions(starts: torch.Tensor, block_len: int) -> torch.Tensor:
     """[B, n] block starts -> [B, n*L] positions of the blocks' mask slots (block i's slot j at i*L + j)."""
     return (starts[:, :, None] + torch.arange(block_len, device=starts.device)).flatten(1)
+
+
+def pack_block_columns(lengths: torch.Tensor, width: int, n: int, block_len: int) -> torch.Tensor:
+    """Columns [B, n] for `draft_blocks_forward`: row b's blocks laid end to end from its length (its padding
+    first) within `width` columns; -1 for the blocks that do not fit (so a row of length l gets
+    min(n, (width - l) // block_len) blocks)."""
+    k = torch.arange(n, device=lengths.device)
+    cols = lengths.long()[:, None] + block_len * k
+    return torch.where(cols + block_len <= width, cols, -1)
 
 
 def draft_block_targets(

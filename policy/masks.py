@@ -89,8 +89,14 @@ def tidar_mask_mod(seq_len: int, block_size: int, shift: int = 0) -> MaskMod:
     return mod
 
 
-def draft_blocks_mask(seq_len: int, starts: torch.Tensor, block_len: int) -> torch.Tensor:
-    """Bool `[B, S + n*L, S + n*L]` mask over `[x_0..x_{S-1} | block_1 | .. | block_n]`, `starts` [B, n].
+def draft_blocks_mask(
+    seq_len: int,
+    starts: torch.Tensor,
+    block_len: int,
+    cols: torch.Tensor | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
+    """Bool `[B, W, W]` mask over `[x_0..x_{S-1} | block_1 | .. | block_n]`, `starts` [B, n].
 
     - clean x_i sees clean x_j for j <= i (causal);
     - block i of row b is L masks at positions `starts[b, i] + 0..L-1`: each sees clean x_j for j < starts[b, i] and
@@ -106,17 +112,31 @@ def draft_blocks_mask(seq_len: int, starts: torch.Tensor, block_len: int) -> tor
         x3     1  1  1  1 |  .  .
         m2     1  1  .  . |  1  1
         m3     1  1  .  . |  1  1
-    """
+
+    By default the blocks follow x (block i at column S + i*L, W = S + n*L). `cols` [B, n] places them anywhere in
+    a layout of `width` columns: block i of row b at columns cols[b, i] + 0..L-1 (packed into the row's own padding
+    past its length, say), absent where cols < 0. Columns no block covers keep the clean rule (x, or padding no real
+    query sees)."""
     if block_len < 1:
         raise ValueError(f"block_len must be >= 1, got {block_len}")
     B, n = starts.shape
-    S, M = seq_len, n * block_len
-    block = torch.arange(M, device=starts.device) // block_len  # block of each mask slot
-    mask = torch.zeros(B, S + M, S + M, dtype=torch.bool, device=starts.device)
-    mask[:, :S, :S] = torch.ones(S, S, dtype=torch.bool, device=starts.device).tril()
-    mask[:, S:, :S] = torch.arange(S, device=starts.device) < starts[:, block, None]
-    mask[:, S:, S:] = block[:, None] == block[None, :]
-    return mask
+    S, L, dev = seq_len, block_len, starts.device
+    if cols is None:
+        cols, width = (S + L * torch.arange(n, device=dev)).expand(B, n), S + n * L
+    W = width if width is not None else S
+    slot_col = (cols[:, :, None] + torch.arange(L, device=dev)).flatten(1)  # [B, n*L]
+    slot_col = torch.where((cols >= 0).repeat_interleave(L, dim=1), slot_col, W)  # absent -> a spare column W
+    block = torch.full((B, W + 1), -1, dtype=torch.long, device=dev)  # block of each column, -1: clean
+    block.scatter_(1, slot_col, (torch.arange(n * L, device=dev) // L).expand(B, -1))
+    start = torch.zeros(B, W + 1, dtype=torch.long, device=dev)
+    start.scatter_(1, slot_col, starts.repeat_interleave(L, dim=1))
+    block, start = block[:, :W], start[:, :W]
+    col = torch.arange(W, device=dev)
+    slot_q, slot_k = (block >= 0)[:, :, None], (block >= 0)[:, None, :]
+    clean = ~slot_q & ~slot_k & (col[None, :, None] >= col[None, None, :])
+    sees_prefix = slot_q & ~slot_k & (col[None, None, :] < start[:, :, None])
+    own_block = slot_q & slot_k & (block[:, :, None] == block[:, None, :])
+    return clean | sees_prefix | own_block
 
 
 def decode_step_layout(block_size: int, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

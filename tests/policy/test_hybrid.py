@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from policy import HybridPolicy, decode_step_mask, tidar_training_mask
 from policy.factory import build_model, tiny_dense_config, tiny_moe_config
-from policy.hybrid import draft_block_targets
+from policy.hybrid import draft_block_targets, pack_block_columns
 from policy.losses import load_balancing_loss
 from policy.masks import decode_step_layout, draft_blocks_mask, prefill_mask
 from tests.conftest import make_policy
@@ -148,6 +148,34 @@ def test_draft_blocks_under_right_padding_and_the_aux_mask_of_inactive_blocks():
         masked = policy.draft_blocks_forward(x, valid, starts, active=torch.tensor([[True, False]] * 2))
     torch.testing.assert_close(masked.aux_loss, one.aux_loss, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(both.aux_loss, one.aux_loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["moe", "llama", "qwen3"])
+def test_blocks_packed_into_the_padding_give_the_appended_layouts_logits(kind):
+    """`pack_block_columns`: blocks laid into a row's own padding (and past it, within the width) give exactly the
+    logits they give appended after x, the clean half stays the AR forward, and a block that does not fit is
+    absent (its MoE aux share included)."""
+    K = 3
+    L = K + 1
+    policy = make_policy(kind, block_size=K)
+    x = torch.randint(3, 36, (3, 14))
+    valid = torch.ones_like(x)
+    valid[1, 6:] = 0  # row 1: 6 tokens, 8 columns of padding (two blocks fit inside x's width)
+    valid[2, 11:] = 0  # row 2: 11 tokens
+    starts = torch.tensor([[3, 10, 7], [2, 4, 1], [5, 8, 9]])
+    cols = pack_block_columns(valid.sum(1), 14 + L, 3, L)  # one block's worth past x
+    assert cols.tolist() == [[14, -1, -1], [6, 10, 14], [11, -1, -1]]
+    with torch.no_grad():
+        packed = policy.draft_blocks_forward(x, valid, starts, cols=cols)
+        appended = policy.draft_blocks_forward(x, valid, starts, active=cols >= 0)
+    real = valid.bool()
+    torch.testing.assert_close(packed.ar_logits[real], appended.ar_logits[real], atol=1e-5, rtol=1e-5)
+    present = (cols >= 0).repeat_interleave(L, dim=1)
+    torch.testing.assert_close(
+        packed.diff_logits[present], appended.diff_logits[present], atol=1e-5, rtol=1e-5
+    )
+    if kind == "moe":
+        torch.testing.assert_close(packed.aux_loss, appended.aux_loss, atol=1e-6, rtol=1e-5)
 
 
 def test_draft_blocks_mask_matches_the_full_layout_on_aligned_blocks():

@@ -43,7 +43,10 @@ class LearnerArm(Section):
     lambda_diff: float = Field(0.5, ge=0.0)
     diffusion: Literal["blocks", "full"] = "blocks"
     diff_blocks: int = Field(4, ge=1)
+    diff_width: int | None = Field(None, ge=1)
+    diff_focus: float = Field(0.0, ge=0.0, le=1.0)
     diff_target: Literal["tokens", "ar"] = "tokens"
+    """the diffusion-term settings, as in `LearnerConfig` (its docstrings)."""
 
 
 class LearnerBenchConfig(Section):
@@ -107,24 +110,24 @@ def run_learner_bench(cfg: LearnerBenchConfig) -> dict:
             LearnerConfig(
                 lr=1e-5,
                 minibatches=cfg.minibatches,
-                lambda_diff=arm.lambda_diff,
-                diffusion=arm.diffusion,
-                diff_blocks=arm.diff_blocks,
-                diff_target=arm.diff_target,
+                **arm.model_dump(exclude={"name"}),
             ),
         )
         for arm in cfg.arms
     }
     times: dict[str, list[float]] = {name: [] for name in learners}
+    blocks: dict[str, list[float]] = {name: [] for name in learners}
     bar = tqdm(total=cfg.rounds * len(learners), desc="learner steps", unit="step")
     for r in range(cfg.rounds):
         for name, learner in learners.items():
             torch.manual_seed(cfg.seed + r)  # the same minibatches and draft blocks for every arm in a round
             learner.version = batch.policy_version  # every round on-policy (no stale-batch extra forward)
             t0 = time.perf_counter()
-            learner.step(batch)
+            m = learner.step(batch)
             if r:  # round 0 warms up
                 times[name].append(time.perf_counter() - t0)
+                if "train/diff_blocks_per_row" in m:
+                    blocks[name].append(m["train/diff_blocks_per_row"])
             bar.update()
     bar.close()
     ref = statistics.median(times[cfg.arms[0].name])
@@ -138,6 +141,8 @@ def run_learner_bench(cfg: LearnerBenchConfig) -> dict:
                 "median_s": med,
                 "ratio": med / ref,
                 "overhead": med / ref - 1.0,
+                # draft blocks a row actually held (packing gives short rows more, long rows at least diff_width)
+                "blocks_per_row": statistics.mean(blocks[arm.name]) if blocks[arm.name] else None,
             }
         )
     return {
@@ -156,10 +161,13 @@ def format_summary(result: dict) -> str:
     lines = [
         f"learner step, {b['rows']} rollouts (padded length {b['padded_len']}, mean {b['mean_len']:.0f}), "
         f"{result['minibatches']} minibatches, {result['threads']} threads, median of {result['rounds_timed']}:",
-        f"{'arm':<16} {'median s':>9} {'vs ' + result['reference']:>18} {'overhead':>9}",
+        f"{'arm':<22} {'median s':>9} {'vs ' + result['reference']:>18} {'overhead':>9} {'blocks/row':>10}",
     ]
     for a in result["arms"]:
-        lines.append(f"{a['name']:<16} {a['median_s']:>9.2f} {a['ratio']:>17.2f}x {a['overhead']:>+8.0%}")
+        per_row = f"{a['blocks_per_row']:.2f}" if a.get("blocks_per_row") is not None else "-"
+        lines.append(
+            f"{a['name']:<22} {a['median_s']:>9.2f} {a['ratio']:>17.2f}x {a['overhead']:>+8.0%} {per_row:>10}"
+        )
     return "\n".join(lines)
 
 

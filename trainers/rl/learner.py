@@ -19,7 +19,7 @@ from pydantic import Field
 
 from common.config import Section
 from common.device import DeviceName, resolve_device
-from policy.hybrid import HybridPolicy, draft_block_positions, draft_block_targets
+from policy.hybrid import HybridPolicy, draft_block_positions, draft_block_targets, pack_block_columns
 from policy.losses import masked_ce, masked_soft_ce
 from rollout.types import Trajectory
 from trainers.rl.losses import GRPOConfig, LossInputs, group_advantages, grpo_loss
@@ -46,6 +46,14 @@ class LearnerConfig(Section):
     diff_blocks: int = Field(4, ge=1)
     """mask blocks per row under `diffusion: blocks` (4: +54% on the learner step and the drafter held over 100 RL
     steps; 2: +25%, but it went stale after a policy shift in the one 100-step run; docs/benchmarks.md)."""
+    diff_width: int | None = Field(None, ge=1)
+    """the columns the term may add past the padded length, in blocks (None: diff_blocks, so every row gets them
+    all). Fewer: each row packs its blocks into its own padding first (`pack_block_columns`) and gets
+    min(diff_blocks, what fits), at least diff_width: the padded batch computed those columns anyway."""
+    diff_focus: float = Field(0.0, ge=0.0, le=1.0)
+    """the share of a row's `diff_blocks` placed at the proposals its rollout's engine got wrong (`draft_misses`:
+    the steps that rejected a draft, likelier the more drafts they lost), the rest uniform; rows with fewer misses,
+    or decoded without drafts, fill up uniformly (0 = all uniform)."""
     diff_target: Literal["tokens", "ar"] = "tokens"
     """what a diffusion slot learns: the rollout's sampled token (CE), or the AR policy's own distribution at that
     position, from the same forward at the rollout temperature (distillation: the same expected target, less
@@ -78,6 +86,8 @@ class RolloutBatch:
     token_rewards: torch.Tensor  # [B, S] each turn's reward on its last model token (PPO)
     group_size: int
     policy_version: int  # oldest policy version among the rollouts
+    # [B, S] draft tokens the rollout's engine rejected in the proposal anchored at each position (`draft_misses`)
+    draft_miss: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> RolloutBatch:
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -95,9 +105,11 @@ class RolloutBatch:
         B = len(trajs)
         ids = torch.full((B, S), pad_id, dtype=torch.long)
         valid, comp = torch.zeros(B, S), torch.zeros(B, S)
-        blp, alp, tok_r = torch.zeros(B, S), torch.zeros(B, S), torch.zeros(B, S)
+        blp, alp, tok_r, miss = torch.zeros(B, S), torch.zeros(B, S), torch.zeros(B, S), torch.zeros(B, S)
         for i, t in enumerate(trajs):
             P, n = len(t.prompt_ids), len(t.tokens)
+            for at, missed in draft_misses(t):
+                miss[i, P + at] += missed
             ids[i, : P + n] = torch.tensor(t.prompt_ids + t.tokens)
             valid[i, : P + n] = 1
             comp[i, P : P + n] = torch.tensor(t.env_mask, dtype=torch.float) if t.env_mask is not None else 1
@@ -118,7 +130,40 @@ class RolloutBatch:
             tok_r,
             group_size,
             min(t.policy_version for t in trajs),
+            miss,
         )
+
+
+def draft_misses(t: Trajectory) -> list[tuple[int, int]]:
+    """(completion index, rejected drafts) for every decode step of `t` that rejected a draft. The index is the
+    proposal's start in the training layout (`draft_blocks_mask`): the position before its first drafted token,
+    whose token the same forward's AR head sampled (slot 0), so a block started there is the proposal that failed.
+
+    Each model turn opens with a prefill token and goes on in decode steps of accepted + 1 tokens; the steps of all
+    turns are concatenated in `accept_counts`, in order, and a turn's last step may be cut by its stop (a rejection
+    past the cut is not counted: its token was never kept)."""
+    segments, i, n = [], 0, len(t.tokens)
+    mask = t.env_mask or [1] * n
+    while i < n:  # contiguous model-generated runs: one per turn
+        if mask[i]:
+            j = i
+            while j < n and mask[j]:
+                j += 1
+            segments.append((i, j))
+            i = j
+        else:
+            i += 1
+    out, step = [], 0
+    steps = list(zip(t.accept_counts, t.draft_counts, strict=True))
+    for lo, hi in segments:
+        c = lo + 1  # the prefill emitted the turn's first token
+        while c < hi and step < len(steps):
+            accepted, offered = steps[step]
+            if accepted < offered and c + accepted < hi:  # a rejection inside the kept tokens
+                out.append((c - 1, offered - accepted))
+            c += accepted + 1
+            step += 1
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -193,6 +238,7 @@ class Learner:
         need_aux: bool = True,
         starts: torch.Tensor | None = None,
         active: torch.Tensor | None = None,
+        cols: torch.Tensor | None = None,
     ):
         """AR logits [B,S,V], diffusion logits or None, MoE aux or None, values [B,S] (V before token t) or None.
 
@@ -201,7 +247,7 @@ class Learner:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast == "bfloat16"):
             if need_diff:
                 if starts is not None:
-                    out = self.policy.draft_blocks_forward(ids, valid, starts, active=active)
+                    out = self.policy.draft_blocks_forward(ids, valid, starts, active=active, cols=cols)
                 else:
                     out = self.policy.tidar_forward(ids, valid)
                 logits, diff, aux, hidden = out.ar_logits, out.diff_logits, out.aux_loss, out.hidden
@@ -289,11 +335,24 @@ class Learner:
         cfg, policy = self.cfg, self.policy
         ids, valid, comp = batch.input_ids[idx], batch.valid[idx], batch.completion[idx]
         need_diff = self.lambda_diff > 0
-        starts = ok = None
+        starts = ok = cols = None
         if need_diff and cfg.diffusion == "blocks":
-            starts, ok = sample_block_starts(comp, cfg.diff_blocks)
+            misses = batch.draft_miss[idx] if batch.draft_miss is not None else None
+            n_focus = round(cfg.diff_blocks * cfg.diff_focus)
+            starts, ok = sample_block_starts(comp, cfg.diff_blocks, misses, n_focus)
+            if cfg.diff_width is not None and cfg.diff_width < cfg.diff_blocks:
+                L = policy.block_size + 1
+                cols = pack_block_columns(valid.sum(1), ids.shape[1] + cfg.diff_width * L, starts.shape[1], L)
+                ok = ok & (cols >= 0)
+                cols = cols.masked_fill(~ok, -1)
         logits, diff_logits, aux, values = self._forward(
-            ids, valid, need_diff, need_values=self.value_head is not None, starts=starts, active=ok
+            ids,
+            valid,
+            need_diff,
+            need_values=self.value_head is not None,
+            starts=starts,
+            active=ok,
+            cols=cols,
         )
         learner = token_logprobs(logits, ids, cfg.temperature)
         ref = None
@@ -321,6 +380,8 @@ class Learner:
             diff_loss = self._diff_loss(diff_logits, logits, ids, comp, starts, ok)
             loss = loss + self.lambda_diff * diff_loss
             metrics["train/diff_loss"] = float(diff_loss.detach())
+            if ok is not None:
+                metrics["train/diff_blocks_per_row"] = float(ok.sum(1).float().mean())
         if aux is not None:
             loss = loss + float(getattr(policy.config, "router_aux_loss_coef", 0.0)) * aux
         self.opt.zero_grad(set_to_none=True)
@@ -332,12 +393,25 @@ class Learner:
         return metrics, diag
 
 
-def sample_block_starts(eligible: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to n distinct start positions per row, uniform over the row's eligible positions ([B, S] > 0, e.g. its
-    model tokens): (starts [B, min(n, S)], ok [B, min(n, S)]); ok is False where a row has fewer than n."""
-    score = torch.rand(eligible.shape, device=eligible.device).masked_fill(eligible <= 0, -1.0)
-    top = score.topk(min(n, eligible.shape[1]), dim=1)
-    return top.indices, top.values >= 0
+def sample_block_starts(
+    eligible: torch.Tensor, n: int, misses: torch.Tensor | None = None, n_focus: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to n distinct start positions per row among its eligible positions ([B, S] > 0, e.g. its model tokens):
+    first up to `n_focus` of the positions with `misses` > 0 (drawn without replacement in proportion to it, by
+    Efraimidis-Spirakis keys log(u) / w), then uniform. (starts [B, min(n, S)], ok [B, min(n, S)]); ok is False
+    where a row has fewer than n eligible positions."""
+    B, S = eligible.shape
+    score = torch.rand(B, S, device=eligible.device)  # uniform order in [0, 1)
+    if n_focus and misses is not None:
+        keys = torch.rand(B, S, device=eligible.device).clamp(min=1e-12).log() / misses.clamp(min=1e-6)
+        keys = keys.masked_fill((misses <= 0) | (eligible <= 0), -float("inf"))
+        top = keys.topk(min(n_focus, S), dim=1)
+        score.scatter_(
+            1, top.indices, torch.where(top.values > -float("inf"), 2.0, score.gather(1, top.indices))
+        )
+    score = score.masked_fill(eligible <= 0, -float("inf"))
+    top = score.topk(min(n, S), dim=1)
+    return top.indices, top.values > -float("inf")
 
 
 @dataclass(frozen=True)

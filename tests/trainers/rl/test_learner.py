@@ -3,10 +3,19 @@
 import pytest
 import torch
 
-from policy import HybridPolicy
+from common.paths import SHIPPED_CHECKPOINT
+from policy import HybridPolicy, load_tokenizer
 from policy.factory import build_model, tiny_moe_config
 from rollout import BlockEngine
-from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch, sample_block_starts, token_logprobs
+from rollout.types import Trajectory
+from trainers.rl.learner import (
+    Learner,
+    LearnerConfig,
+    RolloutBatch,
+    draft_misses,
+    sample_block_starts,
+    token_logprobs,
+)
 
 
 def rollouts(policy, G=4, seed=0):
@@ -169,19 +178,105 @@ def test_block_starts_are_distinct_eligible_positions():
     assert not ok[2].any()
 
 
-@pytest.mark.parametrize("layout", ["blocks", "full"])
+def test_focused_starts_take_the_misses_first_in_proportion_to_them():
+    """n_focus of the n starts go to positions with misses (weighted by the miss count), the rest are uniform;
+    a row with fewer misses fills up uniformly."""
+    eligible = torch.zeros(2, 30)
+    eligible[:, 10:30] = 1
+    misses = torch.zeros(2, 30)
+    misses[0, 12], misses[0, 20] = 1.0, 3.0  # row 0: two failed proposals, one losing 3x the drafts
+    misses[1, 25] = 2.0  # row 1: one
+    torch.manual_seed(0)
+    hits = {12: 0, 20: 0}
+    for _ in range(2000):
+        starts, ok = sample_block_starts(eligible, 3, misses, n_focus=1)
+        assert ok.all() and len(set(starts[0].tolist())) == 3 and len(set(starts[1].tolist())) == 3
+        assert set(starts.flatten().tolist()) <= set(range(10, 30))
+        s0 = set(starts[0].tolist())
+        assert s0 & {12, 20}  # the focused block sits at a miss
+        hits[12] += 12 in s0 and 20 not in s0
+        hits[20] += 20 in s0 and 12 not in s0
+        assert 25 in starts[1].tolist()  # the only miss is always taken
+    # the focused draw picks 20 with p = 3/4; a uniform block (2 of 19 left) then takes the other one sometimes
+    assert 0.70 < hits[20] / (hits[12] + hits[20]) < 0.82
+    starts, ok = sample_block_starts(eligible, 3, misses, n_focus=3)  # more focus than misses: uniform fill
+    assert ok.all() and {12, 20} <= set(starts[0].tolist()) and 25 in starts[1].tolist()
+
+
+def test_draft_misses_mark_the_proposals_that_failed_on_real_rollouts():
+    """On the shipped checkpoint's lossless rollouts (audited): every decode step that rejected a draft inside the
+    kept tokens is listed, at the position before its first drafted token, with the drafts it lost; the kept tokens
+    agree with the drafts up to the rejection and differ at it."""
+    policy = HybridPolicy.from_pretrained(SHIPPED_CHECKPOINT).eval()
+    tok = load_tokenizer(SHIPPED_CHECKPOINT)
+    words = ["planet", "qzxvw", "kitchenette", "sunlightbrr", "mmmarble", "wjndqwow"]
+    prompts = [tok(tok.bos_token + f"reverse: {w}\n", add_special_tokens=False)["input_ids"] for w in words]
+    eng = BlockEngine(policy, sampler="lossless", levels=[0, 4, 8], max_batch=8)
+    trajs = eng.generate(prompts, max_new_tokens=80, temperature=1.0, seed=0, audit=True)
+    listed = 0
+    for t in trajs:
+        expected, c = [], 1
+        for step, offered in zip(t.audit[1:], t.draft_counts, strict=True):  # audit[0] is the prefill
+            drafts, na = step["drafts"][:offered], step["accept_len"]
+            kept = t.tokens[c : c + na]  # the last step may be cut by the stop
+            assert kept == drafts[: len(kept)]
+            if na < len(drafts) and c + na < len(t.tokens):
+                assert (
+                    t.tokens[c + na] != drafts[na]
+                )  # lossless with argmax drafts: a rejection changes the token
+                expected.append((c - 1, len(drafts) - na))
+            c += len(step["committed"])
+        assert draft_misses(t) == expected
+        listed += len(expected)
+    assert listed > 0
+
+
+def test_draft_misses_follow_the_model_turns_of_an_episode():
+    """Env tokens are skipped and each turn opens with its prefill token; steps are consumed turn by turn."""
+    t = Trajectory(
+        prompt_ids=[1], tokens=list(range(14)), behavior_logprobs=[0.0] * 14, ar_logprobs=[0.0] * 14
+    )
+    t.env_mask = [1] * 5 + [0] * 3 + [1] * 6
+    t.accept_counts, t.draft_counts = [2, 0, 4, 2], [4, 4, 4, 4]  # turn 1: 1 + 3 + 1; turn 2: 1 + 5 (cut)
+    assert draft_misses(t) == [(0, 2), (3, 4)]  # turn 2's last step rejected past the cut: not counted
+    batch = RolloutBatch.from_trajectories([t], [0.0], 1, pad_id=0)
+    assert batch.draft_miss[0, 1] == 2 and batch.draft_miss[0, 4] == 4 and batch.draft_miss.sum() == 6
+
+
+@pytest.mark.parametrize("layout", ["blocks", "full", "packed"])
 @pytest.mark.parametrize("target", ["tokens", "ar"])
-def test_the_diffusion_term_trains_the_drafter_on_the_rollouts(layout, target):
-    """Either layout, either target: the diffusion loss on the rollouts falls over learner steps (no reward signal
-    at all, so only the diffusion term moves the drafter)."""
+def test_the_diffusion_term_trains_the_drafter_on_the_rollouts(layout, target, monkeypatch):
+    """Every layout, either target: the diffusion loss on the rollouts falls over learner steps (no reward signal
+    at all, so only the diffusion term moves the drafter). Packed: the forward is one block wider than the
+    padded batch, and each row holds between diff_width and diff_blocks blocks."""
     policy = tiny_policy()
     trajs = rollouts(policy, G=8, seed=3)
     batch = RolloutBatch.from_trajectories(trajs, [0.0] * len(trajs), 8, pad_id=0)
-    cfg = LearnerConfig(lr=3e-3, lambda_diff=1.0, diffusion=layout, diff_blocks=2, diff_target=target)
+    packed = layout == "packed"
+    cfg = LearnerConfig(
+        lr=3e-3,
+        lambda_diff=1.0,
+        diffusion="blocks" if packed else layout,
+        diff_blocks=3 if packed else 2,
+        diff_width=1 if packed else None,
+        diff_target=target,
+    )
+    widths, forward = [], policy.draft_blocks_forward
+
+    def spy(ids, valid, starts, **kw):
+        if kw.get("cols") is not None:
+            per_row = (kw["cols"] >= 0).sum(1)
+            assert ((per_row >= 1) & (per_row <= 3)).all()
+            widths.append(int((kw["cols"] + policy.block_size + 1).max()) - ids.shape[1])
+        return forward(ids, valid, starts, **kw)
+
+    monkeypatch.setattr(policy, "draft_blocks_forward", spy)
     learner = Learner(policy, cfg)
     torch.manual_seed(0)
     losses = [learner.step(batch)["train/diff_loss"] for _ in range(6)]
     assert losses[-1] < losses[0] - 0.2
+    if packed:
+        assert widths and max(widths) <= policy.block_size + 1
 
 
 def test_the_distillation_target_is_the_ar_distribution_at_the_slot():
