@@ -44,12 +44,13 @@ class LearnerConfig(Section):
     per row at random completion positions, n(K+1) extra tokens per row; `full`: TiDAR's S masks per row (K-blocks
     at shift 0), S extra tokens and a [2S, 2S] attention."""
     diff_blocks: int = Field(4, ge=1)
-    """mask blocks per row under `diffusion: blocks` (4: +54% on the learner step and the drafter held over 100 RL
-    steps; 2: +25%, but it went stale after a policy shift in the one 100-step run; docs/benchmarks.md)."""
-    diff_width: int | None = Field(None, ge=1)
+    """mask blocks per row under `diffusion: blocks`, where they fit in `diff_width`."""
+    diff_width: int | None = Field(1, ge=1)
     """the columns the term may add past the padded length, in blocks (None: diff_blocks, so every row gets them
-    all). Fewer: each row packs its blocks into its own padding first (`pack_block_columns`) and gets
-    min(diff_blocks, what fits), at least diff_width: the padded batch computed those columns anyway."""
+    all, n(K+1) extra tokens per row). Fewer: each row packs its blocks into its own padding first
+    (`pack_block_columns`) and gets min(diff_blocks, what fits), at least diff_width; the padded batch computed
+    those columns anyway. The default, 4 blocks in 1 block's width: 2.7 blocks per row at +13% on the learner step,
+    and the drafter held over 100 RL steps (appended x4: +79%; docs/benchmarks.md)."""
     diff_focus: float = Field(0.0, ge=0.0, le=1.0)
     """the share of a row's `diff_blocks` placed at the proposals its rollout's engine got wrong (`draft_misses`:
     the steps that rejected a draft, likelier the more drafts they lost), the rest uniform; rows with fewer misses,
