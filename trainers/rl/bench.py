@@ -44,6 +44,7 @@ class LearnerArm(Section):
     diffusion: Literal["blocks", "full"] = "blocks"
     diff_blocks: int = Field(4, ge=1)
     diff_width: int | None = Field(1, ge=1)
+    diff_blocks_mean: float = Field(2.5, ge=0.0)
     diff_focus: float = Field(0.0, ge=0.0, le=1.0)
     diff_target: Literal["tokens", "ar"] = "tokens"
     """the diffusion-term settings, as in `LearnerConfig` (its docstrings)."""
@@ -72,7 +73,7 @@ class LearnerBenchConfig(Section):
             LearnerArm(name="lambda_diff=0", lambda_diff=0.0),
             LearnerArm(name="full", diffusion="full"),
             LearnerArm(name="blocks x4 appended", diff_blocks=4, diff_width=None),
-            LearnerArm(name="4 packed in 1 (default)", diff_blocks=4, diff_width=1),
+            LearnerArm(name="4 packed (default)", diff_blocks=4),
         ]
     )
     """the first arm is the reference (normally lambda_diff = 0)."""

@@ -46,11 +46,14 @@ class LearnerConfig(Section):
     diff_blocks: int = Field(4, ge=1)
     """mask blocks per row under `diffusion: blocks`, where they fit in `diff_width`."""
     diff_width: int | None = Field(1, ge=1)
-    """the columns the term may add past the padded length, in blocks (None: diff_blocks, so every row gets them
-    all, n(K+1) extra tokens per row). Fewer: each row packs its blocks into its own padding first
-    (`pack_block_columns`) and gets min(diff_blocks, what fits), at least diff_width; the padded batch computed
-    those columns anyway. The default, 4 blocks in 1 block's width: 2.7 blocks per row at +13% on the learner step,
-    and the drafter held over 100 RL steps (appended x4: +79%; docs/benchmarks.md)."""
+    """the fewest columns the term adds past the padded length, in blocks (None: diff_blocks, so every row gets them
+    all, n(K+1) extra tokens per row). Otherwise each row packs its blocks into its own padding first
+    (`pack_block_columns`) and gets min(diff_blocks, what fits): the padded batch computed those columns anyway."""
+    diff_blocks_mean: float = Field(2.5, ge=0.0)
+    """packed: the width grows from diff_width, one block at a time, until the rows hold this many blocks on average
+    (or all they can), so the drafter's signal does not depend on how ragged the batch is: on the ablation's mixed
+    lengths one block's width mostly suffices (+15% on the learner step), on countdown's equal lengths it takes two
+    or three. With 1.7 blocks per row the drafter did not learn countdown; with 3 it did (docs/benchmarks.md)."""
     diff_focus: float = Field(0.0, ge=0.0, le=1.0)
     """the share of a row's `diff_blocks` placed at the proposals its rollout's engine got wrong (`draft_misses`:
     the steps that rejected a draft, likelier the more drafts they lost), the rest uniform; rows with fewer misses,
@@ -331,6 +334,17 @@ class Learner:
             )
         return masked_soft_ce(diff_logits, teacher / cfg.temperature, weight)
 
+    def _pack(self, lengths: torch.Tensor, S: int, ok: torch.Tensor) -> torch.Tensor:
+        """Block columns [B, n] of the narrowest packed layout, from diff_width blocks past S up, whose rows hold
+        diff_blocks_mean blocks on average (capped by the blocks they have, `ok`)."""
+        cfg, L, n = self.cfg, self.policy.block_size + 1, ok.shape[1]
+        want = min(cfg.diff_blocks_mean, float(ok.sum(1).float().mean()))
+        for width in range(cfg.diff_width, cfg.diff_blocks + 1):
+            cols = pack_block_columns(lengths, S + width * L, n, L)
+            if float(((cols >= 0) & ok).sum(1).float().mean()) >= want:
+                break
+        return cols
+
     def _minibatch(self, batch: RolloutBatch, t: _Targets, idx: torch.Tensor, diagnose: bool):
         """One optimizer step on rows `idx`: (train metrics, rollout diagnostics or {})."""
         cfg, policy = self.cfg, self.policy
@@ -342,8 +356,7 @@ class Learner:
             n_focus = round(cfg.diff_blocks * cfg.diff_focus)
             starts, ok = sample_block_starts(comp, cfg.diff_blocks, misses, n_focus)
             if cfg.diff_width is not None and cfg.diff_width < cfg.diff_blocks:
-                L = policy.block_size + 1
-                cols = pack_block_columns(valid.sum(1), ids.shape[1] + cfg.diff_width * L, starts.shape[1], L)
+                cols = self._pack(valid.sum(1), ids.shape[1], ok)
                 ok = ok & (cols >= 0)
                 cols = cols.masked_fill(~ok, -1)
         logits, diff_logits, aux, values = self._forward(

@@ -203,6 +203,19 @@ def test_focused_starts_take_the_misses_first_in_proportion_to_them():
     assert ok.all() and {12, 20} <= set(starts[0].tolist()) and 25 in starts[1].tolist()
 
 
+def test_the_packed_width_grows_until_rows_hold_the_mean_asked():
+    """Ragged rows fill their padding, so one block's width gives them the mean; equal rows need the width itself."""
+    learner = Learner(tiny_policy(), LearnerConfig(diff_blocks=4, diff_width=1, diff_blocks_mean=2.5))
+    L = learner.policy.block_size + 1
+    ok = torch.ones(4, 4, dtype=torch.bool)
+    ragged = learner._pack(torch.tensor([40, 10, 10, 10]), 40, ok)  # three rows with 30 columns of padding
+    assert ((ragged >= 0).sum(1)).tolist() == [1, 4, 4, 4] and int((ragged + L).max()) <= 40 + L
+    equal = learner._pack(torch.tensor([40, 40, 40, 40]), 40, ok)
+    assert ((equal >= 0).sum(1)).tolist() == [3, 3, 3, 3]  # 2 blocks' width holds 2 < 2.5
+    few = learner._pack(torch.tensor([40] * 4), 40, torch.tensor([[True, False, False, False]] * 4))
+    assert ((few >= 0).sum(1)).tolist() == [1, 1, 1, 1]  # rows with one start need no wider layout
+
+
 def test_draft_misses_mark_the_proposals_that_failed_on_real_rollouts():
     """On the shipped checkpoint's lossless rollouts (audited): every decode step that rejected a draft inside the
     kept tokens is listed, at the position before its first drafted token, with the drafts it lost; the kept tokens
@@ -259,6 +272,7 @@ def test_the_diffusion_term_trains_the_drafter_on_the_rollouts(layout, target, m
         diffusion="blocks" if packed else layout,
         diff_blocks=3 if packed else 2,
         diff_width=1 if packed else None,
+        diff_blocks_mean=0.0,  # the narrowest layout: one block past the padded batch
         diff_target=target,
     )
     widths, forward = [], policy.draft_blocks_forward
