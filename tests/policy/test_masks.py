@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from policy import decode_step_mask, prefill_mask, tidar_training_mask
-from policy.masks import decode_step_layout, to_additive
+from policy.masks import decode_step_layout, draft_blocks_mask, to_additive
 
 
 def grid(rows: list[str]) -> torch.Tensor:
@@ -100,3 +100,23 @@ def test_additive_mask_values():
     m = torch.tensor([[True, False]])
     a = to_additive(m, torch.float32)
     assert a[0, 0] == 0 and a[0, 1] == torch.finfo(torch.float32).min
+
+
+def test_draft_blocks_mask_packed_picture():
+    """docs/architecture.md: a row of 3 tokens padded to 4, its block (start 2, L = 2) packed at columns 3-4 of a
+    layout one block wider; the padding column 5 keeps the clean rule (and no real query sees it)."""
+    m = draft_blocks_mask(4, torch.tensor([[2]]), 2, cols=torch.tensor([[3]]), width=6)[0]
+    x = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 0, 1, 1, 0],  # m2: x0, x1 and its own block
+            [1, 1, 0, 1, 1, 0],  # m3
+            [1, 1, 1, 0, 0, 1],  # padding column: the clean rule over non-block columns
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(m, x)
+    appended = draft_blocks_mask(4, torch.tensor([[2]]), 2)[0]
+    assert torch.equal(m[3:5, :3], appended[4:6, :3]) and torch.equal(m[3:5, 3:5], appended[4:6, 4:6])
