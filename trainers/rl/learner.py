@@ -52,8 +52,9 @@ class LearnerConfig(Section):
     diff_blocks_mean: float = Field(2.5, ge=0.0)
     """packed: the width grows from diff_width, one block at a time, until the rows hold this many blocks on average
     (or all they can), so the drafter's signal does not depend on how ragged the batch is: on the ablation's mixed
-    lengths one block's width mostly suffices (+15% on the learner step), on countdown's equal lengths it takes two
-    or three. With 1.7 blocks per row the drafter did not learn countdown; with 3 it did (docs/benchmarks.md)."""
+    lengths one block's width mostly suffices (2.8 blocks per row, +18% on the learner step), on countdown's equal
+    lengths it takes two or three. With 1.7 blocks per row the drafter did not learn countdown; with 3.1 it did
+    (docs/benchmarks.md)."""
     diff_focus: float = Field(0.0, ge=0.0, le=1.0)
     """the share of a row's `diff_blocks` placed at the proposals its rollout's engine got wrong (`draft_misses`:
     the steps that rejected a draft, likelier the more drafts they lost), the rest uniform; rows with fewer misses,
