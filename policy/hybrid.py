@@ -34,7 +34,15 @@ from policy.families import (
 )
 from policy.flex import FLEX, block_mask, register_flex
 from policy.losses import TidarLossOutput, load_balancing_loss, tidar_loss
-from policy.masks import draft_blocks_mask, tidar_mask_mod, tidar_training_mask, to_additive
+from policy.masks import (
+    appended_block_columns,
+    draft_block_positions,
+    draft_blocks_mask,
+    slot_columns,
+    tidar_mask_mod,
+    tidar_training_mask,
+    to_additive,
+)
 from policy.tokenizer import MASK, eos_ids
 
 METADATA_KEY = "blockrl"
@@ -356,10 +364,10 @@ class HybridPolicy(nn.Module):
         B, S = input_ids.shape
         n, L, dev = starts.shape[1], block_len or self.block_size + 1, input_ids.device
         if cols is None:
-            cols = (S + L * torch.arange(n, device=dev)).expand(B, n)
+            cols = appended_block_columns(B, S, n, L, dev)
         present = (cols >= 0).repeat_interleave(L, dim=1)
         W = max(S, int((cols + L).max())) if n else S
-        slot_col = torch.where(present, (cols[:, :, None] + torch.arange(L, device=dev)).flatten(1), W)
+        slot_col = slot_columns(cols, L, W)
         slot_pos = draft_block_positions(starts, L)
         slot_mask = valid.gather(1, slot_pos.clamp(max=S - 1)) * (slot_pos < S) * present
         if active is not None:
@@ -460,31 +468,6 @@ class HybridPolicy(nn.Module):
             else 0.0
         )
         return tidar_loss(out.ar_logits, out.diff_logits, input_ids, loss_mask, alpha, out.aux_loss, coef)
-
-
-def draft_block_positions(starts: torch.Tensor, block_len: int) -> torch.Tensor:
-    """[B, n] block starts -> [B, n*L] positions of the blocks' mask slots (block i's slot j at i*L + j)."""
-    return (starts[:, :, None] + torch.arange(block_len, device=starts.device)).flatten(1)
-
-
-def pack_block_columns(lengths: torch.Tensor, width: int, n: int, block_len: int) -> torch.Tensor:
-    """Columns [B, n] for `draft_blocks_forward`: row b's blocks laid end to end from its length (its padding
-    first) within `width` columns; -1 for the blocks that do not fit (so a row of length l gets
-    min(n, (width - l) // block_len) blocks)."""
-    k = torch.arange(n, device=lengths.device)
-    cols = lengths.long()[:, None] + block_len * k
-    return torch.where(cols + block_len <= width, cols, -1)
-
-
-def draft_block_targets(
-    input_ids: torch.Tensor, weight: torch.Tensor, starts: torch.Tensor, block_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and loss weights [B, n*L] of `draft_blocks_forward`'s slots: the token at each slot's position and
-    `weight` there (0 past the sequence's end)."""
-    S = input_ids.shape[1]
-    slot_pos = draft_block_positions(starts, block_len)
-    at = slot_pos.clamp(max=S - 1)
-    return input_ids.gather(1, at), weight.gather(1, at) * (slot_pos < S)
 
 
 def _probe_tolerance(ref: torch.Tensor, dtype: torch.dtype) -> float:

@@ -89,6 +89,18 @@ def tidar_mask_mod(seq_len: int, block_size: int, shift: int = 0) -> MaskMod:
     return mod
 
 
+def appended_block_columns(batch: int, seq_len: int, n: int, block_len: int, device) -> torch.Tensor:
+    """[B, n] layout columns of n blocks laid after x: block i at S + i*L."""
+    return (seq_len + block_len * torch.arange(n, device=device)).expand(batch, n)
+
+
+def slot_columns(cols: torch.Tensor, block_len: int, absent: int) -> torch.Tensor:
+    """[B, n] block columns -> [B, n*L] column of each mask slot (block i's slot j at i*L + j); `absent` for the
+    slots of blocks with cols < 0."""
+    slot = (cols[:, :, None] + torch.arange(block_len, device=cols.device)).flatten(1)
+    return torch.where((cols >= 0).repeat_interleave(block_len, dim=1), slot, absent)
+
+
 def draft_blocks_mask(
     seq_len: int,
     starts: torch.Tensor,
@@ -122,10 +134,9 @@ def draft_blocks_mask(
     B, n = starts.shape
     S, L, dev = seq_len, block_len, starts.device
     if cols is None:
-        cols, width = (S + L * torch.arange(n, device=dev)).expand(B, n), S + n * L
+        cols, width = appended_block_columns(B, S, n, L, dev), S + n * L
     W = width if width is not None else S
-    slot_col = (cols[:, :, None] + torch.arange(L, device=dev)).flatten(1)  # [B, n*L]
-    slot_col = torch.where((cols >= 0).repeat_interleave(L, dim=1), slot_col, W)  # absent -> a spare column W
+    slot_col = slot_columns(cols, L, W)  # absent slots -> a spare column W
     block = torch.full((B, W + 1), -1, dtype=torch.long, device=dev)  # block of each column, -1: clean
     block.scatter_(1, slot_col, (torch.arange(n * L, device=dev) // L).expand(B, -1))
     start = torch.zeros(B, W + 1, dtype=torch.long, device=dev)
@@ -137,6 +148,31 @@ def draft_blocks_mask(
     sees_prefix = slot_q & ~slot_k & (col[None, None, :] < start[:, :, None])
     own_block = slot_q & slot_k & (block[:, :, None] == block[:, None, :])
     return clean | sees_prefix | own_block
+
+
+def draft_block_positions(starts: torch.Tensor, block_len: int) -> torch.Tensor:
+    """[B, n] block starts -> [B, n*L] positions of the blocks' mask slots (block i's slot j at i*L + j)."""
+    return (starts[:, :, None] + torch.arange(block_len, device=starts.device)).flatten(1)
+
+
+def pack_block_columns(lengths: torch.Tensor, width: int, n: int, block_len: int) -> torch.Tensor:
+    """Columns [B, n] for `draft_blocks_forward`: row b's blocks laid end to end from its length (its padding
+    first) within `width` columns; -1 for the blocks that do not fit (so a row of length l gets
+    min(n, (width - l) // block_len) blocks)."""
+    k = torch.arange(n, device=lengths.device)
+    cols = lengths.long()[:, None] + block_len * k
+    return torch.where(cols + block_len <= width, cols, -1)
+
+
+def draft_block_targets(
+    input_ids: torch.Tensor, weight: torch.Tensor, starts: torch.Tensor, block_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and loss weights [B, n*L] of `draft_blocks_forward`'s slots: the token at each slot's position and
+    `weight` there (0 past the sequence's end)."""
+    S = input_ids.shape[1]
+    slot_pos = draft_block_positions(starts, block_len)
+    at = slot_pos.clamp(max=S - 1)
+    return input_ids.gather(1, at), weight.gather(1, at) * (slot_pos < S)
 
 
 def decode_step_layout(block_size: int, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

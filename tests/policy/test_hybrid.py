@@ -6,9 +6,14 @@ from transformers import AutoModelForCausalLM
 
 from policy import HybridPolicy, decode_step_mask, tidar_training_mask
 from policy.factory import build_model, tiny_dense_config, tiny_moe_config
-from policy.hybrid import draft_block_targets, pack_block_columns
 from policy.losses import load_balancing_loss
-from policy.masks import decode_step_layout, draft_blocks_mask, prefill_mask
+from policy.masks import (
+    decode_step_layout,
+    draft_block_targets,
+    draft_blocks_mask,
+    pack_block_columns,
+    prefill_mask,
+)
 from tests.conftest import make_policy
 
 KINDS = ["moe", "llama", "qwen3"]

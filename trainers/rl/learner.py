@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,8 +20,9 @@ from pydantic import Field
 
 from common.config import Section
 from common.device import DeviceName, resolve_device
-from policy.hybrid import HybridPolicy, draft_block_positions, draft_block_targets, pack_block_columns
+from policy.hybrid import HybridPolicy
 from policy.losses import masked_ce, masked_soft_ce
+from policy.masks import draft_block_positions, draft_block_targets, pack_block_columns
 from rollout.types import Trajectory
 from trainers.rl.losses import GRPOConfig, LossInputs, group_advantages, grpo_loss
 from trainers.rl.ppo import PPOConfig, ValueHead, gae, value_loss, whiten
@@ -147,17 +149,12 @@ def draft_misses(t: Trajectory) -> list[tuple[int, int]]:
     Each model turn opens with a prefill token and goes on in decode steps of accepted + 1 tokens; the steps of all
     turns are concatenated in `accept_counts`, in order, and a turn's last step may be cut by its stop (a rejection
     past the cut is not counted: its token was never kept)."""
-    segments, i, n = [], 0, len(t.tokens)
-    mask = t.env_mask or [1] * n
-    while i < n:  # contiguous model-generated runs: one per turn
-        if mask[i]:
-            j = i
-            while j < n and mask[j]:
-                j += 1
-            segments.append((i, j))
-            i = j
-        else:
-            i += 1
+    segments, at = [], 0  # contiguous model-generated runs [lo, hi): one per turn
+    for model, run in itertools.groupby(t.env_mask or [1] * len(t.tokens)):
+        n = len(list(run))
+        if model:
+            segments.append((at, at + n))
+        at += n
     out, step = [], 0
     steps = list(zip(t.accept_counts, t.draft_counts, strict=True))
     for lo, hi in segments:

@@ -309,7 +309,7 @@ def test_the_distillation_target_is_the_ar_distribution_at_the_slot():
     got = learner._diff_loss(same, ar, ids, comp, starts, ok)
     logp = torch.log_softmax(same, -1)
     entropy = -(logp.exp() * logp).sum(-1)
-    from policy.hybrid import draft_block_targets
+    from policy.masks import draft_block_targets
 
     _, w = draft_block_targets(ids, comp, starts, L)
     w = w * ok.repeat_interleave(L, dim=1)
