@@ -175,22 +175,33 @@ def draft_block_targets(
     return input_ids.gather(1, at), weight.gather(1, at) * (slot_pos < S)
 
 
-def decode_step_layout(block_size: int, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_step_layout(
+    block_size: int, levels: Sequence[int], verify_len: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Position offsets (relative to the anchor position b) and segment ids of one decode step's queries.
 
-    Segment 0 is the verify segment `[a, d_1..d_K]` at offsets 0..K; segment 1+l is the proposal block of level
-    `levels[l]` = p, K+1 masks at offsets p+1..p+K+1. Returns `(offsets [Q], segment [Q])`, Q = (K+1)(1+len(levels)).
+    Segment 0 is the verify segment `[a, d_1..d_n]` at offsets 0..n, n = verify_len - 1 (default K: the full
+    draft; a step whose rows carry fewer drafts verifies only those); segment 1+l is the proposal block of level
+    `levels[l]` = p <= n, K+1 masks at offsets p+1..p+K+1. Returns `(offsets [Q], segment [Q])`,
+    Q = verify_len + (K+1) len(levels).
     """
     K = block_size
+    V = K + 1 if verify_len is None else verify_len
     levels = list(levels)
     if not levels or levels[0] != 0 or sorted(set(levels)) != levels or levels[-1] > K:
         raise ValueError(f"levels must be strictly increasing within 0..{K} and start at 0, got {levels}")
-    offsets = [torch.arange(K + 1)] + [torch.arange(p + 1, p + K + 2) for p in levels]
-    segment = [torch.full((K + 1,), s) for s in range(1 + len(levels))]
+    if not 1 <= V <= K + 1 or levels[-1] > V - 1:
+        raise ValueError(
+            f"verify_len must be in 1..{K + 1} and cover every level (max {levels[-1]}), got {V}"
+        )
+    offsets = [torch.arange(V)] + [torch.arange(p + 1, p + K + 2) for p in levels]
+    segment = [torch.zeros(V, dtype=torch.long)] + [
+        torch.full((K + 1,), s) for s in range(1, 1 + len(levels))
+    ]
     return torch.cat(offsets), torch.cat(segment)
 
 
-def decode_step_mask(block_size: int, levels: Sequence[int]) -> torch.Tensor:
+def decode_step_mask(block_size: int, levels: Sequence[int], verify_len: int | None = None) -> torch.Tensor:
     """Query-vs-query mask `[Q, Q]` of one decode step (every query also sees the whole committed cache).
 
     - verify slots are causal among themselves;
@@ -206,9 +217,11 @@ def decode_step_mask(block_size: int, levels: Sequence[int]) -> torch.Tensor:
         P2 (x3)   1  1  1 |  .  .  . |  1  1  1
 
     Proposal p's slot j sits at position b+p+1+j and predicts that position's token given the prefix through b+p.
+    A shorter verify segment (`verify_len`) is this mask with the unused verify slots' rows and columns removed:
+    nothing kept ever saw them.
     """
     levels = list(levels)
-    offsets, segment = decode_step_layout(block_size, levels)
+    offsets, segment = decode_step_layout(block_size, levels, verify_len)
     is_verify = segment == 0
     level_of = torch.tensor([-1, *levels])[segment]  # level of each proposal query, -1 for verify
     q_verify, k_verify = is_verify[:, None], is_verify[None, :]

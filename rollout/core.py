@@ -62,6 +62,19 @@ class _Row:
     params: SamplingParams
     key: tuple  # `_sampling_key(params)`: rows with equal keys are verified together
     top_n: int  # alternatives recorded per token
+    n_drafts: int = (
+        0  # drafts the row carries into its next verify (host copy: a step's layout reads no device)
+    )
+
+
+class StepLayout(NamedTuple):
+    """One decode step's query layout (`BlockEngine.step_layout`), for a pass whose rows carry at most n drafts."""
+
+    verify_len: int  # n + 1: the anchor and the drafts
+    levels: tuple[int, ...]  # proposal levels evaluated (every p <= n)
+    offsets: torch.Tensor  # [Q] query positions relative to the anchor
+    mask: torch.Tensor  # [Q, Q] bool query mask
+    levels_t: torch.Tensor  # the levels on the device, for choosing each row's proposal
 
 
 class _Group(NamedTuple):
@@ -128,6 +141,9 @@ class EngineCore:
         # slot lists as device tensors, built once each
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.timer: StepTimer | None = None  # set by profile_decode_steps
+        # every step at the full layout (the probes: a step's most cost, for calibration)
+        self.full_layout = False
+        self._level0 = torch.zeros(1, dtype=torch.long, device=dev)  # prefill's one proposal
 
     # ---------------------------------------------------------------------------------------------- requests
     @property
@@ -294,7 +310,7 @@ class EngineCore:
             gen = torch.Generator(device=dev).manual_seed(seed)
             p = req.params
             self.slots[s] = _Row(
-                rid, self._trajectory(req), gen, time.perf_counter(), p, _sampling_key(p), req.top_logprobs
+                rid, self._trajectory(req), gen, time.perf_counter(), p, _sampling_key(p), req.top_logprobs, K
             )
         self._group(rows)
         last = self.head(hidden[torch.arange(R, device=dev), lens - 1])  # [R, V]: AR distribution of token 1
@@ -302,56 +318,64 @@ class EngineCore:
         out = self.verify(rows, last[:, None], empty, None, torch.zeros(R, dtype=torch.long, device=dev))
         if K:
             proposal = hidden[:, P:]  # [R, K+1, H] at positions lens..lens+K: level 0 with na = 0
-            self.set_drafts(rows, proposal[:, None], torch.zeros(R, dtype=torch.long, device=dev))
+            self.set_drafts(
+                rows, proposal[:, None], torch.zeros(R, dtype=torch.long, device=dev), self._level0
+            )
         self.emit(rows, out, drafts_used=None)
 
     # ---------------------------------------------------------------------------------------------- decode
     def decode_step(self, rows: list[int]) -> None:
+        """One forward over every row of the pass: verify each row's drafts, draft its next block (module docstring
+        of rollout/engine.py). The layout fits the pass's longest draft (`BlockEngine.step_layout`): slots past
+        every row's drafts and levels no draft reaches are not computed."""
         eng, dev, K = self.eng, self.eng.device, self.eng.K
         with self.timed("bookkeeping"):
             rows_t = self._idx = self.index(rows)  # the slot indices of this pass
             self._group(rows)
-        R = len(rows)
+            lay = self._layout = eng.step_layout(
+                K if self.full_layout else max(self.slots[s].n_drafts for s in rows)
+            )
+        R, V = len(rows), lay.verify_len
         with self.timed("body"):
-            if K:
-                L = len(eng.levels)
-                verify_ids = torch.cat([self.anchor[rows_t, None], self.drafts[rows_t]], dim=1)  # [R, K+1]
-                masks = torch.full((R, L * (K + 1)), eng.policy.mask_token_id, dtype=torch.long, device=dev)
-                ids = torch.cat([verify_ids, masks], dim=1)
-            else:
-                ids = self.anchor[rows_t, None]
-            pos = self.cache.lens[rows_t, None] + eng._offsets[None]
-            hidden = self.forward(rows, ids, pos, eng._step_mask[None])
+            ids = torch.cat([self.anchor[rows_t, None], self.drafts[rows_t, : V - 1]], dim=1)  # [R, V]
+            if lay.levels:
+                masks = torch.full((R, len(lay.levels) * (K + 1)), eng.policy.mask_token_id, device=dev)
+                ids = torch.cat([ids, masks], dim=1)
+            pos = self.cache.lens[rows_t, None] + lay.offsets[None]
+            hidden = self.forward(rows, ids, pos, lay.mask[None])
         with self.timed("heads"):
-            ar_logits = self.head(hidden[:, : K + 1])
+            ar_logits = self.head(hidden[:, :V])
         with self.timed("verify"):
             n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
-            drafts = self.drafts[rows_t, :K]
+            drafts = self.drafts[rows_t, : V - 1]
             verified = self.verify(
                 rows,
                 ar_logits,
                 drafts,
-                None if self.draft_logits is None else self.draft_logits[rows_t],
+                None if self.draft_logits is None else self.draft_logits[rows_t, : V - 1],
                 n_drafts,
+                draws=K + 1,
             )
         accept_len = verified[0].accept_len
         if K:
-            proposals = hidden[:, K + 1 :].view(R, len(eng.levels), K + 1, -1)
-            self.set_drafts(rows, proposals, accept_len)
+            proposals = hidden[:, V:].view(R, len(lay.levels), K + 1, -1)
+            self.set_drafts(rows, proposals, accept_len, lay.levels_t)
         with self.timed("bookkeeping"):
             na = self.emit(rows, verified, drafts_used=drafts)  # the step's one host read
             self.commit(accept_len + 1, [n + 1 for n in na])
 
-    def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts):
+    def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts, draws: int = 1):
         """Per sampling group: processors -> (logit mixing) -> fused verify with per-row uniforms. Returns
-        (VerifyOutput, ar_logprobs, n_drafts, top) with top = (log-probs, ids) [R, K+1, n] of the most likely
-        tokens under the behaviour distribution when a row asked for alternatives, else None."""
-        q_all = (
-            self.draft_probs[self._idx] if self.draft_probs is not None and ar_logits.shape[1] > 1 else None
-        )
+        (VerifyOutput, ar_logprobs, n_drafts, top) with top = (log-probs, ids) [R, V, n] of the most likely
+        tokens under the behaviour distribution when a row asked for alternatives, else None.
+
+        Each row draws `draws` uniforms (K+1 in a decode step) however long the pass's verify segment is, so a
+        row's random stream never depends on the rows beside it."""
+        V = ar_logits.shape[1]
+        q_all = self.draft_probs[self._idx, : V - 1] if self.draft_probs is not None and V > 1 else None
         top_n = min(self.V, max(self.slots[s].top_n for s in rows))
         tensors = (ar_logits, drafts, draft_logits, n_drafts, q_all)
-        parts = [self._verify_group(g, *(g.take(x) for x in tensors), top_n) for g in self._pass]
+        parts = [self._verify_group(g, *(g.take(x) for x in tensors), top_n, draws) for g in self._pass]
         if len(parts) == 1:
             out, ar_lp, top = parts[0]
         else:  # each output field, scattered back over the pass's rows
@@ -368,7 +392,7 @@ class EngineCore:
             full[g.pos] = x
         return full
 
-    def _verify_group(self, g: _Group, ar_logits, drafts, draft_logits, n_drafts, q, top_n):
+    def _verify_group(self, g: _Group, ar_logits, drafts, draft_logits, n_drafts, q, top_n, draws):
         eng, rows, p, banned = self.eng, g.slots, g.params, g.banned
         K1 = ar_logits.shape[1]
         target = ar_logits
@@ -380,7 +404,10 @@ class EngineCore:
         target = process_logits(target, p, banned)
         if p.temperature == 0:
             q = None
-        u = torch.stack([torch.rand(K1, generator=self.slots[s].gen, device=ar_logits.device) for s in rows])
+        gens = [self.slots[s].gen for s in rows]
+        u = torch.stack([torch.rand(max(draws, K1), generator=g, device=ar_logits.device) for g in gens])
+        # draft i's test reads u_i and the final draw the last uniform, whatever the pass's verify length
+        u = torch.cat([u[:, : K1 - 1], u[:, -1:]], dim=1)
         out = eng.verify_fn(target, drafts, q, n_drafts, u, p.temperature)
         if p.temperature == 0:
             ar_lp = torch.zeros_like(out.logprobs)
@@ -396,13 +423,16 @@ class EngineCore:
             top = torch.log_softmax(scaled, dim=-1).topk(top_n, dim=-1)
         return out, ar_lp, top
 
-    def set_drafts(self, rows: list[int], proposals: torch.Tensor, accept_len: torch.Tensor) -> None:
-        """Next drafts from the closest-below proposal. proposals: hidden states [R, L, K+1, H]; accept_len [R]."""
-        eng, K = self.eng, self.eng.K
+    def set_drafts(
+        self, rows: list[int], proposals: torch.Tensor, accept_len: torch.Tensor, levels: torch.Tensor
+    ) -> None:
+        """Next drafts from the closest-below proposal. proposals: hidden states [R, L, K+1, H] of the proposal
+        blocks at `levels` [L]; accept_len [R]."""
+        K = self.eng.K
         dev = proposals.device
         R = len(rows)
-        lvl = torch.searchsorted(eng._levels_t, accept_len, right=True) - 1  # largest level p <= na
-        p = eng._levels_t[lvl]
+        lvl = torch.searchsorted(levels, accept_len, right=True) - 1  # largest level p <= na
+        p = levels[lvl]
         chosen = proposals[torch.arange(R, device=dev), lvl]  # [R, K+1, H]
         first = accept_len - p + 1  # slot of position b+na+2
         slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(max=K)  # [R, K]
@@ -432,14 +462,15 @@ class EngineCore:
         """Append each row's committed tokens, cut at stops, free finished slots, queue each request's StepEvent;
         returns the accept lengths.
 
-        Everything the host needs from the step (accept lengths, draft counts, tokens, both log-probs, any asked-for
-        alternatives) comes back in one packed float64 copy (ids are exact in float64 below 2**53; the fp32
-        log-probs convert exactly): the one host sync of a decode step."""
+        Everything the host needs from the step (accept lengths, this and the next step's draft counts, tokens,
+        both log-probs, any asked-for alternatives) comes back in one packed float64 copy (ids are exact in float64
+        below 2**53; the fp32 log-probs convert exactly): the one host sync of a decode step."""
         out, ar_lp, n_drafts, top = verified
         rows_t = self._idx
         R, K1 = out.tokens.shape
         self.anchor[rows_t] = out.tokens[torch.arange(R, device=rows_t.device), out.accept_len]  # last token
-        parts = [out.accept_len[:, None], n_drafts[:, None], out.tokens, out.logprobs, ar_lp]
+        next_n = self.n_drafts[rows_t] if self.eng.K else n_drafts  # the drafts set for the next step
+        parts = [out.accept_len[:, None], n_drafts[:, None], next_n[:, None], out.tokens, out.logprobs, ar_lp]
         if top is not None:
             parts += [top[0].flatten(1), top[1].flatten(1)]
         packed = torch.cat([x.double() for x in parts], dim=1)
@@ -450,11 +481,12 @@ class EngineCore:
             row = self.slots[s]
             t, h = row.traj, host[r]
             n = na[r] + 1
+            row.n_drafts = int(h[2])
             if drafts_used is not None:  # a decode step (prefill emits the first anchor)
                 t.accept_counts.append(na[r])
                 t.draft_counts.append(int(h[1]))
             t.num_forwards += 1
-            chunk = [int(x) for x in h[2 : 2 + n]]
+            chunk = [int(x) for x in h[3 : 3 + n]]
             if t.audit is not None:
                 t.audit.append(
                     {
@@ -465,10 +497,10 @@ class EngineCore:
                 )
             start = len(t.tokens)
             t.tokens += chunk
-            t.behavior_logprobs += h[2 + K1 : 2 + K1 + n]
-            t.ar_logprobs += h[2 + 2 * K1 : 2 + 2 * K1 + n]
+            t.behavior_logprobs += h[3 + K1 : 3 + K1 + n]
+            t.ar_logprobs += h[3 + 2 * K1 : 3 + 2 * K1 + n]
             if t.top_logprobs is not None:
-                t.top_logprobs += _alternatives(h[2 + 3 * K1 :], n, K1, row.top_n)
+                t.top_logprobs += _alternatives(h[3 + 3 * K1 :], n, K1, row.top_n)
             cut, reason = find_stop(t.tokens, start, row.params, self.eng.tokenizer)
             if cut is not None:
                 del t.tokens[cut:], t.behavior_logprobs[cut:], t.ar_logprobs[cut:]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rollout.types import Option
+from rollout.types import Option, split_levels
 
 # (option, max_batch) -> an engine running that option; `auto` and the calibration build engines through one
 EngineFactory = Callable[[Option, int], "object"]
@@ -65,22 +65,34 @@ class AcceptanceStats:
         return [float(c[i] / c[i - 1]) if c[i - 1] > 0 else 0.0 for i in range(1, len(c))]
 
 
-def tokens_per_step(survival: np.ndarray, levels: Sequence[int]) -> float:
-    """Expected committed tokens per decode step under `levels` (stationary law of the draft-count chain)."""
+def tokens_per_step(survival: np.ndarray, levels: Sequence[int | str]) -> float:
+    """Expected committed tokens per decode step under `levels` (stationary law of the draft-count chain).
+
+    State n = drafts a step carries. It accepts na = a with P(na >= i) = c_i (i <= n), and leaves the next step
+    n' = K - a + p(a) drafts, p(a) the largest level <= a among those the step evaluates (the fixed levels <= n,
+    plus n itself when the draft's end is a level)."""
     K = len(survival) - 1
-    if not levels:  # ar
+    fixed, tail = split_levels(levels)
+    if not fixed:  # ar
         return 1.0
-    lv = np.array(sorted(levels))
-    P = np.zeros((K + 1, K + 1))  # P[s, t]: previous accepted s -> accepted t
-    for s in range(K + 1):
-        p = lv[lv <= s].max()
-        n = K - s + p
+    lv = sorted(fixed)
+    P = np.zeros((K + 1, K + 1))  # P[n, n']
+    mean_na = np.zeros(K + 1)  # E[na | n]
+    for n in range(K + 1):
         c = np.r_[survival[: n + 1], 0.0]
-        P[s, : n + 1] = c[:-1] - c[1:]
-    pi = np.full(K + 1, 1.0 / (K + 1))
-    for _ in range(500):
+        law = c[:-1] - c[1:]  # P(na = a), a = 0..n
+        step = [p for p in lv if p <= n] + ([n] if tail else [])
+        for a in range(n + 1):
+            P[n, K - a + max(p for p in step if p <= a)] += law[a]
+        mean_na[n] = law @ np.arange(n + 1)
+    pi, avg = np.zeros(K + 1), np.zeros(K + 1)
+    pi[K] = 1.0  # a prefill leaves K drafts
+    for _ in range(
+        500
+    ):  # the running mean converges even where the chain is periodic (e.g. [0], all accepted)
+        avg += pi / 500
         pi = pi @ P
-    return float(pi @ np.arange(K + 1)) + 1.0
+    return float(avg @ mean_na) + 1.0
 
 
 def default_options(block_size: int) -> list[Option]:

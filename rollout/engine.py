@@ -28,8 +28,8 @@ from kernels.verify import default_verify
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
 from policy.tokenizer import eos_ids
-from rollout.core import PHASES, EngineCore, StepTimer
-from rollout.types import Option, Request, SamplingParams, Trajectory, with_eos
+from rollout.core import PHASES, EngineCore, StepLayout, StepTimer
+from rollout.types import END, Option, Request, SamplingParams, Trajectory, split_levels, with_eos
 
 __all__ = ["PHASES", "SAMPLERS", "BlockEngine", "EngineCore", "GenerateAPI", "StepTimer"]
 
@@ -104,7 +104,9 @@ class BlockEngine(GenerateAPI):
         self.policy = policy
         self.sampler = sampler
         self.K = 0 if sampler == "ar" else (block_size or policy.block_size)
-        self.levels = [] if sampler == "ar" else list(levels)
+        fixed, tail = split_levels(levels)
+        self.levels = [] if sampler == "ar" else list(fixed)
+        self.tail = bool(self.K) and tail  # the draft's end is a level too (rollout.types.split_levels)
         self.max_batch = max_batch
         self.mix_weight = mix_weight
         self.draft = draft
@@ -114,18 +116,36 @@ class BlockEngine(GenerateAPI):
         self.device = next(policy.parameters()).device
         self.verify_fn = verify_fn or default_verify(self.device)  # Triton on CUDA, torch reference on CPU
         if self.K:
-            offsets, _ = decode_step_layout(self.K, self.levels)  # validates levels
-            self._offsets = offsets.to(self.device)
-            self._step_mask = decode_step_mask(self.K, self.levels).to(self.device)
-        else:
-            self._offsets = torch.zeros(1, dtype=torch.long, device=self.device)
-            self._step_mask = torch.ones(1, 1, dtype=torch.bool, device=self.device)
-        self._levels_t = torch.tensor(self.levels or [0], device=self.device)
+            decode_step_layout(self.K, self.levels)  # validates levels
+        self._layouts: dict[int, StepLayout] = {}
+
+    def step_layout(self, n: int) -> StepLayout:
+        """The decode step's layout for a pass whose rows carry at most n drafts: a verify segment of n + 1 slots
+        (a slot past every row's draft verifies nothing), and the levels such a draft can reach (p <= n), plus the
+        draft's end when `end` is a level. Built once per n."""
+        if n not in self._layouts:
+            dev = self.device
+            if not self.K:  # ar: the anchor alone
+                offsets, mask, levels = (
+                    torch.zeros(1, dtype=torch.long),
+                    torch.ones(1, 1, dtype=torch.bool),
+                    [],
+                )
+            else:
+                levels = [p for p in self.levels if p <= n] + (
+                    [n] if self.tail and n not in self.levels else []
+                )
+                offsets, _ = decode_step_layout(self.K, levels, n + 1)
+                mask = decode_step_mask(self.K, levels, n + 1)
+            self._layouts[n] = StepLayout(
+                n + 1, tuple(levels), offsets.to(dev), mask.to(dev), torch.tensor(levels or [0], device=dev)
+            )
+        return self._layouts[n]
 
     @property
     def option(self) -> Option:
         """The concrete sampler this engine runs (stamped on every trajectory)."""
-        return Option(self.sampler, tuple(self.levels))
+        return Option(self.sampler, (*self.levels, END) if self.tail else tuple(self.levels))
 
     @property
     def vocab_size(self) -> int:
@@ -154,11 +174,14 @@ class BlockEngine(GenerateAPI):
         self, prompt_ids: list[list[int]], temperature: float, caller: str
     ) -> tuple[EngineCore, list[int]]:
         """A core holding one batch of these prompts that never stop (no EOS, no length limit), not yet admitted:
-        the probes below step it by hand through the same code path as `generate`."""
+        the probes below step it by hand through the same code path as `generate`, at the full step layout."""
         if len(prompt_ids) > self.max_batch:
             raise ValueError(f"{caller}: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}")
         params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
         core = EngineCore(self, len(prompt_ids))
+        core.full_layout = (
+            True  # random prompts draft little: time the layout of a full draft, a step's most cost
+        )
         for i, p in enumerate(prompt_ids):
             core.add(Request(p, params, i))
         return core, list(range(len(prompt_ids)))

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from common.config import Section
 from common.device import DeviceSettings
+from rollout.types import Levels, split_levels
 
 
 class EngineSettings(DeviceSettings):
@@ -20,8 +21,8 @@ class EngineSettings(DeviceSettings):
 
     sampler: Literal["ar", "lossless", "logit_mix", "auto"] = "lossless"
     """rollout sampler (auto: exact samples, chosen per call by the cost model)."""
-    levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
-    """proposal levels per pass."""
+    levels: Levels = Field(default_factory=lambda: [0, 4, 8])
+    """proposal levels per pass; `end` adds the end of each step's draft (rollout.types.split_levels)."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """w of logit_mix."""
     max_batch: int = Field(16, ge=1)
@@ -29,8 +30,9 @@ class EngineSettings(DeviceSettings):
 
     @field_validator("levels")
     @classmethod
-    def _levels(cls, v: list[int]) -> list[int]:
-        if 0 not in v or any(lv < 0 for lv in v) or len(set(v)) != len(v):
+    def _levels(cls, v: Levels) -> Levels:
+        fixed, _ = split_levels(v)
+        if 0 not in fixed or any(lv < 0 for lv in fixed) or len(set(v)) != len(v):
             raise ValueError(f"levels must be distinct, >= 0 and contain 0, got {v}")
         return v
 

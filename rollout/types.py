@@ -5,6 +5,27 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
+
+END = "end"  # the level at the end of each step's draft (see `split_levels`)
+Levels = list[int | Literal["end"]]  # a level list in configs: `[0, 4, 8]`, `[0, 8, end]`
+
+
+def split_levels(levels) -> tuple[tuple[int, ...], bool]:
+    """A level list as configs write it -> (the fixed levels, whether the draft's end is a level too).
+
+    `end` is the level p = n of a step that carries n drafts: when all n are accepted, the next step drafts a full
+    K tokens from there (a fixed level p < n leaves K - n + p). `[0, 8, end]` proposes from 0, from 8 (when the
+    draft reaches it) and from the end."""
+    fixed, tail = [], False
+    for i, p in enumerate(levels):
+        if p == END:
+            tail = True
+        elif isinstance(p, int) and not isinstance(p, bool):
+            fixed.append(p)
+        else:
+            raise ValueError(f"levels[{i}]: expected an int or {END!r}, got {p!r}")
+    return tuple(fixed), tail
 
 
 @dataclass(frozen=True)
@@ -12,11 +33,11 @@ class Option:
     """A concrete sampler: what `auto` chooses among and what every trajectory records it was generated with."""
 
     sampler: str  # "ar" | "lossless" | "logit_mix"
-    levels: tuple[int, ...] = ()
+    levels: tuple[int | str, ...] = ()  # ints, and END for the draft's end (`split_levels`)
 
     @property
     def name(self) -> str:
-        return self.sampler if self.sampler == "ar" else f"{self.sampler}{list(self.levels)}"
+        return self.sampler if self.sampler == "ar" else f"{self.sampler}[{', '.join(map(str, self.levels))}]"
 
 
 @dataclass(frozen=True)

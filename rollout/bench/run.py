@@ -35,7 +35,7 @@ from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.tokenizer import build_char_tokenizer, encode_prompt
 from rollout.auto import AutoSampler, engine_factory
 from rollout.cost_model import AcceptanceStats, CostModel
-from rollout.types import Option
+from rollout.types import Levels, Option
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class SweepConfig(Section):
     """batch size of the sweeps."""
     block_sizes: list[int] = Field(default_factory=list)
     """K values for lossless, e.g. [4, 8, 16, 32]."""
-    levels: list[list[int]] = Field(default_factory=list)
+    levels: list[Levels] = Field(default_factory=list)
     """level sets for lossless."""
     batch_sizes: list[int] = Field(default_factory=list)
     """batch sizes for ar vs lossless."""
@@ -88,11 +88,11 @@ class BenchConfig(DeviceSettings):
     """sampling temperature."""
     repeats: int = Field(3, ge=1)
     """timed repeats per cell (median reported)."""
-    levels: list[list[int]] = Field(default_factory=lambda: [[0], [0, 4, 8], [0, 4, 8, 12]])
+    levels: list[Levels] = Field(default_factory=lambda: [[0], [0, 4, 8], [0, 4, 8, 12]])
     """level sets lossless is run with (all reported; the best is the headline)."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """w of logit_mix."""
-    mix_levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    mix_levels: Levels = Field(default_factory=lambda: [0, 4, 8])
     """levels of logit_mix."""
     threads: int = Field(2, ge=1)
     """torch threads."""

@@ -25,6 +25,7 @@ from envs import splits
 from envs.tasks import TaskName
 from rollout.serve.config import ServeConfig
 from rollout.serve.run import ServerProcess
+from rollout.types import Levels
 
 Arm = Literal["hf", "ar", "lossless", "logit_mix", "auto"]
 
@@ -48,7 +49,7 @@ class ServeBenchConfig(Section):
     """completion budget per request."""
     temperature: float = Field(1.0, ge=0.0)
     """sampling temperature."""
-    levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    levels: Levels = Field(default_factory=lambda: [0, 4, 8])
     """proposal levels of the engine server."""
     max_batch: int = Field(32, ge=1)
     """rows per batch, both servers."""

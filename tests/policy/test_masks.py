@@ -85,6 +85,28 @@ def test_decode_step_proposal_matches_training_block():
         assert m[rows][:, rows].all()  # bidirectional inside the block
 
 
+@pytest.mark.parametrize("verify_len", [1, 2, 4, 5])
+@pytest.mark.parametrize("levels", [[0], [0, 1], [0, 3], [0, 1, 2, 3, 4]])
+def test_a_short_verify_segment_is_the_full_steps_submatrix(verify_len, levels):
+    """A step whose rows carry fewer drafts verifies only `verify_len` slots and keeps only the levels those reach:
+    its queries, positions and mask are exactly the full step's, with the unused slots and blocks removed."""
+    K = 4
+    kept = [p for p in levels if p <= verify_len - 1]
+    full, (off, seg) = decode_step_mask(K, levels), decode_step_layout(K, levels)
+    keep = (seg == 0) & (off < verify_len)
+    for s, p in enumerate(levels, start=1):
+        keep |= (seg == s) & (p in kept)
+    short_off, short_seg = decode_step_layout(K, kept, verify_len)
+    assert torch.equal(short_off, off[keep])
+    assert torch.equal(decode_step_mask(K, kept, verify_len), full[keep][:, keep])
+    assert (short_seg == 0).sum() == verify_len
+
+
+def test_decode_step_rejects_a_level_past_the_verify_segment():
+    with pytest.raises(ValueError, match="verify_len"):
+        decode_step_layout(4, [0, 3], verify_len=3)  # level 3 needs drafts d_1..d_3
+
+
 @pytest.mark.parametrize("levels", [[1], [0, 0], [0, 5], []])
 def test_decode_step_rejects_bad_levels(levels):
     with pytest.raises(ValueError, match="levels"):

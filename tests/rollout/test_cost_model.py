@@ -23,6 +23,30 @@ def test_fewer_levels_never_project_more_tokens():
     assert single <= sparse <= dense
 
 
+@pytest.mark.parametrize("levels", [[0], [0, 4], [0, "end"], [0, 4, "end"], [0, 2, 4, 6, 8]])
+def test_tokens_per_step_is_the_mean_of_the_engines_draft_rule(levels):
+    """The projection equals a simulation of the engine's rule: a step with n drafts accepts each with
+    probability alpha, then drafts K - na + p from the largest evaluated level p <= na."""
+    rng = np.random.default_rng(1)
+    K, alpha = 8, 0.85
+    fixed, tail = [p for p in levels if p != "end"], "end" in levels
+    n, tokens, steps = K, 0, 40000
+    for _ in range(steps):
+        na = 0
+        while na < n and rng.random() < alpha:
+            na += 1
+        tokens += na + 1
+        step = [p for p in fixed if p <= n] + ([n] if tail else [])
+        n = K - na + max(p for p in step if p <= na)
+    surv = alpha ** np.arange(K + 1)
+    assert tokens_per_step(surv, levels) == pytest.approx(tokens / steps, rel=0.02)
+
+
+def test_the_drafts_end_as_a_level_projects_more_tokens():
+    surv = 0.9 ** np.arange(17)
+    assert tokens_per_step(surv, [0, 8, "end"]) > tokens_per_step(surv, [0, 8])
+
+
 def test_kaplan_meier_recovers_survival_from_censored_steps():
     """Steps offered fewer than K drafts are censored, not counted as rejections."""
     rng = np.random.default_rng(0)

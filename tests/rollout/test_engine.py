@@ -35,7 +35,14 @@ def hf_greedy(policy, prompt, n):
 
 @pytest.mark.parametrize(
     ("sampler", "levels"),
-    [("ar", [0]), ("lossless", [0]), ("lossless", [0, 1, 2, 3, 4]), ("lossless", [0, 3])],
+    [
+        ("ar", [0]),
+        ("lossless", [0]),
+        ("lossless", [0, 1, 2, 3, 4]),
+        ("lossless", [0, 3]),
+        ("lossless", [0, "end"]),
+        ("lossless", [0, 2, "end"]),
+    ],
 )
 @pytest.mark.parametrize("kind", ["moe", "llama"])
 def test_greedy_matches_hf_generate_on_ragged_batch(sampler, levels, kind):
@@ -83,8 +90,8 @@ def test_oracle_drafter_accepts_whole_blocks(monkeypatch):
     refs = {tuple(p): hf_greedy(policy, p, 40) for p in PROMPTS}
     orig = engine_mod.EngineCore.set_drafts
 
-    def oracle(self, rows, proposals, accept_len):
-        orig(self, rows, proposals, accept_len)
+    def oracle(self, rows, proposals, accept_len, levels):
+        orig(self, rows, proposals, accept_len, levels)
         for s in rows:
             t = self.slots[s].traj
             n = len(t.tokens) + int(accept_len[rows.index(s)]) + 1  # tokens committed after this step
@@ -99,6 +106,31 @@ def test_oracle_drafter_accepts_whole_blocks(monkeypatch):
     for p, t in zip(PROMPTS, trajs, strict=True):
         assert t.tokens == refs[tuple(p)][:26]
         assert t.accept_counts[:-1] == [K] * (len(t.accept_counts) - 1)
+
+
+@pytest.mark.parametrize("levels", [[0, 2], [0, "end"]])
+def test_each_step_computes_only_what_its_drafts_reach(monkeypatch, levels):
+    """A pass verifies 1 + (its longest draft) slots and evaluates only the levels those drafts reach (plus the
+    draft's end with `end`), and the host's draft counts, which lay the step out, are the device's."""
+    K = 4
+    policy = lively_policy("moe", block_size=K)
+    seen = []
+    orig = engine_mod.EngineCore.decode_step
+
+    def checking(self, rows):
+        n = max(self.slots[s].n_drafts for s in rows)
+        assert [self.slots[s].n_drafts for s in rows] == self.n_drafts[self.index(rows)].tolist()
+        orig(self, rows)
+        lay = self._layout
+        want = [p for p in levels if p != "end" and p <= n] + (
+            [n] if "end" in levels and n not in levels else []
+        )
+        assert (lay.verify_len, list(lay.levels)) == (n + 1, want)
+        seen.append(n)
+
+    monkeypatch.setattr(engine_mod.EngineCore, "decode_step", checking)
+    BlockEngine(policy, sampler="lossless", levels=levels, max_batch=3).generate(PROMPTS, 30, temperature=1.0)
+    assert len(set(seen)) > 1  # drafts of several lengths were laid out
 
 
 def exact_ar_distribution(policy, prompt, n):
@@ -133,7 +165,10 @@ def small_vocab_policy():
     return lively_policy("moe", vocab=5, block_size=2, seed=3)  # V = 6 with the mask token
 
 
-@pytest.mark.parametrize(("draft", "levels"), [("dirac", [0]), ("sampled", [0]), ("dirac", [0, 1, 2])])
+@pytest.mark.parametrize(
+    ("draft", "levels"),
+    [("dirac", [0]), ("sampled", [0]), ("dirac", [0, 1, 2]), ("dirac", [0, "end"]), ("sampled", [0, "end"])],
+)
 def test_lossless_is_distributed_as_ar_sampling(small_vocab_policy, draft, levels):
     """TV distance between lossless samples of 3 tokens and the exact AR distribution is within sampling noise."""
     policy, prompt, N = small_vocab_policy, [2, 3], 6000

@@ -50,7 +50,7 @@ from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.auto import build_engine
 from rollout.cost_model import AcceptanceStats
 from rollout.settings import EngineSettings
-from rollout.types import Trajectory
+from rollout.types import Levels, Trajectory
 from trainers.lm.evaluate import wilson
 from trainers.regress.stats import (
     Check,
@@ -74,7 +74,7 @@ class SamplerSpec(Section):
     """label in the report and the baseline (unique)."""
     sampler: Literal["ar", "lossless", "logit_mix", "auto"]
     """engine sampler."""
-    levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    levels: Levels = Field(default_factory=lambda: [0, 4, 8])
     """proposal levels per pass (ignored by ar and auto)."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """w of logit_mix."""

@@ -40,6 +40,7 @@ from envs import splits
 from envs.tasks import CORPUS_TASKS, TaskName, TaskSample, score
 from policy.hybrid import load_tokenizer
 from rollout.bench.report import device_name
+from rollout.types import Levels
 from trainers.trl.adapter import BlockGRPOTrainer, BlockRolloutFunc
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class TRLBenchConfig(Section):
     """sampling temperature (both paths)."""
     learning_rate: float = Field(1e-6, gt=0.0)
     """small: the policy stays close to the checkpoint, so every round measures the same work."""
-    levels: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    levels: Levels = Field(default_factory=lambda: [0, 4, 8])
     """engine proposal levels."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """logit_mix w."""
