@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rollout.types import Option, split_levels
+from rollout.types import END, Option, split_levels
 
 # (option, max_batch) -> an engine running that option; `auto` and the calibration build engines through one
 EngineFactory = Callable[[Option, int], "object"]
@@ -96,6 +96,7 @@ def tokens_per_step(survival: np.ndarray, levels: Sequence[int | str]) -> float:
 
 
 def default_options(block_size: int) -> list[Option]:
+    """`auto`'s candidates: ar, and lossless at a few level sets, with and without the draft's end (`END`)."""
     K = block_size
     sets = [
         (0,),
@@ -103,8 +104,9 @@ def default_options(block_size: int) -> list[Option]:
         (0, K // 4, K // 2, 3 * K // 4),
         tuple(range(0, K + 1, max(1, K // 8))),
     ]
-    uniq = sorted({tuple(sorted(set(s))) for s in sets}, key=len)
-    return [Option("ar"), *[Option("lossless", s) for s in uniq]]
+    fixed = sorted({tuple(sorted(set(s))) for s in sets}, key=len)
+    tails = [] if K < 2 else [(0, END), (0, K // 2, END)]
+    return [Option("ar"), *[Option("lossless", s) for s in fixed + tails]]
 
 
 @dataclass

@@ -4,7 +4,9 @@ Per row and step, the queries are the verify segment `[a, d_1..d_K]` at position
 K+1 masks per level p (positions b+p+1..b+p+K+1). The verify logits give p_0..p_K; the fused verify accepts na drafts
 and draws one more token; the cache keeps the KV of `a, d_1..d_na` only; the next drafts come from the proposal with
 the largest level p <= na ("closest below"), slots covering positions b+na+2 onward. Prefill is the prompt (causal)
-plus one proposal block, and the AR head samples the first anchor.
+plus one proposal block, and the AR head samples the first anchor. A step lays out only what its drafts reach: a
+verify segment of 1 + the pass's longest draft, the levels such a draft reaches, and with the level `end` the
+proposal at the draft's end (`step_layout`).
 
 The `ar` sampler is the same loop with an empty draft (verify segment = the anchor alone, no proposals): one token
 per forward, our own baseline. Rows are ragged (own length, acceptance, cache extent) and finished rows are refilled

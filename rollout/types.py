@@ -37,7 +37,12 @@ class Option:
 
     @property
     def name(self) -> str:
-        return self.sampler if self.sampler == "ar" else f"{self.sampler}[{', '.join(map(str, self.levels))}]"
+        return self.sampler if self.sampler == "ar" else f"{self.sampler}{levels_label(self.levels)}"
+
+
+def levels_label(levels) -> str:
+    """`[0, 8, end]`: a level list as configs write it (no quotes around `end`); "" for none."""
+    return f"[{', '.join(map(str, levels))}]" if levels else ""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 
 from common.plots import pyplot
 from rollout.bench.run import BenchConfig, RunResult
+from rollout.types import levels_label
 
 
 def write_json(results: list[RunResult], path: Path, cfg: BenchConfig) -> None:
@@ -61,7 +62,7 @@ def print_table(results: list[RunResult]) -> None:
         table.add_row(
             str(r.batch_size),
             name,
-            str(r.levels or ""),
+            levels_label(r.levels),
             f"{r.tokens_per_s:.0f}",
             f"{r.speedup_vs_hf:.2f}x" if r.speedup_vs_hf else "-",
             f"{r.speedup_vs_ar:.2f}x" if r.speedup_vs_ar else "-",
@@ -90,7 +91,7 @@ def print_profile(results: list[RunResult]) -> None:
     for r in rows:
         total = r.step_ms["total"]
         cells = [f"{r.step_ms[ph]:.2f} ({r.step_ms[ph] / total:.0%})" for ph in (*PHASES, "other")]
-        t.add_row(str(r.batch_size), r.sampler, str(r.levels or ""), f"{total:.2f}", *cells)
+        t.add_row(str(r.batch_size), r.sampler, levels_label(r.levels), f"{total:.2f}", *cells)
     Console(width=max(160, Console().width)).print(t)
 
 
@@ -158,7 +159,7 @@ def print_checkpoints(results: list[RunResult]) -> None:
             r["prompt_format"],
             str(r["batch_size"]),
             f"{r['ar_tokens_per_s']:.0f}",
-            str(r["lossless_levels"]),
+            levels_label(r["lossless_levels"]),
             f"{r['lossless_tokens_per_s']:.0f}",
             f"{r['tokens_per_forward']:.2f}",
             f"{r['speedup_vs_ar']:.2f}x",
@@ -175,7 +176,7 @@ def plot(results: list[RunResult], path: Path) -> None:
     fig, axes = plt.subplots(1, 2 + len(sweeps), figsize=(6 * (2 + len(sweeps)), 4.5), squeeze=False)
     ax = axes[0, 0]
     bss = sorted({r.batch_size for r in main})
-    labels = [f"{r.sampler}{r.levels or ''}" for r in main if r.batch_size == bss[0]]
+    labels = [f"{r.sampler}{levels_label(r.levels)}" for r in main if r.batch_size == bss[0]]
     width = 0.8 / max(1, len(bss))
     for i, B in enumerate(bss):
         vals = [r.speedup_vs_hf for r in main if r.batch_size == B]
@@ -197,7 +198,7 @@ def plot(results: list[RunResult], path: Path) -> None:
                 range(1, len(r.accept_by_position) + 1),
                 r.accept_by_position,
                 marker=".",
-                label=f"B={r.batch_size} {r.sampler}{r.levels}",
+                label=f"B={r.batch_size} {r.sampler}{levels_label(r.levels)}",
             )
     ax.set_xlabel("draft position")
     ax.set_ylabel("P(accept | previous accepted)")
@@ -207,7 +208,7 @@ def plot(results: list[RunResult], path: Path) -> None:
         rows = [r for r in results if r.sweep == name]
         ax.bar(
             [
-                f"{r.sampler}{r.levels if name == 'levels' else ''}"
+                f"{r.sampler}{levels_label(r.levels) if name == 'levels' else ''}"
                 + (f"K{r.block_size}" if name == "block_size" else "")
                 + (f"w{r.mix_weight}" if name == "mix_weight" else "")
                 + (f"T{r.draft_temperature:g}" if name == "draft_temperature" else "")

@@ -119,7 +119,7 @@ class BenchConfig(DeviceSettings):
 class RunResult:
     batch_size: int
     sampler: str  # hf | ar | lossless | logit_mix | auto
-    levels: list[int] = field(default_factory=list)
+    levels: Levels = field(default_factory=list)
     block_size: int = 0
     mix_weight: float | None = None
     draft_temperature: float | None = None  # logit_mix with sampled drafts at this T_d (None: Dirac drafts)

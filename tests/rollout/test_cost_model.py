@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
+from policy.masks import decode_step_layout
 from rollout.cost_model import AcceptanceStats, CostModel, Option, default_options, tokens_per_step
+from rollout.types import split_levels
 
 
 def test_tokens_per_step_dense_levels_is_one_plus_sum_of_survival():
@@ -76,6 +78,11 @@ def test_choose_prefers_ar_unless_speculation_projects_faster():
     assert cm.choose(opts, 1).sampler == "lossless"
 
 
-def test_default_options_are_valid_level_sets():
-    for opt in default_options(16):
-        assert opt.sampler == "ar" or (opt.levels[0] == 0 and max(opt.levels) <= 16)
+@pytest.mark.parametrize("K", [1, 4, 16])
+def test_default_options_are_valid_level_sets(K):
+    opts = default_options(K)
+    assert opts[0].sampler == "ar" and len({o.name for o in opts}) == len(opts)
+    for opt in opts[1:]:
+        fixed, _ = split_levels(opt.levels)
+        decode_step_layout(K, list(fixed))  # raises on an invalid set
+    assert any(split_levels(o.levels)[1] for o in opts) == (K >= 2)  # the draft's end is a candidate
