@@ -188,12 +188,10 @@ def decode_step_layout(
     K = block_size
     V = K + 1 if verify_len is None else verify_len
     levels = list(levels)
-    if not levels or levels[0] != 0 or sorted(set(levels)) != levels or levels[-1] > K:
-        raise ValueError(f"levels must be strictly increasing within 0..{K} and start at 0, got {levels}")
-    if not 1 <= V <= K + 1 or levels[-1] > V - 1:
-        raise ValueError(
-            f"verify_len must be in 1..{K + 1} and cover every level (max {levels[-1]}), got {V}"
-        )
+    if sorted(set(levels)) != levels or any(p < 0 or p > K for p in levels):
+        raise ValueError(f"levels must be strictly increasing within 0..{K}, got {levels}")
+    if not 1 <= V <= K + 1 or max(levels, default=0) > V - 1:
+        raise ValueError(f"verify_len must be in 1..{K + 1} and cover every level {levels}, got {V}")
     offsets = [torch.arange(V)] + [torch.arange(p + 1, p + K + 2) for p in levels]
     segment = [torch.zeros(V, dtype=torch.long)] + [
         torch.full((K + 1,), s) for s in range(1, 1 + len(levels))

@@ -332,9 +332,9 @@ class EngineCore:
         with self.timed("bookkeeping"):
             rows_t = self._idx = self.index(rows)  # the slot indices of this pass
             self._group(rows)
-            lay = self._layout = eng.step_layout(
-                K if self.full_layout else max(self.slots[s].n_drafts for s in rows)
-            )
+            counts = [self.slots[s].n_drafts for s in rows]
+            full = self.full_layout
+            lay = self._layout = eng.step_layout(K if full else max(counts), not full and min(counts) == 0)
         R, V = len(rows), lay.verify_len
         with self.timed("body"):
             ids = torch.cat([self.anchor[rows_t, None], self.drafts[rows_t, : V - 1]], dim=1)  # [R, V]
@@ -432,14 +432,16 @@ class EngineCore:
         dev = proposals.device
         R = len(rows)
         lvl = torch.searchsorted(levels, accept_len, right=True) - 1  # largest level p <= na
+        found = lvl >= 0  # with levels [end] a rejected draft has none: the next step verifies no draft
+        lvl = lvl.clamp(min=0)
         p = levels[lvl]
         chosen = proposals[torch.arange(R, device=dev), lvl]  # [R, K+1, H]
         first = accept_len - p + 1  # slot of position b+na+2
-        slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(max=K)  # [R, K]
+        slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(0, K)  # [R, K]
         with self.timed("heads"):
             dl = self.head(chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1])))  # [R, K, V]
         with self.timed("drafts"):
-            n = K - accept_len + p
+            n = torch.where(found, K - accept_len + p, 0)
             rows_t = self._idx
             if self.draft_logits is not None:
                 self.draft_logits[rows_t] = dl.to(self.draft_logits.dtype)

@@ -7,7 +7,8 @@ verify + book-keeping), and the acceptance curve is observed live.
 
 Projection. With c_i = P(na >= i) measured at full draft length, the level set decides how many drafts a step has:
 after a step that accepted s, the closest-below proposal p(s) leaves n(s) = K - s + p(s) drafts. That makes na a
-Markov chain, P(na >= i | n) = c_i for i <= n (else 0); its stationary law gives tokens per step E[na] + 1, and
+Markov chain, P(na >= i | n) = c_i for i <= n (else 0), with one curve for steps after a rejection and one for the
+rest (`AcceptanceStats`); its stationary law gives tokens per step E[na] + 1, and
 
     projected tokens/s = B * tokens_per_step / step_seconds(B, levels).
 """
@@ -28,36 +29,65 @@ EngineFactory = Callable[[Option, int], "object"]
 
 
 @dataclass
+class _Curve:
+    """Kaplan-Meier counts of one set of decode steps: position i at risk / rejected, i = 1..K (0 unused)."""
+
+    at_risk: np.ndarray
+    rejected: np.ndarray
+
+    def observe(self, na: int, n: int) -> None:
+        self.at_risk[1 : min(na + 1, n) + 1] += 1
+        if na < n:
+            self.rejected[na + 1] += 1
+
+    def hazard(self) -> np.ndarray:
+        return np.divide(self.rejected, self.at_risk, out=np.ones_like(self.rejected), where=self.at_risk > 0)
+
+
+def _survival(hazard: np.ndarray) -> np.ndarray:
+    h = hazard.copy()
+    h[0] = 0.0
+    return np.cumprod(1.0 - h)
+
+
+@dataclass
 class AcceptanceStats:
     """Acceptance curve from decode steps, as a Kaplan-Meier estimate: a step that had n drafts and accepted na
     puts positions 1..min(na+1, n) at risk and rejects position na+1 when na < n (na == n is censored, since fewer
-    drafts than K were offered). This stays unbiased when levels leave some steps with short drafts."""
+    drafts than K were offered). This stays unbiased when levels leave some steps with short drafts.
+
+    Steps are also split by what came before them (`observe` takes one trajectory's steps in order): a step after
+    a rejection drafts from a proposal that guessed the rejected position wrong (the correction token is never in
+    its context), so its drafts are accepted less often than those after a step that accepted everything (or
+    after the prefill). `survival("fresh")` and `survival("stale")` are the two curves; each falls back to the
+    pooled one at positions it has not seen."""
 
     block_size: int
-    at_risk: np.ndarray = None  # [K+1], index i = draft position (0 unused)
-    rejected: np.ndarray = None  # [K+1]
     steps: int = 0
+    curves: dict[str, _Curve] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.at_risk is None:
-            self.at_risk = np.zeros(self.block_size + 1)
-            self.rejected = np.zeros(self.block_size + 1)
+        for k in ("all", "fresh", "stale"):
+            self.curves.setdefault(k, _Curve(np.zeros(self.block_size + 1), np.zeros(self.block_size + 1)))
 
     def observe(self, accept_counts: Sequence[int], draft_counts: Sequence[int]) -> None:
+        """One trajectory's decode steps, in order."""
+        state = "fresh"  # the prefill's proposal: nothing rejected before it
         for na, n in zip(accept_counts, draft_counts, strict=True):
             n = min(int(n), self.block_size)
-            self.at_risk[1 : min(na + 1, n) + 1] += 1
-            if na < n:
-                self.rejected[na + 1] += 1
+            self.curves["all"].observe(na, n)
+            self.curves[state].observe(na, n)
+            state = "fresh" if na >= n else "stale"
             self.steps += 1
 
-    def survival(self) -> np.ndarray:
-        """c_i = P(na >= i) with K drafts, i = 0..K (c_0 = 1)."""
-        hazard = np.divide(
-            self.rejected, self.at_risk, out=np.ones_like(self.rejected), where=self.at_risk > 0
-        )
-        hazard[0] = 0.0
-        return np.cumprod(1.0 - hazard)
+    def survival(self, state: str = "all") -> np.ndarray:
+        """c_i = P(na >= i) with K drafts, i = 0..K (c_0 = 1), over all steps or those after a full acceptance
+        ("fresh") or after a rejection ("stale")."""
+        pooled = self.curves["all"].hazard()
+        if state == "all":
+            return _survival(pooled)
+        c = self.curves[state]
+        return _survival(np.where(c.at_risk > 0, c.hazard(), pooled))
 
     def acceptance_by_position(self) -> list[float]:
         """P(draft i accepted | drafts 1..i-1 accepted), i = 1..K."""
@@ -65,34 +95,61 @@ class AcceptanceStats:
         return [float(c[i] / c[i - 1]) if c[i - 1] > 0 else 0.0 for i in range(1, len(c))]
 
 
-def tokens_per_step(survival: np.ndarray, levels: Sequence[int | str]) -> float:
-    """Expected committed tokens per decode step under `levels` (stationary law of the draft-count chain).
+@dataclass(frozen=True)
+class ChainStats:
+    """Stationary means of the draft-count chain (`draft_chain`)."""
 
-    State n = drafts a step carries. It accepts na = a with P(na >= i) = c_i (i <= n), and leaves the next step
-    n' = K - a + p(a) drafts, p(a) the largest level <= a among those the step evaluates (the fixed levels <= n,
-    plus n itself when the draft's end is a level)."""
+    tokens_per_step: float  # E[na] + 1
+    query_share: (
+        float  # E[Q - 1] / (Q_full - 1): a one-row step's queries past the anchor, as a share of the full
+    )
+    # layout's (verify K+1 plus every level a full draft reaches); 1 for ar
+
+
+def tokens_per_step(
+    survival: np.ndarray, levels: Sequence[int | str], stale: np.ndarray | None = None
+) -> float:
+    """Expected committed tokens per decode step under `levels` (`draft_chain`)."""
+    return draft_chain(survival, levels, stale).tokens_per_step
+
+
+def draft_chain(
+    survival: np.ndarray, levels: Sequence[int | str], stale: np.ndarray | None = None
+) -> ChainStats:
+    """Expected committed tokens and queries per decode step under `levels` (stationary law of the chain).
+
+    State (n, after a rejection or not): a step with n drafts accepts na = a with P(na >= i) = c_i (i <= n), from
+    `stale` after a rejection and `survival` otherwise (one curve for both when `stale` is None). The next step
+    carries n' = K - a + p(a) drafts, p(a) the largest level <= a among those the step evaluates (the fixed levels
+    <= n, plus n itself when the draft's end is a level; with none, n' = 0), and follows a rejection iff a < n."""
     K = len(survival) - 1
     fixed, tail = split_levels(levels)
-    if not fixed:  # ar
-        return 1.0
-    lv = sorted(fixed)
-    P = np.zeros((K + 1, K + 1))  # P[n, n']
-    mean_na = np.zeros(K + 1)  # E[na | n]
-    for n in range(K + 1):
-        c = np.r_[survival[: n + 1], 0.0]
-        law = c[:-1] - c[1:]  # P(na = a), a = 0..n
-        step = [p for p in lv if p <= n] + ([n] if tail else [])
-        for a in range(n + 1):
-            P[n, K - a + max(p for p in step if p <= a)] += law[a]
-        mean_na[n] = law @ np.arange(n + 1)
-    pi, avg = np.zeros(K + 1), np.zeros(K + 1)
-    pi[K] = 1.0  # a prefill leaves K drafts
+    if not fixed and not tail:  # ar
+        return ChainStats(1.0, 1.0)
+    curves = (survival, survival if stale is None else stale)  # index 0: fresh, 1: stale
+    S = 2 * (K + 1)  # state index: n + (K+1) * stale
+    P = np.zeros((S, S))
+    mean_na, queries = np.zeros(S), np.zeros(S)
+    for st, curve in enumerate(curves):
+        for n in range(K + 1):
+            c = np.r_[curve[: n + 1], 0.0]
+            law = c[:-1] - c[1:]  # P(na = a), a = 0..n
+            step = sorted({p for p in fixed if p <= n} | ({n} if tail else set()))
+            queries[n + (K + 1) * st] = n + (K + 1) * len(step)  # past the anchor
+            for a in range(n + 1):
+                p = max((p for p in step if p <= a), default=None)  # None: no proposal, no draft next step
+                nxt = 0 if p is None else K - a + p
+                P[n + (K + 1) * st, nxt + (K + 1) * (a < n)] += law[a]
+            mean_na[n + (K + 1) * st] = law @ np.arange(n + 1)
+    pi, avg = np.zeros(S), np.zeros(S)
+    pi[K] = 1.0  # a prefill leaves K fresh drafts
     for _ in range(
         500
     ):  # the running mean converges even where the chain is periodic (e.g. [0], all accepted)
         avg += pi / 500
         pi = pi @ P
-    return float(avg @ mean_na) + 1.0
+    full = K + (K + 1) * len(set(fixed) | ({K} if tail else set()))
+    return ChainStats(float(avg @ mean_na) + 1.0, float(avg @ queries) / full)
 
 
 def default_options(block_size: int) -> list[Option]:
@@ -105,7 +162,7 @@ def default_options(block_size: int) -> list[Option]:
         tuple(range(0, K + 1, max(1, K // 8))),
     ]
     fixed = sorted({tuple(sorted(set(s))) for s in sets}, key=len)
-    tails = [] if K < 2 else [(0, END), (0, K // 2, END)]
+    tails = [(END,), (0, END)] + ([(0, K // 2, END)] if K >= 2 else [])
     return [Option("ar"), *[Option("lossless", s) for s in fixed + tails]]
 
 
@@ -152,22 +209,38 @@ class CostModel:
                 self.step_seconds[(opt.name, B)] = statistics.median(t[1] for t in times)
                 self.prefill_seconds[(opt.name, B)] = statistics.median(t[0] for t in times)
 
-    def step_cost(self, opt: Option, b: int) -> float:
-        """Seconds of one decode step with b active rows: linear between the calibrated batch sizes."""
+    def step_cost(self, opt: Option, b: int, acc: AcceptanceStats | None = None) -> float:
+        """Seconds of one decode step with b active rows: linear between the calibrated batch sizes.
+
+        Calibration times the full layout (a step's most queries). A one-row step lays out only what its draft
+        reaches, so at b = 1 (given the acceptance `acc`) its cost is the AR step's plus the full step's excess in
+        proportion to the chain's mean queries (`ChainStats.query_share`); a batch's step is laid out for its longest
+        draft, which is nearly always full."""
         pts = sorted(n for (name, n) in self.step_seconds if name == opt.name)
-        return float(np.interp(b, pts, [self.step_seconds[(opt.name, n)] for n in pts]))
+        full = float(np.interp(b, pts, [self.step_seconds[(opt.name, n)] for n in pts]))
+        ar = self.step_seconds.get(("ar", 1))
+        if b != 1 or acc is None or ar is None or opt.sampler == "ar":
+            return full
+        share = draft_chain(acc.survival("fresh"), opt.levels, acc.survival("stale")).query_share
+        return ar + (full - ar) * share
 
     def prefill_cost(self, opt: Option, rows: int) -> float:
         pts = sorted(n for (name, n) in self.prefill_seconds if name == opt.name)
         return float(np.interp(rows, pts, [self.prefill_seconds[(opt.name, n)] for n in pts]))
 
+    @staticmethod
+    def acceptance_tokens(opt: Option, acc: AcceptanceStats) -> float:
+        """Tokens per decode step of `opt` under the acceptance `acc` has seen."""
+        if opt.sampler == "ar":
+            return 1.0
+        return tokens_per_step(acc.survival("fresh"), opt.levels, stale=acc.survival("stale"))
+
     def project(self, opt: Option, batch_size: int) -> float:
         """Projected steady-state tokens/s of `opt` with `batch_size` busy rows (0 if not calibrated)."""
-        sec = self.step_seconds.get((opt.name, batch_size))
-        if not sec:
+        if (opt.name, batch_size) not in self.step_seconds:
             return 0.0
-        tps = tokens_per_step(self.acceptance.survival(), opt.levels) if opt.sampler != "ar" else 1.0
-        return batch_size * tps / sec
+        tps = self.acceptance_tokens(opt, self.acceptance)
+        return batch_size * tps / self.step_cost(opt, batch_size, self.acceptance)
 
     def project_run(
         self,
@@ -185,7 +258,7 @@ class CostModel:
         if (opt.name, batch_size) not in self.step_seconds:
             return 0.0
         acc = acceptance or self.acceptance
-        tps = tokens_per_step(acc.survival(), opt.levels) if opt.sampler != "ar" else 1.0
+        tps = self.acceptance_tokens(opt, acc)
         steps_left = [max(0.0, (n - 1) / tps) for n in lengths]  # decode steps each prompt needs
         queue = list(range(len(lengths)))[::-1]
         active = [queue.pop() for _ in range(min(batch_size, len(queue)))]
@@ -194,7 +267,7 @@ class CostModel:
         while remaining:
             dt = min(remaining.values())  # advance to the next finishing row
             whole = max(1.0, np.ceil(dt)) if dt > 0 else 0.0
-            seconds += whole * self.step_cost(opt, len(remaining))
+            seconds += whole * self.step_cost(opt, len(remaining), acc)
             for i in list(remaining):
                 remaining[i] -= whole
                 if remaining[i] <= 1e-9:

@@ -119,13 +119,17 @@ class BlockEngine(GenerateAPI):
         self.verify_fn = verify_fn or default_verify(self.device)  # Triton on CUDA, torch reference on CPU
         if self.K:
             decode_step_layout(self.K, self.levels)  # validates levels
+            if not self.tail and self.levels[:1] != [0]:
+                raise ValueError(f"levels must start at 0 or contain {END!r}, got {list(levels)}")
         self._layouts: dict[int, StepLayout] = {}
 
-    def step_layout(self, n: int) -> StepLayout:
+    def step_layout(self, n: int, some_empty: bool = False) -> StepLayout:
         """The decode step's layout for a pass whose rows carry at most n drafts: a verify segment of n + 1 slots
         (a slot past every row's draft verifies nothing), and the levels such a draft can reach (p <= n), plus the
-        draft's end when `end` is a level. Built once per n."""
-        if n not in self._layouts:
+        draft's end when `end` is a level: n, and 0 for the rows with no draft (`some_empty`), whose end it is.
+        Built once per (n, some_empty)."""
+        key = (n, some_empty and self.tail)
+        if key not in self._layouts:
             dev = self.device
             if not self.K:  # ar: the anchor alone
                 offsets, mask, levels = (
@@ -134,15 +138,14 @@ class BlockEngine(GenerateAPI):
                     [],
                 )
             else:
-                levels = [p for p in self.levels if p <= n] + (
-                    [n] if self.tail and n not in self.levels else []
-                )
+                ends = {n, 0} if some_empty else {n}
+                levels = sorted({p for p in self.levels if p <= n} | (ends if self.tail else set()))
                 offsets, _ = decode_step_layout(self.K, levels, n + 1)
                 mask = decode_step_mask(self.K, levels, n + 1)
-            self._layouts[n] = StepLayout(
+            self._layouts[key] = StepLayout(
                 n + 1, tuple(levels), offsets.to(dev), mask.to(dev), torch.tensor(levels or [0], device=dev)
             )
-        return self._layouts[n]
+        return self._layouts[key]
 
     @property
     def option(self) -> Option:

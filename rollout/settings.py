@@ -31,9 +31,9 @@ class EngineSettings(DeviceSettings):
     @field_validator("levels")
     @classmethod
     def _levels(cls, v: Levels) -> Levels:
-        fixed, _ = split_levels(v)
-        if 0 not in fixed or any(lv < 0 for lv in fixed) or len(set(v)) != len(v):
-            raise ValueError(f"levels must be distinct, >= 0 and contain 0, got {v}")
+        fixed, tail = split_levels(v)
+        if not (0 in fixed or tail) or any(lv < 0 for lv in fixed) or len(set(v)) != len(v):
+            raise ValueError(f"levels must be distinct, >= 0 and contain 0 or end, got {v}")
         return v
 
     def engine_settings(self) -> EngineSettings:

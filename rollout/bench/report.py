@@ -33,6 +33,7 @@ def device_name() -> str:
 
 def print_table(results: list[RunResult]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="blockrl bench (median tokens/s over repeats)")
@@ -61,8 +62,8 @@ def print_table(results: list[RunResult]) -> None:
         proj = f"{r.projected_tokens_per_s:.0f}" if r.projected_tokens_per_s else "-"
         table.add_row(
             str(r.batch_size),
-            name,
-            levels_label(r.levels),
+            escape(name),  # `lossless[end]` and `[end]` would read as markup
+            escape(levels_label(r.levels)),
             f"{r.tokens_per_s:.0f}",
             f"{r.speedup_vs_hf:.2f}x" if r.speedup_vs_hf else "-",
             f"{r.speedup_vs_ar:.2f}x" if r.speedup_vs_ar else "-",
@@ -78,6 +79,7 @@ def print_table(results: list[RunResult]) -> None:
 def print_profile(results: list[RunResult]) -> None:
     """`--profile`: ms per decode step by phase, and each phase's share, for every profiled row."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from rollout.engine import PHASES
@@ -91,7 +93,7 @@ def print_profile(results: list[RunResult]) -> None:
     for r in rows:
         total = r.step_ms["total"]
         cells = [f"{r.step_ms[ph]:.2f} ({r.step_ms[ph] / total:.0%})" for ph in (*PHASES, "other")]
-        t.add_row(str(r.batch_size), r.sampler, levels_label(r.levels), f"{total:.2f}", *cells)
+        t.add_row(str(r.batch_size), r.sampler, escape(levels_label(r.levels)), f"{total:.2f}", *cells)
     Console(width=max(160, Console().width)).print(t)
 
 
@@ -133,6 +135,7 @@ def checkpoint_summary(results: list[RunResult]) -> list[dict]:
 
 def print_checkpoints(results: list[RunResult]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     rows = checkpoint_summary(results)
@@ -159,7 +162,7 @@ def print_checkpoints(results: list[RunResult]) -> None:
             r["prompt_format"],
             str(r["batch_size"]),
             f"{r['ar_tokens_per_s']:.0f}",
-            levels_label(r["lossless_levels"]),
+            escape(levels_label(r["lossless_levels"])),
             f"{r['lossless_tokens_per_s']:.0f}",
             f"{r['tokens_per_forward']:.2f}",
             f"{r['speedup_vs_ar']:.2f}x",

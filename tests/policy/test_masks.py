@@ -107,7 +107,7 @@ def test_decode_step_rejects_a_level_past_the_verify_segment():
         decode_step_layout(4, [0, 3], verify_len=3)  # level 3 needs drafts d_1..d_3
 
 
-@pytest.mark.parametrize("levels", [[1], [0, 0], [0, 5], []])
+@pytest.mark.parametrize("levels", [[0, 0], [0, 5], [2, 1], [-1]])
 def test_decode_step_rejects_bad_levels(levels):
     with pytest.raises(ValueError, match="levels"):
         decode_step_mask(4, levels)

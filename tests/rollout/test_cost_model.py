@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from policy.masks import decode_step_layout
-from rollout.cost_model import AcceptanceStats, CostModel, Option, default_options, tokens_per_step
+from rollout.cost_model import (
+    AcceptanceStats,
+    CostModel,
+    Option,
+    default_options,
+    draft_chain,
+    tokens_per_step,
+)
 from rollout.types import split_levels
 
 
@@ -25,23 +32,40 @@ def test_fewer_levels_never_project_more_tokens():
     assert single <= sparse <= dense
 
 
-@pytest.mark.parametrize("levels", [[0], [0, 4], [0, "end"], [0, 4, "end"], [0, 2, 4, 6, 8]])
+@pytest.mark.parametrize("levels", [[0], [0, 4], [0, "end"], [0, 4, "end"], ["end"], [0, 2, 4, 6, 8]])
 def test_tokens_per_step_is_the_mean_of_the_engines_draft_rule(levels):
     """The projection equals a simulation of the engine's rule: a step with n drafts accepts each with
-    probability alpha, then drafts K - na + p from the largest evaluated level p <= na."""
+    probability alpha (alpha_stale after a step that rejected), then drafts K - na + p from the largest
+    evaluated level p <= na (none: no draft)."""
     rng = np.random.default_rng(1)
-    K, alpha = 8, 0.85
+    K, alpha, alpha_stale = 8, 0.9, 0.6
     fixed, tail = [p for p in levels if p != "end"], "end" in levels
-    n, tokens, steps = K, 0, 40000
+    n, stale, tokens, queries, steps = K, False, 0, 0, 40000
     for _ in range(steps):
         na = 0
-        while na < n and rng.random() < alpha:
+        while na < n and rng.random() < (alpha_stale if stale else alpha):
             na += 1
         tokens += na + 1
-        step = [p for p in fixed if p <= n] + ([n] if tail else [])
-        n = K - na + max(p for p in step if p <= na)
-    surv = alpha ** np.arange(K + 1)
-    assert tokens_per_step(surv, levels) == pytest.approx(tokens / steps, rel=0.02)
+        step = sorted({p for p in fixed if p <= n} | ({n} if tail else set()))
+        queries += n + (K + 1) * len(step)  # the step's queries past the anchor
+        p = max((p for p in step if p <= na), default=None)
+        n, stale = (0 if p is None else K - na + p), na < n
+    fresh_c, stale_c = alpha ** np.arange(K + 1), alpha_stale ** np.arange(K + 1)
+    chain = draft_chain(fresh_c, levels, stale=stale_c)
+    assert chain.tokens_per_step == pytest.approx(tokens / steps, rel=0.02)
+    full = K + (K + 1) * len(set(fixed) | ({K} if tail else set()))
+    assert chain.query_share == pytest.approx(queries / steps / full, rel=0.02)
+
+
+def test_acceptance_splits_steps_after_a_rejection():
+    """Steps after a rejection get their own curve; the pooled curve is what reports show."""
+    acc = AcceptanceStats(4)
+    acc.observe(
+        [4, 1, 0, 4], [4, 4, 4, 4]
+    )  # fresh: full; then a rejection at 2; stale: rejects at 1; stale: full
+    np.testing.assert_allclose(acc.survival("fresh"), [1, 1, 1 / 2, 1 / 2, 1 / 2])
+    np.testing.assert_allclose(acc.survival("stale"), [1, 1 / 2, 1 / 2, 1 / 2, 1 / 2])
+    assert acc.steps == 4 and acc.survival()[1] == pytest.approx(3 / 4)
 
 
 def test_the_drafts_end_as_a_level_projects_more_tokens():
@@ -85,4 +109,4 @@ def test_default_options_are_valid_level_sets(K):
     for opt in opts[1:]:
         fixed, _ = split_levels(opt.levels)
         decode_step_layout(K, list(fixed))  # raises on an invalid set
-    assert any(split_levels(o.levels)[1] for o in opts) == (K >= 2)  # the draft's end is a candidate
+    assert any(split_levels(o.levels)[1] for o in opts)  # the draft's end is a candidate
