@@ -138,6 +138,22 @@ def _with_stub(model: PreTrainedModel, target: nn.Module, h: torch.Tensor) -> to
             target.forward = saved
 
 
+def _head_is_plain(model: PreTrainedModel, h: torch.Tensor) -> bool:
+    """Whether the CausalLM's forward turns final hidden states into logits with its output embedding alone (no
+    soft-capping, scaling, ...): probed once per model on large random states, bit for bit against the stubbed
+    forward, and remembered. A plain head skips the stubbed forward's per-call overhead."""
+    plain = model.__dict__.get("_blockrl_plain_head")
+    if plain is None:
+        gen = torch.Generator(device=h.device).manual_seed(0)
+        probe = 8 * torch.randn(1, 3, h.shape[-1], generator=gen, device=h.device, dtype=h.dtype)
+        with torch.no_grad():
+            model.__dict__["_blockrl_plain_head"] = False
+            direct = model.get_output_embeddings()(probe)
+            plain = direct.dtype == h.dtype and torch.equal(direct, own_logits(model, probe))
+        model.__dict__["_blockrl_plain_head"] = plain
+    return plain
+
+
 def own_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Final hidden states [..., H] -> logits [..., V] through the CausalLM's own forward code.
 
@@ -146,6 +162,8 @@ def own_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     in `model(ids).logits`. The stub point that works is found once and remembered on the model."""
     lead = hidden.shape[:-1]
     h = hidden.reshape(1, -1, hidden.shape[-1])
+    if _head_is_plain(model, h):
+        return model.get_output_embeddings()(hidden)
     targets = _stub_targets(model)
     known = model.__dict__.get("_blockrl_stub")
     if known is not None:

@@ -89,9 +89,9 @@ class AcceptanceStats:
         c = self.curves[state]
         return _survival(np.where(c.at_risk > 0, c.hazard(), pooled))
 
-    def acceptance_by_position(self) -> list[float]:
-        """P(draft i accepted | drafts 1..i-1 accepted), i = 1..K."""
-        c = self.survival()
+    def acceptance_by_position(self, state: str = "all") -> list[float]:
+        """P(draft i accepted | drafts 1..i-1 accepted), i = 1..K (over the steps `survival(state)` covers)."""
+        c = self.survival(state)
         return [float(c[i] / c[i - 1]) if c[i - 1] > 0 else 0.0 for i in range(1, len(c))]
 
 
@@ -209,38 +209,37 @@ class CostModel:
                 self.step_seconds[(opt.name, B)] = statistics.median(t[1] for t in times)
                 self.prefill_seconds[(opt.name, B)] = statistics.median(t[0] for t in times)
 
-    def step_cost(self, opt: Option, b: int, acc: AcceptanceStats | None = None) -> float:
+    def step_cost(self, opt: Option, b: int, chain: ChainStats | None = None) -> float:
         """Seconds of one decode step with b active rows: linear between the calibrated batch sizes.
 
         Calibration times the full layout (a step's most queries). A one-row step lays out only what its draft
         reaches, so at b = 1 (given the acceptance `acc`) its cost is the AR step's plus the full step's excess in
-        proportion to the chain's mean queries (`ChainStats.query_share`); a batch's step is laid out for its longest
-        draft, which is nearly always full."""
+        proportion to the chain's mean queries (`chain`, `ChainStats.query_share`); a batch's step is laid out for
+        its longest draft, which is nearly always full."""
         pts = sorted(n for (name, n) in self.step_seconds if name == opt.name)
         full = float(np.interp(b, pts, [self.step_seconds[(opt.name, n)] for n in pts]))
         ar = self.step_seconds.get(("ar", 1))
-        if b != 1 or acc is None or ar is None or opt.sampler == "ar":
+        if b != 1 or chain is None or ar is None or opt.sampler == "ar":
             return full
-        share = draft_chain(acc.survival("fresh"), opt.levels, acc.survival("stale")).query_share
-        return ar + (full - ar) * share
+        return ar + (full - ar) * chain.query_share
 
     def prefill_cost(self, opt: Option, rows: int) -> float:
         pts = sorted(n for (name, n) in self.prefill_seconds if name == opt.name)
         return float(np.interp(rows, pts, [self.prefill_seconds[(opt.name, n)] for n in pts]))
 
     @staticmethod
-    def acceptance_tokens(opt: Option, acc: AcceptanceStats) -> float:
-        """Tokens per decode step of `opt` under the acceptance `acc` has seen."""
+    def chain(opt: Option, acc: AcceptanceStats) -> ChainStats:
+        """Tokens and queries per decode step of `opt` under the acceptance `acc` has seen."""
         if opt.sampler == "ar":
-            return 1.0
-        return tokens_per_step(acc.survival("fresh"), opt.levels, stale=acc.survival("stale"))
+            return ChainStats(1.0, 1.0)
+        return draft_chain(acc.survival("fresh"), opt.levels, stale=acc.survival("stale"))
 
     def project(self, opt: Option, batch_size: int) -> float:
         """Projected steady-state tokens/s of `opt` with `batch_size` busy rows (0 if not calibrated)."""
         if (opt.name, batch_size) not in self.step_seconds:
             return 0.0
-        tps = self.acceptance_tokens(opt, self.acceptance)
-        return batch_size * tps / self.step_cost(opt, batch_size, self.acceptance)
+        chain = self.chain(opt, self.acceptance)
+        return batch_size * chain.tokens_per_step / self.step_cost(opt, batch_size, chain)
 
     def project_run(
         self,
@@ -258,7 +257,8 @@ class CostModel:
         if (opt.name, batch_size) not in self.step_seconds:
             return 0.0
         acc = acceptance or self.acceptance
-        tps = self.acceptance_tokens(opt, acc)
+        chain = self.chain(opt, acc)
+        tps = chain.tokens_per_step
         steps_left = [max(0.0, (n - 1) / tps) for n in lengths]  # decode steps each prompt needs
         queue = list(range(len(lengths)))[::-1]
         active = [queue.pop() for _ in range(min(batch_size, len(queue)))]
@@ -267,7 +267,7 @@ class CostModel:
         while remaining:
             dt = min(remaining.values())  # advance to the next finishing row
             whole = max(1.0, np.ceil(dt)) if dt > 0 else 0.0
-            seconds += whole * self.step_cost(opt, len(remaining), acc)
+            seconds += whole * self.step_cost(opt, len(remaining), chain)
             for i in list(remaining):
                 remaining[i] -= whole
                 if remaining[i] <= 1e-9:
@@ -280,8 +280,9 @@ class CostModel:
 
     def choose(self, options: Sequence[Option], batch_size: int) -> Option:
         """Best projected option; `ar` unless a speculative option is projected faster (never slower than AR)."""
-        best = max(options, key=lambda o: self.project(o, batch_size))
+        projected = {o: self.project(o, batch_size) for o in options}
+        best = max(options, key=projected.__getitem__)
         ar = next((o for o in options if o.sampler == "ar"), None)
-        if ar is not None and self.project(best, batch_size) <= self.project(ar, batch_size):
+        if ar is not None and projected[best] <= projected[ar]:
             return ar
         return best

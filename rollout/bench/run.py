@@ -129,6 +129,10 @@ class RunResult:
     speedup_vs_ar: float = 0.0
     tokens_per_forward: float = 1.0
     accept_by_position: list[float] = field(default_factory=list)
+    accept_after_rejection: list[float] = field(default_factory=list)  # the steps after a rejected draft
+    accept_after_full: list[float] = field(
+        default_factory=list
+    )  # the rest (after a full acceptance or a prefill)
     solve_rate: float = 0.0
     solved: int = 0
     samples: int = 0
@@ -307,6 +311,8 @@ class Cell:
                 for t in trajs:
                     acc.observe(t.accept_counts, t.draft_counts)
                 res.accept_by_position = acc.acceptance_by_position()
+                res.accept_after_rejection = acc.acceptance_by_position("stale")
+                res.accept_after_full = acc.acceptance_by_position("fresh")
                 res._acc = acc
             res._option = Option("ar") if self.sampler == "ar" else Option(self.sampler, self.levels)
             if self.sampler == "auto":

@@ -313,3 +313,22 @@ def test_hf_kernels_package_not_shadowed():
     from transformers.utils import is_kernels_available
 
     assert not is_kernels_available()
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_logits_from_hidden_states_match_the_models_own_forward(softcap):
+    """`logits(hidden)` is the model's own head: a plain LM head is applied directly (probed once, bit for bit),
+    and a family that transforms after it (here Gemma-2's final soft-capping) keeps the stubbed own forward."""
+    from transformers import Gemma2Config
+
+    cfg = Gemma2Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=softcap,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    policy = HybridPolicy(model)
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(policy.logits(hidden), model(input_ids=ids).logits, rtol=0, atol=1e-6)
+    assert model.__dict__["_blockrl_plain_head"] is (softcap is None)
