@@ -21,8 +21,9 @@ class EngineSettings(DeviceSettings):
 
     sampler: Literal["ar", "lossless", "logit_mix", "auto"] = "lossless"
     """rollout sampler (auto: exact samples, chosen per call by the cost model)."""
-    levels: Levels = Field(default_factory=lambda: [0, 4, 8])
-    """proposal levels per pass; `end` adds the end of each step's draft (rollout.types.split_levels)."""
+    levels: Levels = Field(default_factory=lambda: ["end"])
+    """proposal levels per pass; `end` = the end of each step's draft (rollout.types.split_levels). Default [end]: the
+    fastest set measured at B = 1 and within 3% of [0] at 16 rows (docs/benchmarks.md, "The lean decode step")."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """w of logit_mix."""
     max_batch: int = Field(16, ge=1)

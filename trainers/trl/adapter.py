@@ -4,7 +4,7 @@ the truncated importance correction TRL only applies to vLLM.
     from trl import GRPOConfig
     from trainers.trl.adapter import BlockGRPOTrainer, BlockRolloutFunc
 
-    rollout = BlockRolloutFunc(sampler="lossless", levels=[0, 4, 8])  # shares the trainer's model: no weight copy
+    rollout = BlockRolloutFunc(sampler="lossless", levels=["end"])  # shares the trainer's model: no weight copy
     trainer = BlockGRPOTrainer(model=model, processing_class=tok, reward_funcs=[reward], args=GRPOConfig(...),
                                train_dataset=ds, rollout_func=rollout)
     trainer.train()

@@ -72,7 +72,7 @@ class TRLBenchConfig(Section):
     """sampling temperature (both paths)."""
     learning_rate: float = Field(1e-6, gt=0.0)
     """small: the policy stays close to the checkpoint, so every round measures the same work."""
-    levels: Levels = Field(default_factory=lambda: [0, 4, 8])
+    levels: Levels = Field(default_factory=lambda: ["end"])
     """engine proposal levels."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """logit_mix w."""
