@@ -144,12 +144,17 @@ def _head_is_plain(model: PreTrainedModel, h: torch.Tensor) -> bool:
     forward, and remembered. A plain head skips the stubbed forward's per-call overhead."""
     plain = model.__dict__.get("_blockrl_plain_head")
     if plain is None:
-        gen = torch.Generator(device=h.device).manual_seed(0)
-        probe = 8 * torch.randn(1, 3, h.shape[-1], generator=gen, device=h.device, dtype=h.dtype)
-        with torch.no_grad():
-            model.__dict__["_blockrl_plain_head"] = False
-            direct = model.get_output_embeddings()(probe)
-            plain = direct.dtype == h.dtype and torch.equal(direct, own_logits(model, probe))
+        head = model.get_output_embeddings()
+        model.__dict__["_blockrl_plain_head"] = False  # the probe's own call below takes the stubbed forward
+        plain = False
+        if head is not None:
+            gen = torch.Generator(device=h.device).manual_seed(0)
+            probe = 8 * torch.randn(1, 3, h.shape[-1], generator=gen, device=h.device, dtype=h.dtype)
+            with (
+                torch.no_grad()
+            ):  # (a first call under autocast may see a mismatch: then the stub stays, only slower)
+                direct, own = head(probe), own_logits(model, probe)
+            plain = direct.dtype == own.dtype and torch.equal(direct, own)  # an upcast to fp32 is not plain
         model.__dict__["_blockrl_plain_head"] = plain
     return plain
 

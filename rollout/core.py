@@ -71,10 +71,13 @@ class StepLayout(NamedTuple):
     """One decode step's query layout (`BlockEngine.step_layout`), for a pass whose rows carry at most n drafts."""
 
     verify_len: int  # n + 1: the anchor and the drafts
-    levels: tuple[int, ...]  # proposal levels evaluated (every p <= n)
-    offsets: torch.Tensor  # [Q] query positions relative to the anchor
-    mask: torch.Tensor  # [Q, Q] bool query mask
-    levels_t: torch.Tensor  # the levels on the device, for choosing each row's proposal
+    levels: tuple[int, ...]  # fixed proposal levels evaluated (every p <= n)
+    offsets: torch.Tensor  # [Q] query positions relative to the anchor (the end block's as if at level 0)
+    mask: torch.Tensor  # [Q, Q] bool query mask (the end block's as if at level n)
+    levels_t: torch.Tensor  # the fixed levels on the device, for choosing each row's proposal
+    end: bool  # a last block at each row's own draft end (`end` levels)
+    end_rows: torch.Tensor  # [Q] bool: the end block's queries
+    verify_slot: torch.Tensor  # [Q] verify slot index of each query, -1 outside the verify segment
 
 
 class _Group(NamedTuple):
@@ -332,21 +335,26 @@ class EngineCore:
         with self.timed("bookkeeping"):
             rows_t = self._idx = self.index(rows)  # the slot indices of this pass
             self._group(rows)
-            counts = [self.slots[s].n_drafts for s in rows]
-            full = self.full_layout
-            lay = self._layout = eng.step_layout(K if full else max(counts), not full and min(counts) == 0)
+            longest = K if self.full_layout else max(self.slots[s].n_drafts for s in rows)
+            lay = self._layout = eng.step_layout(longest)
         R, V = len(rows), lay.verify_len
+        n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
         with self.timed("body"):
             ids = torch.cat([self.anchor[rows_t, None], self.drafts[rows_t, : V - 1]], dim=1)  # [R, V]
-            if lay.levels:
-                masks = torch.full((R, len(lay.levels) * (K + 1)), eng.policy.mask_token_id, device=dev)
+            blocks = len(lay.levels) + lay.end
+            if blocks:
+                masks = torch.full((R, blocks * (K + 1)), eng.policy.mask_token_id, device=dev)
                 ids = torch.cat([ids, masks], dim=1)
             pos = self.cache.lens[rows_t, None] + lay.offsets[None]
-            hidden = self.forward(rows, ids, pos, lay.mask[None])
+            qmask = lay.mask[None]
+            if lay.end:  # each row's end block: at its own draft's end, seeing verify slots 0..n_r only
+                pos = pos + lay.end_rows[None] * n_drafts[:, None]
+                hidden_past = lay.verify_slot[None, None, :] > n_drafts[:, None, None]  # [R, 1, Q]
+                qmask = qmask & ~(lay.end_rows[None, :, None] & hidden_past)
+            hidden = self.forward(rows, ids, pos, qmask)
         with self.timed("heads"):
             ar_logits = self.head(hidden[:, :V])
         with self.timed("verify"):
-            n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
             drafts = self.drafts[rows_t, : V - 1]
             verified = self.verify(
                 rows,
@@ -358,8 +366,8 @@ class EngineCore:
             )
         accept_len = verified[0].accept_len
         if K:
-            proposals = hidden[:, V:].view(R, len(lay.levels), K + 1, -1)
-            self.set_drafts(rows, proposals, accept_len, lay.levels_t)
+            proposals = hidden[:, V:].view(R, blocks, K + 1, -1)
+            self.set_drafts(rows, proposals, accept_len, lay.levels_t, n_drafts if lay.end else None)
         with self.timed("bookkeeping"):
             na = self.emit(rows, verified, drafts_used=drafts)  # the step's one host read
             self.commit(accept_len + 1, [n + 1 for n in na])
@@ -424,17 +432,29 @@ class EngineCore:
         return out, ar_lp, top
 
     def set_drafts(
-        self, rows: list[int], proposals: torch.Tensor, accept_len: torch.Tensor, levels: torch.Tensor
+        self,
+        rows: list[int],
+        proposals: torch.Tensor,
+        accept_len: torch.Tensor,
+        levels: torch.Tensor,
+        ends: torch.Tensor | None = None,
     ) -> None:
-        """Next drafts from the closest-below proposal. proposals: hidden states [R, L, K+1, H] of the proposal
-        blocks at `levels` [L]; accept_len [R]."""
+        """Next drafts from the closest-below proposal. proposals: hidden states [R, L(+1), K+1, H] of the blocks
+        at the fixed `levels` [L], then, with `ends` (each row's draft count [R]), the block at each row's draft
+        end, which a row that accepted its whole draft drafts from; accept_len [R]."""
         K = self.eng.K
         dev = proposals.device
         R = len(rows)
-        lvl = torch.searchsorted(levels, accept_len, right=True) - 1  # largest level p <= na
+        if len(levels):
+            lvl = torch.searchsorted(levels, accept_len, right=True) - 1  # largest level p <= na
+        else:
+            lvl = torch.full_like(accept_len, -1)
         found = lvl >= 0  # with levels [end] a rejected draft has none: the next step verifies no draft
+        p = levels[lvl.clamp(min=0)] if len(levels) else torch.zeros_like(accept_len)
+        if ends is not None:
+            full = accept_len == ends
+            lvl, p, found = torch.where(full, len(levels), lvl), torch.where(full, ends, p), found | full
         lvl = lvl.clamp(min=0)
-        p = levels[lvl]
         chosen = proposals[torch.arange(R, device=dev), lvl]  # [R, K+1, H]
         first = accept_len - p + 1  # slot of position b+na+2
         slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(0, K)  # [R, K]
@@ -492,7 +512,7 @@ class EngineCore:
             if t.audit is not None:
                 t.audit.append(
                     {
-                        "drafts": drafts_used[r].tolist() if drafts_used is not None else [],
+                        "drafts": drafts_used[r, : int(h[1])].tolist() if drafts_used is not None else [],
                         "accept_len": na[r],
                         "committed": chunk,
                     }

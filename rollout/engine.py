@@ -38,6 +38,16 @@ __all__ = ["PHASES", "SAMPLERS", "BlockEngine", "EngineCore", "GenerateAPI", "St
 SAMPLERS = ("ar", "lossless", "logit_mix")  # `auto` chooses among these: rollout/auto.py wraps engines
 
 
+def check_levels(block_size: int, levels) -> None:
+    """Raise ValueError unless `levels` (ints and `end`, as configs write them) is a valid level set for drafts of
+    `block_size`: fixed levels strictly increasing within 0..K, and 0 among them or `end` (so every row always has a
+    proposal to draft from, or drafts again after one step without)."""
+    fixed, tail = split_levels(levels)
+    decode_step_layout(block_size, list(fixed))
+    if not tail and fixed[:1] != (0,):
+        raise ValueError(f"levels must start at 0 or contain {END!r}, got {list(levels)}")
+
+
 class GenerateAPI:
     """`generate()` in keyword form over `run(prompt_ids, SamplingParams)`: the interface BlockEngine and the
     AutoSampler wrapper share. Subclasses provide `run`, `policy` and `tokenizer`."""
@@ -118,34 +128,48 @@ class BlockEngine(GenerateAPI):
         self.device = next(policy.parameters()).device
         self.verify_fn = verify_fn or default_verify(self.device)  # Triton on CUDA, torch reference on CPU
         if self.K:
-            decode_step_layout(self.K, self.levels)  # validates levels
-            if not self.tail and self.levels[:1] != [0]:
-                raise ValueError(f"levels must start at 0 or contain {END!r}, got {list(levels)}")
-        self._layouts: dict[int, StepLayout] = {}
+            check_levels(self.K, levels)
+        # one layout per longest draft n = 0..K, built here: a step copies nothing to the device
+        self._layouts = [self._build_layout(n) for n in range(self.K + 1)]
 
-    def step_layout(self, n: int, some_empty: bool = False) -> StepLayout:
+    def step_layout(self, n: int) -> StepLayout:
         """The decode step's layout for a pass whose rows carry at most n drafts: a verify segment of n + 1 slots
-        (a slot past every row's draft verifies nothing), and the levels such a draft can reach (p <= n), plus the
-        draft's end when `end` is a level: n, and 0 for the rows with no draft (`some_empty`), whose end it is.
-        Built once per (n, some_empty)."""
-        key = (n, some_empty and self.tail)
-        if key not in self._layouts:
-            dev = self.device
-            if not self.K:  # ar: the anchor alone
-                offsets, mask, levels = (
-                    torch.zeros(1, dtype=torch.long),
-                    torch.ones(1, 1, dtype=torch.bool),
-                    [],
-                )
-            else:
-                ends = {n, 0} if some_empty else {n}
-                levels = sorted({p for p in self.levels if p <= n} | (ends if self.tail else set()))
-                offsets, _ = decode_step_layout(self.K, levels, n + 1)
-                mask = decode_step_mask(self.K, levels, n + 1)
-            self._layouts[key] = StepLayout(
-                n + 1, tuple(levels), offsets.to(dev), mask.to(dev), torch.tensor(levels or [0], device=dev)
-            )
-        return self._layouts[key]
+        (a slot past every row's draft verifies nothing), the fixed levels such a draft can reach (p <= n), and,
+        when `end` is a level, one more block per row at its own draft's end (`EngineCore.decode_step` places it)."""
+        return self._layouts[n]
+
+    def _build_layout(self, n: int) -> StepLayout:
+        dev, K = self.device, self.K
+        if not K:  # ar: the anchor alone
+            offsets, mask, levels = torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), []
+        else:
+            levels = [p for p in self.levels if p <= n]
+            offsets, _ = decode_step_layout(K, levels, n + 1)
+            mask = decode_step_mask(K, levels, n + 1)
+        Q = len(offsets)
+        end_rows = torch.zeros(Q + (K + 1) * self.tail, dtype=torch.bool)
+        verify_slot = torch.full_like(end_rows, -1, dtype=torch.long)
+        verify_slot[: n + 1] = torch.arange(n + 1)
+        if (
+            self.tail
+        ):  # placed as level 0 here; decode_step shifts it to each row's n_r and hides slots past n_r
+            end_rows[Q:] = True
+            offsets = torch.cat([offsets, torch.arange(1, K + 2)])
+            grown = torch.zeros(len(end_rows), len(end_rows), dtype=torch.bool)
+            grown[:Q, :Q] = mask
+            grown[Q:, : n + 1] = True
+            grown[Q:, Q:] = True
+            mask = grown
+        return StepLayout(
+            n + 1,
+            tuple(levels),
+            offsets.to(dev),
+            mask.to(dev),
+            torch.tensor(levels, dtype=torch.long, device=dev),
+            self.tail,
+            end_rows.to(dev),
+            verify_slot.to(dev),
+        )
 
     @property
     def option(self) -> Option:

@@ -44,11 +44,11 @@ from tqdm import tqdm
 
 from common.config import ConfigError, dump_config
 from policy.hybrid import checkpoint_prompt_format, load_tokenizer
-from policy.masks import decode_step_layout
 from rollout.batch import io as job_io  # the job's inputs (prompts) and outputs (shards, manifest)
 from rollout.batch.config import RolloutJobConfig
+from rollout.engine import check_levels
 from rollout.settings import EngineSettings, WorkerSettings
-from rollout.types import SamplingParams, split_levels
+from rollout.types import SamplingParams
 from rollout.worker import RolloutWorker, Shard, ShardResult, state_dict_numpy
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def check_checkpoint(cfg: RolloutJobConfig) -> None:
         )
     if cfg.sampler in ("lossless", "logit_mix"):
         try:
-            decode_step_layout(block_size, split_levels(cfg.levels)[0])
+            check_levels(block_size, cfg.levels)
         except ValueError as e:
             raise ConfigError(f"levels: {e}") from None
 

@@ -1,5 +1,6 @@
 """Block engine properties: greedy token identity with HF, exact lossless sampling, KV eviction, stops, constraints."""
 
+import itertools
 import math
 
 import pytest
@@ -91,8 +92,8 @@ def test_oracle_drafter_accepts_whole_blocks(monkeypatch):
     refs = {tuple(p): hf_greedy(policy, p, 40) for p in PROMPTS}
     orig = engine_mod.EngineCore.set_drafts
 
-    def oracle(self, rows, proposals, accept_len, levels):
-        orig(self, rows, proposals, accept_len, levels)
+    def oracle(self, rows, proposals, accept_len, levels, ends=None):
+        orig(self, rows, proposals, accept_len, levels, ends)
         for s in rows:
             t = self.slots[s].traj
             n = len(t.tokens) + int(accept_len[rows.index(s)]) + 1  # tokens committed after this step
@@ -109,10 +110,12 @@ def test_oracle_drafter_accepts_whole_blocks(monkeypatch):
         assert t.accept_counts[:-1] == [K] * (len(t.accept_counts) - 1)
 
 
-@pytest.mark.parametrize("levels", [[0, 2], [0, "end"], ["end"]])
+@pytest.mark.parametrize("levels", [[0, 2], [0, "end"], ["end"], [2, "end"]])
 def test_each_step_computes_only_what_its_drafts_reach(monkeypatch, levels):
-    """A pass verifies 1 + (its longest draft) slots and evaluates only the levels those drafts reach (plus the
-    draft's end with `end`), and the host's draft counts, which lay the step out, are the device's."""
+    """A pass verifies 1 + (its longest draft) slots and evaluates only the fixed levels those drafts reach; with
+    `end`, every row also drafts from its own draft's end, so a row that accepted its whole draft (or had none)
+    drafts a full K next, whatever its batch mates carry. The host's draft counts, which lay the step out, are
+    the device's."""
     K = 4
     policy = lively_policy("moe", block_size=K)
     seen = []
@@ -123,18 +126,46 @@ def test_each_step_computes_only_what_its_drafts_reach(monkeypatch, levels):
         assert counts == self.n_drafts[self.index(rows)].tolist()
         orig(self, rows)
         n = max(counts)
-        ends = {n, 0} if min(counts) == 0 else {n}
-        want = {p for p in levels if p != "end" and p <= n} | (ends if "end" in levels else set())
-        assert (self._layout.verify_len, list(self._layout.levels)) == (n + 1, sorted(want))
-        seen.append(n)
+        fixed = [p for p in levels if p != "end" and p <= n]
+        assert (self._layout.verify_len, list(self._layout.levels), self._layout.end) == (
+            n + 1,
+            fixed,
+            "end" in levels,
+        )
+        seen.extend(counts)
 
     monkeypatch.setattr(engine_mod.EngineCore, "decode_step", checking)
-    trajs = BlockEngine(policy, sampler="lossless", levels=levels, max_batch=3).generate(PROMPTS, 30, 1.0)
-    assert len(set(seen)) > 1  # drafts of several lengths were laid out
-    for (
-        t
-    ) in trajs:  # a row left without a draft drafts again at its next step, whatever its batch mates carry
-        assert all(a or b for a, b in zip(t.draft_counts, t.draft_counts[1:], strict=False))
+    trajs = BlockEngine(policy, sampler="lossless", levels=levels, max_batch=3).generate(PROMPTS, 40, 1.0)
+    assert len(set(seen)) > 1  # drafts of several lengths were carried
+    fixed, checked = [p for p in levels if p != "end"], 0
+    for t in trajs:  # each next draft count follows the rule, from the row's own counts only
+        steps = list(zip(t.accept_counts, t.draft_counts, strict=True))
+        for (na, n), (_, nxt) in itertools.pairwise(steps):
+            p = max((p for p in fixed if p <= na), default=None)
+            want = K if ("end" in levels and na == n) else (0 if p is None else K - na + p)
+            assert nxt == want, (levels, na, n, nxt)
+            checked += 1
+    assert checked > 20
+
+
+@pytest.mark.parametrize("levels", [[0, 2], [0, "end"], ["end"]])
+def test_a_trimmed_step_samples_what_the_full_step_samples(levels):
+    """Laying a step out for its drafts only (the default) and at the full K+1 verify slots with every level
+    (`full_layout`, the probes' layout) give the same tokens at T=1, row by row, on a ragged batch of 3: the
+    trimmed queries were never seen, and each row's uniforms keep their slots."""
+    policy = lively_policy("moe", block_size=4)
+    eng = BlockEngine(policy, sampler="lossless", levels=levels, max_batch=3)
+    out = []
+    for full in (False, True):
+        core = engine_mod.EngineCore(eng)
+        core.full_layout = full
+        ids = [core.add(Request(p, SamplingParams(30, 1.0, seed=5), stream=i)) for i, p in enumerate(PROMPTS)]
+        done = {}
+        while core.has_work:
+            done |= {ev.request_id: ev.finished for ev in core.step() if ev.finished is not None}
+        out.append([(done[i].tokens, done[i].draft_counts) for i in ids])
+    assert [t for t, _ in out[0]] == [t for t, _ in out[1]]
+    assert out[0] == out[1]  # the same drafts were offered too: only the layout differed
 
 
 def exact_ar_distribution(policy, prompt, n):
@@ -382,8 +413,9 @@ def _decode_syncs(eng, prompts, steps=6, **params):
         ("logit_mix", "dirac", {"temperature": 0.0}),
     ],
 )
+@pytest.mark.parametrize("levels", [[0, 2], [0, "end"]])
 @pytest.mark.parametrize("kind", ["llama", "moe"])
-def test_a_decode_step_makes_one_host_sync(kind, sampler, draft, params):
+def test_a_decode_step_makes_one_host_sync(kind, sampler, draft, params, levels):
     """Every decode step, on a ragged batch, reads the device exactly once: the packed committed tokens. Layout
     (the cache extent comes from host-side lengths), uniforms (per-row generators on the device) and slot indices
     (cached) read nothing. Counted at the torch-function and dispatcher levels (`common.host_sync`), so the CPU
@@ -391,7 +423,7 @@ def test_a_decode_step_makes_one_host_sync(kind, sampler, draft, params):
     policy = lively_policy(kind)
     if kind == "moe":
         policy.model.set_experts_implementation("grouped_mm")
-    eng = BlockEngine(policy, sampler=sampler, levels=[0, 2], max_batch=4, draft=draft)
+    eng = BlockEngine(policy, sampler=sampler, levels=levels, max_batch=4, draft=draft)
     for count, report in _decode_syncs(eng, PROMPTS[:3], **params):
         assert count == 1, report
         assert "emit" in report
@@ -408,13 +440,14 @@ def test_the_sync_counter_sees_the_models_own_syncs():
 
 
 @pytest.mark.gpu
-def test_on_cuda_a_decode_step_makes_one_host_sync():
+@pytest.mark.parametrize("levels", [[0, 2], ["end"]])
+def test_on_cuda_a_decode_step_makes_one_host_sync(levels):
     """The same budget measured by CUDA itself (`torch.cuda.set_sync_debug_mode`: a warning per synchronizing
     call), with the Triton verify kernel."""
     import warnings
 
     policy = lively_policy("llama").cuda()
-    eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=4)
+    eng = BlockEngine(policy, sampler="lossless", levels=levels, max_batch=4)
     run = _never_stopping(eng, PROMPTS[:3])
     with torch.inference_mode():
         run.admit()
