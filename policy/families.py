@@ -150,9 +150,8 @@ def _head_is_plain(model: PreTrainedModel, h: torch.Tensor) -> bool:
         if head is not None:
             gen = torch.Generator(device=h.device).manual_seed(0)
             probe = 8 * torch.randn(1, 3, h.shape[-1], generator=gen, device=h.device, dtype=h.dtype)
-            with (
-                torch.no_grad()
-            ):  # (a first call under autocast may see a mismatch: then the stub stays, only slower)
+            # (a first call under autocast may see a mismatch: then the stub stays, only slower)
+            with torch.no_grad():
                 direct, own = head(probe), own_logits(model, probe)
             plain = direct.dtype == own.dtype and torch.equal(direct, own)  # an upcast to fp32 is not plain
         model.__dict__["_blockrl_plain_head"] = plain

@@ -117,13 +117,12 @@ class RaggedKVCache(Cache):
         lo, hi = min(st.host_lens[r] for r in row_ids), max(st.host_lens[r] for r in row_ids)
         st.extent = hi + Q
         st.uniform_start = lo if lo == hi else None
+        slice_write = st.uniform_start is not None and rows is None  # contiguous, see RaggedLayer.update
+        if slice_write and Q == 1:
+            st.write_pos = None
+            return None
         q = torch.arange(Q, device=lens.device)
-        if st.uniform_start is not None and rows is None:
-            st.write_pos = None  # contiguous slice write, see RaggedLayer.update
-            if Q == 1:
-                return None
-        else:
-            st.write_pos = lens[:, None] + q[None]  # [R, Q]
+        st.write_pos = None if slice_write else lens[:, None] + q[None]  # [R, Q]
         keys = torch.arange(st.extent, device=lens.device)
         rel = keys[None] - lens[:, None]  # [R, extent] key position relative to the row's first query
         in_step = (rel >= 0) & (rel < Q)

@@ -62,9 +62,8 @@ class _Row:
     params: SamplingParams
     key: tuple  # `_sampling_key(params)`: rows with equal keys are verified together
     top_n: int  # alternatives recorded per token
-    n_drafts: int = (
-        0  # drafts the row carries into its next verify (host copy: a step's layout reads no device)
-    )
+    # drafts the row carries into its next verify (host copy: a step's layout reads no device)
+    n_drafts: int = 0
 
 
 class StepLayout(NamedTuple):

@@ -106,13 +106,6 @@ class ChainStats:
     # layout's (verify K+1 plus every level a full draft reaches); 1 for ar
 
 
-def tokens_per_step(
-    survival: np.ndarray, levels: Sequence[int | str], stale: np.ndarray | None = None
-) -> float:
-    """Expected committed tokens per decode step under `levels` (`draft_chain`)."""
-    return draft_chain(survival, levels, stale).tokens_per_step
-
-
 def draft_chain(
     survival: np.ndarray, levels: Sequence[int | str], stale: np.ndarray | None = None
 ) -> ChainStats:

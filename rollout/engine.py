@@ -150,9 +150,8 @@ class BlockEngine(GenerateAPI):
         end_rows = torch.zeros(Q + (K + 1) * self.tail, dtype=torch.bool)
         verify_slot = torch.full_like(end_rows, -1, dtype=torch.long)
         verify_slot[: n + 1] = torch.arange(n + 1)
-        if (
-            self.tail
-        ):  # placed as level 0 here; decode_step shifts it to each row's n_r and hides slots past n_r
+        if self.tail:
+            # the end block, placed as level 0 here; decode_step shifts it to each row's n_r, hides slots past n_r
             end_rows[Q:] = True
             offsets = torch.cat([offsets, torch.arange(1, K + 2)])
             grown = torch.zeros(len(end_rows), len(end_rows), dtype=torch.bool)
@@ -208,9 +207,7 @@ class BlockEngine(GenerateAPI):
             raise ValueError(f"{caller}: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}")
         params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
         core = EngineCore(self, len(prompt_ids))
-        core.full_layout = (
-            True  # random prompts draft little: time the layout of a full draft, a step's most cost
-        )
+        core.full_layout = True  # random prompts draft little: time a full draft's layout, a step's most cost
         for i, p in enumerate(prompt_ids):
             core.add(Request(p, params, i))
         return core, list(range(len(prompt_ids)))

@@ -10,9 +10,12 @@ from rollout.cost_model import (
     Option,
     default_options,
     draft_chain,
-    tokens_per_step,
 )
 from rollout.types import split_levels
+
+
+def tokens_per_step(survival, levels, stale=None):
+    return draft_chain(survival, levels, stale).tokens_per_step
 
 
 def test_tokens_per_step_dense_levels_is_one_plus_sum_of_survival():
