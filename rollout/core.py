@@ -258,6 +258,13 @@ class EngineCore:
         `kept_host` holds the same counts, read already."""
         self.cache.commit(self._rows_t, kept, self._rows, kept_host)
 
+    def drop_drafts(self, rows: list[int]) -> None:
+        """Forget these rows' drafts: their next step verifies none (a probe's draft-less step)."""
+        if self.eng.K:
+            self.n_drafts[self.index(rows)] = 0
+        for s in rows:
+            self.slots[s].n_drafts = 0
+
     def index(self, rows: list[int]) -> torch.Tensor:
         """The slot list as a device tensor (cached: in steady state a step copies nothing to the device)."""
         key = tuple(rows)

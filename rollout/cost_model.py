@@ -97,13 +97,17 @@ class AcceptanceStats:
 
 @dataclass(frozen=True)
 class ChainStats:
-    """Stationary means of the draft-count chain (`draft_chain`)."""
+    """Stationary means of the draft-count chain (`draft_chain`). Queries count past the anchor."""
 
     tokens_per_step: float  # E[na] + 1
-    query_share: (
-        float  # E[Q - 1] / (Q_full - 1): a one-row step's queries past the anchor, as a share of the full
-    )
-    # layout's (verify K+1 plus every level a full draft reaches); 1 for ar
+    queries: float = 0.0  # E[Q]: a one-row step's mean queries (its verified drafts plus its proposal blocks)
+    full_queries: int = 0  # the full layout's: K drafts plus every level a full draft reaches (0 for ar)
+
+    def share(self, base: int) -> float:
+        """Where the mean step lies between a layout of `base` queries (cost c_base) and the full one (c_full):
+        the mean step costs c_base + (c_full - c_base) * share, if cost is affine in queries between them."""
+        span = self.full_queries - base
+        return 1.0 if span <= 0 else min(1.0, max(0.0, (self.queries - base) / span))
 
 
 def draft_chain(
@@ -118,7 +122,7 @@ def draft_chain(
     K = len(survival) - 1
     fixed, tail = split_levels(levels)
     if not fixed and not tail:  # ar
-        return ChainStats(1.0, 1.0)
+        return ChainStats(1.0)
     curves = (survival, survival if stale is None else stale)  # index 0: fresh, 1: stale
     S = 2 * (K + 1)  # state index: n + (K+1) * stale
     P = np.zeros((S, S))
@@ -142,7 +146,7 @@ def draft_chain(
         avg += pi / 500
         pi = pi @ P
     full = K + (K + 1) * len(set(fixed) | ({K} if tail else set()))
-    return ChainStats(float(avg @ mean_na) + 1.0, float(avg @ queries) / full)
+    return ChainStats(float(avg @ mean_na) + 1.0, float(avg @ queries), full)
 
 
 def default_options(block_size: int) -> list[Option]:
@@ -166,6 +170,8 @@ class CostModel:
     block_size: int
     step_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
     prefill_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
+    # one-row step without drafts, per option: the least a step of that option lays out (K+1 queries)
+    draftless_seconds: dict[str, float] = field(default_factory=dict)
     acceptance: AcceptanceStats = None
 
     def __post_init__(self):
@@ -182,9 +188,9 @@ class CostModel:
         repeats: int = 3,
         tails: bool = False,
     ) -> None:
-        """Time real engine steps (median over repeats) per option and batch size: one decode step, and the
-        prefill of that many prompts. `tails` also times the smaller batches a run passes through as its rows
-        finish (B/2, B/4, 1), and single-row prefills (continuous batching refills rows one at a time)."""
+        """Time real engine steps (median over repeats) per option and batch size: one decode step at the full
+        layout, and the prefill of that many prompts; at one row also the draft-less step (the layout's least). `tails` also times the smaller batches a run passes through as its rows
+        finish (B/2, B/4, 1), and the prefills of that many rows (a step's freed slots are refilled together)."""
         g = torch.Generator().manual_seed(0)
         sizes = set(batch_sizes)
         if tails:
@@ -201,20 +207,27 @@ class CostModel:
                 times = [eng.time_decode_steps(prompts, steps) for _ in range(repeats)]
                 self.step_seconds[(opt.name, B)] = statistics.median(t[1] for t in times)
                 self.prefill_seconds[(opt.name, B)] = statistics.median(t[0] for t in times)
+                if B == 1 and opt.sampler != "ar":
+                    bare = [eng.time_decode_steps(prompts, steps, draftless=True)[1] for _ in range(repeats)]
+                    self.draftless_seconds[opt.name] = statistics.median(bare)
 
     def step_cost(self, opt: Option, b: int, chain: ChainStats | None = None) -> float:
         """Seconds of one decode step with b active rows: linear between the calibrated batch sizes.
 
         Calibration times the full layout (a step's most queries). A one-row step lays out only what its draft
-        reaches, so at b = 1 (given the acceptance `acc`) its cost is the AR step's plus the full step's excess in
-        proportion to the chain's mean queries (`chain`, `ChainStats.query_share`); a batch's step is laid out for
-        its longest draft, which is nearly always full."""
+        reaches, so at b = 1 (given the chain's mean queries) its cost lies between the draft-less step's (K+1
+        queries) and the full one's, affine in queries; without a draft-less timing, between the AR step's (no
+        query past the anchor) and the full one's. A batch's step is laid out for its longest draft, which is
+        nearly always full."""
         pts = sorted(n for (name, n) in self.step_seconds if name == opt.name)
         full = float(np.interp(b, pts, [self.step_seconds[(opt.name, n)] for n in pts]))
-        ar = self.step_seconds.get(("ar", 1))
-        if b != 1 or chain is None or ar is None or opt.sampler == "ar":
+        if b != 1 or chain is None or opt.sampler == "ar":
             return full
-        return ar + (full - ar) * chain.query_share
+        if opt.name in self.draftless_seconds:
+            bare = self.draftless_seconds[opt.name]
+            return bare + (full - bare) * chain.share(self.block_size + 1)
+        ar = self.step_seconds.get(("ar", 1))
+        return full if ar is None else ar + (full - ar) * chain.share(0)
 
     def prefill_cost(self, opt: Option, rows: int) -> float:
         pts = sorted(n for (name, n) in self.prefill_seconds if name == opt.name)
@@ -224,7 +237,7 @@ class CostModel:
     def chain(opt: Option, acc: AcceptanceStats) -> ChainStats:
         """Tokens and queries per decode step of `opt` under the acceptance `acc` has seen."""
         if opt.sampler == "ar":
-            return ChainStats(1.0, 1.0)
+            return ChainStats(1.0)
         return draft_chain(acc.survival("fresh"), opt.levels, stale=acc.survival("stale"))
 
     def project(self, opt: Option, batch_size: int) -> float:
@@ -244,8 +257,9 @@ class CostModel:
         """Projected tokens/s of a whole `generate` call over prompts whose completions have `lengths`.
 
         Replays the engine's schedule: a first prefill of `batch_size` rows (it emits one token per row), decode
-        steps in which every active row commits tokens_per_step tokens, a one-row prefill per refilled slot, and
-        the tail in which the batch drains. Step and prefill costs are the calibrated ones at each active count.
+        steps in which every active row commits tokens_per_step tokens, one prefill after each step for every slot
+        that step freed (`EngineCore.admit` refills them together), and the tail in which the batch drains. Step
+        and prefill costs are the calibrated ones at each active count.
         """
         if (opt.name, batch_size) not in self.step_seconds:
             return 0.0
@@ -261,14 +275,12 @@ class CostModel:
             dt = min(remaining.values())  # advance to the next finishing row
             whole = max(1.0, np.ceil(dt)) if dt > 0 else 0.0
             seconds += whole * self.step_cost(opt, len(remaining), chain)
-            for i in list(remaining):
-                remaining[i] -= whole
-                if remaining[i] <= 1e-9:
-                    del remaining[i]
-                    if queue:
-                        j = queue.pop()
-                        seconds += self.prefill_cost(opt, 1)
-                        remaining[j] = steps_left[j]
+            done = [i for i in remaining if remaining[i] - whole <= 1e-9]
+            remaining = {i: r - whole for i, r in remaining.items() if i not in done}
+            refill = [queue.pop() for _ in range(min(len(done), len(queue)))]
+            if refill:
+                seconds += self.prefill_cost(opt, len(refill))
+                remaining.update((j, steps_left[j]) for j in refill)
         return sum(lengths) / seconds
 
     def choose(self, options: Sequence[Option], batch_size: int) -> Option:

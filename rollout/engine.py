@@ -214,16 +214,20 @@ class BlockEngine(GenerateAPI):
 
     @torch.inference_mode()
     def time_decode_steps(
-        self, prompt_ids: list[list[int]], steps: int, temperature: float = 1.0
+        self, prompt_ids: list[list[int]], steps: int, temperature: float = 1.0, draftless: bool = False
     ) -> tuple[float, float]:
         """(prefill seconds, median seconds of one decode step) for this batch of prompts: the cost model's
-        calibration probe."""
+        calibration probe. Steps are laid out in full, or with `draftless` without drafts (each step's drafts
+        dropped before it: the least a step lays out, as after a rejected draft under [end])."""
         run, rows = self._probe(prompt_ids, temperature, "time_decode_steps")
+        run.full_layout = not draftless
         t0 = time.perf_counter()
         run.admit()
         prefill = time.perf_counter() - t0
         times = []
         for _ in range(steps):
+            if draftless:
+                run.drop_drafts(rows)
             t = time.perf_counter()
             run.decode_step(rows)
             times.append(time.perf_counter() - t)

@@ -46,6 +46,18 @@ def make_policy(kind: str, attn: str = "sdpa", vocab_size: int = 37, block_size:
     return policy
 
 
+PROMPTS = [[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8], [2, 11, 12]]
+
+
+def lively_policy(kind="moe", vocab=37, block_size=4, attn="sdpa", seed=1):
+    """Random tiny model with a large init, so greedy outputs vary (a default init just repeats one token)."""
+    cfg = tiny_moe_config(vocab) if kind == "moe" else tiny_dense_config(vocab)
+    cfg.initializer_range = 0.3
+    policy = HybridPolicy(build_model(cfg, seed=seed, attn_implementation=attn))
+    policy.convert(block_size=block_size)
+    return policy.eval()
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     """A byte-level BPE tokenizer trained here: no BOS, pad = EOS, a ChatML template (a second stop id)."""

@@ -49,8 +49,8 @@ class ServeBenchConfig(Section):
     """completion budget per request."""
     temperature: float = Field(1.0, ge=0.0)
     """sampling temperature."""
-    levels: Levels = Field(default_factory=lambda: [0, 4, 8])
-    """proposal levels of the engine server."""
+    levels: Levels = Field(default_factory=lambda: ["end"])
+    """proposal levels of the engine server (configs/serve.yaml's)."""
     max_batch: int = Field(32, ge=1)
     """rows per batch, both servers."""
     server_threads: int = Field(1, ge=0)

@@ -57,7 +57,8 @@ def test_tokens_per_step_is_the_mean_of_the_engines_draft_rule(levels):
     chain = draft_chain(fresh_c, levels, stale=stale_c)
     assert chain.tokens_per_step == pytest.approx(tokens / steps, rel=0.02)
     full = K + (K + 1) * len(set(fixed) | ({K} if tail else set()))
-    assert chain.query_share == pytest.approx(queries / steps / full, rel=0.02)
+    assert chain.full_queries == full
+    assert chain.queries == pytest.approx(queries / steps, rel=0.02)
 
 
 def test_acceptance_splits_steps_after_a_rejection():
@@ -113,3 +114,18 @@ def test_default_options_are_valid_level_sets(K):
         fixed, _ = split_levels(opt.levels)
         decode_step_layout(K, list(fixed))  # raises on an invalid set
     assert any(split_levels(o.levels)[1] for o in opts)  # the draft's end is a candidate
+
+
+def test_the_replay_refills_the_slots_a_step_frees_in_one_prefill():
+    """Four prompts of equal length on two slots: both slots free after the same step, so the second pair is
+    prefilled together, as `EngineCore.admit` does, not once per row."""
+    cm = CostModel(4)
+    cm.step_seconds = {("ar", 1): 1.0, ("ar", 2): 1.5}
+    cm.prefill_seconds = {("ar", 1): 3.0, ("ar", 2): 4.0}
+    lengths = [11] * 4  # the prefill emits one token, then 10 one-token steps each
+    seconds = 2 * (cm.prefill_cost(Option("ar"), 2) + 10 * cm.step_cost(Option("ar"), 2))
+    assert cm.project_run(Option("ar"), 2, lengths) == pytest.approx(sum(lengths) / seconds)
+    # staggered lengths free one slot at a time: that refill is a one-row prefill
+    lengths = [11, 21, 11]
+    seconds = 4.0 + 10 * 1.5 + 3.0 + 10 * 1.5
+    assert cm.project_run(Option("ar"), 2, lengths) == pytest.approx(sum(lengths) / seconds)
