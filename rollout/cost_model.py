@@ -189,8 +189,9 @@ class CostModel:
         tails: bool = False,
     ) -> None:
         """Time real engine steps (median over repeats) per option and batch size: one decode step at the full
-        layout, and the prefill of that many prompts; at one row also the draft-less step (the layout's least). `tails` also times the smaller batches a run passes through as its rows
-        finish (B/2, B/4, 1), and the prefills of that many rows (a step's freed slots are refilled together)."""
+        layout, and the prefill of that many prompts; at one row also the draft-less step (the layout's least).
+        `tails` also times the smaller batches a run passes through as its rows finish (B/2, B/4, 1), and the
+        prefills of that many rows (a step's freed slots are refilled together)."""
         g = torch.Generator().manual_seed(0)
         sizes = set(batch_sizes)
         if tails:
