@@ -259,7 +259,7 @@ class EngineCore:
         self.cache.commit(self._rows_t, kept, self._rows, kept_host)
 
     def drop_drafts(self, rows: list[int]) -> None:
-        """Forget these rows' drafts: their next step verifies none (a probe's draft-less step)."""
+        """Forget these active rows' drafts: their next step verifies none (a probe's draft-less step)."""
         if self.eng.K:
             self.n_drafts[self.index(rows)] = 0
         for s in rows:

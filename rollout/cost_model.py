@@ -101,7 +101,8 @@ class ChainStats:
 
     tokens_per_step: float  # E[na] + 1
     queries: float = 0.0  # E[Q]: a one-row step's mean queries (its verified drafts plus its proposal blocks)
-    full_queries: int = 0  # the full layout's: K drafts plus every level a full draft reaches (0 for ar)
+    full_queries: int = 0  # the full layout's (`step_queries` at n = K; 0 for ar)
+    base_queries: int = 0  # the draft-less layout's (at n = 0: the level-0 and end blocks)
 
     def share(self, base: int) -> float:
         """Where the mean step lies between a layout of `base` queries (cost c_base) and the full one (c_full):
@@ -132,7 +133,7 @@ def draft_chain(
             c = np.r_[curve[: n + 1], 0.0]
             law = c[:-1] - c[1:]  # P(na = a), a = 0..n
             step = sorted({p for p in fixed if p <= n} | ({n} if tail else set()))
-            queries[n + (K + 1) * st] = n + (K + 1) * len(step)  # past the anchor
+            queries[n + (K + 1) * st] = step_queries(K, levels, n)
             for a in range(n + 1):
                 p = max((p for p in step if p <= a), default=None)  # None: no proposal, no draft next step
                 nxt = 0 if p is None else K - a + p
@@ -145,8 +146,20 @@ def draft_chain(
     ):  # the running mean converges even where the chain is periodic (e.g. [0], all accepted)
         avg += pi / 500
         pi = pi @ P
-    full = K + (K + 1) * len(set(fixed) | ({K} if tail else set()))
-    return ChainStats(float(avg @ mean_na) + 1.0, float(avg @ queries), full)
+    return ChainStats(
+        float(avg @ mean_na) + 1.0,
+        float(avg @ queries),
+        step_queries(K, levels, K),
+        step_queries(K, levels, 0),
+    )
+
+
+def step_queries(block_size: int, levels: Sequence[int | str], n: int) -> int:
+    """Queries past the anchor of a step whose longest draft is n, as `BlockEngine.step_layout(n)` lays it out: the
+    n drafts, one block of K+1 per fixed level <= n, and the end block (a block of its own even where n is also a
+    fixed level)."""
+    fixed, tail = split_levels(levels)
+    return n + (block_size + 1) * (sum(p <= n for p in fixed) + bool(tail))
 
 
 def default_options(block_size: int) -> list[Option]:
@@ -170,7 +183,7 @@ class CostModel:
     block_size: int
     step_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
     prefill_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
-    # one-row step without drafts, per option: the least a step of that option lays out (K+1 queries)
+    # one-row step without drafts, per option: the least a step of that option lays out (`ChainStats.base_queries`)
     draftless_seconds: dict[str, float] = field(default_factory=dict)
     acceptance: AcceptanceStats = None
 
@@ -216,9 +229,9 @@ class CostModel:
         """Seconds of one decode step with b active rows: linear between the calibrated batch sizes.
 
         Calibration times the full layout (a step's most queries). A one-row step lays out only what its draft
-        reaches, so at b = 1 (given the chain's mean queries) its cost lies between the draft-less step's (K+1
-        queries) and the full one's, affine in queries; without a draft-less timing, between the AR step's (no
-        query past the anchor) and the full one's. A batch's step is laid out for its longest draft, which is
+        reaches, so at b = 1 (given the chain's mean queries) its cost lies between the draft-less step's and the
+        full one's, affine in queries; without a draft-less timing, between the AR step's (no query past the
+        anchor) and the full one's. A batch's step is laid out for its longest draft, which is
         nearly always full."""
         pts = sorted(n for (name, n) in self.step_seconds if name == opt.name)
         full = float(np.interp(b, pts, [self.step_seconds[(opt.name, n)] for n in pts]))
@@ -226,7 +239,7 @@ class CostModel:
             return full
         if opt.name in self.draftless_seconds:
             bare = self.draftless_seconds[opt.name]
-            return bare + (full - bare) * chain.share(self.block_size + 1)
+            return bare + (full - bare) * chain.share(chain.base_queries)
         ar = self.step_seconds.get(("ar", 1))
         return full if ar is None else ar + (full - ar) * chain.share(0)
 
@@ -274,7 +287,7 @@ class CostModel:
         remaining = {i: steps_left[i] for i in active}
         while remaining:
             dt = min(remaining.values())  # advance to the next finishing row
-            whole = max(1.0, np.ceil(dt)) if dt > 0 else 0.0
+            whole = max(1.0, np.ceil(dt - 1e-9)) if dt > 0 else 0.0  # float error must not add a step
             seconds += whole * self.step_cost(opt, len(remaining), chain)
             done = [i for i in remaining if remaining[i] - whole <= 1e-9]
             remaining = {i: r - whole for i, r in remaining.items() if i not in done}

@@ -202,7 +202,8 @@ class BlockEngine(GenerateAPI):
         self, prompt_ids: list[list[int]], temperature: float, caller: str
     ) -> tuple[EngineCore, list[int]]:
         """A core holding one batch of these prompts that never stop (no EOS, no length limit), not yet admitted:
-        the probes below step it by hand through the same code path as `generate`, at the full step layout."""
+        the probes below step it by hand through the same code path as `generate`, at the full step layout (the
+        draft-less probe of `time_decode_steps` turns that off)."""
         if len(prompt_ids) > self.max_batch:
             raise ValueError(f"{caller}: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}")
         params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)

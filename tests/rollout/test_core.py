@@ -70,7 +70,7 @@ def test_a_trimmed_step_samples_what_the_full_step_samples(levels):
     assert out[0] == out[1]  # the same drafts were offered too: only the layout differed
 
 
-@pytest.mark.parametrize("levels", [[0, 2], ["end"], [2, "end"]])
+@pytest.mark.parametrize("levels", [[0, 2], ["end"], [2, "end"], [0, "end"]])
 def test_a_step_after_dropped_drafts_verifies_none_and_drafts_a_full_block(levels):
     """The calibration's draft-less step (`drop_drafts`): one verify slot, one token per row, and each row drafts
     a full K from its level-0 or end block, as after a rejection under [end]."""
@@ -84,16 +84,34 @@ def test_a_step_after_dropped_drafts_verifies_none_and_drafts_a_full_block(level
         core.drop_drafts(rows)
         before = [len(core.slots[s].traj.tokens) for s in rows]
         core.decode_step(rows)
-    assert core._layout.verify_len == 1
+    lay = core._layout
+    assert lay.verify_len == 1 and len(lay.levels) + lay.end == (0 in levels) + ("end" in levels)
     assert [len(core.slots[s].traj.tokens) - b for s, b in zip(rows, before, strict=True)] == [1, 1, 1]
     assert [core.slots[s].traj.draft_counts[-1] for s in rows] == [0, 0, 0]
     assert [core.slots[s].n_drafts for s in rows] == [eng.K] * 3 == core.n_drafts.tolist()
 
 
+def test_the_draftless_probe_times_steps_without_drafts(monkeypatch):
+    """`time_decode_steps(draftless=True)` times steps laid out for no draft (the cost model's least step); the
+    default probe times the full layout."""
+    eng = BlockEngine(lively_policy("moe", block_size=4), sampler="lossless", levels=[0, "end"], max_batch=2)
+    seen = []
+    step = engine_mod.EngineCore.decode_step
+
+    def recording(self, rows):
+        step(self, rows)
+        seen.append((self._layout.verify_len, len(self._layout.levels) + self._layout.end))
+
+    monkeypatch.setattr(engine_mod.EngineCore, "decode_step", recording)
+    eng.time_decode_steps(PROMPTS[:2], 3, draftless=True)
+    assert seen == [(1, 2)] * 3
+    seen.clear()
+    eng.time_decode_steps(PROMPTS[:2], 3)
+    assert seen == [(eng.K + 1, 2)] * 3
+
+
 def _never_stopping(eng, prompts, **params):
     """A core holding `prompts` as requests that never stop, not yet admitted."""
-    from rollout.types import Request, SamplingParams
-
     core = engine_mod.EngineCore(eng, len(prompts))
     for i, p in enumerate(prompts):
         core.add(Request(p, SamplingParams(max_new_tokens=1 << 20, eos_token_id=None, **params), i))

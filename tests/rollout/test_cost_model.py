@@ -6,10 +6,12 @@ import pytest
 from policy.masks import decode_step_layout
 from rollout.cost_model import (
     AcceptanceStats,
+    ChainStats,
     CostModel,
     Option,
     default_options,
     draft_chain,
+    step_queries,
 )
 from rollout.types import split_levels
 
@@ -50,14 +52,18 @@ def test_tokens_per_step_is_the_mean_of_the_engines_draft_rule(levels):
             na += 1
         tokens += na + 1
         step = sorted({p for p in fixed if p <= n} | ({n} if tail else set()))
-        queries += n + (K + 1) * len(step)  # the step's queries past the anchor
+        queries += step_queries(
+            K, levels, n
+        )  # the engine's layout (`test_step_queries_are_the_engines_layout`)
         p = max((p for p in step if p <= na), default=None)
         n, stale = (0 if p is None else K - na + p), na < n
     fresh_c, stale_c = alpha ** np.arange(K + 1), alpha_stale ** np.arange(K + 1)
     chain = draft_chain(fresh_c, levels, stale=stale_c)
     assert chain.tokens_per_step == pytest.approx(tokens / steps, rel=0.02)
-    full = K + (K + 1) * len(set(fixed) | ({K} if tail else set()))
-    assert chain.full_queries == full
+    assert (chain.full_queries, chain.base_queries) == (
+        step_queries(K, levels, K),
+        step_queries(K, levels, 0),
+    )
     assert chain.queries == pytest.approx(queries / steps, rel=0.02)
 
 
@@ -129,3 +135,33 @@ def test_the_replay_refills_the_slots_a_step_frees_in_one_prefill():
     lengths = [11, 21, 11]
     seconds = 4.0 + 10 * 1.5 + 3.0 + 10 * 1.5
     assert cm.project_run(Option("ar"), 2, lengths) == pytest.approx(sum(lengths) / seconds)
+
+
+@pytest.mark.parametrize("levels", [[0, 2], ["end"], [0, "end"], [2, "end"], [0, 2, 4, "end"]])
+def test_step_queries_are_the_engines_layout(levels):
+    """The chain counts a step's queries as `BlockEngine.step_layout` lays them out, at every draft count; with
+    level K and `end` both present, the end block is a block of its own."""
+    from rollout import BlockEngine
+    from tests.conftest import lively_policy
+
+    eng = BlockEngine(lively_policy("moe", block_size=4), sampler="lossless", levels=levels)
+    for n in range(eng.K + 1):
+        assert step_queries(eng.K, levels, n) == len(eng.step_layout(n).offsets) - 1
+
+
+def test_one_row_step_cost_lies_between_the_draftless_and_the_full_step():
+    """At one row a step costs the timed draft-less step at the chain's least queries and the full step at its
+    most, affine between; without a draft-less timing the AR step anchors the line at zero queries."""
+    cm, opt = CostModel(16), Option("lossless", ("end",))
+    cm.step_seconds = {("ar", 1): 1.0, (opt.name, 1): 3.0}
+    base, full = step_queries(16, opt.levels, 0), step_queries(16, opt.levels, 16)
+
+    def chain(q):
+        return ChainStats(5.0, q, full, base)
+
+    assert cm.step_cost(opt, 1, chain(full)) == pytest.approx(3.0)
+    assert cm.step_cost(opt, 1, chain(base)) == pytest.approx(1.0 + 2.0 * base / full)
+    cm.draftless_seconds = {opt.name: 2.0}
+    assert cm.step_cost(opt, 1, chain(base)) == pytest.approx(2.0)
+    assert cm.step_cost(opt, 1, chain((base + full) / 2)) == pytest.approx(2.5)
+    assert cm.step_cost(opt, 1, chain(full)) == pytest.approx(3.0)
