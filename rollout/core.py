@@ -24,6 +24,7 @@ from kernels.verify import VerifyOutput
 from policy.families import sliding_layer_window
 from rollout.cache import RaggedKVCache
 from rollout.processors import constraint_mask, process_logits
+from rollout.stops import find_stop
 from rollout.types import Request, SamplingParams, StepEvent, Trajectory
 
 PHASES = ("body", "heads", "verify", "drafts", "bookkeeping")  # a decode step's parts (`StepTimer`)
@@ -64,19 +65,6 @@ class _Row:
     top_n: int  # alternatives recorded per token
     # drafts the row carries into its next verify (host copy: a step's layout reads no device)
     n_drafts: int = 0
-
-
-class StepLayout(NamedTuple):
-    """One decode step's query layout (`BlockEngine.step_layout`), for a pass whose rows carry at most n drafts."""
-
-    verify_len: int  # n + 1: the anchor and the drafts
-    levels: tuple[int, ...]  # fixed proposal levels evaluated (every p <= n)
-    offsets: torch.Tensor  # [Q] query positions relative to the anchor (the end block's as if at level 0)
-    mask: torch.Tensor  # [Q, Q] bool query mask (the end block's as if at level n)
-    levels_t: torch.Tensor  # the fixed levels on the device, for choosing each row's proposal
-    end: bool  # a last block at each row's own draft end (`end` levels)
-    end_rows: torch.Tensor  # [Q] bool: the end block's queries
-    verify_slot: torch.Tensor  # [Q] verify slot index of each query, -1 outside the verify segment
 
 
 class _Group(NamedTuple):
@@ -547,30 +535,6 @@ class EngineCore:
                 )
             )
         return na
-
-
-def find_stop(tokens: list[int], start: int, p: SamplingParams, tokenizer=None) -> tuple[int | None, str]:
-    """Length to keep if a stop falls in tokens[start:] (the tokens added since the last check), else None, and
-    why: "eos", "stop_string" or "length". EOS is kept; nothing after a stop is."""
-    cut, reason = None, ""
-    if p.eos_token_id is not None:
-        eos = {p.eos_token_id} if isinstance(p.eos_token_id, int) else set(p.eos_token_id)
-        for i in range(start, len(tokens)):
-            if tokens[i] in eos:
-                cut, reason = i + 1, "eos"
-                break
-    if p.stop_strings:
-        end = cut or len(tokens)
-        # a stop string spans at most len(stop) tokens (one char or more each), and none ended before `start`
-        lo = max(0, start - max(map(len, p.stop_strings)))
-        for i in range(start, end):
-            text = tokenizer.decode(tokens[lo : i + 1])
-            if any(s in text for s in p.stop_strings):
-                cut, reason = i + 1, "stop_string"
-                break
-    if (cut is None and len(tokens) >= p.max_new_tokens) or (cut is not None and cut > p.max_new_tokens):
-        cut, reason = p.max_new_tokens, "length"
-    return cut, reason
 
 
 def _alternatives(flat: list[float], n: int, K1: int, want: int) -> list[list[tuple[int, float]]]:

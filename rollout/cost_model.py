@@ -141,9 +141,8 @@ def draft_chain(
             mean_na[n + (K + 1) * st] = law @ np.arange(n + 1)
     pi, avg = np.zeros(S), np.zeros(S)
     pi[K] = 1.0  # a prefill leaves K fresh drafts
-    for _ in range(
-        500
-    ):  # the running mean converges even where the chain is periodic (e.g. [0], all accepted)
+    # the running mean converges even where the chain is periodic (e.g. [0], all accepted)
+    for _ in range(500):
         avg += pi / 500
         pi = pi @ P
     return ChainStats(
@@ -231,8 +230,8 @@ class CostModel:
         Calibration times the full layout (a step's most queries). A one-row step lays out only what its draft
         reaches, so at b = 1 (given the chain's mean queries) its cost lies between the draft-less step's and the
         full one's, affine in queries; without a draft-less timing, between the AR step's (no query past the
-        anchor) and the full one's. A batch's step is laid out for its longest draft, which is
-        nearly always full."""
+        anchor) and the full one's. A batch's step is laid out for its longest draft, which is nearly always
+        full."""
         pts = sorted(n for (name, n) in self.step_seconds if name == opt.name)
         full = float(np.interp(b, pts, [self.step_seconds[(opt.name, n)] for n in pts]))
         if b != 1 or chain is None or opt.sampler == "ar":
@@ -289,7 +288,7 @@ class CostModel:
             dt = min(remaining.values())  # advance to the next finishing row
             whole = max(1.0, np.ceil(dt - 1e-9)) if dt > 0 else 0.0  # float error must not add a step
             seconds += whole * self.step_cost(opt, len(remaining), chain)
-            done = [i for i in remaining if remaining[i] - whole <= 1e-9]
+            done = {i for i in remaining if remaining[i] - whole <= 1e-9}
             remaining = {i: r - whole for i, r in remaining.items() if i not in done}
             refill = [queue.pop() for _ in range(min(len(done), len(queue)))]
             if refill:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -30,22 +31,42 @@ from kernels.verify import default_verify
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
 from policy.tokenizer import eos_ids
-from rollout.core import PHASES, EngineCore, StepLayout, StepTimer
-from rollout.types import END, Option, Request, SamplingParams, Trajectory, split_levels, with_eos
+from rollout.core import PHASES, EngineCore, StepTimer
+from rollout.types import (
+    END,
+    Option,
+    Request,
+    SamplingParams,
+    Trajectory,
+    check_level_list,
+    split_levels,
+    with_eos,
+)
 
 __all__ = ["PHASES", "SAMPLERS", "BlockEngine", "EngineCore", "GenerateAPI", "StepTimer"]
 
 SAMPLERS = ("ar", "lossless", "logit_mix")  # `auto` chooses among these: rollout/auto.py wraps engines
 
 
+class StepLayout(NamedTuple):
+    """One decode step's query layout (`BlockEngine.step_layout`), for a pass whose rows carry at most n drafts."""
+
+    verify_len: int  # n + 1: the anchor and the drafts
+    levels: tuple[int, ...]  # fixed proposal levels evaluated (every p <= n)
+    offsets: torch.Tensor  # [Q] query positions relative to the anchor (the end block's as if at level 0)
+    mask: torch.Tensor  # [Q, Q] bool query mask (the end block's as if at level n)
+    levels_t: torch.Tensor  # the fixed levels on the device, for choosing each row's proposal
+    end: bool  # a last block at each row's own draft end (`end` levels)
+    end_rows: torch.Tensor  # [Q] bool: the end block's queries
+    verify_slot: torch.Tensor  # [Q] verify slot index of each query, -1 outside the verify segment
+
+
 def check_levels(block_size: int, levels) -> None:
     """Raise ValueError unless `levels` (ints and `end`, as configs write them) is a valid level set for drafts of
     `block_size`: fixed levels strictly increasing within 0..K, and 0 among them or `end` (so every row always has a
     proposal to draft from, or drafts again after one step without)."""
-    fixed, tail = split_levels(levels)
+    fixed, _ = check_level_list(levels)
     decode_step_layout(block_size, list(fixed))
-    if not tail and fixed[:1] != (0,):
-        raise ValueError(f"levels must start at 0 or contain {END!r}, got {list(levels)}")
 
 
 class GenerateAPI:
@@ -199,16 +220,16 @@ class BlockEngine(GenerateAPI):
         return [done[i] for i in ids]
 
     def _probe(
-        self, prompt_ids: list[list[int]], temperature: float, caller: str
+        self, prompt_ids: list[list[int]], temperature: float, caller: str, full_layout: bool = True
     ) -> tuple[EngineCore, list[int]]:
         """A core holding one batch of these prompts that never stop (no EOS, no length limit), not yet admitted:
-        the probes below step it by hand through the same code path as `generate`, at the full step layout (the
-        draft-less probe of `time_decode_steps` turns that off)."""
+        the probes below step it by hand through the same code path as `generate`, at the full step layout unless
+        `full_layout` is off (random prompts draft little: the full layout times a step's most cost)."""
         if len(prompt_ids) > self.max_batch:
             raise ValueError(f"{caller}: {len(prompt_ids)} prompts exceed max_batch={self.max_batch}")
         params = SamplingParams(max_new_tokens=1 << 30, temperature=temperature, eos_token_id=None)
         core = EngineCore(self, len(prompt_ids))
-        core.full_layout = True  # random prompts draft little: time a full draft's layout, a step's most cost
+        core.full_layout = full_layout
         for i, p in enumerate(prompt_ids):
             core.add(Request(p, params, i))
         return core, list(range(len(prompt_ids)))
@@ -220,8 +241,7 @@ class BlockEngine(GenerateAPI):
         """(prefill seconds, median seconds of one decode step) for this batch of prompts: the cost model's
         calibration probe. Steps are laid out in full, or with `draftless` without drafts (each step's drafts
         dropped before it: the least a step lays out, as after a rejected draft under [end])."""
-        run, rows = self._probe(prompt_ids, temperature, "time_decode_steps")
-        run.full_layout = not draftless
+        run, rows = self._probe(prompt_ids, temperature, "time_decode_steps", full_layout=not draftless)
         t0 = time.perf_counter()
         run.admit()
         prefill = time.perf_counter() - t0

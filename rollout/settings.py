@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from common.config import Section
 from common.device import DeviceSettings
-from rollout.types import Levels, split_levels
+from rollout.types import Levels, check_level_list
 
 
 class EngineSettings(DeviceSettings):
@@ -32,9 +32,7 @@ class EngineSettings(DeviceSettings):
     @field_validator("levels")
     @classmethod
     def _levels(cls, v: Levels) -> Levels:
-        fixed, tail = split_levels(v)
-        if not (0 in fixed or tail) or any(lv < 0 for lv in fixed) or len(set(v)) != len(v):
-            raise ValueError(f"levels must be distinct, >= 0 and contain 0 or end, got {v}")
+        check_level_list(v)
         return v
 
     def engine_settings(self) -> EngineSettings:

@@ -28,6 +28,16 @@ def split_levels(levels) -> tuple[tuple[int, ...], bool]:
     return tuple(fixed), tail
 
 
+def check_level_list(levels) -> tuple[tuple[int, ...], bool]:
+    """`split_levels`, raising ValueError unless the levels are distinct, >= 0 and hold 0 or `end` (so a row always
+    has a proposal to draft from, or drafts again after one step without). What a level list needs whatever the
+    block size; `rollout.engine.check_levels` adds the bounds of a given K."""
+    fixed, tail = split_levels(levels)
+    if not (0 in fixed or tail) or any(p < 0 for p in fixed) or len(set(levels)) != len(levels):
+        raise ValueError(f"levels must be distinct, >= 0 and contain 0 or {END}, got {list(levels)}")
+    return fixed, tail
+
+
 @dataclass(frozen=True)
 class Option:
     """A concrete sampler: what `auto` chooses among and what every trajectory records it was generated with."""

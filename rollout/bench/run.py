@@ -129,10 +129,10 @@ class RunResult:
     speedup_vs_ar: float = 0.0
     tokens_per_forward: float = 1.0
     accept_by_position: list[float] = field(default_factory=list)
-    accept_after_rejection: list[float] = field(default_factory=list)  # the steps after a rejected draft
-    accept_after_full: list[float] = field(
-        default_factory=list
-    )  # the rest (after a full acceptance or a prefill)
+    # acceptance by position over the steps after a rejected draft, and over the rest (after a full acceptance
+    # or a prefill)
+    accept_after_rejection: list[float] = field(default_factory=list)
+    accept_after_full: list[float] = field(default_factory=list)
     solve_rate: float = 0.0
     solved: int = 0
     samples: int = 0

@@ -34,9 +34,10 @@ from policy.generate import left_pad
 from policy.hybrid import HybridPolicy
 from policy.tokenizer import pad_id
 from rollout.auto import AutoSampler, engine_factory
-from rollout.core import EngineCore, find_stop
+from rollout.core import EngineCore
 from rollout.serve.config import ServeConfig
 from rollout.serve.metrics import ServeMetrics
+from rollout.stops import find_stop
 from rollout.types import Option, Request, StepEvent, Trajectory
 
 log = logging.getLogger(__name__)
