@@ -59,14 +59,23 @@ def require_checkpoint(path: str | Path, field: str = "checkpoint") -> None:
 
 
 def save_checkpoint(dest: Path, policy, tokenizer, state: dict[str, Any]) -> None:
+    """The policy as an HF directory plus `state` and this process's RNG states (unless `state` carries the RNG of
+    another process: a learner group's rank 0 writes the driver's)."""
+
     def write(tmp: Path) -> None:
         policy.save_pretrained(tmp, tokenizer)
-        torch.save({**state, "rng": rng_state()}, tmp / STATE_FILE)
+        torch.save({"rng": rng_state(), **state}, tmp / STATE_FILE)
 
     atomic_dir_write(dest, write)
 
 
+def read_trainer_state(dest: str | Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, leaving this process's RNG alone."""
+    return torch.load(Path(dest) / STATE_FILE, weights_only=False, map_location="cpu")  # any device resumes
+
+
 def load_trainer_state(dest: Path) -> dict[str, Any]:
-    state = torch.load(Path(dest) / STATE_FILE, weights_only=False, map_location="cpu")  # any device resumes
+    """The trainer state of a checkpoint, restoring this process's RNG from it."""
+    state = read_trainer_state(dest)
     set_rng_state(state.pop("rng"))
     return state

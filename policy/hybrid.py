@@ -138,7 +138,7 @@ class HybridPolicy(nn.Module):
             lambda attn: AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype),
             attn_implementation,
         )
-        meta = getattr(model.config, METADATA_KEY, None) or {}
+        meta = getattr(model.config, METADATA_KEY, None) or {}  # as _checkpoint_metadata reads it
         policy = cls(model, meta.get("mask_token_id"), int(meta.get("block_size", 16)))
         policy.prompt_format = meta.get("prompt_format", "text")
         return policy
@@ -479,10 +479,18 @@ def _map_masks(fn, masks):
     return {k: fn(v) for k, v in masks.items()} if isinstance(masks, dict) else fn(masks)
 
 
+def _checkpoint_metadata(path: str | os.PathLike) -> dict:
+    return getattr(AutoConfig.from_pretrained(path), METADATA_KEY, None) or {}
+
+
 def checkpoint_prompt_format(path: str | os.PathLike) -> str:
     """The prompt format a checkpoint was trained on (`HybridPolicy.prompt_format`), read from its config alone."""
-    meta = getattr(AutoConfig.from_pretrained(path), METADATA_KEY, None) or {}
-    return meta.get("prompt_format", "text")
+    return _checkpoint_metadata(path).get("prompt_format", "text")
+
+
+def checkpoint_block_size(path: str | os.PathLike) -> int:
+    """A checkpoint's block size K (`HybridPolicy.block_size`), read from its config alone."""
+    return int(_checkpoint_metadata(path).get("block_size", 16))
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -2,7 +2,10 @@
 trajectories. Only this module (and the driver) import Ray.
 
 - Ray is local by default (`address=None`, temp dir and logs inside the run directory) or joins a cluster.
-- Weights go out once per version: one `ray.put` of the numpy state dict, every worker loads it.
+- Weights go out once per version: by collective (`broadcast_weights`: byte buckets over the sync group,
+  rollout/weight_sync.py), or through the object store (`sync_weights`: one `ray.put` of the numpy state dict,
+  every worker loads it). The object store is the fallback when a collective fails, and the path a restarted
+  worker gets its weights by.
 - One scheduling and fault loop (`run`) serves every job: `collect` (RL steps) and the `blockrl rollout` job both
   iterate it. Actors restart (`max_restarts`); a shard whose actor died, lost its node (and the result with it),
   came back on stale weights or did not return within `shard_timeout_s` (a hung worker: it is killed and restarted)
@@ -18,10 +21,12 @@ import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import ray
+import torch.distributed as dist
 from ray.exceptions import ObjectLostError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -29,6 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from common.config import ConfigError
 from rollout.settings import EngineSettings, WorkerSettings
 from rollout.types import SamplingParams, Trajectory
+from rollout.weight_sync import SyncAddress
 from rollout.worker import RolloutWorker, Shard, ShardResult, StaleWeightsError
 
 log = logging.getLogger(__name__)
@@ -102,22 +108,22 @@ class RolloutPool:
         shard_timeout_s: float = 600.0,
         placement: str = "none",
         placement_timeout_s: float = 120.0,
-        learner: dict[str, float] | None = None,
+        learner: list[dict[str, float]] | None = None,
     ):
-        """`placement` != none reserves one bundle per worker (plus bundle 0 = `learner`'s resources, e.g.
-        {"CPU": 1, "GPU": 1}, when given) in one placement group before any worker starts; workers then run in
-        their bundles (a restarted worker comes back in its own)."""
+        """`placement` != none reserves one bundle per worker (plus bundles 0..N-1 = the learner ranks' resources,
+        e.g. {"CPU": 1, "GPU": 1} each, when given) in one placement group before any worker starts; workers then
+        run in their bundles (a restarted worker comes back in its own)."""
         if not isinstance(engine, EngineSettings):
             raise TypeError(f"engine: expected EngineSettings, got {type(engine).__name__}")
         self.placement_group: PlacementGroup | None = None
-        self.learner_bundle: int | None = None
+        self.learner_bundles = 0
         options: list[dict] = [{"scheduling_strategy": "SPREAD"}] * num_workers
         if placement != "none":
             bundles = [bundle(num_cpus_per_worker, num_gpus_per_worker)] * num_workers
             if learner:
-                bundles, self.learner_bundle = [learner, *bundles], 0
+                bundles, self.learner_bundles = [*learner, *bundles], len(learner)
             pg = self.placement_group = reserve(bundles, placement, placement_timeout_s)
-            first = 0 if self.learner_bundle is None else 1
+            first = self.learner_bundles
             options = [
                 {
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(
@@ -134,10 +140,19 @@ class RolloutPool:
         self.shard_timeout_s = shard_timeout_s
         self.version = 0
         self._weights_ref = None
+        # the collective path: the driver hosts the sync group's TCPStore; a new prefix (epoch) after a failure
+        self._store: dist.TCPStore | None = None
+        self._epoch = 0
+        # where a restarted worker gets the current version's weights when the last sync was collective
+        self._weights_source: Callable[[int], object] | None = None
 
     @classmethod
     def from_settings(
-        cls, checkpoint: str, engine: EngineSettings, workers: WorkerSettings, learner: dict | None = None
+        cls,
+        checkpoint: str,
+        engine: EngineSettings,
+        workers: WorkerSettings,
+        learner: list[dict[str, float]] | None = None,
     ) -> RolloutPool:
         return cls(
             checkpoint,
@@ -155,9 +170,9 @@ class RolloutPool:
     def learner_placement(self) -> tuple[bool, list[str]] | None:
         """(whether the learner's bundle is on this process's node, the GPU ids Ray gave it), or None without
         one: the learner (this process) should run on that node and GPU, which Ray keeps from the workers."""
-        if self.learner_bundle is None:
+        if not self.learner_bundles:
             return None
-        gpus = self.placement_group.bundle_specs[self.learner_bundle].get("GPU", 0)
+        gpus = self.placement_group.bundle_specs[0].get("GPU", 0)
         strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=0)
         node, ids = ray.get(_where.options(scheduling_strategy=strategy, num_gpus=gpus).remote())
         return node == ray.get_runtime_context().get_node_id(), ids
@@ -166,15 +181,90 @@ class RolloutPool:
         """Block until every worker has loaded its checkpoint."""
         ray.get([w.ping.remote() for w in self.workers])
 
-    def sync_weights(self, weights: dict, version: int) -> None:
-        """Publish a numpy state dict as `version` to every worker (blocks until loaded)."""
-        self._weights_ref = ray.put(weights)
+    def sync_weights(self, weights, version: int) -> int:
+        """The object-store path: publish a numpy state dict (or an ObjectRef of one) as `version` to every worker
+        (blocks until loaded). Returns the bytes each worker loaded."""
+        self._weights_ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        self._weights_source = None
         self.version = version
+        nbytes = 0
         for w, ref in enumerate([w.set_weights.remote(version, self._weights_ref) for w in self.workers]):
             try:
-                ray.get(ref)
+                nbytes = ray.get(ref)
             except RayActorError:  # died before loading: wait for the restart and load into the new one
                 self.reload(w)
+        return nbytes
+
+    def sync_address(self, timeout_s: float) -> SyncAddress:
+        """Where this pool's sync group meets: a TCPStore in this (the driver's) process, on loopback for a local
+        Ray and on this node's address for a cluster."""
+        if self._store is None:
+            local = ray.util.get_node_ip_address() if self._on_cluster() else "127.0.0.1"
+            self._store = dist.TCPStore(
+                local, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
+            )
+            self._store_host = local
+        prefix = f"sync{self._epoch}/"
+        return SyncAddress(self._store_host, self._store.port, prefix, 1 + len(self.workers), timeout_s)
+
+    def _on_cluster(self) -> bool:
+        return len(ray.nodes()) > 1
+
+    def broadcast_weights(
+        self,
+        version: int,
+        send: Callable[[SyncAddress], list],
+        source: Callable[[int], object],
+        timeout_s: float,
+    ) -> dict[str, float]:
+        """The collective path: every worker joins the sync group (rank 1..W) and loads `version` in place while
+        `send(address)` sends it from rank 0 (in this process, returning [], or in actors, returning their refs).
+
+        `source(version)` gives the same weights as a numpy state dict (or a ref to one): the object-store fallback
+        when the collective fails (a lost or hung peer: the group is re-formed on the next sync), and how a worker
+        restarted later gets them. Returns the receivers' `sync/*` metrics (mean), plus `sync/fallback` = 1 when
+        the object store had to carry this version."""
+        address = self.sync_address(timeout_s)
+        receives = [w.receive_weights.remote(version, address, i + 1) for i, w in enumerate(self.workers)]
+        try:
+            senders = send(address)
+            refs = [*receives, *(x for x in senders if isinstance(x, ray.ObjectRef))]
+            results = ray.get(refs, timeout=2 * timeout_s)
+            sent = [x for x in [*results[len(receives) :], *senders] if isinstance(x, dict)]
+        except Exception as e:
+            who = self._failed(receives)
+            log.warning(
+                "weight sync v%d by collective failed (%s: %s; workers not done: %s); sending it through the "
+                "object store instead, and re-forming the sync group on the next sync",
+                version,
+                type(e).__name__,
+                str(e).splitlines()[0][:200] if str(e) else "",
+                who or "none",
+            )
+            self._epoch += 1
+            self.sync_weights(source(version), version)
+            return {"sync/fallback": 1.0}
+        self.version = version
+        self._weights_ref = None
+        self._weights_source = source
+        got = results[: len(receives)]
+        sender = {k: v for d in sent for k, v in d.items() if k in ("sync/gather_s", "sync/send_s")}
+        loaded = {k: sum(r[k] for r in got) / len(got) for k in got[0]}  # every receiver got the same bytes
+        return loaded | sender | {"sync/fallback": 0.0}
+
+    def _failed(self, refs: list) -> list[int]:
+        """Indices of the workers whose call in `refs` did not complete without an error."""
+        bad = []
+        for i, ref in enumerate(refs):
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                bad.append(i)
+                continue
+            try:
+                ray.get(ref)
+            except Exception:
+                bad.append(i)
+        return bad
 
     def worker_nodes(self) -> list[str]:
         """The Ray node id each worker runs on."""
@@ -284,6 +374,10 @@ class RolloutPool:
 
     def reload(self, w: int, attempts: int = 120) -> None:
         """Wait for a restarted actor and give it the current weights."""
+        if self._weights_ref is None and self._weights_source is not None:
+            # the last sync was collective: a restarted worker takes the object-store path
+            weights = self._weights_source(self.version)
+            self._weights_ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         for _ in range(attempts):
             try:
                 if self._weights_ref is not None:

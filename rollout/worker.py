@@ -3,7 +3,8 @@
 The worker is constructible and testable in-process; `ray.remote(num_cpus=...)(RolloutWorker)` is applied only when
 the pool creates actors. Everything crossing the actor boundary is typed: the engine's `EngineSettings` and each
 shard's `SamplingParams` are validated in the driver, and a shard comes back as a `ShardResult`. Weights arrive as a
-numpy state dict (zero-copy through the object store) stamped with a `policy_version`; a shard asks for the version
+numpy state dict (zero-copy through the object store) or as byte buckets over the sync group
+(rollout/weight_sync.py), stamped with a `policy_version`; a shard asks for the version
 it must be generated with, and a worker holding another version refuses it, so stale weights are never used
 silently.
 """
@@ -22,6 +23,7 @@ from rollout.engine import BlockEngine
 from rollout.multiturn import run_episodes
 from rollout.settings import EngineSettings
 from rollout.types import SamplingParams, Trajectory, with_eos
+from rollout.weight_sync import SyncAddress, SyncGroup, load_in_place, receive, sync_targets
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,19 @@ class StaleWeightsError(RuntimeError):
     pass
 
 
-def state_dict_numpy(policy: HybridPolicy) -> dict[str, np.ndarray]:
-    """The weights as numpy on the host (numpy has no bfloat16: bf16 tensors travel as fp32; each worker casts to
-    its own dtype on load)."""
+def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Tensors as numpy on the host, for the object store (numpy has no bfloat16: bf16 tensors travel as fp32; each
+    worker casts to its own dtype on load)."""
     out = {}
-    for k, v in policy.model.state_dict().items():
+    for k, v in tensors.items():
         v = v.detach()
         out[k] = (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy()
     return out
+
+
+def state_dict_numpy(policy: HybridPolicy) -> dict[str, np.ndarray]:
+    """What a sync carries (`sync_names`: tied weights once) as numpy on the host."""
+    return to_numpy(sync_targets(policy.model))
 
 
 class RolloutWorker:
@@ -77,15 +84,30 @@ class RolloutWorker:
         # built once, on the first shard: `auto` keeps its calibration and acceptance stats
         self.engine: BlockEngine | AutoSampler | None = None
         self.version = 0
+        self._sync: SyncGroup | None = None
 
     def ping(self) -> int:
         return self.version
 
     def set_weights(self, version: int, weights: dict[str, np.ndarray]) -> int:
+        """The object-store path (and a restarted worker's): a numpy state dict, copied in place onto this worker's
+        device, cast to its dtype. Returns the bytes it carried."""
         state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
-        self.policy.model.load_state_dict(state)  # copies onto this worker's device, cast to its dtype
+        load_in_place(sync_targets(self.policy.model), state)
         self.version = version
-        return version
+        return sum(int(np.asarray(v).nbytes) for v in weights.values())
+
+    def receive_weights(self, version: int, address: SyncAddress, rank: int) -> dict[str, float]:
+        """The collective path: join the sync group at `address` as `rank` (once per group), then load `version`'s
+        buckets in place. Returns the sync's metrics."""
+        if self._sync is None or self._sync.address != address:
+            self._sync = (
+                None  # a new group (first sync, or re-formed after a failure): the old one is abandoned
+            )
+            self._sync = SyncGroup(address, rank, self.device if self.device.type == "cuda" else None)
+        stats = receive(self._sync, sync_targets(self.policy.model), version)
+        self.version = version
+        return stats.metrics()
 
     def generate(self, shard: Shard) -> ShardResult:
         if shard.policy_version != self.version:

@@ -175,7 +175,7 @@ def test_placement_group_reserves_learner_and_workers_up_front(ckpt, local_ray):
         num_cpus_per_worker=0.5,
         placement="strict_pack",
         placement_timeout_s=30,
-        learner={"CPU": 1.0},
+        learner=[{"CPU": 1.0}],
     )
     pg = pool.placement_group
     assert pg.bundle_specs == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from common.checkpoint import load_trainer_state, recover, require_checkpoint, save_checkpoint
 from common.config import ConfigError, Section, dump_config
 from common.device import DeviceName
+from common.distributed import DistContext, LossModule, Parallel, is_main_process
 from common.metrics import append_jsonl, truncate_jsonl
 from policy.factory import ModelSpec, build_model, count_parameters, make_config
 from policy.families import UnsupportedModelError
@@ -53,7 +54,6 @@ from trainers.lm.data import (
     load_corpus,
     num_targets,
 )
-from trainers.lm.distributed import DistContext, Parallel, is_main_process
 from trainers.lm.evaluate import EvalConfig, diffusion_slot_accuracy, heldout_loss, solve_rate
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def choose_training_attention(policy: HybridPolicy, kind: str, device: torch.dev
 def train_loop(
     cfg: RunConfig, policy: HybridPolicy, tokenizer, loss_fn: LossFn, resume: bool, data: Corpus
 ) -> dict:
-    """Shared loop (data-parallel under torchrun, see trainers/lm/distributed.py): returns the final evaluation
+    """Shared loop (data-parallel under torchrun, see common/distributed.py): returns the final evaluation
     (on rank 0; other ranks return {})."""
     torch.set_num_threads(cfg.threads)
     ctx = DistContext.from_env(cfg.device)
@@ -231,7 +231,9 @@ def train_loop(
         log.info("corpus: %d training sequences, %d held-out", len(data.train), len(data.heldout))
         (run_dir / "data.json").write_text(json.dumps(data.stats, indent=1))
     sampler = Sampler(data.train, cfg.data.batching)
-    par = Parallel(ctx, policy, loss_fn, cfg.parallel)  # before the move: FSDP's rank-0 CPU copy
+    par = Parallel(
+        ctx, policy, LossModule(policy, loss_fn), cfg.parallel
+    )  # before the move: FSDP's rank-0 CPU copy
     if not par.fsdp:
         policy.to(ctx.device)  # FSDP instead shards the CPU model and moves only each rank's shards (place)
     if policy.is_converted:

@@ -11,19 +11,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+from common.checkpoint import save_checkpoint
 from common.config import Section
 from common.device import DeviceName, resolve_device
+from common.distributed import DistContext, Parallel
 from policy.hybrid import HybridPolicy
 from policy.losses import masked_ce, masked_soft_ce
 from policy.masks import draft_block_positions, draft_block_targets, pack_block_columns
 from rollout.types import Trajectory
+from rollout.weight_sync import SyncAddress, SyncGroup, send, sync_names, sync_targets
+from rollout.worker import to_numpy
 from trainers.rl.losses import GRPOConfig, LossInputs, group_advantages, grpo_loss
 from trainers.rl.ppo import PPOConfig, ValueHead, gae, value_loss, whiten
 
@@ -78,6 +87,23 @@ class LearnerConfig(Section):
     """the GPU share the learner's bundle reserves under `rollout.placement` (a fraction lets workers share its GPU)."""
     autocast: Literal["none", "bfloat16"] = "none"
     """bf16 autocast of the learner's forwards (weights and AdamW state stay fp32; log-probs and losses fp32)."""
+    world_size: int = Field(1, ge=1)
+    """learner ranks. 1: the learner runs in the driver. N > 1: a group of N Ray actors (one placement-group bundle
+    and, on CUDA, one GPU each) forming one torch.distributed group (gloo on CPU, nccl on CUDA); each takes its
+    share of every minibatch, losses normalised by global counts, so N ranks follow the 1-rank curve."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """with world_size > 1: DDP (every rank holds the model; gradients all-reduced) or FSDP2 (fully_shard per decoder
+    layer, then the root: parameters, gradients and AdamW state sharded, for a policy one device cannot train)."""
+    cpus_per_rank: float = Field(1.0, gt=0.0)
+    """CPUs each learner rank reserves in Ray (world_size > 1)."""
+    threads: int = Field(1, ge=1)
+    """torch threads of each learner rank (world_size > 1; the single learner uses the driver's)."""
+    timeout_s: float = Field(600.0, gt=0.0)
+    """deadline of every collective of the learner group and of one learner step: a lost rank fails the step with
+    an error naming it instead of hanging."""
+    seed: int = 0
+    """seed of the learner's own generator (minibatch order, diffusion block positions), checkpointed with it: the
+    same on every rank, so N ranks draw what 1 rank draws."""
 
 
 @dataclass(frozen=True)
@@ -177,61 +203,56 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
 
 @torch.no_grad()
 def rollout_diagnostics(
-    logits, learner_logprobs, ar_logprobs, behavior_logprobs, mask, temperature: float
+    logits,
+    learner_logprobs,
+    ar_logprobs,
+    behavior_logprobs,
+    mask,
+    temperature: float,
+    ctx: DistContext | None = None,
 ) -> dict:
     """Rollout-vs-learner mismatch over model tokens: mean |learner - rollout AR| log-prob, k3 KL(behaviour ||
-    learner), normalised ESS of the raw importance weights pi_learner / pi_behavior, and the policy's entropy."""
+    learner), normalised ESS of the raw importance weights pi_learner / pi_behavior, and the policy's entropy.
+    Under a learner group each rank passes its rows and the sums are taken over every rank's (`ctx`)."""
     m = mask.bool()
-    if not m.any():
-        return {}
     log_w = (learner_logprobs - behavior_logprobs)[m]
     w = log_w.exp()
     logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # predicts tokens 1..S-1
-    entropy = -(logp.exp() * logp).sum(-1)
+    entropy = -(logp.exp() * logp).sum(-1)[m[:, 1:]]
+    sums = torch.stack(
+        [
+            m.sum().double(),
+            (learner_logprobs - ar_logprobs)[m].abs().double().sum(),
+            (w - 1 - log_w).double().sum(),
+            w.double().sum(),
+            (w.double() ** 2).sum(),
+            entropy.double().sum(),
+            torch.tensor(float(entropy.numel()), dtype=torch.float64, device=m.device),
+        ]
+    )
+    if ctx is not None:
+        sums = ctx.sum_tensor(sums)
+    n, mismatch, kl, w1, w2, ent, n_ent = sums.tolist()
+    if not n:
+        return {}
     return {
-        "rollout/logprob_mismatch": float((learner_logprobs - ar_logprobs)[m].abs().mean()),
-        "rollout/mismatch_kl": float((w - 1 - log_w).mean()),
-        "rollout/is_ess": float(w.sum() ** 2 / (w.numel() * (w**2).sum())),
-        "train/entropy": float(entropy[m[:, 1:]].mean()),
+        "rollout/logprob_mismatch": mismatch / n,
+        "rollout/mismatch_kl": kl / n,
+        "rollout/is_ess": w1**2 / (n * w2),
+        "train/entropy": ent / max(n_ent, 1.0),
     }
 
 
-class Learner:
-    """One RL update per rollout batch. `version` counts updates: it is the policy version the workers get next."""
+class _Trained(nn.Module):
+    """Everything the learner trains as one root module: the policy and, for PPO, the value head. Its forward is
+    every forward the learner takes, so DDP and FSDP2 wrap it whole (FSDP2's root unit gathers the embeddings, head
+    and value head in its pre-forward)."""
 
-    def __init__(self, policy: HybridPolicy, cfg: LearnerConfig, version: int = 0):
-        self.policy, self.cfg, self.version = policy, cfg, version
-        self.lambda_diff = cfg.lambda_diff  # the drift action may raise it; checkpointed with the learner
-        device = self.device = resolve_device(cfg.device, "learner.device")
-        policy.to(device)
-        groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
-        self.value_head = None
-        if cfg.algo == "ppo":
-            self.value_head = ValueHead(policy.model.config.hidden_size).to(device)
-            groups.append({"params": list(self.value_head.parameters()), "lr": cfg.ppo.value_lr})
-        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
-        self.ref = None  # frozen copy of the starting policy: the KL reference
-        if cfg.grpo.kl_coef > 0:
-            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    def __init__(self, policy: HybridPolicy, value_head: ValueHead | None, autocast: bool):
+        super().__init__()
+        self.policy, self.value_head, self.autocast = policy, value_head, autocast
 
-    def state_dict(self) -> dict:
-        state = {"optimizer": self.opt.state_dict(), "version": self.version, "lambda_diff": self.lambda_diff}
-        if self.value_head is not None:
-            state["value_head"] = self.value_head.state_dict()
-        if self.ref is not None:
-            state["ref"] = self.ref.model.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
-        self.version = state.get("version", self.version)
-        self.lambda_diff = state.get("lambda_diff", self.lambda_diff)
-        if self.value_head is not None:
-            self.value_head.load_state_dict(state["value_head"])
-        if self.ref is not None:
-            self.ref.model.load_state_dict(state["ref"])
-
-    def _forward(
+    def forward(
         self,
         ids,
         valid,
@@ -246,7 +267,7 @@ class Learner:
 
         One forward either way: the clean half of the TiDAR forward (full layout, or the draft blocks at `starts`)
         is the AR forward, so its hidden states feed the value head too."""
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast == "bfloat16"):
+        with torch.autocast(ids.device.type, torch.bfloat16, enabled=self.autocast):
             if need_diff:
                 if starts is not None:
                     out = self.policy.draft_blocks_forward(ids, valid, starts, active=active, cols=cols)
@@ -260,14 +281,177 @@ class Learner:
             values = F.pad(self.value_head(hidden)[:, :-1].float(), (1, 0)) if need_values else None
         return logits, diff, aux, values
 
+
+class Learner:
+    """One RL update per rollout batch. `version` counts updates: it is the policy version the workers get next.
+
+    Alone (the default `ctx`), it trains in this process. As one rank of a learner group (trainers/rl/group.py) every
+    rank gets the whole batch and computes what depends on all of it (advantages, minibatch order, diffusion block
+    positions: the same generator on every rank), then forwards only its share of each minibatch. Each loss term is
+    its local sum over the *global* count it is a mean of (tokens, rows or diffusion slots), so the averaged
+    gradient is the 1-rank gradient; metrics are reduced the same way. The MoE load-balancing loss is a product of
+    routing means and stays per rank, as in every data-parallel MoE trainer."""
+
+    def __init__(
+        self,
+        policy: HybridPolicy,
+        cfg: LearnerConfig,
+        version: int = 0,
+        ctx: DistContext | None = None,
+    ):
+        self.cfg, self.version = cfg, version
+        self.lambda_diff = cfg.lambda_diff  # the drift action may raise it; checkpointed with the learner
+        self.ctx = ctx or DistContext(device=resolve_device(cfg.device, "learner.device"))
+        device = self.device = self.ctx.device
+        value_head = ValueHead(policy.model.config.hidden_size) if cfg.algo == "ppo" else None
+        self.ref = None  # frozen copy of the starting policy: the KL reference (whole on every rank)
+        if cfg.grpo.kl_coef > 0:
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
+        self.trained = _Trained(policy, value_head, cfg.autocast == "bfloat16")
+        self.par = Parallel(self.ctx, policy, self.trained, cfg.strategy)
+        if not self.par.fsdp:
+            self.trained.to(device)  # FSDP shards the CPU model and moves only each rank's shards
+        self.par.place()
+        self.module = self.par.module  # the forward: bare, under DDP, or sharded
+        groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+        if value_head is not None:
+            groups.append({"params": list(value_head.parameters()), "lr": cfg.ppo.value_lr})
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self._sync: SyncGroup | None = None  # rank 0's handle on the weight-sync group
+        self._published: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def policy(self) -> HybridPolicy:
+        """The policy with its full weights (FSDP: rank 0's gathered copy, a collective every rank must join)."""
+        return self.par.full_policy() if self.par.fsdp else self.trained.policy
+
+    @property
+    def value_head(self) -> ValueHead | None:
+        return self.trained.value_head
+
+    def state_dict(self) -> dict:
+        """The full, name-keyed state (optimizer by parameter name, so it resumes under any world size and
+        strategy). A collective under a group: every rank calls it; rank 0's is complete."""
+        state = {
+            "optimizer": self.par.optimizer_state(self.opt),
+            "version": self.version,
+            "lambda_diff": self.lambda_diff,
+            "generator": self.gen.get_state(),
+        }
+        if self.value_head is not None:
+            full = self.par.full_state() or {}
+            state["value_head"] = {
+                k.removeprefix("value_head."): v for k, v in full.items() if k.startswith("value_head.")
+            }
+        if self.ref is not None:
+            state["ref"] = self.ref.model.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        # the value head first: FSDP's optimizer-state load reads the parameters it shards
+        if self.value_head is not None:
+            self._load_value_head(state["value_head"])
+        self.par.load_optimizer_state(self.opt, state["optimizer"])
+        self.version = state.get("version", self.version)
+        self.lambda_diff = state.get("lambda_diff", self.lambda_diff)
+        if "generator" in state:
+            self.gen.set_state(state["generator"])
+        if self.ref is not None:
+            self.ref.model.load_state_dict(state["ref"])
+
+    def save(self, dest: Path, tokenizer, extra: dict) -> None:
+        """An atomic, resumable checkpoint: the full policy as an HF directory, plus this learner's state (under
+        `learner`) and `extra`. Under a group every rank calls it (the gathers are collectives); rank 0 writes."""
+        policy, state = self.policy, self.state_dict()
+        if self.ctx.is_main:
+            save_checkpoint(dest, policy, tokenizer, {"learner": state, **extra})
+        self.ctx.barrier()
+
+    def full_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+        """The policy's weights as a sync carries them (`sync_names`: tied ones once; names relative to the HF
+        model), floating ones cast to `dtype`: on rank 0, None on the others. Under FSDP every shard is gathered
+        before this returns (a collective all ranks join), so rank 0 can send without interleaving."""
+        names = sync_names(self.trained.policy.model)
+        if self.par.fsdp:
+            full = self.par.full_state()
+            if full is None:
+                return None
+            tensors = {n: full[f"policy.model.{n}"] for n in names}
+        elif self.ctx.is_main:
+            tensors = {n: t.detach() for n, t in sync_targets(self.trained.policy.model).items()}
+        else:
+            return None
+        return {
+            n: t.to(dtype) if dtype is not None and t.is_floating_point() else t for n, t in tensors.items()
+        }
+
+    def weights_numpy(self) -> dict[str, np.ndarray] | None:
+        """The object-store path: the weights as a numpy state dict on rank 0 (a collective under FSDP)."""
+        tensors = self.full_weights()
+        return None if tensors is None else to_numpy(tensors)
+
+    def send_weights(
+        self, address: SyncAddress, version: int, dtype: torch.dtype, bucket_mb: float
+    ) -> dict[str, float]:
+        """The collective path, on every rank: all gather, then rank 0 sends as sync rank 0. Rank 0 keeps what it
+        sent (on the host) as `version`'s object-store copy: the fallback, and a restarted worker's weights
+        (`published`). Returns rank 0's `sync/*` metrics ({} on the others)."""
+        t0 = time.perf_counter()
+        tensors = self.full_weights(dtype)
+        if tensors is None:
+            return {}
+        gathered = time.perf_counter() - t0
+        if self._sync is None or self._sync.address != address:
+            self._sync = None
+            self._sync = SyncGroup(address, 0, self.device if self.device.type == "cuda" else None)
+        stats = send(self._sync, tensors, version, bucket_mb)
+        self._published = (version, {n: t.to("cpu", copy=True) for n, t in tensors.items()})
+        return stats.metrics() | {"sync/gather_s": gathered, "sync/send_s": stats.seconds}
+
+    def published(self, version: int) -> dict[str, np.ndarray]:
+        """Rank 0: the numpy copy of what the last collective sync sent, which must be `version`."""
+        if self._published is None or self._published[0] != version:
+            have = None if self._published is None else self._published[0]
+            raise RuntimeError(
+                f"learner: no copy of policy v{version} to resend (the last sync sent v{have})"
+            )
+        return to_numpy(self._published[1])
+
+    def _load_value_head(self, weights: dict[str, torch.Tensor]) -> None:
+        """Full value-head weights into this rank's value head (FSDP: into its shards of the root unit)."""
+        if not self.par.fsdp:
+            self.value_head.load_state_dict(weights)
+            return
+        set_model_state_dict(
+            self.trained,
+            {f"value_head.{k}": v for k, v in weights.items()},
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+
+    def _forward(self, ids, valid, need_diff: bool, need_values: bool, need_aux: bool = True, **blocks):
+        return self.module(ids, valid, need_diff, need_values, need_aux, **blocks)
+
+    def _all_rows(self, fn, n: int) -> torch.Tensor:
+        """[n, S]: `fn(rows)` on this rank's share of rows 0..n-1, gathered from every rank (no gradient)."""
+        lo, hi = self.ctx.bounds(n)
+        with torch.no_grad():
+            return self.ctx.gather_rows(fn(slice(lo, hi)), n)
+
     def _advantages(
         self, batch: RolloutBatch
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """GRPO: [B] group-normalised. PPO: [B, S] GAE over model tokens, plus rollout-time values and returns."""
         if self.cfg.algo == "grpo":
             return group_advantages(batch.rewards, batch.group_size, self.cfg.grpo.scale), None, None
-        with torch.no_grad():
-            *_, values = self._forward(batch.input_ids, batch.valid, False, need_values=True, need_aux=False)
+
+        def values(rows):
+            *_, v = self._forward(
+                batch.input_ids[rows], batch.valid[rows], False, need_values=True, need_aux=False
+            )
+            return v
+
+        values = self._all_rows(values, batch.input_ids.shape[0])
         adv, returns = gae(
             batch.token_rewards, values, batch.completion, self.cfg.ppo.gamma, self.cfg.ppo.lam
         )
@@ -280,23 +464,31 @@ class Learner:
         minibatch step. The rollout-vs-learner diagnostics come from the first minibatch, the only forward that runs
         before an update: later ones would measure the learner's own steps, not the rollout's exactness."""
         cfg = self.cfg
+        B = batch.input_ids.shape[0]
+        if self.ctx.world * cfg.minibatches > B:
+            raise ValueError(
+                f"learner: {B} rollouts cannot give each of {self.ctx.world} ranks a share of "
+                f"{cfg.minibatches} minibatches (learner.world_size x learner.minibatches <= batch size)"
+            )
         batch = batch.to(self.device)
-        self.policy.train()
+        self.trained.train()
         adv, old_values, returns = self._advantages(batch)
         staleness = self.version - batch.policy_version
         # async: pi_old is the learner now; the rollout policy is the IS behaviour distribution
         if staleness > 0:
-            with torch.no_grad():
-                logits, *_ = self._forward(
-                    batch.input_ids, batch.valid, False, need_values=False, need_aux=False
-                )
-                old = token_logprobs(logits, batch.input_ids, cfg.temperature)
+
+            def logprobs(rows):
+                ids = batch.input_ids[rows]
+                logits, *_ = self._forward(ids, batch.valid[rows], False, need_values=False, need_aux=False)
+                return token_logprobs(logits, ids, cfg.temperature)
+
+            old = self._all_rows(logprobs, B)
         else:  # exact AR log-probs of the rollout policy; logit_mix rollouts carry their own behaviour log-probs
             old = batch.ar_logprobs
         targets = _Targets(old, batch.behavior_logprobs, adv, old_values, returns)
         steps, diagnostics = [], []
         for _ in range(cfg.epochs):
-            for idx in torch.randperm(batch.input_ids.shape[0]).chunk(cfg.minibatches):
+            for idx in torch.randperm(B, generator=self.gen).to(self.device).chunk(cfg.minibatches):
                 m, diag = self._minibatch(batch, targets, idx, diagnose=not steps)
                 steps.append(m)
                 diagnostics.append(diag)
@@ -310,9 +502,10 @@ class Learner:
             "reward/std": float(batch.rewards.std(unbiased=False)),
         }
 
-    def _diff_loss(self, diff_logits, ar_logits, ids, comp, starts, ok) -> torch.Tensor:
-        """The diffusion term: each slot's CE against the sampled token at its position, or (diff_target: ar)
-        against the AR distribution there (the AR logits one position back predict it)."""
+    def _diff_loss(self, diff_logits, ar_logits, ids, comp, starts, ok) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diffusion term and its weight sum (the count it is a mean over): each slot's CE against the sampled
+        token at its position, or (diff_target: ar) against the AR distribution there (the AR logits one position
+        back predict it)."""
         cfg = self.cfg
         if starts is None:  # full layout: slot t predicts x_t
             pos, weight = None, comp
@@ -323,19 +516,19 @@ class Learner:
             weight = weight * ok.repeat_interleave(L, dim=1)
             pos = draft_block_positions(starts, L).clamp(max=ids.shape[1] - 1)
         if cfg.diff_target == "tokens":
-            return masked_ce(diff_logits, targets, weight)
+            return masked_ce(diff_logits, targets, weight), weight.sum()
         if pos is None:  # row t - 1's AR logits predict x_t (row 0 is a prompt position, never weighted)
             teacher = F.pad(ar_logits[:, :-1], (0, 0, 1, 0))
         else:  # slot positions are completion positions or later, so pos - 1 >= 0
             teacher = ar_logits.gather(
                 1, (pos - 1).clamp(min=0)[:, :, None].expand(-1, -1, ar_logits.shape[-1])
             )
-        return masked_soft_ce(diff_logits, teacher / cfg.temperature, weight)
+        return masked_soft_ce(diff_logits, teacher / cfg.temperature, weight), weight.sum()
 
     def _pack(self, lengths: torch.Tensor, S: int, ok: torch.Tensor) -> torch.Tensor:
         """Block columns [B, n] of the narrowest packed layout, from diff_width blocks past S up, whose rows hold
         diff_blocks_mean blocks on average (capped by the blocks they have, `ok`)."""
-        cfg, L, n = self.cfg, self.policy.block_size + 1, ok.shape[1]
+        cfg, L, n = self.cfg, self.trained.policy.block_size + 1, ok.shape[1]
         want = min(cfg.diff_blocks_mean, float(ok.sum(1).float().mean()))
         for width in range(cfg.diff_width, cfg.diff_blocks + 1):
             cols = pack_block_columns(lengths, S + width * L, n, L)
@@ -343,28 +536,34 @@ class Learner:
                 break
         return cols
 
+    def _blocks(self, batch: RolloutBatch, idx: torch.Tensor) -> dict:
+        """The diffusion term's draft blocks of minibatch `idx` (starts, ok, cols [b, n]), drawn over the whole
+        minibatch from the learner's generator, so every rank draws what one rank would; {} without the term."""
+        cfg = self.cfg
+        if not (self.lambda_diff > 0 and cfg.diffusion == "blocks"):
+            return {}
+        comp, valid = batch.completion[idx], batch.valid[idx]
+        misses = batch.draft_miss[idx] if batch.draft_miss is not None else None
+        n_focus = round(cfg.diff_blocks * cfg.diff_focus)
+        starts, ok = sample_block_starts(comp, cfg.diff_blocks, misses, n_focus, self.gen)
+        cols = None
+        if cfg.diff_width is not None and cfg.diff_width < cfg.diff_blocks:
+            cols = self._pack(valid.sum(1), comp.shape[1], ok)
+            ok = ok & (cols >= 0)
+            cols = cols.masked_fill(~ok, -1)
+        return {"starts": starts, "active": ok, "cols": cols}
+
     def _minibatch(self, batch: RolloutBatch, t: _Targets, idx: torch.Tensor, diagnose: bool):
-        """One optimizer step on rows `idx`: (train metrics, rollout diagnostics or {})."""
-        cfg, policy = self.cfg, self.policy
-        ids, valid, comp = batch.input_ids[idx], batch.valid[idx], batch.completion[idx]
-        need_diff = self.lambda_diff > 0
-        starts = ok = cols = None
-        if need_diff and cfg.diffusion == "blocks":
-            misses = batch.draft_miss[idx] if batch.draft_miss is not None else None
-            n_focus = round(cfg.diff_blocks * cfg.diff_focus)
-            starts, ok = sample_block_starts(comp, cfg.diff_blocks, misses, n_focus)
-            if cfg.diff_width is not None and cfg.diff_width < cfg.diff_blocks:
-                cols = self._pack(valid.sum(1), ids.shape[1], ok)
-                ok = ok & (cols >= 0)
-                cols = cols.masked_fill(~ok, -1)
+        """One optimizer step on minibatch `idx`, of which this rank forwards its share `rows`: (train metrics,
+        rollout diagnostics or {}), both over the whole minibatch."""
+        cfg, ctx = self.cfg, self.ctx
+        blocks = self._blocks(batch, idx)
+        lo, hi = ctx.bounds(len(idx))
+        rows = idx[lo:hi]
+        local = {k: v[lo:hi] if v is not None else None for k, v in blocks.items()}
+        ids, valid, comp = batch.input_ids[rows], batch.valid[rows], batch.completion[rows]
         logits, diff_logits, aux, values = self._forward(
-            ids,
-            valid,
-            need_diff,
-            need_values=self.value_head is not None,
-            starts=starts,
-            active=ok,
-            cols=cols,
+            ids, valid, self.lambda_diff > 0, need_values=self.value_head is not None, **local
         )
         learner = token_logprobs(logits, ids, cfg.temperature)
         ref = None
@@ -376,46 +575,77 @@ class Learner:
             diag = rollout_diagnostics(
                 logits.detach(),
                 learner.detach(),
-                batch.ar_logprobs[idx],
-                t.behavior[idx],
+                batch.ar_logprobs[rows],
+                t.behavior[rows],
                 comp,
                 cfg.temperature,
+                ctx,
             )
-        loss, metrics = grpo_loss(
-            LossInputs(learner, t.old[idx], t.behavior[idx], t.adv[idx], comp, ref), cfg.grpo
+        pg_loss, pg_metrics = grpo_loss(
+            LossInputs(learner, t.old[rows], t.behavior[rows], t.adv[rows], comp, ref), cfg.grpo
         )
+        # each term is a mean over this rank's count; times count / global count it is this rank's part of the
+        # global mean (all ranks' parts sum to the 1-rank term)
+        terms: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []  # (metric, term, local count, weight)
+        per_row = cfg.grpo.aggregation != "token_mean"
+        terms.append(("", pg_loss, comp.sum() if not per_row else _count(hi - lo, comp), 1.0))
         if values is not None:
-            v_loss = value_loss(values, t.old_values[idx], t.returns[idx], comp, cfg.ppo.value_clip)
-            loss = loss + cfg.ppo.vf_coef * v_loss
-            metrics["train/value_loss"] = float(v_loss.detach())
+            v_loss = value_loss(values, t.old_values[rows], t.returns[rows], comp, cfg.ppo.value_clip)
+            terms.append(("train/value_loss", v_loss, comp.sum(), cfg.ppo.vf_coef))
         if diff_logits is not None:
-            diff_loss = self._diff_loss(diff_logits, logits, ids, comp, starts, ok)
-            loss = loss + self.lambda_diff * diff_loss
-            metrics["train/diff_loss"] = float(diff_loss.detach())
-            if ok is not None:
-                metrics["train/diff_blocks_per_row"] = float(ok.sum(1).float().mean())
+            diff_loss, diff_w = self._diff_loss(
+                diff_logits, logits, ids, comp, local.get("starts"), local.get("active")
+            )
+            terms.append(("train/diff_loss", diff_loss, diff_w, self.lambda_diff))
         if aux is not None:
-            loss = loss + float(getattr(policy.config, "router_aux_loss_coef", 0.0)) * aux
+            coef = float(getattr(self.trained.policy.config, "router_aux_loss_coef", 0.0))
+            terms.append(("", aux, valid.sum(), coef))
+        counts = torch.stack([c.detach().double().reshape(()) for _, _, c, _ in terms])
+        totals = ctx.sum_tensor(counts).clamp(min=1.0)
+        shares = (counts.clamp(min=1.0) * (counts > 0) / totals).float()  # a rank with no items adds nothing
+        loss = sum(w * term * share for (_, term, _, w), share in zip(terms, shares, strict=True))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [*policy.parameters(), *(self.value_head.parameters() if self.value_head else [])]
-        metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        # DDP and FSDP2 average gradients over ranks: the world-size factor makes it their sum
+        (loss * ctx.world).backward()
+        grad_norm = self.par.clip_grad_norm(cfg.grad_clip)
         self.opt.step()
-        metrics["train/loss"] = float(loss.detach())
+        n_tok = float(comp.sum())
+        local_metrics = {k: (v, n_tok) for k, v in pg_metrics.items()}  # token means over the completion
+        local_metrics |= {k: (float(term.detach()), float(c)) for (k, term, c, _) in terms if k}
+        local_metrics["train/loss"] = (
+            float(loss.detach()) * ctx.world,
+            1.0,
+        )  # the mean over ranks of N x part
+        metrics = ctx.weighted_means(local_metrics)
+        metrics["train/grad_norm"] = grad_norm
+        if "active" in blocks:
+            metrics["train/diff_blocks_per_row"] = float(blocks["active"].sum(1).float().mean())
         return metrics, diag
 
 
+def _count(rows: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(float(rows), device=like.device)
+
+
 def sample_block_starts(
-    eligible: torch.Tensor, n: int, misses: torch.Tensor | None = None, n_focus: int = 0
+    eligible: torch.Tensor,
+    n: int,
+    misses: torch.Tensor | None = None,
+    n_focus: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to n distinct start positions per row among its eligible positions ([B, S] > 0, e.g. its model tokens):
     first up to `n_focus` of the positions with `misses` > 0 (drawn without replacement in proportion to it, by
     Efraimidis-Spirakis keys log(u) / w), then uniform. (starts [B, min(n, S)], ok [B, min(n, S)]); ok is False
     where a row has fewer than n eligible positions."""
     B, S = eligible.shape
-    score = torch.rand(B, S, device=eligible.device)  # uniform order in [0, 1)
+
+    def rand() -> torch.Tensor:  # drawn on the CPU generator: the same numbers on every device
+        return torch.rand(B, S, generator=generator).to(eligible.device)
+
+    score = rand()  # uniform order in [0, 1)
     if n_focus and misses is not None:
-        keys = torch.rand(B, S, device=eligible.device).clamp(min=1e-12).log() / misses.clamp(min=1e-6)
+        keys = rand().clamp(min=1e-12).log() / misses.clamp(min=1e-6)
         keys = keys.masked_fill((misses <= 0) | (eligible <= 0), -float("inf"))
         top = keys.topk(min(n_focus, S), dim=1)
         score.scatter_(

@@ -1,7 +1,8 @@
 """`blockrl train`: the on-policy RL driver. It reads like the algorithm:
 
-    for step:  weight sync (numpy, versioned) -> prompts or env episodes -> rollouts (Ray workers, block
-               decoding) -> rewards (verifiers / env) -> learner step (GRPO or PPO + lambda_diff diffusion loss)
+    for step:  weight sync (byte buckets by collective, or the object store; versioned) -> prompts or env
+               episodes -> rollouts (Ray workers, block decoding) -> rewards (verifiers / env) -> learner step
+               (GRPO or PPO + lambda_diff diffusion loss; one process, or a group of N ranks under DDP / FSDP2)
                -> drift checks -> log -> atomic checkpoint
 
 `async_rollouts` launches step t+1's rollouts before learner step t, so they run one version behind; the learner
@@ -11,6 +12,7 @@ Resume (`--resume`) restores the policy, optimizer, RNG, step and drift-detector
 and drops metrics records past it, so `metrics.jsonl` has each step exactly once.
 
     blockrl train --config configs/grpo_tiny.yaml
+    blockrl train --config configs/grpo_tiny.yaml --set learner.world_size=2 --set learner.strategy=fsdp
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from common.checkpoint import load_trainer_state, recover, save_checkpoint
+from common.checkpoint import load_trainer_state, recover, rng_state
 from common.config import ConfigError, Section, ShippedPath, dump_config
+from common.device import resolve_device
 from common.metrics import JSONLSink, MultiSink, StdoutSink, WandbSink
 from envs import splits
 from envs.prompt_file import PromptFileConfig, PromptFileTask
 from envs.rewards import RewardFunctions, RewardSpec
 from envs.tasks import TaskName
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy, checkpoint_block_size, checkpoint_prompt_format, load_tokenizer
 from policy.tokenizer import pad_id
 from rollout.pool import RolloutPool, init_ray
 from rollout.settings import EngineSettings, WorkerSettings
 from rollout.types import SamplingParams
-from rollout.worker import state_dict_numpy
+from rollout.weight_sync import WeightSyncConfig
 from trainers.rl.drift import DetectorConfig, DriftMonitor
+from trainers.rl.group import LearnerGroup
 from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch
 from trainers.rl.plots import plot_run
 from trainers.rl.rollouts import StepRollouts, heldout_eval, heldout_reward, rollout_metrics
@@ -108,6 +112,8 @@ class TrainConfig(Section):
     """drift detectors."""
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()
+    sync: WeightSyncConfig = WeightSyncConfig()
+    """how each policy version reaches the rollout workers."""
 
     @property
     def batch_size(self) -> int:
@@ -141,9 +147,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "checkpoint"
     dump_config(cfg, run_dir / "config.yaml")
+    recover(ckpt)
+    resuming = resume and ckpt.exists()
+    source = (
+        ckpt if resuming else Path(cfg.checkpoint)
+    )  # the policy the learner (and so this step) starts from
     tok = load_tokenizer(cfg.checkpoint)
-    policy, learner, start, drift, wandb_id = _start(cfg, ckpt, resume)
-    sink, wandb_sink = _sinks(cfg, run_dir, start, wandb_id)
+    r = cfg.rollout
+    fmt = checkpoint_prompt_format(source) if cfg.prompt_format == "auto" else cfg.prompt_format
+    if cfg.env and fmt == "chat":
+        raise ConfigError(f"prompt_format: env {cfg.env} feeds text turns; chat-format prompts need `tasks`")
 
     file_task = None
     if cfg.prompts.files:
@@ -154,17 +167,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             len(file_task.heldout),
             file_task.bad.summary() if file_task.bad.skipped else "no bad rows",
         )
-    init_ray(run_dir, cfg.rollout.address, num_cpus=None)
-    r = cfg.rollout
-    # under a placement group the learner's share (a CPU, and its GPU when it has one) is bundle 0: workers never
-    # land on it
-    learner_bundle = {"CPU": 1.0} | ({"GPU": cfg.learner.gpus} if learner.device.type == "cuda" else {})
-    pool = RolloutPool.from_settings(cfg.checkpoint, r.engine_settings(), r.worker_settings(), learner_bundle)
-    _check_learner_placement(pool, learner.device)
+    init_ray(run_dir, r.address, num_cpus=None)
+    # under a placement group the learner's ranks (a CPU each, and a GPU each on CUDA) take bundles 0..N-1: workers
+    # never land on them
+    pool = RolloutPool.from_settings(
+        cfg.checkpoint, r.engine_settings(), r.worker_settings(), _learner_bundles(cfg.learner)
+    )
+    learner, start, drift, wandb_id = _start(cfg, source, resuming, pool)
+    sink, wandb_sink = _sinks(cfg, run_dir, start, wandb_id)
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature)
-    fmt = policy.resolve_prompt_format(cfg.prompt_format)
-    if cfg.env and fmt == "chat":
-        raise ConfigError(f"prompt_format: env {cfg.env} feeds text turns; chat-format prompts need `tasks`")
     rollouts = StepRollouts(
         pool,
         tok,
@@ -177,7 +188,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         fmt,
         file_task,
     )
-    K = policy.block_size if r.sampler != "ar" else 0
+    K = checkpoint_block_size(source) if r.sampler != "ar" else 0
 
     heldout = (
         None
@@ -190,21 +201,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             return heldout_reward(pool, tok, file_task, sampling, fmt)
         return heldout_eval(pool, tok, heldout, sampling, fmt)
 
+    def publish() -> dict[str, float]:
+        return _publish(pool, learner, cfg.sync, r.engine_settings().torch_dtype)
+
     history, pending = [], None
     try:
         if cfg.eval_every and start == 0:
-            _publish(pool, policy, learner.version)
+            publish()
             sink.log(0, evaluate())
         for step in range(start, cfg.steps):
             t0, synced = time.time(), {}
             if pending is None:  # on-policy: the rollouts use the weights of the last learner step
-                synced = _publish(pool, policy, learner.version)
+                synced = publish()
                 pending = rollouts.launch(step)
             batch = pending.result()
             pending = None
             # one step off-policy: step+1's rollouts overlap learning
             if cfg.async_rollouts and step + 1 < cfg.steps:
-                synced |= _publish(pool, policy, learner.version)
+                synced |= publish()
                 pending = rollouts.launch(step + 1)
             t1 = time.time()
             metrics = learner.step(
@@ -220,24 +234,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 if pending is not None:
                     pending.result()  # workers are busy with step+1; evaluate after (they hold older weights)
-                _publish(pool, policy, learner.version)
+                publish()
                 metrics |= evaluate()
             metrics = _finite(metrics, step)
             sink.log(step + 1, metrics)
             history.append({"step": step + 1, **metrics})
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 state = {
-                    "learner": learner.state_dict(),
                     "step": step + 1,
                     "drift": drift.state_dict(),
                     "wandb_id": wandb_sink.run_id if wandb_sink else None,
+                    "rng": rng_state(),
                 }
-                save_checkpoint(ckpt, policy, tok, state)
+                learner.save(ckpt, state)
             if cfg.drift_action == "stop" and any(k.endswith("_alarm") for k in metrics):
                 log.warning("stopping on drift alarm at step %d", step + 1)
                 break
     finally:
         rollouts.close()  # cancels a queued launch; a running collection ends when the pool goes
+        if isinstance(learner, LearnerGroup):
+            learner.close()
         pool.shutdown()
         sink.close()
     if (run_dir / "metrics.jsonl").exists():
@@ -245,21 +261,49 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     return history
 
 
-def _start(cfg: TrainConfig, ckpt: Path, resume: bool):
-    """(policy, learner, first step, drift monitor, wandb run id): fresh from cfg.checkpoint, or resumed from `ckpt`
-    (policy, optimizer, RNG, step, detectors)."""
-    recover(ckpt)
-    resuming = resume and ckpt.exists()
-    policy = HybridPolicy.from_pretrained(ckpt if resuming else cfg.checkpoint)
-    learner = Learner(policy, cfg.learner)
-    start, drift_state, wandb_id = 0, None, None
+class LocalLearner(Learner):
+    """The learner in this process (world_size 1), saving with the run's tokenizer: the group's interface."""
+
+    def __init__(self, policy: HybridPolicy, cfg: LearnerConfig, tokenizer):
+        super().__init__(policy, cfg)
+        self.tokenizer = tokenizer
+
+    def save(self, dest: Path, extra: dict) -> None:
+        super().save(dest, self.tokenizer, extra)
+
+
+def _learner_bundles(cfg: LearnerConfig) -> list[dict[str, float]]:
+    """One placement-group bundle per learner rank: its CPUs, and its GPU on CUDA."""
+    cuda = resolve_device(cfg.device, "learner.device").type == "cuda"
+    if cfg.world_size == 1:
+        return [{"CPU": 1.0} | ({"GPU": cfg.gpus} if cuda else {})]
+    return [{"CPU": cfg.cpus_per_rank} | ({"GPU": 1.0} if cuda else {})] * cfg.world_size
+
+
+def _start(cfg: TrainConfig, source: Path, resuming: bool, pool: RolloutPool):
+    """(learner, first step, drift monitor, wandb run id): fresh from cfg.checkpoint, or resumed from `source`
+    (policy, optimizer, RNG, step, detectors). One rank in this process, or a group of Ray actors."""
+    state = load_trainer_state(source) if resuming else {}
+    if cfg.learner.world_size > 1:
+        learner = LearnerGroup(
+            source,
+            cfg.learner,
+            resume=source if resuming else None,
+            placement=pool.placement_group if pool.learner_bundles else None,
+            resume_hint=f"blockrl train --config {Path(cfg.run_dir) / 'config.yaml'} --resume",
+        )
+    else:
+        learner = LocalLearner(
+            HybridPolicy.from_pretrained(source), cfg.learner, load_tokenizer(cfg.checkpoint)
+        )
+        _check_learner_placement(pool, learner.device)
+        if resuming:
+            learner.load_state_dict(state["learner"])
+    start, drift_state, wandb_id = state.get("step", 0), state.get("drift"), state.get("wandb_id")
     if resuming:
-        state = load_trainer_state(ckpt)
-        learner.load_state_dict(state["learner"])
-        start, drift_state, wandb_id = state["step"], state["drift"], state.get("wandb_id")
-        log.info("resumed %s at step %d", ckpt, start)
+        log.info("resumed %s at step %d", source, start)
     learner.version = start
-    return policy, learner, start, DriftMonitor(cfg.drift, drift_state), wandb_id
+    return learner, start, DriftMonitor(cfg.drift, drift_state), wandb_id
 
 
 def _finite(metrics: dict, step: int) -> dict:
@@ -269,16 +313,31 @@ def _finite(metrics: dict, step: int) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, float | int) and math.isfinite(v)}
 
 
-def _publish(pool: RolloutPool, policy: HybridPolicy, version: int) -> dict[str, float]:
-    """Weight sync: the numpy state dict goes to every worker as `version` (skipped when they already hold it).
-    Returns its cost: seconds (device -> host copy, object store put, every worker's load) and megabytes sent."""
+def _publish(
+    pool: RolloutPool, learner: Learner | LearnerGroup, sync: WeightSyncConfig, dtype: torch.dtype
+) -> dict[str, float]:
+    """Weight sync: the learner's weights go to every worker as `learner.version` (skipped when they already hold
+    it), by collective or through the object store. Returns its cost: `time/weight_sync_s` (gather, send and every
+    worker's load) and `sync/*` (bytes, GB/s, and whether the object store carried it)."""
+    version = learner.version
     if pool.version == version:
         return {}
     t0 = time.perf_counter()
-    weights = state_dict_numpy(policy)
-    pool.sync_weights(weights, version=version)
-    mb = sum(a.nbytes for a in weights.values()) / 2**20
-    return {"time/weight_sync_s": time.perf_counter() - t0, "sync/weights_mb": mb}
+    if sync.transport == "collective":
+
+        def send(address):
+            out = learner.send_weights(address, version, dtype, sync.bucket_mb)
+            return out if isinstance(out, list) else [out]  # a local learner has sent when this returns
+
+        metrics = pool.broadcast_weights(version, send, learner.published, sync.timeout_s)
+    else:
+        nbytes = pool.sync_weights(learner.weights_numpy(), version=version)
+        metrics = {"sync/bytes": float(nbytes), "sync/fallback": 0.0}
+    seconds = time.perf_counter() - t0
+    metrics["sync/gb_per_s"] = (
+        metrics.get("sync/bytes", 0.0) / seconds / 1e9
+    )  # end to end, every worker loaded
+    return metrics | {"time/weight_sync_s": seconds, "sync/collective": float(sync.transport == "collective")}
 
 
 def _check_learner_placement(pool: RolloutPool, device: torch.device) -> None:
@@ -305,7 +364,9 @@ def _check_learner_placement(pool: RolloutPool, device: torch.device) -> None:
             )
 
 
-def _check_drift(drift: DriftMonitor, metrics: dict, cfg: TrainConfig, learner: Learner, step: int) -> dict:
+def _check_drift(
+    drift: DriftMonitor, metrics: dict, cfg: TrainConfig, learner: Learner | LearnerGroup, step: int
+) -> dict:
     out = {}
     for name in drift.update(metrics):
         out[f"drift/{name.replace('/', '_')}_alarm"] = 1.0

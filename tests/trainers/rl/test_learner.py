@@ -306,7 +306,7 @@ def test_the_distillation_target_is_the_ar_distribution_at_the_slot():
     ar = torch.randn(*ids.shape, 37)
     pos = (starts[:, :, None] + torch.arange(L)).flatten(1).clamp(max=ids.shape[1] - 1)
     same = ar.gather(1, (pos - 1)[:, :, None].expand(-1, -1, 37)) / 0.7
-    got = learner._diff_loss(same, ar, ids, comp, starts, ok)
+    got, weight = learner._diff_loss(same, ar, ids, comp, starts, ok)
     logp = torch.log_softmax(same, -1)
     entropy = -(logp.exp() * logp).sum(-1)
     from policy.masks import draft_block_targets
@@ -314,6 +314,7 @@ def test_the_distillation_target_is_the_ar_distribution_at_the_slot():
     _, w = draft_block_targets(ids, comp, starts, L)
     w = w * ok.repeat_interleave(L, dim=1)
     torch.testing.assert_close(got, (entropy * w).sum() / w.sum())
+    assert float(weight) == float(w.sum())  # the count the term is a mean over (a learner group's share)
     other = ids.clone()
     other[comp.bool()] = 1  # different sampled tokens, same AR logits: the same loss
-    torch.testing.assert_close(learner._diff_loss(same, ar, other, comp, starts, ok), got)
+    torch.testing.assert_close(learner._diff_loss(same, ar, other, comp, starts, ok)[0], got)

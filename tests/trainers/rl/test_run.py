@@ -191,7 +191,9 @@ def test_train_on_the_researchers_prompt_file_and_reward_functions(tmp_path):
     assert "eval/reward_mean" in records[0] and "eval/reward_mean" in records[2]
     # weight sync is measured where it happens: step 2 publishes version 1 (step 1 ran on the checkpoint's weights)
     assert "time/weight_sync_s" not in records[1] and records[2]["time/weight_sync_s"] > 0
-    assert records[2]["sync/weights_mb"] > 1
+    # by collective (the default): every byte of the policy arrived, tied weights once
+    assert records[2]["sync/bytes"] > 2**20 and records[2]["sync/collective"] == 1
+    assert records[2]["sync/fallback"] == 0
 
 
 def test_two_rl_steps_in_bf16_on_cpu(tmp_path):

@@ -1,0 +1,202 @@
+"""The learner group: `learner.world_size` ranks of `Learner` as Ray actors, one torch.distributed group (gloo on
+CPU, nccl on CUDA), presenting the Learner's interface to the driver. `learner.step(batch)` is the same call whether
+the learner is local or a group; the group is not a second learner, only its ranks.
+
+- The ranks sit in the job's placement group, one bundle each (bundles 0..N-1; a GPU each on CUDA), ahead of the
+  rollout workers' bundles, so Ray never lands a worker on a learner's share.
+- Rank 0 listens for the group's rendezvous on its node (a free port it picks); every rank then joins with
+  `DistContext.join`, loads the checkpoint, and shards it (FSDP2) or replicates it (DDP).
+- A step sends the batch once (`ray.put`); every rank takes its share of each minibatch (trainers/rl/learner.py).
+- Faults: every collective has `learner.timeout_s`, so a rank that dies ends the step: the others' collectives fail
+  within that deadline, and the step raises `LearnerGroupError` naming the rank and the resume command. The job
+  stops; nothing hangs, and no step is half-logged (the driver logs and checkpoints after a step returns).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from common.checkpoint import read_trainer_state
+from common.distributed import DistContext
+from policy.hybrid import HybridPolicy, load_tokenizer
+from rollout.weight_sync import SyncAddress
+from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch
+
+log = logging.getLogger(__name__)
+
+
+class LearnerGroupError(RuntimeError):
+    pass
+
+
+class LearnerRank:
+    """One rank: a plain class holding a `Learner` (`ray.remote` is applied when the group creates the actors)."""
+
+    def __init__(self, cfg: LearnerConfig, rank: int, world: int):
+        torch.set_num_threads(cfg.threads)
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.learner: Learner | None = None
+        self.tokenizer = None
+
+    def address(self) -> str:
+        """host:port on this node for the group's rendezvous (rank 0)."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"{host}:{s.getsockname()[1]}"
+
+    def start(self, address: str, checkpoint: str, resume: str | None) -> tuple[int, float]:
+        """Join the group, load the policy (and, resuming, the learner state): (policy version, lambda_diff)."""
+        ctx = DistContext.join(self.rank, self.world, address, self.cfg.device, self.cfg.timeout_s)
+        self.learner = Learner(HybridPolicy.from_pretrained(checkpoint), self.cfg, ctx=ctx)
+        self.tokenizer = load_tokenizer(checkpoint)
+        if resume is not None:
+            self.learner.load_state_dict(read_trainer_state(resume)["learner"])
+        return self.learner.version, self.learner.lambda_diff
+
+    def step(self, batch: RolloutBatch) -> dict[str, float]:
+        return self.learner.step(batch)
+
+    def set_lambda_diff(self, value: float) -> None:
+        self.learner.lambda_diff = value
+
+    def save(self, dest: str, extra: dict) -> None:
+        self.learner.save(Path(dest), self.tokenizer, extra)
+
+    def weights_numpy(self):
+        return self.learner.weights_numpy()
+
+    def send_weights(self, address: SyncAddress, version: int, dtype: torch.dtype, bucket_mb: float) -> dict:
+        return self.learner.send_weights(address, version, dtype, bucket_mb)
+
+    def published(self, version: int):
+        return self.learner.published(version)
+
+
+class LearnerGroup:
+    """N learner ranks behind the Learner's interface: `step`, `version`, `lambda_diff`, `save`, and the weights'
+    two ways to the workers (`weights_numpy` for the object store, `send_weights` for the sync group)."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        cfg: LearnerConfig,
+        resume: Path | None = None,
+        placement: PlacementGroup | None = None,
+        resume_hint: str = "",
+    ):
+        self.cfg, self.resume_hint = cfg, resume_hint
+        gpus = (
+            1.0
+            if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+            else 0.0
+        )
+        actor = ray.remote(num_cpus=cfg.cpus_per_rank, num_gpus=gpus, max_restarts=0)(LearnerRank)
+        self.ranks = []
+        for r in range(cfg.world_size):
+            opts = {}
+            if placement is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement, placement_group_bundle_index=r
+                )
+            self.ranks.append(actor.options(**opts).remote(cfg, r, cfg.world_size))
+        address = ray.get(self.ranks[0].address.remote())
+        resume_path = str(resume) if resume is not None else None
+        started = self._all(
+            [a.start.remote(address, str(checkpoint), resume_path) for a in self.ranks], "start"
+        )
+        self.version, self._lambda_diff = started[0]
+        log.info("learner group: %d ranks (%s) at %s", cfg.world_size, cfg.strategy, address)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the ranks run (each on its own GPU under CUDA)."""
+        return torch.device("cuda" if self.cfg.device.startswith("cuda") else self.cfg.device)
+
+    def _all(self, refs: list, what: str) -> list:
+        """Every rank's result of one call. A rank that died, or a call that failed (a collective that timed out
+        because a peer was lost), raises LearnerGroupError naming the ranks that died (else those that failed) and
+        how to resume; the other ranks' calls are given the collective deadline to fail too, never more."""
+        pending, t0 = dict(zip(refs, range(len(refs)), strict=True)), time.time()
+        results: dict[int, object] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=60.0)
+            if not done:
+                log.info(
+                    "learner %s: waiting on ranks %s (%.0fs)",
+                    what,
+                    sorted(pending.values()),
+                    time.time() - t0,
+                )
+                continue
+            rank = pending.pop(done[0])
+            try:
+                results[rank] = ray.get(done[0])
+            except (RayActorError, RayTaskError) as e:
+                raise self._failure(what, {rank: e}, pending) from e
+        return [results[r] for r in range(len(refs))]
+
+    def _failure(self, what: str, errors: dict, pending: dict) -> LearnerGroupError:
+        # the survivors' collectives fail within timeout_s once a peer is gone: wait that long for them, no longer
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=self.cfg.timeout_s + 5.0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except (RayActorError, RayTaskError) as e:
+                errors[pending[ref]] = e
+        died = sorted(r for r, e in errors.items() if isinstance(e, RayActorError))
+        first = errors[died[0]] if died else next(iter(errors.values()))
+        detail = str(first).strip().splitlines()[-1][:300] if str(first).strip() else type(first).__name__
+        who = (
+            f"learner rank {', '.join(map(str, died))} died"
+            if died
+            else (f"learner rank {', '.join(map(str, sorted(errors)))} failed")
+        )
+        hint = f"; resume with: {self.resume_hint}" if self.resume_hint else ""
+        return LearnerGroupError(f"{who} during {what} ({detail}); the group stops{hint}")
+
+    def step(self, batch: RolloutBatch) -> dict[str, float]:
+        ref = ray.put(batch)
+        metrics = self._all([a.step.remote(ref) for a in self.ranks], f"step (policy v{self.version})")[0]
+        self.version += 1
+        return metrics
+
+    @property
+    def lambda_diff(self) -> float:
+        return self._lambda_diff
+
+    @lambda_diff.setter
+    def lambda_diff(self, value: float) -> None:
+        self._all([a.set_lambda_diff.remote(value) for a in self.ranks], "set lambda_diff")
+        self._lambda_diff = value
+
+    def save(self, dest: Path, extra: dict) -> None:
+        """The resumable checkpoint: full HF policy + name-keyed learner state, written by rank 0."""
+        self._all([a.save.remote(str(dest), extra) for a in self.ranks], "checkpoint")
+
+    def weights_numpy(self):
+        """The object-store path: a ref to rank 0's numpy state dict (all ranks join the gather)."""
+        refs = [a.weights_numpy.remote() for a in self.ranks]
+        self._all(refs[1:], "weight gather")
+        return refs[0]
+
+    def send_weights(self, address: SyncAddress, version: int, dtype: torch.dtype, bucket_mb: float) -> list:
+        """The collective path: refs to every rank's part (all gather, rank 0 sends); the pool waits on them."""
+        return [a.send_weights.remote(address, version, dtype, bucket_mb) for a in self.ranks]
+
+    def published(self, version: int):
+        return self.ranks[0].published.remote(version)
+
+    def close(self) -> None:
+        for a in self.ranks:
+            ray.kill(a)
+        self.ranks = []
