@@ -231,6 +231,8 @@ class RolloutPool:
             refs = [*receives, *(x for x in senders if isinstance(x, ray.ObjectRef))]
             results = ray.get(refs, timeout=2 * timeout_s)
             sent = [x for x in [*results[len(receives) :], *senders] if isinstance(x, dict)]
+        # deliberate fault tolerance: whatever broke the collective (a lost peer, a timeout, a refused version), the
+        # object store carries this version and the next sync re-forms the group
         except Exception as e:
             who = self._failed(receives)
             log.warning(

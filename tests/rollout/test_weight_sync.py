@@ -34,7 +34,7 @@ def run_members(fns):
     def run(i):
         try:
             out[i] = fns[i]()
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
