@@ -214,15 +214,16 @@ class Parallel:
         norm = torch.nn.utils.clip_grad_norm_(list(self.parameters()), max_norm)
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
-    def full_state(self) -> dict[str, torch.Tensor] | None:
-        """The root's full state dict on rank 0, None on the other ranks. FSDP: every shard gathered to rank 0's CPU
-        first (a collective every rank must join), so nothing may be sent before this returns (TRL #7131)."""
+    def full_state(self, every_rank: bool = False) -> dict[str, torch.Tensor] | None:
+        """The root's full state dict on rank 0 (None on the other ranks), or on every rank. FSDP: every shard
+        gathered first (a collective every rank must join; to rank 0's CPU, or to each rank's device), so nothing
+        may be sent before this returns (TRL #7131)."""
         if not self.fsdp:
-            return self.root.state_dict() if self.ctx.is_main else None
+            return self.root.state_dict() if self.ctx.is_main or every_rank else None
         full = get_model_state_dict(
-            self.root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            self.root, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
         )
-        return full if self.ctx.is_main else None
+        return full if self.ctx.is_main or every_rank else None
 
     def full_policy(self):
         """The policy with its full weights on rank 0 (FSDP: gathered into the CPU copy; a collective every rank

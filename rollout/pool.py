@@ -137,6 +137,27 @@ class RolloutPool:
             num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=max_restarts
         )(RolloutWorker)
         self.workers = [actor_cls.options(**o).remote(checkpoint, engine, threads) for o in options]
+        self._setup(shard_timeout_s, owns_workers=True)
+
+    @classmethod
+    def over(
+        cls, actors: list, shard_timeout_s: float = 600.0, placement_group: PlacementGroup | None = None
+    ) -> RolloutPool:
+        """A pool over actors made and owned elsewhere that serve `generate`, `ping`, `set_weights` and
+        `weights_digest` as RolloutWorker does: the learner ranks in colocated mode. Shutdown leaves them be (and
+        releases `placement_group`, which they were reserved in)."""
+        pool = cls.__new__(cls)
+        pool.placement_group, pool.learner_bundles = placement_group, 0
+        pool.workers = list(actors)
+        pool._setup(shard_timeout_s, owns_workers=False)
+        return pool
+
+    def loaded(self, version: int) -> None:
+        """The workers loaded `version` by a path of the caller's (colocated: in process)."""
+        self.version, self._weights_ref, self._weights_source = version, None, None
+
+    def _setup(self, shard_timeout_s: float, owns_workers: bool) -> None:
+        self.owns_workers = owns_workers
         self.shard_timeout_s = shard_timeout_s
         self.version = 0
         self._weights_ref = None
@@ -268,6 +289,10 @@ class RolloutPool:
                 bad.append(i)
         return bad
 
+    def weight_digests(self) -> list[str]:
+        """Each worker's `weights_digest`: equal to the learner's when it holds the learner's weights bit for bit."""
+        return ray.get([w.weights_digest.remote() for w in self.workers])
+
     def worker_nodes(self) -> list[str]:
         """The Ray node id each worker runs on."""
         where = lambda _self: ray.get_runtime_context().get_node_id()  # noqa: E731 (runs inside the actor)
@@ -392,7 +417,7 @@ class RolloutPool:
         raise RuntimeError(f"rollout worker {w} did not come back after a crash")
 
     def shutdown(self) -> None:
-        for w in self.workers:
+        for w in self.workers if self.owns_workers else ():
             ray.kill(w)
         self.workers = []
         if self.placement_group is not None:

@@ -11,6 +11,7 @@ silently.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +71,16 @@ def state_dict_numpy(policy: HybridPolicy) -> dict[str, np.ndarray]:
     return to_numpy(sync_targets(policy.model))
 
 
+def weights_digest(policy: HybridPolicy, dtype: torch.dtype | None = None) -> str:
+    """SHA-1 of every synced tensor's bytes (cast to `dtype` first when given): equal digests, bit-equal weights."""
+    h = hashlib.sha1()
+    for name, t in sync_targets(policy.model).items():
+        t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+        h.update(name.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class RolloutWorker:
     def __init__(self, checkpoint: str, engine: EngineSettings, threads: int = 1):
         if not isinstance(engine, EngineSettings):
@@ -96,6 +107,9 @@ class RolloutWorker:
         load_in_place(sync_targets(self.policy.model), state)
         self.version = version
         return sum(int(np.asarray(v).nbytes) for v in weights.values())
+
+    def weights_digest(self) -> str:
+        return weights_digest(self.policy)
 
     def receive_weights(self, version: int, address: SyncAddress, rank: int) -> dict[str, float]:
         """The collective path: join the sync group at `address` as `rank` (once per group), then load `version`'s

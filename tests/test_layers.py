@@ -85,7 +85,13 @@ def test_lower_packages_use_no_ray_trl_or_wandb():
 
 
 def test_only_the_pool_and_job_drivers_import_ray():
-    allowed = {"rollout.pool", "rollout.batch.job", "trainers.rl.run", "trainers.rl.group", "trainers.rl.demo"}
+    allowed = {
+        "rollout.pool",
+        "rollout.batch.job",
+        "trainers.rl.run",
+        "trainers.rl.group",
+        "trainers.rl.demo",
+    }
     users = {mod for mod, path in modules().items() if "ray" in third_party(path)}
     assert users <= allowed, f"Ray used outside the pool and job drivers: {sorted(users - allowed)}"
 

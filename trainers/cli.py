@@ -64,11 +64,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from trainers.rl.group import LearnerGroupError
     from trainers.rl.run import TrainConfig, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     require_checkpoint(cfg.checkpoint)
-    history = train(cfg, resume=args.resume)
+    try:
+        history = train(cfg, resume=args.resume)
+    except LearnerGroupError as e:  # a lost learner rank: the message names it and the resume command
+        print(f"blockrl train: {e}", file=sys.stderr)
+        return 1
     if history:
         first, last = history[0], history[-1]
         print(
@@ -122,6 +127,20 @@ def cmd_learner_bench(args) -> int:
     cfg = load_config(LearnerBenchConfig, args.config, args.overrides)
     require_checkpoint(cfg.checkpoint)
     result = run_learner_bench(cfg)
+    json_path = Path(args.json) if args.json else Path(cfg.run_dir) / "results.json"
+    write_json(result, json_path)
+    print(format_summary(result))
+    print(f"results: {json_path}")
+    return 0
+
+
+def cmd_sync_bench(args) -> int:
+    """Weight sync to the rollout workers: collective vs object store, shipped and random-init 300M models."""
+    from trainers.rl.sync_bench import SyncBenchConfig, format_summary, run_sync_bench, write_json
+
+    cfg = load_config(SyncBenchConfig, args.config, args.overrides)
+    require_checkpoint(cfg.checkpoint)
+    result = run_sync_bench(cfg)
     json_path = Path(args.json) if args.json else Path(cfg.run_dir) / "results.json"
     write_json(result, json_path)
     print(format_summary(result))
@@ -293,6 +312,13 @@ COMMANDS = (
         "learner-bench",
         "learner step time per freshness arm: lambda_diff=0 vs the full diffusion term vs draft blocks",
         cmd_learner_bench,
+        None,
+        (JSON,),
+    ),
+    Command(
+        "sync-bench",
+        "weight sync to the rollout workers: by collective vs through the object store (GB/s)",
+        cmd_sync_bench,
         None,
         (JSON,),
     ),

@@ -368,17 +368,20 @@ class Learner:
             save_checkpoint(dest, policy, tokenizer, {"learner": state, **extra})
         self.ctx.barrier()
 
-    def full_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    def full_weights(
+        self, dtype: torch.dtype | None = None, every_rank: bool = False
+    ) -> dict[str, torch.Tensor] | None:
         """The policy's weights as a sync carries them (`sync_names`: tied ones once; names relative to the HF
-        model), floating ones cast to `dtype`: on rank 0, None on the others. Under FSDP every shard is gathered
-        before this returns (a collective all ranks join), so rank 0 can send without interleaving."""
+        model), floating ones cast to `dtype`: on rank 0 (None on the others), or on every rank (colocated
+        rollouts). Under FSDP every shard is gathered before this returns (a collective all ranks join), so rank 0
+        can send without interleaving."""
         names = sync_names(self.trained.policy.model)
         if self.par.fsdp:
-            full = self.par.full_state()
+            full = self.par.full_state(every_rank)
             if full is None:
                 return None
             tensors = {n: full[f"policy.model.{n}"] for n in names}
-        elif self.ctx.is_main:
+        elif self.ctx.is_main or every_rank:
             tensors = {n: t.detach() for n, t in sync_targets(self.trained.policy.model).items()}
         else:
             return None
@@ -417,6 +420,16 @@ class Learner:
                 f"learner: no copy of policy v{version} to resend (the last sync sent v{have})"
             )
         return to_numpy(self._published[1])
+
+    def move_optimizer_state(self, device: torch.device) -> None:
+        """AdamW's moments to `device` (the host while colocated rollouts run on the GPU, back before a step).
+        Under FSDP they are sharded already (1/N of them per rank) and stay put."""
+        if self.par.fsdp:
+            return
+        for state in self.opt.state.values():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and k != "step":  # the step count stays where AdamW keeps it
+                    state[k] = v.to(device, non_blocking=True)
 
     def _load_value_head(self, weights: dict[str, torch.Tensor]) -> None:
         """Full value-head weights into this rank's value head (FSDP: into its shards of the root unit)."""

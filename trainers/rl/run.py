@@ -37,7 +37,7 @@ from envs.rewards import RewardFunctions, RewardSpec
 from envs.tasks import TaskName
 from policy.hybrid import HybridPolicy, checkpoint_block_size, checkpoint_prompt_format, load_tokenizer
 from policy.tokenizer import pad_id
-from rollout.pool import RolloutPool, init_ray
+from rollout.pool import RolloutPool, init_ray, reserve
 from rollout.settings import EngineSettings, WorkerSettings
 from rollout.types import SamplingParams
 from rollout.weight_sync import WeightSyncConfig
@@ -114,6 +114,11 @@ class TrainConfig(Section):
     learner: LearnerConfig = LearnerConfig()
     sync: WeightSyncConfig = WeightSyncConfig()
     """how each policy version reaches the rollout workers."""
+    colocate: bool = False
+    """one node: the rollout engines run inside the learner's ranks, on their devices, instead of on separate
+    workers (rollout.workers and the placement are then the learner's: learner.world_size ranks). Each rank decodes
+    its share with the full weights, moved in process; on a GPU the rollout copy and its cache leave before the rank
+    learns."""
 
     @property
     def batch_size(self) -> int:
@@ -168,12 +173,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             file_task.bad.summary() if file_task.bad.skipped else "no bad rows",
         )
     init_ray(run_dir, r.address, num_cpus=None)
-    # under a placement group the learner's ranks (a CPU each, and a GPU each on CUDA) take bundles 0..N-1: workers
-    # never land on them
-    pool = RolloutPool.from_settings(
-        cfg.checkpoint, r.engine_settings(), r.worker_settings(), _learner_bundles(cfg.learner)
+    state = load_trainer_state(source) if resuming else {}
+    learner, pool = _learner_and_pool(cfg, source, state.get("learner"))
+    start, drift, wandb_id = (
+        state.get("step", 0),
+        DriftMonitor(cfg.drift, state.get("drift")),
+        state.get("wandb_id"),
     )
-    learner, start, drift, wandb_id = _start(cfg, source, resuming, pool)
+    if resuming:
+        log.info("resumed %s at step %d", source, start)
+    learner.version = start
     sink, wandb_sink = _sinks(cfg, run_dir, start, wandb_id)
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature)
     rollouts = StepRollouts(
@@ -272,38 +281,42 @@ class LocalLearner(Learner):
         super().save(dest, self.tokenizer, extra)
 
 
-def _learner_bundles(cfg: LearnerConfig) -> list[dict[str, float]]:
-    """One placement-group bundle per learner rank: its CPUs, and its GPU on CUDA."""
+def _learner_bundles(cfg: LearnerConfig, gpus: float = 0.0) -> list[dict[str, float]]:
+    """One placement-group bundle per learner rank: its CPUs, and its GPU on CUDA (colocated: at least the
+    workers' share too, which it hosts)."""
     cuda = resolve_device(cfg.device, "learner.device").type == "cuda"
-    if cfg.world_size == 1:
+    if cfg.world_size == 1 and gpus == 0.0:
         return [{"CPU": 1.0} | ({"GPU": cfg.gpus} if cuda else {})]
-    return [{"CPU": cfg.cpus_per_rank} | ({"GPU": 1.0} if cuda else {})] * cfg.world_size
+    return [{"CPU": cfg.cpus_per_rank} | ({"GPU": 1.0} if cuda or gpus else {})] * cfg.world_size
 
 
-def _start(cfg: TrainConfig, source: Path, resuming: bool, pool: RolloutPool):
-    """(learner, first step, drift monitor, wandb run id): fresh from cfg.checkpoint, or resumed from `source`
-    (policy, optimizer, RNG, step, detectors). One rank in this process, or a group of Ray actors."""
-    state = load_trainer_state(source) if resuming else {}
-    if cfg.learner.world_size > 1:
-        learner = LearnerGroup(
-            source,
-            cfg.learner,
-            resume=source if resuming else None,
-            placement=pool.placement_group if pool.learner_bundles else None,
-            resume_hint=f"blockrl train --config {Path(cfg.run_dir) / 'config.yaml'} --resume",
-        )
-    else:
-        learner = LocalLearner(
-            HybridPolicy.from_pretrained(source), cfg.learner, load_tokenizer(cfg.checkpoint)
-        )
-        _check_learner_placement(pool, learner.device)
-        if resuming:
-            learner.load_state_dict(state["learner"])
-    start, drift_state, wandb_id = state.get("step", 0), state.get("drift"), state.get("wandb_id")
-    if resuming:
-        log.info("resumed %s at step %d", source, start)
-    learner.version = start
-    return learner, start, DriftMonitor(cfg.drift, drift_state), wandb_id
+def _learner_and_pool(cfg: TrainConfig, source: Path, learner_state: dict | None):
+    """(learner, rollout pool). The learner is one rank in this process, or a group of Ray actors
+    (`learner.world_size` > 1, or colocated); the pool is separate workers, or the learner's ranks (colocated).
+    Under a placement group the learner's ranks take bundles 0..N-1, so workers never land on them."""
+    r, lc = cfg.rollout, cfg.learner
+    hint = f"blockrl train --config {Path(cfg.run_dir) / 'config.yaml'} --resume"
+    resume = source if learner_state is not None else None  # the group's ranks read the state themselves
+    if cfg.colocate:
+        placement = None
+        if r.placement != "none":
+            placement = reserve(
+                _learner_bundles(lc, gpus=r.gpus_per_worker), r.placement, r.placement_timeout_s
+            )
+        group = LearnerGroup(source, lc, resume=resume, placement=placement, resume_hint=hint)
+        group.start_rollouts(source, r.engine_settings())
+        return group, RolloutPool.over(group.ranks, r.shard_timeout_s, placement)
+    pool = RolloutPool.from_settings(
+        cfg.checkpoint, r.engine_settings(), r.worker_settings(), _learner_bundles(lc)
+    )
+    if lc.world_size > 1:
+        placement = pool.placement_group if pool.learner_bundles else None
+        return LearnerGroup(source, lc, resume=resume, placement=placement, resume_hint=hint), pool
+    learner = LocalLearner(HybridPolicy.from_pretrained(source), lc, load_tokenizer(cfg.checkpoint))
+    _check_learner_placement(pool, learner.device)
+    if learner_state is not None:
+        learner.load_state_dict(learner_state)
+    return learner, pool
 
 
 def _finite(metrics: dict, step: int) -> dict:
@@ -323,7 +336,10 @@ def _publish(
     if pool.version == version:
         return {}
     t0 = time.perf_counter()
-    if sync.transport == "collective":
+    if isinstance(learner, LearnerGroup) and learner.colocated:
+        metrics = learner.load_rollout_weights(version) | {"sync/fallback": 0.0}
+        pool.loaded(version)
+    elif sync.transport == "collective":
 
         def send(address):
             out = learner.send_weights(address, version, dtype, sync.bucket_mb)
@@ -337,7 +353,9 @@ def _publish(
     metrics["sync/gb_per_s"] = (
         metrics.get("sync/bytes", 0.0) / seconds / 1e9
     )  # end to end, every worker loaded
-    return metrics | {"time/weight_sync_s": seconds, "sync/collective": float(sync.transport == "collective")}
+    colocated = isinstance(learner, LearnerGroup) and learner.colocated
+    transport = "colocated" if colocated else sync.transport
+    return metrics | {"time/weight_sync_s": seconds, "sync/collective": float(transport == "collective")}
 
 
 def _check_learner_placement(pool: RolloutPool, device: torch.device) -> None:

@@ -211,3 +211,36 @@ def test_a_rank_killed_mid_step_ends_the_step_naming_it(cluster, checkpoint):
         killer.join()
         group.close()
     assert time.time() - t0 < 10.0 + 30.0  # the collective deadline, plus the time to notice
+
+
+def test_colocated_rollouts_equal_separate_worker_rollouts(cluster, checkpoint):
+    """Engines inside the 2 FSDP ranks (weights all-gathered and copied in process) against 2 separate workers given
+    the same version through the object store: the same weights bit for bit, token-identical rollouts for the same
+    seeds; the next step reports each phase's memory."""
+    batch = batch_of(checkpoint, seed=5)
+    engine = EngineSettings(max_batch=4)
+    group = LearnerGroup(checkpoint, config(world_size=2, strategy="fsdp"))
+    separate = RolloutPool(str(checkpoint), engine, num_workers=2, num_cpus_per_worker=0.5)
+    try:
+        group.start_rollouts(checkpoint, engine)
+        colocated = RolloutPool.over(group.ranks)
+        group.step(batch)
+        metrics = _publish(colocated, group, WeightSyncConfig(), torch.float32)
+        assert colocated.version == 1 and metrics["sync/bytes"] > 0 and metrics["sync/collective"] == 0
+        separate.sync_weights(group.weights_numpy(), version=1)
+        assert colocated.weight_digests() == separate.weight_digests()
+        sampling = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7)
+        prompts = [[2, 5, 6, 7], [2, 9], [2, 3, 4]]
+        a = colocated.collect(prompts, group_size=3, sampling=sampling)
+        b = separate.collect(prompts, group_size=3, sampling=sampling)
+        assert [t.tokens for t in a] == [t.tokens for t in b]
+        assert len({tuple(t.tokens) for t in a}) > 1  # sampled, not one repeated answer
+        assert {t.policy_version for t in a} == {1}
+        after = group.step(batch)
+        assert {"memory/sync_gb", "memory/rollout_gb", "memory/train_gb"} <= set(after)
+        assert all(after[k] > 0 for k in ("memory/sync_gb", "memory/rollout_gb", "memory/train_gb"))
+        colocated.shutdown()  # leaves the ranks to the group: they still learn
+        assert group.step(batch)["train/optimizer_steps"] == 2
+    finally:
+        separate.shutdown()
+        group.close()

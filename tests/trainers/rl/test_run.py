@@ -96,6 +96,111 @@ def test_train_resumes_after_sigkill_without_duplicated_or_missing_steps(tmp_pat
     assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_train_with_a_learner_group_colocated_then_resumed_by_one_rank(tmp_path, capsys):
+    """2 FSDP ranks hosting the rollout engines (colocated) for 2 steps, then `--resume` under 1 rank with separate
+    workers: every step once, on-policy throughout, each colocated step with its memory per phase."""
+    run = tmp_path / "run"
+    group = [
+        "--set",
+        "learner.world_size=2",
+        "--set",
+        "learner.strategy=fsdp",
+        "--set",
+        "learner.cpus_per_rank=0.5",
+    ]
+    try:
+        argv = [
+            "train",
+            "--set",
+            f"run_dir={run}",
+            "--set",
+            "steps=2",
+            "--set",
+            "colocate=true",
+            *SMALL,
+            *group,
+        ]
+        assert main(argv) == 0
+        assert main(["train", "--set", f"run_dir={run}", "--set", "steps=3", "--resume", *SMALL]) == 0
+    finally:
+        ray.shutdown()
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["rollout/logprob_mismatch"] <= 1e-3 for r in records)  # exact samples of the policy trained
+    assert all(r["memory/rollout_gb"] > 0 and r["memory/train_gb"] > 0 for r in records[:2])
+    assert (
+        records[1]["sync/collective"] == 0 and records[2]["sync/collective"] == 1
+    )  # in process, then buckets
+
+
+def test_a_killed_learner_rank_stops_the_job_naming_it_and_resume_loses_no_step(tmp_path):
+    """SIGKILL one learner rank's process mid-run: `blockrl train` exits (no hang) naming the rank and the resume
+    command; `--resume` then runs the remaining steps, each exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    run = tmp_path / "run"
+    group = [
+        "--set",
+        "learner.world_size=2",
+        "--set",
+        "learner.cpus_per_rank=0.5",
+        "--set",
+        "learner.timeout_s=20",
+    ]
+    args = [
+        sys.executable,
+        "-m",
+        "trainers.cli",
+        "train",
+        "--set",
+        f"run_dir={run}",
+        "--set",
+        "steps=5",
+        *SMALL,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([*args, *group], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"train exited early: {proc.stderr.read().decode()[-2000:]}"
+        # a rank is a descendant of the driver we started (under its local Ray): end it by its pid
+        ranks = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "LearnerRank" in " ".join(p.cmdline())
+        ]
+        assert ranks, "no learner rank process found"
+        t0 = time.time()
+        os.kill(ranks[-1].pid, signal.SIGKILL)
+        code = proc.wait(timeout=180)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode()
+    assert code == 1, err[-3000:]
+    assert "learner rank" in err and "died" in err and "--resume" in err, err[-3000:]
+    assert elapsed < 120  # within the collective deadline and shutdown, never a hang
+    done = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
+    assert done == list(range(1, len(done) + 1)) and len(done) < 5
+    try:
+        assert main(["train", "--set", f"run_dir={run}", "--set", "steps=5", "--resume", *SMALL, *group]) == 0
+    finally:
+        ray.shutdown()
+    assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
 def test_train_ppo_on_the_multi_turn_env_with_async_rollouts(tmp_path):
     """PPO (value head + GAE) on the calculator env, rollouts one step off-policy: the run completes, steps after
     the first train on rollouts one version old, and env turns never count as model tokens."""
