@@ -8,9 +8,8 @@ the learner is local or a group; the group is not a second learner, only its ran
   `DistContext.join`, loads the checkpoint, and shards it (FSDP2) or replicates it (DDP).
 - A step sends the batch once (`ray.put`); every rank takes its share of each minibatch (trainers/rl/learner.py).
 - Colocated mode (`colocate: true`, one node): each rank also hosts a rollout engine on its own device; the pool
-  shards prompts over the ranks (`RolloutPool.over`), weights move in process (`load_rollout_weights`), and on a
-  GPU the rollout copy and the engine's cache leave it before the rank learns while AdamW's moments leave it
-  during rollouts. Each step reports the peak memory of its sync, rollout and train phases (`memory/*`).
+  shards prompts over the ranks (`RolloutPool.over`), weights move in process, and the phases take turns with the
+  device (trainers/rl/colocate.py). Each step reports the peak memory of its sync, rollout and train phases.
 - Faults: every collective has `learner.timeout_s`, so a rank that dies ends the step: the others' collectives fail
   within that deadline, and the step raises `LearnerGroupError` naming the rank and the resume command. The job
   stops; nothing hangs, and no step is half-logged (the driver logs and checkpoints after a step returns).
@@ -31,11 +30,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common.checkpoint import read_trainer_state
 from common.distributed import DistContext
-from common.memory import PhaseMemory
 from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.settings import EngineSettings
-from rollout.weight_sync import SyncAddress, load_in_place, sync_targets
-from rollout.worker import RolloutWorker, Shard, ShardResult
+from rollout.weight_sync import SyncAddress
+from rollout.worker import Shard, ShardResult
+from trainers.rl.colocate import ColocatedRollouts
 from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -53,8 +52,7 @@ class LearnerRank:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.learner: Learner | None = None
         self.tokenizer = None
-        self.worker: RolloutWorker | None = None  # colocated mode: this rank's rollout engine
-        self.memory: PhaseMemory | None = None
+        self.colocated: ColocatedRollouts | None = None  # colocated mode: this rank's rollout engine
 
     def address(self) -> str:
         """host:port on this node for the group's rendezvous (rank 0)."""
@@ -68,62 +66,33 @@ class LearnerRank:
         ctx = DistContext.join(self.rank, self.world, address, self.cfg.device, self.cfg.timeout_s)
         self.learner = Learner(HybridPolicy.from_pretrained(checkpoint), self.cfg, ctx=ctx)
         self.tokenizer = load_tokenizer(checkpoint)
-        self.memory = PhaseMemory(ctx.device)
         if resume is not None:
             self.learner.load_state_dict(read_trainer_state(resume)["learner"])
         return self.learner.version, self.learner.lambda_diff
 
     def step(self, batch: RolloutBatch) -> dict[str, float]:
-        """One learner step; colocated, the rollout copy and its cache leave the GPU first and the optimizer state
-        comes back (`_to_training`). Returns the step's metrics and this RL step's memory per phase."""
-        if self.worker is not None:
-            self._to_training()
-        with self.memory.phase("train"):
-            metrics = self.learner.step(batch)
-        return metrics | self.memory.take()
+        if self.colocated is not None:  # the rollouts give the device back first; memory per phase
+            return self.colocated.step(batch)
+        return self.learner.step(batch)
 
-    # colocated mode: the rollout engine in this actor ------------------------------------------------------------
+    # colocated mode: a rollout engine in this actor (trainers/rl/colocate.py) ----------------------------------
     def start_rollouts(self, checkpoint: str, engine: EngineSettings) -> None:
-        """A rollout engine in this actor, on this rank's device: its own full copy of the policy in the engine's
-        dtype (the learner's may be sharded), the same engine and samplers as a separate worker."""
-        self.worker = RolloutWorker(checkpoint, engine, threads=self.cfg.threads)
+        self.colocated = ColocatedRollouts(self.learner, checkpoint, engine, threads=self.cfg.threads)
 
     def load_rollout_weights(self, version: int) -> dict[str, float]:
-        """The colocated sync, on every rank: the full weights (FSDP: all-gathered onto every rank) copied in
-        place into this rank's rollout copy, which comes back to the device; AdamW's moments go to the host while
-        the rollouts run (on a GPU). No process boundary is crossed."""
-        t0 = time.perf_counter()
-        with self.memory.phase("sync"):
-            tensors = self.learner.full_weights(every_rank=True)
-            policy = self.worker.policy
-            policy.to(self.worker.device)
-            load_in_place(sync_targets(policy.model), tensors)
-            nbytes = sum(t.numel() * t.element_size() for t in sync_targets(policy.model).values())
-            del tensors
-            if self.worker.device.type == "cuda":
-                self.learner.move_optimizer_state(torch.device("cpu"))
-                torch.cuda.empty_cache()
-        self.worker.version = version
-        return {"sync/bytes": float(nbytes), "sync/load_s": time.perf_counter() - t0}
-
-    def _to_training(self) -> None:
-        if self.worker.device.type == "cuda":
-            self.worker.policy.to("cpu")  # the rollout copy lives on the GPU only while rollouts run
-            torch.cuda.empty_cache()  # the engine's KV cache went with its run; hand the blocks back
-            self.learner.move_optimizer_state(self.learner.device)
+        return self.colocated.load(version)
 
     def generate(self, shard: Shard) -> ShardResult:
-        with self.memory.phase("rollout"):
-            return self.worker.generate(shard)
+        return self.colocated.generate(shard)
 
     def ping(self) -> int:
-        return self.worker.version if self.worker is not None else -1
+        return self.colocated.worker.version if self.colocated is not None else -1
 
     def set_weights(self, version: int, weights) -> int:
-        return self.worker.set_weights(version, weights)
+        return self.colocated.worker.set_weights(version, weights)
 
     def weights_digest(self) -> str:
-        return self.worker.weights_digest()
+        return self.colocated.worker.weights_digest()
 
     def set_lambda_diff(self, value: float) -> None:
         self.learner.lambda_diff = value
