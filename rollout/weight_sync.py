@@ -188,7 +188,9 @@ class SyncGroup:
         self.device = device or torch.device("cpu")
         prefixed = dist.PrefixStore(address.prefix, store)
         if self.device.type == "cuda":
-            self.pg = dist.ProcessGroupNCCL(prefixed, rank, address.size, dist.ProcessGroupNCCL.Options())
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, address.size, opts)
         else:
             self.pg = dist.ProcessGroupGloo(prefixed, rank, address.size, timeout)
 

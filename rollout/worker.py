@@ -21,7 +21,6 @@ from common.device import resolve_device
 from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.auto import AutoSampler, build_engine
 from rollout.engine import BlockEngine
-from rollout.multiturn import run_episodes
 from rollout.settings import EngineSettings
 from rollout.types import SamplingParams, Trajectory, with_eos
 from rollout.weight_sync import SyncAddress, SyncGroup, load_in_place, receive, sync_targets
@@ -136,6 +135,10 @@ class RolloutWorker:
         engine.policy_version = self.version  # weights load in place into the same policy module
         sampling = with_eos(shard.sampling, engine.eos_ids)
         if shard.env_id is not None:
+            # NOTE: imported here: multi-turn envs need gymnasium (and the task verifiers), which a machine that only
+            # decodes prompts (the lent GPU's colocated check) does not have
+            from rollout.multiturn import run_episodes
+
             trajs = run_episodes(
                 engine,
                 self.tokenizer,

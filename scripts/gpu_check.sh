@@ -11,8 +11,11 @@
 # 3. `blockrl bench` in bf16 at B = 1, 4, 16, 64 on the shipped checkpoint, and on a random-init MoE of realistic
 #    shape (hidden 1024, 16 layers, 16 experts top-2, vocabulary 32,768; speed and memory only: it has no drafter);
 # 4. 3 RL steps with rollout workers on the GPU in a placement group with the learner's bundle (needs ray; skipped, and said so, where it is not installed);
-# 5. writes summary.json and summary.md to OUT_DIR, beside the steps' logs (6 files: the device tool returns 8).
-# The steps' time limits add up to 450 s, so the whole fits in 8 minutes on one H100 or H200. Run directories and
+# 4b. 2 colocated RL steps on one GPU in one process (scripts/gpu_colocate.py: learner and bf16 rollout copy take
+#     turns, weights moved in process, peak memory per phase), and weight sync over NCCL between two GPUs
+#     (scripts/gpu_sync.py; skipped, and said so, on a one-GPU machine);
+# 5. writes summary.json and summary.md to OUT_DIR, beside the steps' logs (7 files: the device tool returns 8).
+# The steps' time limits add up to 470 s, so the whole fits in 8 minutes on one H100 or H200. Run directories and
 # caches live in WORK (/tmp/gpu_check); only the summaries and logs go to OUT_DIR.
 set -u
 cd "$(dirname "$0")/.."
@@ -41,14 +44,14 @@ status gpu_tests $?
 # 3a. bench, shipped checkpoint, bf16
 BENCH=(--set device=cuda --set dtype=bfloat16 --set "batch_sizes=[1,4,16,64]" --set repeats=2 --set "compare=[]"
        --set "sweep.prompt_formats=[]" --set threads=4)
-timeout 100 $PY -m trainers.cli bench "${BENCH[@]}" --set run_dir="$WORK/bench_shipped" \
+timeout 90 $PY -m trainers.cli bench "${BENCH[@]}" --set run_dir="$WORK/bench_shipped" \
     --json "$WORK/bench_shipped.json" > "$OUT_DIR/bench_shipped.log" 2>&1
 status bench_shipped $?
 
 # 3b. bench, random-init MoE of realistic shape (about 0.4B parameters), bf16: speed and memory only
 MOE="{arch: qwen3_moe, hidden_size: 1024, num_layers: 16, num_heads: 16, num_kv_heads: 4, moe_intermediate_size: 512,"
 MOE="$MOE num_experts: 16, experts_per_token: 2, max_positions: 2048}"
-timeout 110 $PY -m trainers.cli bench "${BENCH[@]}" --set "model=$MOE" --set model_vocab=32768 --set repeats=1 \
+timeout 100 $PY -m trainers.cli bench "${BENCH[@]}" --set "model=$MOE" --set model_vocab=32768 --set repeats=1 \
     --set "levels=[[0,4,8]]" --set max_new_tokens=64 --set run_dir="$WORK/bench_moe" \
     --json "$WORK/bench_moe.json" > "$OUT_DIR/bench_moe.log" 2>&1
 status bench_moe $?
@@ -64,6 +67,12 @@ if $PY -c "import ray, gymnasium" 2>/dev/null; then
 else
     status rl_steps "skipped: ray/gymnasium not installed here"
 fi
+
+# 4b. colocated steps on one GPU, in process (no Ray needed); NCCL weight sync where there are 2 GPUs
+timeout 60 $PY scripts/gpu_colocate.py --steps 2 --out "$WORK/colocate.json" > "$OUT_DIR/colocate.log" 2>&1
+status colocate $?
+timeout 30 $PY scripts/gpu_sync.py --out "$WORK/sync.json" >> "$OUT_DIR/colocate.log" 2>&1
+status nccl_sync $?
 
 # 5. summary
 $PY - "$WORK" "$OUT_DIR" <<'PYEOF'
@@ -85,6 +94,21 @@ for name in ("bench_shipped", "bench_moe"):
     md += [f"| {r['batch_size']} | {r['sampler']} | {r['levels']} | {r['tokens_per_s']:.0f} | "
            f"{r['speedup_vs_hf']:.2f}x | {r['speedup_vs_ar']:.2f}x | {r['tokens_per_forward']:.2f} | "
            f"{r['peak_mem_mb']:.0f} |" for r in runs]
+col = work / "colocate.json"
+if col.is_file():
+    recs = json.loads(col.read_text())["steps"]
+    summary["colocate"] = recs
+    md += ["", "## Colocated steps (one GPU, in process)", "",
+           "| step | sync s | rollout s | train s | TPF | GB sync / rollout / train | moments at rollout | copy at train |",
+           "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['step']} | {r['sync_s']:.2f} | {r['rollout_s']:.2f} | {r['train_s']:.2f} | "
+           f"{r['tokens_per_forward']:.2f} | {r.get('memory/sync_gb', 0):.2f} / {r.get('memory/rollout_gb', 0):.2f} / "
+           f"{r.get('memory/train_gb', 0):.2f} | {r['adam_moments_during_rollout']} | {r['rollout_copy_after_train']} |"
+           for r in recs]
+sync = work / "sync.json"
+if sync.is_file():
+    summary["nccl_sync"] = json.loads(sync.read_text())
+    md += ["", "NCCL weight sync: " + json.dumps(summary["nccl_sync"])]
 rl = work / "rl" / "metrics.jsonl"
 if rl.is_file():
     recs = [json.loads(x) for x in rl.read_text().splitlines()]

@@ -21,16 +21,16 @@ import torch
 
 from common.checkpoint import read_trainer_state
 from policy import HybridPolicy
-from policy.factory import build_model, tiny_dense_config
 from policy.tokenizer import build_char_tokenizer
-from rollout import BlockEngine
 from rollout.pool import RolloutPool, init_ray
 from rollout.settings import EngineSettings
 from rollout.types import SamplingParams
 from rollout.worker import state_dict_numpy, to_numpy
 from trainers.rl.group import LearnerGroup, LearnerGroupError
-from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch
+from trainers.rl.learner import Learner, LearnerConfig
 from trainers.rl.run import WeightSyncConfig, _publish
+
+from .conftest import batch_of
 
 RTOL = 1e-4
 # metrics that are exactly zero up to float noise (on-policy lossless: no mismatch) compare absolutely
@@ -42,30 +42,6 @@ def cluster(tmp_path_factory):
     init_ray(tmp_path_factory.mktemp("ray"), num_cpus=6)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tok = build_char_tokenizer()
-    cfg = tiny_dense_config(len(tok))
-    cfg.initializer_range = 0.3
-    policy = HybridPolicy(build_model(cfg, seed=3))
-    policy.convert(tok, block_size=4)
-    path = tmp_path_factory.mktemp("ckpt") / "policy"
-    policy.save_pretrained(path, tok)
-    return path
-
-
-def batch_of(checkpoint, seed=0) -> RolloutBatch:
-    """16 lossless rollouts (4 prompts x 4) of the checkpoint, with rewards that differ within every group."""
-    policy = HybridPolicy.from_pretrained(checkpoint).eval()
-    eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=16)
-    prompts = [[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8], [2, 11, 12]]
-    trajs = eng.generate(
-        [p for p in prompts for _ in range(4)], max_new_tokens=12, temperature=1.0, seed=seed
-    )
-    rewards = [float(len(t.tokens) % 3) + 0.1 * i for i, t in enumerate(trajs)]
-    return RolloutBatch.from_trajectories(trajs, rewards, group_size=4, pad_id=0)
 
 
 def config(**kw) -> LearnerConfig:
