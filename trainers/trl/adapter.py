@@ -34,6 +34,10 @@ Decisions:
   BlockGRPOTrainer refuses them unless `importance=ImportanceConfig(level="off")`.
 - **Prompts** are tokenized like TRL's own path, honouring the trainer's tools, chat_template and
   chat_template_kwargs. Seeds derive from `global_step`, so a resumed run does not replay earlier streams.
+- **Several processes** (accelerate / torchrun, DDP): each process's engine wraps its own full copy of the model and
+  decodes its share of the prompts; sample seeds follow the global index (process_index x prompts per call + i), so
+  the processes together return exactly the rollouts one process returns for all the prompts (tested with 2 CPU
+  processes). A sharded trainer model (FSDP) is refused with a message: the engines need full weights.
 - **Multi-turn.** `turn_fn(prompt_text, completion_text) -> reply | None` runs after every turn that ends on one of
   `stop_strings`; the reply's tokens are appended with `env_mask = 0` and log-prob 0, and generation continues. Without
   it, `env_mask` is all ones (single turn) when `return_env_mask` is set.
@@ -50,6 +54,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch.distributed.tensor import DTensor
 from trl.data_utils import is_conversational
 
 from common.device import DTYPES, DeviceName, DTypeName, resolve_device
@@ -189,6 +194,12 @@ class BlockRolloutFunc:
         """Make the engine generate with the trainer's current weights; raise if that cannot be verified."""
         t0 = time.perf_counter()
         model = _unwrap(trainer)
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            raise RuntimeError(
+                "trl adapter: the trainer's model is sharded (FSDP), and each process's engine decodes with the full "
+                "weights: run the trainer data-parallel (accelerate's default multi-process mode, DDP), or shard the "
+                "learner with blockrl train (learner.strategy=fsdp), which gathers them for its engines"
+            )
         step, fp = trainer.state.global_step, weights_fingerprint(model)
         # policy=hybrid_of(the trainer's model) is shared too
         shared = self.policy is None or self.policy.model is model

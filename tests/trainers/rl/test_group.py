@@ -95,7 +95,8 @@ def test_two_ranks_follow_one_rank_ppo(cluster, checkpoint):
 
 
 def test_a_checkpoint_resumes_under_another_world_size(cluster, checkpoint, tmp_path):
-    """2 FSDP ranks -> 1 rank, and 1 rank -> 2 DDP ranks, each continuing the uninterrupted 1-rank run."""
+    """2 FSDP ranks -> 1 rank, and 1 rank -> 2 FSDP ranks (the value head and AdamW state loaded into shards), each
+    continuing the uninterrupted 1-rank run."""
     batch = batch_of(checkpoint, seed=2)
     cfg = config(algo="ppo")
     want, _ = one_rank(checkpoint, cfg, batch, 3)
@@ -115,7 +116,7 @@ def test_a_checkpoint_resumes_under_another_world_size(cluster, checkpoint, tmp_
     first = single.step(batch)
     single.save(tmp_path / "from1", build_char_tokenizer(), {"step": 1})
     group = LearnerGroup(
-        tmp_path / "from1", config(algo="ppo", world_size=2, strategy="ddp"), resume=tmp_path / "from1"
+        tmp_path / "from1", config(algo="ppo", world_size=2, strategy="fsdp"), resume=tmp_path / "from1"
     )
     try:
         assert group.version == 1
@@ -172,8 +173,8 @@ def test_a_failed_collective_falls_back_to_the_object_store(cluster, checkpoint)
 
 def test_a_rank_killed_mid_step_ends_the_step_naming_it(cluster, checkpoint):
     batch = batch_of(checkpoint, seed=4)
-    # 20 epochs: a step of several seconds, so the kill lands inside it
-    cfg = config(world_size=2, strategy="ddp", timeout_s=10.0, epochs=20)
+    # 400 epochs x 2 minibatches: a step of several seconds even on a quiet machine, so the kill lands inside it
+    cfg = config(world_size=2, strategy="ddp", timeout_s=10.0, epochs=400)
     group = LearnerGroup(checkpoint, cfg, resume_hint="blockrl train --resume")
     killer = threading.Timer(1.5, lambda: ray.kill(group.ranks[1]))
     t0 = time.time()

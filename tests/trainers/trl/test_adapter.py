@@ -401,3 +401,24 @@ def test_trl_bench_cli_alternates_variants_step_by_step(tmp_path):
     assert lossless["steps_counted"] == 1 and lossless["step_speedup_vs_hf"] > 0
     assert (tmp_path / "run" / "trl_bench.png").is_file()
     assert main(["trl-bench", "--set", "steps=1", "--set", "warmup_steps=1"]) == 2
+
+
+def test_two_accelerate_processes_return_the_one_process_rollouts(tmp_path):
+    """GRPOTrainer under accelerate with 2 CPU processes (torchrun, gloo, DDP): each process's engine decodes its
+    share with the full weights, and the shares together are the rollouts one process returns for all the prompts
+    with the same seeds; a real step keeps both processes' weights equal (tests/trainers/trl/two_processes.py)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    script = os.path.join(os.path.dirname(__file__), "two_processes.py")
+    done = subprocess.run([*cmd, script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == 2 and r0["distributed_type"].endswith("MULTI_CPU")
+    assert r0["fingerprint"] == r1["fingerprint"]  # both engines wrap the same full weights
+    assert r0["per_process"] == r0["one_process"] and len(r0["one_process"]) == 8
+    assert len({tuple(x) for x in r0["one_process"]}) > 1  # sampled, not one repeated answer
+    assert r0["after_step_fingerprint"] == r1["after_step_fingerprint"] != r0["fingerprint"]  # trained, in step
