@@ -421,4 +421,6 @@ def test_two_accelerate_processes_return_the_one_process_rollouts(tmp_path):
     assert r0["fingerprint"] == r1["fingerprint"]  # both engines wrap the same full weights
     assert r0["per_process"] == r0["one_process"] and len(r0["one_process"]) == 8
     assert len({tuple(x) for x in r0["one_process"]}) > 1  # sampled, not one repeated answer
-    assert r0["after_step_fingerprint"] == r1["after_step_fingerprint"] != r0["fingerprint"]  # trained, in step
+    assert (
+        r0["after_step_fingerprint"] == r1["after_step_fingerprint"] != r0["fingerprint"]
+    )  # trained, in step
