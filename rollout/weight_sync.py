@@ -38,15 +38,25 @@ from common.config import Section
 class WeightSyncConfig(Section):
     """How a new policy version reaches the rollout workers after each learner step."""
 
-    transport: Literal["collective", "object_store"] = "collective"
+    transport: Literal["auto", "collective", "object_store"] = "auto"
     """collective: byte buckets over a sync group of the learner's rank 0 and the workers (gloo on CPU, NCCL on
     CUDA); object_store: a numpy state dict through Ray's object store (also the fallback when a collective fails,
-    and how a restarted worker gets the current weights)."""
+    and how a restarted worker gets the current weights). auto: collective when every worker has a GPU of its own
+    (NCCL), else the object store, which on one CPU host is shared memory: measured 5-7x faster there than gloo
+    over loopback TCP (docs/benchmarks.md)."""
     bucket_mb: float = Field(256.0, gt=0.0)
     """the most bytes one broadcast carries (a tensor larger than this goes alone)."""
     timeout_s: float = Field(300.0, gt=0.0)
     """deadline of every operation of the sync group: a lost or hung peer fails the sync (then the object store
     carries that version) instead of hanging it."""
+
+
+def pick_transport(cfg: WeightSyncConfig, gpus_per_worker: float) -> str:
+    """The transport `auto` means for workers with this GPU share: NCCL needs a GPU per process, so the collective
+    only where each worker has a whole one."""
+    if cfg.transport != "auto":
+        return cfg.transport
+    return "collective" if gpus_per_worker >= 1 else "object_store"
 
 
 DTYPES = {
@@ -195,10 +205,29 @@ class SyncGroup:
             self.pg = dist.ProcessGroupGloo(prefixed, rank, address.size, timeout)
 
     def broadcast(self, t: torch.Tensor) -> None:
+        self.broadcast_async(t).wait()
+
+    def broadcast_async(self, t: torch.Tensor):
+        """Start broadcasting `t` from rank 0; every member must start the same broadcasts in the same order."""
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         opts.timeout = timedelta(seconds=self.address.timeout_s)
-        self.pg.broadcast([t], opts).wait()
+        return self.pg.broadcast([t], opts)
+
+
+@dataclass(frozen=True)
+class SentWeights:
+    """What one sync sent, kept by the sender on the host: the object-store copy of that version (the fallback, and
+    a restarted worker's weights), as views into the buckets themselves (no second copy)."""
+
+    plan: SyncPlan
+    buckets: tuple[torch.Tensor, ...]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, buf in enumerate(self.buckets):
+            out |= self.plan.unpack(i, buf)
+        return out
 
 
 @dataclass(frozen=True)
@@ -216,21 +245,37 @@ class SyncStats:
         }
 
 
-def send(group: SyncGroup, tensors: dict[str, torch.Tensor], version: int, bucket_mb: float) -> SyncStats:
-    """Rank 0: `tensors` (already gathered, in `sync_names` order) to every receiver as `version`."""
+def send(
+    group: SyncGroup, tensors: dict[str, torch.Tensor], version: int, bucket_mb: float
+) -> tuple[SyncStats, SentWeights]:
+    """Rank 0: `tensors` (already gathered, in `sync_names` order) to every receiver as `version`. Two buckets are
+    in flight at a time: the next is packed while the last is on the wire."""
     t0 = time.perf_counter()
     plan = SyncPlan.build(tensors, version, int(bucket_mb * 2**20))
     raw = plan.to_bytes()
     group.broadcast(torch.tensor([version, len(raw)], dtype=torch.int64, device=group.device))
     group.broadcast(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(group.device))
+    kept: list[torch.Tensor] = []
+    in_flight: list = []
     for i in range(len(plan.buckets)):
-        group.broadcast(plan.pack(i, tensors, group.device))
-    return SyncStats(version, plan.nbytes, len(plan.buckets), time.perf_counter() - t0)
+        buf = plan.pack(i, tensors, group.device)
+        in_flight.append((group.broadcast_async(buf), buf))
+        if len(in_flight) == 2:
+            kept.append(_finish(*in_flight.pop(0)))
+    kept += [_finish(*w) for w in in_flight]
+    stats = SyncStats(version, plan.nbytes, len(plan.buckets), time.perf_counter() - t0)
+    return stats, SentWeights(plan, tuple(kept))
+
+
+def _finish(work, buf: torch.Tensor) -> torch.Tensor:
+    work.wait()
+    return buf if buf.device.type == "cpu" else buf.cpu()
 
 
 def receive(group: SyncGroup, targets: dict[str, torch.Tensor], version: int) -> SyncStats:
-    """Ranks 1..W: the sender's weights into `targets` (name -> parameter or buffer), in place. A header of another
-    version is an error (the worker would otherwise run on weights it was not told about)."""
+    """Ranks 1..W: the sender's weights into `targets` (name -> parameter or buffer), in place; bucket i + 1 arrives
+    while bucket i is copied out. A header of another version is an error (the worker would otherwise run on weights
+    it was not told about)."""
     t0 = time.perf_counter()
     head = torch.zeros(2, dtype=torch.int64, device=group.device)
     group.broadcast(head)
@@ -247,9 +292,16 @@ def receive(group: SyncGroup, targets: dict[str, torch.Tensor], version: int) ->
             f"weight sync v{version}: missing {sorted(set(targets) - names)[:5]}, "
             f"unknown {sorted(names - set(targets))[:5]}"
         )
-    for i, size in enumerate(plan.buckets):
-        buf = torch.empty(size, dtype=torch.uint8, device=group.device)
-        group.broadcast(buf)  # refused or not, take every bucket: the sender and the other receivers go on
+
+    def post(i: int):
+        buf = torch.empty(plan.buckets[i], dtype=torch.uint8, device=group.device)
+        return group.broadcast_async(buf), buf
+
+    nxt = post(0) if plan.buckets else None
+    for i in range(len(plan.buckets)):
+        work, buf = nxt
+        nxt = post(i + 1) if i + 1 < len(plan.buckets) else None
+        work.wait()  # refused or not, take every bucket: the sender and the other receivers go on
         if error is None:
             for name, src in plan.unpack(i, buf).items():
                 _copy(targets[name], src, name)

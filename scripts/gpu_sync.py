@@ -35,7 +35,7 @@ def member(rank: int, port: int, checkpoint: str, rounds: int, queue) -> None:
     for v in range(rounds):
         torch.cuda.synchronize()
         s = (
-            send(group, {n: t.detach() for n, t in targets.items()}, v, 256.0)
+            send(group, {n: t.detach() for n, t in targets.items()}, v, 256.0)[0]
             if rank == 0
             else receive(group, targets, v)
         )

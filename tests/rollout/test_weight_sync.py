@@ -88,7 +88,9 @@ def test_receivers_hold_the_senders_weights_bit_for_bit():
     def receiver(policy, rank):
         return lambda: receive(SyncGroup(address, rank), sync_targets(policy.model), version=7)
 
-    sent, got1, got2 = run_members([sender, receiver(dst1, 1), receiver(dst2, 2)])
+    (sent, kept), got1, got2 = run_members([sender, receiver(dst1, 1), receiver(dst2, 2)])
+    assert kept.tensors().keys() == tensors.keys()  # the sender's host copy of what it sent, bit for bit
+    assert all(torch.equal(kept.tensors()[k], v) for k, v in tensors.items())
     assert sent.buckets > 1 and got1.nbytes == got2.nbytes == sent.nbytes
     raw = sum(t.numel() * t.element_size() for t in tensors.values())
     assert raw <= sent.nbytes < raw + 8 * len(tensors)  # every byte once, plus 8-byte alignment
@@ -102,7 +104,7 @@ def test_a_receiver_cast_to_its_dtype_and_a_wrong_version_is_refused():
     s = store()
     tensors = {n: t.detach().to(torch.bfloat16) for n, t in sync_targets(src.model).items()}
     address = SyncAddress("127.0.0.1", s.port, "cast/", 2, 30.0)
-    sent, got = run_members(
+    (sent, _), got = run_members(
         [
             lambda: send(SyncGroup(address, 0), tensors, 1, 1.0),
             lambda: receive(SyncGroup(address, 1), sync_targets(dst.model), 1),

@@ -31,7 +31,7 @@ from policy.hybrid import HybridPolicy
 from policy.losses import masked_ce, masked_soft_ce
 from policy.masks import draft_block_positions, draft_block_targets, pack_block_columns
 from rollout.types import Trajectory
-from rollout.weight_sync import SyncAddress, SyncGroup, send, sync_names, sync_targets
+from rollout.weight_sync import SentWeights, SyncAddress, SyncGroup, send, sync_names, sync_targets
 from rollout.worker import to_numpy
 from trainers.rl.losses import GRPOConfig, LossInputs, group_advantages, grpo_loss
 from trainers.rl.ppo import PPOConfig, ValueHead, gae, value_loss, whiten
@@ -319,7 +319,7 @@ class Learner:
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self._sync: SyncGroup | None = None  # rank 0's handle on the weight-sync group
-        self._published: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._published: tuple[int, SentWeights] | None = None
 
     @property
     def policy(self) -> HybridPolicy:
@@ -408,8 +408,8 @@ class Learner:
         if self._sync is None or self._sync.address != address:
             self._sync = None
             self._sync = SyncGroup(address, 0, self.device if self.device.type == "cuda" else None)
-        stats = send(self._sync, tensors, version, bucket_mb)
-        self._published = (version, {n: t.to("cpu", copy=True) for n, t in tensors.items()})
+        stats, sent = send(self._sync, tensors, version, bucket_mb)
+        self._published = (version, sent)
         return stats.metrics() | {"sync/gather_s": gathered, "sync/send_s": stats.seconds}
 
     def published(self, version: int) -> dict[str, np.ndarray]:
@@ -419,7 +419,7 @@ class Learner:
             raise RuntimeError(
                 f"learner: no copy of policy v{version} to resend (the last sync sent v{have})"
             )
-        return to_numpy(self._published[1])
+        return to_numpy(self._published[1].tensors())
 
     def move_optimizer_state(self, device: torch.device) -> None:
         """AdamW's moments to `device` (the host while colocated rollouts run on the GPU, back before a step).

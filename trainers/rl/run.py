@@ -40,7 +40,7 @@ from policy.tokenizer import pad_id
 from rollout.pool import RolloutPool, init_ray, reserve
 from rollout.settings import EngineSettings, WorkerSettings
 from rollout.types import SamplingParams
-from rollout.weight_sync import WeightSyncConfig
+from rollout.weight_sync import WeightSyncConfig, pick_transport
 from trainers.rl.drift import DetectorConfig, DriftMonitor
 from trainers.rl.group import LearnerGroup
 from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch
@@ -211,7 +211,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         return heldout_eval(pool, tok, heldout, sampling, fmt)
 
     def publish() -> dict[str, float]:
-        return _publish(pool, learner, cfg.sync, r.engine_settings().torch_dtype)
+        return _publish(pool, learner, cfg.sync, r.engine_settings().torch_dtype, r.gpus_per_worker)
 
     history, pending = [], None
     try:
@@ -327,7 +327,11 @@ def _finite(metrics: dict, step: int) -> dict:
 
 
 def _publish(
-    pool: RolloutPool, learner: Learner | LearnerGroup, sync: WeightSyncConfig, dtype: torch.dtype
+    pool: RolloutPool,
+    learner: Learner | LearnerGroup,
+    sync: WeightSyncConfig,
+    dtype: torch.dtype,
+    gpus_per_worker: float = 0.0,
 ) -> dict[str, float]:
     """Weight sync: the learner's weights go to every worker as `learner.version` (skipped when they already hold
     it), by collective or through the object store. Returns its cost: `time/weight_sync_s` (gather, send and every
@@ -335,11 +339,12 @@ def _publish(
     version = learner.version
     if pool.version == version:
         return {}
+    transport = pick_transport(sync, gpus_per_worker)
     t0 = time.perf_counter()
     if isinstance(learner, LearnerGroup) and learner.colocated:
         metrics = learner.load_rollout_weights(version) | {"sync/fallback": 0.0}
         pool.loaded(version)
-    elif sync.transport == "collective":
+    elif transport == "collective":
 
         def send(address):
             out = learner.send_weights(address, version, dtype, sync.bucket_mb)
@@ -354,8 +359,8 @@ def _publish(
         metrics.get("sync/bytes", 0.0) / seconds / 1e9
     )  # end to end, every worker loaded
     colocated = isinstance(learner, LearnerGroup) and learner.colocated
-    transport = "colocated" if colocated else sync.transport
-    return metrics | {"time/weight_sync_s": seconds, "sync/collective": float(transport == "collective")}
+    collective = transport == "collective" and not colocated
+    return metrics | {"time/weight_sync_s": seconds, "sync/collective": float(collective)}
 
 
 def _check_learner_placement(pool: RolloutPool, device: torch.device) -> None:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 
-import torch
 from pydantic import Field
 from tqdm import tqdm
 
@@ -65,7 +65,7 @@ def random_checkpoint(cfg: SyncBenchConfig) -> Path:
         return path
     tok = load_tokenizer(cfg.checkpoint)
     per_layer = 4 * 1024 * 1024 + 3 * 1024 * 2816  # attention + MLP
-    layers = max(1, round(cfg.random_params_m * 1e6 / per_layer))
+    layers = max(1, math.ceil(cfg.random_params_m * 1e6 / per_layer))  # at least the size asked for
     spec = ModelSpec(
         arch="llama",
         hidden_size=1024,
@@ -134,7 +134,7 @@ def run_sync_bench(cfg: SyncBenchConfig) -> dict:
     if cfg.random_params_m:
         models.append((f"random {cfg.random_params_m}M", random_checkpoint(cfg)))
     result = {
-        "device": device_name(torch.device("cpu")),
+        "device": device_name(),
         "workers": cfg.workers,
         "dtype": cfg.dtype,
         "models": {},

@@ -165,7 +165,9 @@ def test_a_failed_collective_falls_back_to_the_object_store(cluster, checkpoint)
         metrics = pool.broadcast_weights(1, broken, source, timeout_s=5.0)
         assert metrics == {"sync/fallback": 1.0} and pool.version == 1
         learner.version = 2
-        metrics = _publish(pool, learner, WeightSyncConfig(timeout_s=20.0), torch.float32)
+        metrics = _publish(
+            pool, learner, WeightSyncConfig(transport="collective", timeout_s=20.0), torch.float32
+        )
         assert metrics["sync/fallback"] == 0 and pool.version == 2
     finally:
         pool.shutdown()
