@@ -235,16 +235,18 @@ class RolloutPool:
         self,
         version: int,
         send: Callable[[SyncAddress], list],
+        fallback: Callable[[], object],
         source: Callable[[int], object],
         timeout_s: float,
     ) -> dict[str, float]:
         """The collective path: every worker joins the sync group (rank 1..W) and loads `version` in place while
-        `send(address)` sends it from rank 0 (in this process, returning [], or in actors, returning their refs).
+        `send(address)` sends it from rank 0 (in this process, returning its metrics, or in actors, returning refs).
 
-        `source(version)` gives the same weights as a numpy state dict (or a ref to one): the object-store fallback
-        when the collective fails (a lost or hung peer: the group is re-formed on the next sync), and how a worker
-        restarted later gets them. Returns the receivers' `sync/*` metrics (mean), plus `sync/fallback` = 1 when
-        the object store had to carry this version."""
+        `fallback()` gives the same weights as a numpy state dict (or a ref to one) when the collective fails (a
+        lost or hung peer): the object store carries them and the group is re-formed on the next sync.
+        `source(version)` gives the copy the sender kept: how a worker restarted later gets them. Returns the
+        receivers' `sync/*` metrics (mean) and the sender's, plus `sync/fallback` = 1 when the object store had to
+        carry this version."""
         address = self.sync_address(timeout_s)
         receives = [w.receive_weights.remote(version, address, i + 1) for i, w in enumerate(self.workers)]
         try:
@@ -265,8 +267,8 @@ class RolloutPool:
                 who or "none",
             )
             self._epoch += 1
-            self.sync_weights(source(version), version)
-            return {"sync/fallback": 1.0}
+            nbytes = self.sync_weights(fallback(), version)
+            return {"sync/bytes": float(nbytes), "sync/fallback": 1.0}
         self.version = version
         self._weights_ref = None
         self._weights_source = source

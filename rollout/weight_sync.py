@@ -158,9 +158,13 @@ class SyncPlan:
         metas = tuple(TensorMeta(**{**m, "shape": tuple(m["shape"])}) for m in d["tensors"])
         return SyncPlan(d["version"], tuple(d["buckets"]), metas)
 
-    def pack(self, i: int, tensors: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Bucket i as one flat uint8 tensor."""
-        buf = torch.empty(self.buckets[i], dtype=torch.uint8, device=device)
+    def pack(
+        self, i: int, tensors: dict[str, torch.Tensor], device: torch.device, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bucket i as one flat uint8 tensor (written into `out` when it is one of the right size and device)."""
+        buf = out if _fits(out, self.buckets[i], device) else None
+        if buf is None:
+            buf = torch.empty(self.buckets[i], dtype=torch.uint8, device=device)
         for m in self.tensors:
             if m.bucket == i:
                 src = tensors[m.name].detach().contiguous().reshape(-1).view(torch.uint8)
@@ -174,6 +178,10 @@ class SyncPlan:
             for m in self.tensors
             if m.bucket == i
         }
+
+
+def _fits(buf: torch.Tensor | None, size: int, device: torch.device) -> bool:
+    return buf is not None and buf.numel() == size and buf.device == device
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,8 @@ class SyncGroup:
         store = dist.TCPStore(address.host, address.port, is_master=False, timeout=timeout)
         self.address, self.rank = address, rank
         self.device = device or torch.device("cpu")
+        # a receiver's bucket buffers, kept from one sync to the next: fresh ones would cost their page faults again
+        self.buffers: list[torch.Tensor] = []
         prefixed = dist.PrefixStore(address.prefix, store)
         if self.device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
@@ -246,10 +256,15 @@ class SyncStats:
 
 
 def send(
-    group: SyncGroup, tensors: dict[str, torch.Tensor], version: int, bucket_mb: float
+    group: SyncGroup,
+    tensors: dict[str, torch.Tensor],
+    version: int,
+    bucket_mb: float,
+    reuse: SentWeights | None = None,
 ) -> tuple[SyncStats, SentWeights]:
     """Rank 0: `tensors` (already gathered, in `sync_names` order) to every receiver as `version`. Two buckets are
-    in flight at a time: the next is packed while the last is on the wire."""
+    in flight at a time: the next is packed while the last is on the wire. `reuse`: an earlier sync's copy whose
+    buckets may be overwritten (the sender's two copies alternate)."""
     t0 = time.perf_counter()
     plan = SyncPlan.build(tensors, version, int(bucket_mb * 2**20))
     raw = plan.to_bytes()
@@ -257,8 +272,9 @@ def send(
     group.broadcast(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(group.device))
     kept: list[torch.Tensor] = []
     in_flight: list = []
+    spare = list(reuse.buckets) if reuse is not None and group.device.type == "cpu" else []
     for i in range(len(plan.buckets)):
-        buf = plan.pack(i, tensors, group.device)
+        buf = plan.pack(i, tensors, group.device, spare[i] if i < len(spare) else None)
         in_flight.append((group.broadcast_async(buf), buf))
         if len(in_flight) == 2:
             kept.append(_finish(*in_flight.pop(0)))
@@ -293,18 +309,24 @@ def receive(group: SyncGroup, targets: dict[str, torch.Tensor], version: int) ->
             f"unknown {sorted(names - set(targets))[:5]}"
         )
 
+    kept = group.buffers
+
     def post(i: int):
-        buf = torch.empty(plan.buckets[i], dtype=torch.uint8, device=group.device)
+        buf = kept[i] if i < len(kept) and _fits(kept[i], plan.buckets[i], group.device) else None
+        if buf is None:
+            buf = torch.empty(plan.buckets[i], dtype=torch.uint8, device=group.device)
         return group.broadcast_async(buf), buf
 
-    nxt = post(0) if plan.buckets else None
+    nxt, used = (post(0) if plan.buckets else None), []
     for i in range(len(plan.buckets)):
         work, buf = nxt
         nxt = post(i + 1) if i + 1 < len(plan.buckets) else None
         work.wait()  # refused or not, take every bucket: the sender and the other receivers go on
+        used.append(buf)
         if error is None:
             for name, src in plan.unpack(i, buf).items():
                 _copy(targets[name], src, name)
+    group.buffers = used
     if error is not None:
         raise error
     return SyncStats(version, plan.nbytes, len(plan.buckets), time.perf_counter() - t0)

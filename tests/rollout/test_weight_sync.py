@@ -98,6 +98,28 @@ def test_receivers_hold_the_senders_weights_bit_for_bit():
         a, b = src.model.state_dict(), dst.model.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # the next version: new weights into the old copy's buffers, and the receivers' buffers reused as well
+    with torch.no_grad():
+        for t in tensors.values():
+            t.mul_(-0.5)
+    again_at = SyncAddress("127.0.0.1", s.port, "t2/", 3, 30.0)
+    g0, g1, g2 = run_members([lambda r=r: SyncGroup(again_at, r) for r in (0, 1, 2)])  # they meet: in threads
+    run_members(
+        [lambda: send(g0, tensors, 1, 0.05)]
+        + [lambda g=g, d=d: receive(g, sync_targets(d.model), 1) for g, d in ((g1, dst1), (g2, dst2))]
+    )
+    first = [b.data_ptr() for b in g1.buffers]
+    (_, again), *_ = run_members(
+        [lambda: send(g0, tensors, 2, 0.05, reuse=kept)]
+        + [lambda g=g, d=d: receive(g, sync_targets(d.model), 2) for g, d in ((g1, dst1), (g2, dst2))]
+    )
+    assert [b.data_ptr() for b in again.buckets] == [b.data_ptr() for b in kept.buckets]
+    assert [b.data_ptr() for b in g1.buffers] == first
+    assert all(torch.equal(again.tensors()[k], v) for k, v in tensors.items())
+    for dst in (dst1, dst2):
+        a, b = src.model.state_dict(), dst.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
 
 def test_a_receiver_cast_to_its_dtype_and_a_wrong_version_is_refused():
     src, dst = make_policy("llama", seed=1), make_policy("llama", seed=2).to(torch.bfloat16)

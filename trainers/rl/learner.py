@@ -320,6 +320,7 @@ class Learner:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self._sync: SyncGroup | None = None  # rank 0's handle on the weight-sync group
         self._published: tuple[int, SentWeights] | None = None
+        self._spare: SentWeights | None = None  # the copy before the last: its buffers are reused
 
     @property
     def policy(self) -> HybridPolicy:
@@ -408,7 +409,9 @@ class Learner:
         if self._sync is None or self._sync.address != address:
             self._sync = None
             self._sync = SyncGroup(address, 0, self.device if self.device.type == "cuda" else None)
-        stats, sent = send(self._sync, tensors, version, bucket_mb)
+        # the copy before last is overwritten: this one and the last alternate (two host copies at most)
+        reuse, self._spare = self._spare, self._published[1] if self._published is not None else None
+        stats, sent = send(self._sync, tensors, version, bucket_mb, reuse=reuse)
         self._published = (version, sent)
         return stats.metrics() | {"sync/gather_s": gathered, "sync/send_s": stats.seconds}
 

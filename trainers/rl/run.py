@@ -350,7 +350,9 @@ def _publish(
             out = learner.send_weights(address, version, dtype, sync.bucket_mb)
             return out if isinstance(out, list) else [out]  # a local learner has sent when this returns
 
-        metrics = pool.broadcast_weights(version, send, learner.published, sync.timeout_s)
+        metrics = pool.broadcast_weights(
+            version, send, learner.weights_numpy, learner.published, sync.timeout_s
+        )
     else:
         nbytes = pool.sync_weights(learner.weights_numpy(), version=version)
         metrics = {"sync/bytes": float(nbytes), "sync/fallback": 0.0}

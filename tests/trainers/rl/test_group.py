@@ -160,10 +160,16 @@ def test_a_failed_collective_falls_back_to_the_object_store(cluster, checkpoint)
         def broken(address):
             raise ConnectionError("sender lost")
 
-        source = lambda v: to_numpy(learner.full_weights())  # noqa: E731
         learner.version = 1
-        metrics = pool.broadcast_weights(1, broken, source, timeout_s=5.0)
-        assert metrics == {"sync/fallback": 1.0} and pool.version == 1
+
+        def never(version):
+            raise AssertionError("the fallback sends fresh weights, not a kept copy")
+
+        metrics = pool.broadcast_weights(1, broken, learner.weights_numpy, never, timeout_s=5.0)
+        assert metrics["sync/fallback"] == 1 and metrics["sync/bytes"] > 0 and pool.version == 1
+        want = to_numpy(learner.full_weights())
+        held = ray.get(pool.workers[0].__ray_call__.remote(lambda s: state_dict_numpy(s.policy)))
+        assert all((held[k] == want[k]).all() for k in want)
         learner.version = 2
         metrics = _publish(
             pool, learner, WeightSyncConfig(transport="collective", timeout_s=20.0), torch.float32
