@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common.checkpoint import read_trainer_state
 from common.distributed import DistContext
+from common.memory import PhaseMemory
 from policy.hybrid import HybridPolicy, load_tokenizer
 from rollout.settings import EngineSettings
 from rollout.weight_sync import SyncAddress
@@ -53,6 +54,7 @@ class LearnerRank:
         self.learner: Learner | None = None
         self.tokenizer = None
         self.colocated: ColocatedRollouts | None = None  # colocated mode: this rank's rollout engine
+        self.memory: PhaseMemory | None = None
 
     def address(self) -> str:
         """host:port on this node for the group's rendezvous (rank 0)."""
@@ -66,14 +68,18 @@ class LearnerRank:
         ctx = DistContext.join(self.rank, self.world, address, self.cfg.device, self.cfg.timeout_s)
         self.learner = Learner(HybridPolicy.from_pretrained(checkpoint), self.cfg, ctx=ctx)
         self.tokenizer = load_tokenizer(checkpoint)
+        self.memory = PhaseMemory(ctx.device)
         if resume is not None:
             self.learner.load_state_dict(read_trainer_state(resume)["learner"])
         return self.learner.version, self.learner.lambda_diff
 
     def step(self, batch: RolloutBatch) -> dict[str, float]:
-        if self.colocated is not None:  # the rollouts give the device back first; memory per phase
+        """The step's metrics and this rank's peak memory per phase (train; colocated also sync and rollout)."""
+        if self.colocated is not None:  # the rollouts give the device back first
             return self.colocated.step(batch)
-        return self.learner.step(batch)
+        with self.memory.phase("train"):
+            metrics = self.learner.step(batch)
+        return metrics | self.memory.take()
 
     # colocated mode: a rollout engine in this actor (trainers/rl/colocate.py) ----------------------------------
     def start_rollouts(self, checkpoint: str, engine: EngineSettings) -> None:
