@@ -2,7 +2,7 @@
 wandb (offline unless configured online, all its dirs inside the run directory), fanned out by `MultiSink`.
 
 Keys are namespaced and stable: `rollout/tokens_per_forward`, `rollout/accept_pos_3`, `reward/mean`,
-`drift/..._alarms`, `train/clipfrac`, `perf/tok_per_s`, `time/sync_s`.
+`drift/..._alarms`, `train/clipfrac`, `perf/tok_per_s`, `time/weight_sync_s`, `memory/train_gb`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class JSONLSink:
 
 
 def format_line(step: int, total: int, m: dict[str, float]) -> str:
-    """`step 42/200 | reward 0.61±0.20 | tpf 5.8 | accept 0.71 | tok/s 18.4k | rollout 4.1s train 2.3s sync 0.1s`."""
+    """`step 42/200 | reward 0.61±0.20 | tpf 5.8 | accept 0.71 | tok/s 18.4k | rollout 4.1s train 2.3s sync 0.1s |
+    mem 1.0GB`."""
     parts = [f"step {step}/{total}"]
     if "eval/solve_rate" in m:
         parts.append(f"held-out solve {m['eval/solve_rate']:.1%}")
@@ -57,12 +58,15 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
         v = m["perf/tok_per_s"]
         parts.append(f"tok/s {v / 1000:.1f}k" if v >= 1000 else f"tok/s {v:.0f}")
     times = [
-        f"{k.split('/')[1][:-2]} {m[k]:.1f}s"
-        for k in ("time/rollout_s", "time/train_s", "time/sync_s")
+        f"{label} {m[k]:.1f}s"
+        for label, k in (("rollout", "time/rollout_s"), ("train", "time/train_s"), ("sync", "time/weight_sync_s"))
         if k in m
     ]
     if times:
         parts.append(" ".join(times))
+    memory = [v for k, v in m.items() if k.startswith("memory/")]
+    if memory:  # the largest phase peak of any learner rank
+        parts.append(f"mem {max(memory):.1f}GB")
     if "train/kl" in m:
         parts.append(f"kl {m['train/kl']:.3f}")
     if "rollout/logprob_mismatch" in m:

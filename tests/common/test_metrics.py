@@ -14,11 +14,15 @@ def test_format_line_is_dense_and_flags_alarms():
             "perf/tok_per_s": 18400,
             "time/rollout_s": 4.1,
             "time/train_s": 2.3,
+            "time/weight_sync_s": 0.14,
+            "memory/train_gb": 1.04,
+            "memory/rollout_gb": 0.93,
             "drift/reward_mean_alarm": 1.0,
         },
     )
     assert line.startswith("step 42/200 | reward 0.61±0.20 | tpf 5.8")
-    assert "tok/s 18.4k" in line and "rollout 4.1s train 2.3s" in line and "ALARM reward_mean" in line
+    assert "tok/s 18.4k" in line and "rollout 4.1s train 2.3s sync 0.1s | mem 1.0GB" in line
+    assert "ALARM reward_mean" in line
 
 
 def test_jsonl_truncates_records_past_the_resumed_step(tmp_path):
