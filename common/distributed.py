@@ -225,12 +225,13 @@ class Parallel:
         )
         return full if self.ctx.is_main or every_rank else None
 
-    def full_policy(self):
+    def full_policy(self, full: dict[str, torch.Tensor] | None = None):
         """The policy with its full weights on rank 0 (FSDP: gathered into the CPU copy; a collective every rank
-        must join), None on the other ranks."""
+        must join, unless `full` is a `full_state()` the caller has), None on the other ranks."""
         if not self.fsdp:
             return self.policy if self.ctx.is_main else None
-        full = self.full_state()
+        if full is None:
+            full = self.full_state()
         if self.shadow is None:
             return None
         self.shadow.load_state_dict(

@@ -59,7 +59,11 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
         parts.append(f"tok/s {v / 1000:.1f}k" if v >= 1000 else f"tok/s {v:.0f}")
     times = [
         f"{label} {m[k]:.1f}s"
-        for label, k in (("rollout", "time/rollout_s"), ("train", "time/train_s"), ("sync", "time/weight_sync_s"))
+        for label, k in (
+            ("rollout", "time/rollout_s"),
+            ("train", "time/train_s"),
+            ("sync", "time/weight_sync_s"),
+        )
         if k in m
     ]
     if times:

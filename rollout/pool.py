@@ -40,6 +40,10 @@ from rollout.worker import RolloutWorker, Shard, ShardResult, StaleWeightsError
 log = logging.getLogger(__name__)
 
 
+class WorkerLostError(RuntimeError):
+    """A worker the pool may not restart (a colocated learner rank) died or hung."""
+
+
 def ray_temp_dir(run_dir: str | Path) -> Path:
     """`<run_dir>/ray`, or a short private dir linked from it when that path is too long for Ray's sockets."""
     tmp = Path(run_dir).resolve() / "ray"
@@ -216,7 +220,7 @@ class RolloutPool:
                 self.reload(w)
         return nbytes
 
-    def sync_address(self, timeout_s: float) -> SyncAddress:
+    def sync_address(self, timeout_s: float, backend: str = "gloo") -> SyncAddress:
         """Where this pool's sync group meets: a TCPStore in this (the driver's) process, on loopback for a local
         Ray and on this node's address for a cluster."""
         if self._store is None:
@@ -226,7 +230,9 @@ class RolloutPool:
             )
             self._store_host = local
         prefix = f"sync{self._epoch}/"
-        return SyncAddress(self._store_host, self._store.port, prefix, 1 + len(self.workers), timeout_s)
+        return SyncAddress(
+            self._store_host, self._store.port, prefix, 1 + len(self.workers), timeout_s, backend
+        )
 
     def _on_cluster(self) -> bool:
         return len(ray.nodes()) > 1
@@ -238,6 +244,7 @@ class RolloutPool:
         fallback: Callable[[], object],
         source: Callable[[int], object],
         timeout_s: float,
+        backend: str = "gloo",
     ) -> dict[str, float]:
         """The collective path: every worker joins the sync group (rank 1..W) and loads `version` in place while
         `send(address)` sends it from rank 0 (in this process, returning its metrics, or in actors, returning refs).
@@ -247,7 +254,7 @@ class RolloutPool:
         `source(version)` gives the copy the sender kept: how a worker restarted later gets them. Returns the
         receivers' `sync/*` metrics (mean) and the sender's, plus `sync/fallback` = 1 when the object store had to
         carry this version."""
-        address = self.sync_address(timeout_s)
+        address = self.sync_address(timeout_s, backend)
         receives = [w.receive_weights.remote(version, address, i + 1) for i, w in enumerate(self.workers)]
         try:
             senders = send(address)
@@ -359,6 +366,11 @@ class RolloutPool:
         t0 = time.time()
 
         def retry(w: int, shard: Shard, why: str, kill: bool = False) -> None:
+            if not self.owns_workers:  # colocated: the workers are learner ranks, which are not restarted
+                raise WorkerLostError(
+                    f"rollout on learner rank {w}, shard {shard.shard_id}: {why}; the ranks host the learner's "
+                    "state and are not restarted (raise rollout.shard_timeout_s if it was only slow)"
+                )
             log.warning(
                 "rollout worker %d, shard %d: %s; reloading the worker and resubmitting",
                 w,
@@ -402,7 +414,9 @@ class RolloutPool:
             yield res
 
     def reload(self, w: int, attempts: int = 120) -> None:
-        """Wait for a restarted actor and give it the current weights."""
+        """Wait for a restarted actor and give it the current weights. The sync group is re-formed at the next
+        collective sync: the restarted actor is a new member."""
+        self._epoch += 1
         if self._weights_ref is None and self._weights_source is not None:
             # the last sync was collective: a restarted worker takes the object-store path
             weights = self._weights_source(self.version)
@@ -421,6 +435,7 @@ class RolloutPool:
     def shutdown(self) -> None:
         for w in self.workers if self.owns_workers else ():
             ray.kill(w)
+        self._store = None  # the sync group's rendezvous closes with it
         self.workers = []
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)

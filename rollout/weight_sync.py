@@ -21,7 +21,9 @@ where NCCL cannot join two processes, the colocated mode moves weights in-proces
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -51,12 +53,13 @@ class WeightSyncConfig(Section):
     carries that version) instead of hanging it."""
 
 
-def pick_transport(cfg: WeightSyncConfig, gpus_per_worker: float) -> str:
-    """The transport `auto` means for workers with this GPU share: NCCL needs a GPU per process, so the collective
-    only where each worker has a whole one."""
-    if cfg.transport != "auto":
-        return cfg.transport
-    return "collective" if gpus_per_worker >= 1 else "object_store"
+def pick_transport(cfg: WeightSyncConfig, gpus_per_worker: float, learner_cuda: bool) -> tuple[str, str]:
+    """(transport, backend) for this layout, decided once in the driver so every member builds the same group.
+    NCCL needs a GPU per process on both sides: `auto` is the collective only there, else the object store; a
+    collective asked for anywhere else runs on gloo, staged through the host."""
+    nccl = learner_cuda and gpus_per_worker >= 1
+    transport = cfg.transport if cfg.transport != "auto" else ("collective" if nccl else "object_store")
+    return transport, "nccl" if nccl else "gloo"
 
 
 DTYPES = {
@@ -194,25 +197,40 @@ class SyncAddress:
     prefix: str
     size: int  # 1 sender + W workers
     timeout_s: float
+    backend: str = "gloo"  # or "nccl": every member on its own GPU (the buckets stay on the devices)
 
 
 class SyncGroup:
     """One member's handle on the sync group (rank 0 sends, the others receive)."""
 
     def __init__(self, address: SyncAddress, rank: int, device: torch.device | None = None):
+        """`device`: this member's GPU, where the buckets live under NCCL (ignored under gloo: host buckets)."""
         timeout = timedelta(seconds=address.timeout_s)
         store = dist.TCPStore(address.host, address.port, is_master=False, timeout=timeout)
         self.address, self.rank = address, rank
-        self.device = device or torch.device("cpu")
+        nccl = address.backend == "nccl"
+        if nccl and (device is None or device.type != "cuda"):
+            raise ValueError(f"weight sync: an NCCL sync group needs this member on a GPU, got {device}")
+        self.device = device if nccl else torch.device("cpu")
         # a receiver's bucket buffers, kept from one sync to the next: fresh ones would cost their page faults again
         self.buffers: list[torch.Tensor] = []
         prefixed = dist.PrefixStore(address.prefix, store)
-        if self.device.type == "cuda":
+        if nccl:
+            # NOTE: with blocking wait a lost peer raises in wait() after the timeout (then the object store carries
+            # the version); without it NCCL's watchdog would tear the whole process down. Read when a group is made,
+            # so it leaves the learner's own group as it was.
+            os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             self.pg = dist.ProcessGroupNCCL(prefixed, rank, address.size, opts)
         else:
             self.pg = dist.ProcessGroupGloo(prefixed, rank, address.size, timeout)
+
+    def close(self) -> None:
+        """Leave the group (its connections and threads go; a failed group is aborted rather than flushed)."""
+        # deliberate: an already broken group has nothing left to close
+        with contextlib.suppress(RuntimeError, AttributeError):
+            self.pg.abort()
 
     def broadcast(self, t: torch.Tensor) -> None:
         self.broadcast_async(t).wait()
@@ -308,6 +326,14 @@ def receive(group: SyncGroup, targets: dict[str, torch.Tensor], version: int) ->
             f"weight sync v{version}: missing {sorted(set(targets) - names)[:5]}, "
             f"unknown {sorted(names - set(targets))[:5]}"
         )
+    else:  # every check before the first bucket: a receiver that stops midway would stall the others
+        bad = [m for m in plan.tensors if m.dtype not in DTYPES or tuple(targets[m.name].shape) != m.shape]
+        if bad:
+            m = bad[0]
+            error = ValueError(
+                f"weight sync v{version}: {m.name} comes as {m.dtype} {m.shape}, this worker holds "
+                f"{tuple(targets[m.name].shape)} ({len(bad)} such tensors)"
+            )
 
     kept = group.buffers
 

@@ -29,7 +29,7 @@ def member(rank: int, port: int, checkpoint: str, rounds: int, queue) -> None:
         with torch.no_grad():
             for p in policy.parameters():
                 p.zero_()
-    group = SyncGroup(SyncAddress("127.0.0.1", port, "gpu/", 2, 120.0), rank, device)
+    group = SyncGroup(SyncAddress("127.0.0.1", port, "gpu/", 2, 120.0, backend="nccl"), rank, device)
     targets = sync_targets(policy.model)
     stats = []
     for v in range(rounds):

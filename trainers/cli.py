@@ -64,6 +64,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from rollout.pool import WorkerLostError
     from trainers.rl.group import LearnerGroupError
     from trainers.rl.run import TrainConfig, train
 
@@ -73,6 +74,10 @@ def cmd_train(args) -> int:
         history = train(cfg, resume=args.resume)
     except LearnerGroupError as e:  # a lost learner rank: the message names it and the resume command
         print(f"blockrl train: {e}", file=sys.stderr)
+        return 1
+    except WorkerLostError as e:  # colocated: a rank lost during rollouts
+        resume = f"blockrl train --config {Path(cfg.run_dir) / 'config.yaml'} --resume"
+        print(f"blockrl train: {e}; the group stops; resume with: {resume}", file=sys.stderr)
         return 1
     if history:
         first, last = history[0], history[-1]

@@ -45,6 +45,14 @@ class LearnerGroupError(RuntimeError):
     pass
 
 
+def ranks_use_gpu(cfg: LearnerConfig) -> bool:
+    """Whether each rank takes a GPU: `cuda`, or `auto` on a cluster that has GPUs (the driver itself may have
+    none: a CPU head node)."""
+    if cfg.device.startswith("cuda"):
+        return True
+    return cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+
+
 class LearnerRank:
     """One rank: a plain class holding a `Learner` (`ray.remote` is applied when the group creates the actors)."""
 
@@ -129,12 +137,8 @@ class LearnerGroup:
         resume_hint: str = "",
     ):
         self.cfg, self.resume_hint = cfg, resume_hint
-        gpus = (
-            1.0
-            if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-            else 0.0
-        )
-        actor = ray.remote(num_cpus=cfg.cpus_per_rank, num_gpus=gpus, max_restarts=0)(LearnerRank)
+        self.cuda = ranks_use_gpu(cfg)
+        actor = ray.remote(num_cpus=cfg.cpus_per_rank, num_gpus=float(self.cuda), max_restarts=0)(LearnerRank)
         self.ranks = []
         for r in range(cfg.world_size):
             opts = {}
@@ -143,6 +147,16 @@ class LearnerGroup:
                     placement, placement_group_bundle_index=r
                 )
             self.ranks.append(actor.options(**opts).remote(cfg, r, cfg.world_size))
+        try:
+            self._start(checkpoint, resume)
+        except BaseException:
+            self.close()  # no rank outlives a group that could not start
+            raise
+        log.info(
+            "learner group: %d ranks (%s, %s)", cfg.world_size, cfg.strategy, "cuda" if self.cuda else "cpu"
+        )
+
+    def _start(self, checkpoint: str | Path, resume: Path | None) -> None:
         address = ray.get(self.ranks[0].address.remote())
         resume_path = str(resume) if resume is not None else None
         self.colocated = False
@@ -150,12 +164,6 @@ class LearnerGroup:
             [a.start.remote(address, str(checkpoint), resume_path) for a in self.ranks], "start"
         )
         self.version, self._lambda_diff = started[0]
-        log.info("learner group: %d ranks (%s) at %s", cfg.world_size, cfg.strategy, address)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the ranks run (each on its own GPU under CUDA)."""
-        return torch.device("cuda" if self.cfg.device.startswith("cuda") else self.cfg.device)
 
     def _all(self, refs: list, what: str) -> list:
         """Every rank's result of one call. A rank that died, or a call that failed (a collective that timed out
@@ -222,9 +230,10 @@ class LearnerGroup:
         self._all([a.save.remote(str(dest), extra) for a in self.ranks], "checkpoint")
 
     def weights_numpy(self):
-        """The object-store path: a ref to rank 0's numpy state dict (all ranks join the gather)."""
+        """The object-store path: a ref to rank 0's numpy state dict (all ranks join the gather; a failure names
+        the rank)."""
         refs = [a.weights_numpy.remote() for a in self.ranks]
-        self._all(refs[1:], "weight gather")
+        self._all(refs, "weight gather")  # numpy out of the object store: zero-copy reads
         return refs[0]
 
     def send_weights(self, address: SyncAddress, version: int, dtype: torch.dtype, bucket_mb: float) -> list:

@@ -331,9 +331,10 @@ class Learner:
     def value_head(self) -> ValueHead | None:
         return self.trained.value_head
 
-    def state_dict(self) -> dict:
+    def state_dict(self, full: dict[str, torch.Tensor] | None = None) -> dict:
         """The full, name-keyed state (optimizer by parameter name, so it resumes under any world size and
-        strategy). A collective under a group: every rank calls it; rank 0's is complete."""
+        strategy). A collective under a group: every rank calls it; rank 0's is complete. `full`: the gathered
+        `par.full_state()` when the caller has it already."""
         state = {
             "optimizer": self.par.optimizer_state(self.opt),
             "version": self.version,
@@ -341,7 +342,7 @@ class Learner:
             "generator": self.gen.get_state(),
         }
         if self.value_head is not None:
-            full = self.par.full_state() or {}
+            full = (full if full is not None else self.par.full_state()) or {}
             state["value_head"] = {
                 k.removeprefix("value_head."): v for k, v in full.items() if k.startswith("value_head.")
             }
@@ -364,7 +365,12 @@ class Learner:
     def save(self, dest: Path, tokenizer, extra: dict) -> None:
         """An atomic, resumable checkpoint: the full policy as an HF directory, plus this learner's state (under
         `learner`) and `extra`. Under a group every rank calls it (the gathers are collectives); rank 0 writes."""
-        policy, state = self.policy, self.state_dict()
+        if self.par.fsdp:  # one gather serves the policy and the value head (full: None on ranks > 0)
+            full = self.par.full_state()
+            policy = self.par.full_policy(full) if self.ctx.is_main else None
+            state = self.state_dict(full if self.ctx.is_main else {})
+        else:
+            policy, state = self.trained.policy, self.state_dict()
         if self.ctx.is_main:
             save_checkpoint(dest, policy, tokenizer, {"learner": state, **extra})
         self.ctx.barrier()
@@ -407,11 +413,13 @@ class Learner:
             return {}
         gathered = time.perf_counter() - t0
         if self._sync is None or self._sync.address != address:
+            if self._sync is not None:  # re-formed after a failure: leave the old group
+                self._sync.close()
             self._sync = None
-            self._sync = SyncGroup(address, 0, self.device if self.device.type == "cuda" else None)
+            self._sync = SyncGroup(address, 0, self.device)
         # the copy before last is overwritten: this one and the last alternate (two host copies at most)
-        reuse, self._spare = self._spare, self._published[1] if self._published is not None else None
-        stats, sent = send(self._sync, tensors, version, bucket_mb, reuse=reuse)
+        stats, sent = send(self._sync, tensors, version, bucket_mb, reuse=self._spare)
+        self._spare = self._published[1] if self._published is not None else None
         self._published = (version, sent)
         return stats.metrics() | {"sync/gather_s": gathered, "sync/send_s": stats.seconds}
 
@@ -481,10 +489,11 @@ class Learner:
         before an update: later ones would measure the learner's own steps, not the rollout's exactness."""
         cfg = self.cfg
         B = batch.input_ids.shape[0]
-        if self.ctx.world * cfg.minibatches > B:
+        if B // cfg.minibatches < self.ctx.world:  # minibatches of B // m or B // m + 1 rows
             raise ValueError(
-                f"learner: {B} rollouts cannot give each of {self.ctx.world} ranks a share of "
-                f"{cfg.minibatches} minibatches (learner.world_size x learner.minibatches <= batch size)"
+                f"learner: {B} rollouts in {cfg.minibatches} minibatches leave a minibatch of {B // cfg.minibatches} "
+                f"rows, fewer than the {self.ctx.world} ranks that each need one (learner.world_size x "
+                "learner.minibatches <= batch size)"
             )
         batch = batch.to(self.device)
         self.trained.train()
@@ -504,7 +513,7 @@ class Learner:
         targets = _Targets(old, batch.behavior_logprobs, adv, old_values, returns)
         steps, diagnostics = [], []
         for _ in range(cfg.epochs):
-            for idx in torch.randperm(B, generator=self.gen).to(self.device).chunk(cfg.minibatches):
+            for idx in torch.randperm(B, generator=self.gen).to(self.device).tensor_split(cfg.minibatches):
                 m, diag = self._minibatch(batch, targets, idx, diagnose=not steps)
                 steps.append(m)
                 diagnostics.append(diag)
@@ -613,13 +622,19 @@ class Learner:
                 diff_logits, logits, ids, comp, local.get("starts"), local.get("active")
             )
             terms.append(("train/diff_loss", diff_loss, diff_w, self.lambda_diff))
-        if aux is not None:
+        if (
+            aux is not None
+        ):  # a product of routing means: per rank, weighted by its rows (as data-parallel MoE does)
             coef = float(getattr(self.trained.policy.config, "router_aux_loss_coef", 0.0))
-            terms.append(("", aux, valid.sum(), coef))
+            terms.append(("", aux, _count(hi - lo, comp), coef))
         counts = torch.stack([c.detach().double().reshape(()) for _, _, c, _ in terms])
         totals = ctx.sum_tensor(counts).clamp(min=1.0)
-        shares = (counts.clamp(min=1.0) * (counts > 0) / totals).float()  # a rank with no items adds nothing
-        loss = sum(w * term * share for (_, term, _, w), share in zip(terms, shares, strict=True))
+        shares = (counts.clamp(min=1.0) / totals).float()
+        # a rank with no items of a term (no completion tokens in its rows, no diffusion slots) adds an exact 0
+        loss = sum(
+            torch.where(c > 0, w * term * share, torch.zeros_like(term))
+            for (_, term, _, w), share, c in zip(terms, shares, counts, strict=True)
+        )
         self.opt.zero_grad(set_to_none=True)
         # DDP and FSDP2 average gradients over ranks: the world-size factor makes it their sum
         (loss * ctx.world).backward()

@@ -42,7 +42,7 @@ from rollout.settings import EngineSettings, WorkerSettings
 from rollout.types import SamplingParams
 from rollout.weight_sync import WeightSyncConfig, pick_transport
 from trainers.rl.drift import DetectorConfig, DriftMonitor
-from trainers.rl.group import LearnerGroup
+from trainers.rl.group import LearnerGroup, ranks_use_gpu
 from trainers.rl.learner import Learner, LearnerConfig, RolloutBatch
 from trainers.rl.plots import plot_run
 from trainers.rl.rollouts import StepRollouts, heldout_eval, heldout_reward, rollout_metrics
@@ -139,6 +139,15 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _colocated_rollouts_wait(self) -> TrainConfig:
+        if self.colocate and self.async_rollouts:
+            raise ValueError(
+                "async_rollouts: colocated rollouts share the learner's ranks and devices, so they cannot overlap its "
+                "step; set colocate=false for one-step-off-policy rollouts"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _same_temperature(self) -> TrainConfig:
         if self.learner.temperature != self.rollout.temperature:
             raise ValueError(
@@ -213,6 +222,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     def publish() -> dict[str, float]:
         return _publish(pool, learner, cfg.sync, r.engine_settings().torch_dtype, r.gpus_per_worker)
 
+    if not isinstance(learner, LearnerGroup) or not learner.colocated:
+        transport, backend = pick_transport(cfg.sync, r.gpus_per_worker, _on_cuda(learner))
+        log.info("weight sync: %s%s", transport, f" ({backend})" if transport == "collective" else "")
+
     history, pending = [], None
     try:
         if cfg.eval_every and start == 0:
@@ -283,11 +296,14 @@ class LocalLearner(Learner):
 
 def _learner_bundles(cfg: LearnerConfig, gpus: float = 0.0) -> list[dict[str, float]]:
     """One placement-group bundle per learner rank: its CPUs, and its GPU on CUDA (colocated: at least the
-    workers' share too, which it hosts)."""
-    cuda = resolve_device(cfg.device, "learner.device").type == "cuda"
+    workers' share too, which it hosts). The single learner runs here, so here decides; a group's ranks take GPUs
+    where the cluster has them (`ranks_use_gpu`)."""
     if cfg.world_size == 1 and gpus == 0.0:
+        cuda = resolve_device(cfg.device, "learner.device").type == "cuda"
         return [{"CPU": 1.0} | ({"GPU": cfg.gpus} if cuda else {})]
-    return [{"CPU": cfg.cpus_per_rank} | ({"GPU": 1.0} if cuda or gpus else {})] * cfg.world_size
+    return [
+        {"CPU": cfg.cpus_per_rank} | ({"GPU": 1.0} if ranks_use_gpu(cfg) or gpus else {})
+    ] * cfg.world_size
 
 
 def _learner_and_pool(cfg: TrainConfig, source: Path, learner_state: dict | None):
@@ -311,7 +327,11 @@ def _learner_and_pool(cfg: TrainConfig, source: Path, learner_state: dict | None
     )
     if lc.world_size > 1:
         placement = pool.placement_group if pool.learner_bundles else None
-        return LearnerGroup(source, lc, resume=resume, placement=placement, resume_hint=hint), pool
+        try:
+            return LearnerGroup(source, lc, resume=resume, placement=placement, resume_hint=hint), pool
+        except BaseException:
+            pool.shutdown()  # the workers and their reservation go with a group that could not start
+            raise
     learner = LocalLearner(HybridPolicy.from_pretrained(source), lc, load_tokenizer(cfg.checkpoint))
     _check_learner_placement(pool, learner.device)
     if learner_state is not None:
@@ -339,7 +359,7 @@ def _publish(
     version = learner.version
     if pool.version == version:
         return {}
-    transport = pick_transport(sync, gpus_per_worker)
+    transport, backend = pick_transport(sync, gpus_per_worker, _on_cuda(learner))
     t0 = time.perf_counter()
     if isinstance(learner, LearnerGroup) and learner.colocated:
         metrics = learner.load_rollout_weights(version) | {"sync/fallback": 0.0}
@@ -351,18 +371,21 @@ def _publish(
             return out if isinstance(out, list) else [out]  # a local learner has sent when this returns
 
         metrics = pool.broadcast_weights(
-            version, send, learner.weights_numpy, learner.published, sync.timeout_s
+            version, send, learner.weights_numpy, learner.published, sync.timeout_s, backend
         )
     else:
         nbytes = pool.sync_weights(learner.weights_numpy(), version=version)
         metrics = {"sync/bytes": float(nbytes), "sync/fallback": 0.0}
     seconds = time.perf_counter() - t0
-    metrics["sync/gb_per_s"] = (
-        metrics.get("sync/bytes", 0.0) / seconds / 1e9
-    )  # end to end, every worker loaded
+    # end to end: every worker has loaded
+    metrics["sync/gb_per_s"] = metrics.get("sync/bytes", 0.0) / seconds / 1e9
     colocated = isinstance(learner, LearnerGroup) and learner.colocated
     collective = transport == "collective" and not colocated
     return metrics | {"time/weight_sync_s": seconds, "sync/collective": float(collective)}
+
+
+def _on_cuda(learner: Learner | LearnerGroup) -> bool:
+    return learner.cuda if isinstance(learner, LearnerGroup) else learner.device.type == "cuda"
 
 
 def _check_learner_placement(pool: RolloutPool, device: torch.device) -> None:

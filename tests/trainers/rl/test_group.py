@@ -59,6 +59,7 @@ def one_rank(checkpoint, cfg, batch, steps):
 def assert_same(got: list[dict], want: list[dict]):
     assert len(got) == len(want)
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        g = {k: v for k, v in g.items() if not k.startswith("memory/")}  # a rank's resources, not training
         assert g.keys() == w.keys(), (step, sorted(set(g) ^ set(w)))
         for k in w:
             assert g[k] == pytest.approx(w[k], rel=RTOL, abs=ATOL), (step, k, g[k], w[k])
@@ -79,6 +80,28 @@ def test_two_ranks_follow_one_rank_grpo_with_the_diffusion_term(cluster, checkpo
         want[0]["train/diff_loss"] > 0 and want[1]["rollout/staleness"] == 1
     )  # the term and a stale step ran
     assert want[2]["train/loss"] != want[0]["train/loss"]  # it trained
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kw"),
+    [
+        ("ddp", {"grpo": {"aggregation": "seq_mean"}}),
+        ("fsdp", {"grpo": {"aggregation": "dr_grpo"}, "diffusion": "full", "diff_target": "ar"}),
+    ],
+    ids=["seq_mean", "dr_grpo-full-ar"],
+)
+def test_uneven_shares_and_other_aggregations_follow_one_rank(cluster, checkpoint, strategy, kw):
+    """16 rows in 3 minibatches (6, 5, 5 rows: the ranks' shares are 3 and 3, then 3 and 2): per-row aggregations
+    and the full TiDAR diffusion layout with distillation targets are normalised by global counts too."""
+    batch = batch_of(checkpoint, seed=6)
+    want, _ = one_rank(checkpoint, config(minibatches=3, **kw), batch, 2)
+    group = LearnerGroup(checkpoint, config(minibatches=3, world_size=2, strategy=strategy, **kw))
+    try:
+        got = [group.step(batch) for _ in range(2)]
+    finally:
+        group.close()
+    assert_same(got, want)
+    assert want[0]["train/optimizer_steps"] == 3 and want[0]["train/diff_loss"] > 0
 
 
 def test_two_ranks_follow_one_rank_ppo(cluster, checkpoint):
@@ -150,8 +173,8 @@ def test_workers_hold_the_learners_gathered_weights_bit_for_bit(cluster, checkpo
 
 
 def test_a_failed_collective_falls_back_to_the_object_store(cluster, checkpoint):
-    """A sender that breaks mid-sync: the workers get the version through the object store, and the next sync
-    re-forms the group and goes by collective again."""
+    """A sender that fails before it joins: every worker gets the version, freshly gathered, through the object
+    store, and the next sync re-forms the group and goes by collective again."""
     policy = HybridPolicy.from_pretrained(checkpoint)
     learner = Learner(policy, config())
     pool = RolloutPool(str(checkpoint), EngineSettings(max_batch=4), num_workers=2, num_cpus_per_worker=0.5)
@@ -168,13 +191,46 @@ def test_a_failed_collective_falls_back_to_the_object_store(cluster, checkpoint)
         metrics = pool.broadcast_weights(1, broken, learner.weights_numpy, never, timeout_s=5.0)
         assert metrics["sync/fallback"] == 1 and metrics["sync/bytes"] > 0 and pool.version == 1
         want = to_numpy(learner.full_weights())
-        held = ray.get(pool.workers[0].__ray_call__.remote(lambda s: state_dict_numpy(s.policy)))
-        assert all((held[k] == want[k]).all() for k in want)
+        for held in ray.get(
+            [w.__ray_call__.remote(lambda s: state_dict_numpy(s.policy)) for w in pool.workers]
+        ):
+            assert all((held[k] == want[k]).all() for k in want)
         learner.version = 2
         metrics = _publish(
             pool, learner, WeightSyncConfig(transport="collective", timeout_s=20.0), torch.float32
         )
         assert metrics["sync/fallback"] == 0 and pool.version == 2
+    finally:
+        pool.shutdown()
+
+
+def test_a_sender_lost_mid_stream_falls_back_and_the_group_re_forms(cluster, checkpoint, monkeypatch):
+    """The sender breaks after two buckets: every worker still ends on the full new version (object store), and the
+    next sync goes by collective again over a re-formed group."""
+    from rollout.weight_sync import SyncPlan
+    from rollout.worker import weights_digest
+
+    learner = Learner(HybridPolicy.from_pretrained(checkpoint), config())
+    pool = RolloutPool(str(checkpoint), EngineSettings(max_batch=4), num_workers=2, num_cpus_per_worker=0.5)
+    sync = WeightSyncConfig(transport="collective", bucket_mb=0.2, timeout_s=5.0)
+    try:
+        learner.step(batch_of(checkpoint, seed=7))
+        pack = SyncPlan.pack
+
+        def breaks(self, i, *args, **kw):
+            if i == 2:
+                raise ConnectionError("sender lost mid-stream")
+            return pack(self, i, *args, **kw)
+
+        monkeypatch.setattr(SyncPlan, "pack", breaks)
+        metrics = _publish(pool, learner, sync, torch.float32)
+        assert metrics["sync/fallback"] == 1 and pool.version == 1
+        assert pool.weight_digests() == [weights_digest(learner.trained.policy)] * 2
+        monkeypatch.setattr(SyncPlan, "pack", pack)
+        learner.step(batch_of(checkpoint, seed=8))
+        metrics = _publish(pool, learner, sync, torch.float32)
+        assert metrics["sync/fallback"] == 0 and metrics["sync/collective"] == 1 and pool.version == 2
+        assert pool.weight_digests() == [weights_digest(learner.trained.policy)] * 2
     finally:
         pool.shutdown()
 
