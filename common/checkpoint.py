@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,20 @@ def recover(dest: Path) -> None:
 def require_checkpoint(path: str | Path, field: str = "checkpoint") -> None:
     """A config error naming `field` unless `path` is an HF checkpoint directory."""
     if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"{field}: {path} is not a checkpoint directory (no config.json)")
+        raise ConfigError(missing_checkpoint(path, field))
+
+
+def missing_checkpoint(path: str | Path, field: str) -> str:
+    """Why `path` is no checkpoint, and, when it reads as a Hub id, how to get one: blockrl runs with the Hub
+    offline (HF_HUB_OFFLINE=1), so a model is downloaded first, by hand."""
+    msg = f"{field}: {path} is not a checkpoint directory (no config.json)"
+    p = str(path)
+    if not Path(p).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", p) and not p.startswith("."):
+        msg += (
+            f"; {p!r} looks like a Hugging Face Hub id, and blockrl runs with the Hub offline: download it first, "
+            f"e.g. `hf download {p} --local-dir models/{p.split('/')[1]}`, and pass that directory"
+        )
+    return msg
 
 
 def save_checkpoint(dest: Path, policy, tokenizer, state: dict[str, Any]) -> None:

@@ -7,7 +7,9 @@ fails at start-up with the dotted field path, e.g. `optim.lr: Input should be a 
 
 from __future__ import annotations
 
+import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -74,14 +76,49 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+            near = _closest_field(cls, e["loc"]) if cls is not None else None
+            if near:
+                msg += f" (did you mean {near}?)"
         lines.append(f"  {loc}: {msg}{got}")
     return "\n".join(lines)
+
+
+def _closest_field(cls: type[BaseModel], loc: tuple) -> str | None:
+    """The valid name closest to the unknown key at `loc` (the section's own fields), as a dotted path, or None."""
+    model: Any = cls
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections: same model
+            continue
+        field = (
+            model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
+        if field is None:
+            return None
+        model = _section_type(field.annotation)
+        if model is None:
+            return None
+    names = list(model.model_fields)
+    near = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return ".".join([*(str(p) for p in loc[:-1]), near[0]]) if near else None
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds (itself, or inside a list / Optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -116,7 +153,7 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, cls)) from None
 
 
 def dump_config(cfg: BaseModel, path: Path) -> None:

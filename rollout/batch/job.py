@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from common.checkpoint import missing_checkpoint
 from common.config import ConfigError, dump_config
 from policy.hybrid import checkpoint_prompt_format, load_tokenizer
 from rollout.batch import io as job_io  # the job's inputs (prompts) and outputs (shards, manifest)
@@ -121,7 +122,7 @@ def check_checkpoint(cfg: RolloutJobConfig) -> None:
     """Fail before any work (and before Ray starts) on a checkpoint or level set the engine would refuse."""
     path = Path(cfg.checkpoint) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not a checkpoint directory (no config.json)")
+        raise ConfigError(missing_checkpoint(cfg.checkpoint, "checkpoint"))
     block_size = json.loads(path.read_text()).get("blockrl", {}).get("block_size")
     if cfg.sampler != "ar" and block_size is None:
         raise ConfigError(

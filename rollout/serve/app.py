@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from common.checkpoint import missing_checkpoint
 from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.tokenizer import ChatFormatError, encode_chat_prompt, encode_prompt
 from rollout.serve import protocol as P
@@ -331,9 +332,7 @@ def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=N
         if cfg.weights_root is not None and not path.is_relative_to(Path(cfg.weights_root).resolve()):
             raise P.APIError(f"checkpoint: {path} is outside weights_root {cfg.weights_root}", "checkpoint")
         if not (path / "config.json").is_file():
-            raise P.APIError(
-                f"checkpoint: {path} is not a checkpoint directory (no config.json)", "checkpoint"
-            )
+            raise P.APIError(missing_checkpoint(body.checkpoint, "checkpoint"), "checkpoint")
         t0 = time.perf_counter()
         try:
             state = await asyncio.to_thread(_compatible_state, path, policy, cfg)

@@ -62,3 +62,23 @@ def test_convert_without_init_is_a_config_error(tmp_path, capsys):
     code = main(["convert", "--set", f"run_dir={tmp_path}", "--set", f"init={tmp_path / 'missing'}"])
     assert code == 2
     assert "init:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("optim.lrr=0.1", "optim.lrr: unknown field (did you mean optim.lr?)"),
+        ("sede=3", "sede: unknown field (did you mean seed?)"),
+        ("model.hiden_size=64", "model.hiden_size: unknown field (did you mean model.hidden_size?)"),
+    ],
+)
+def test_an_unknown_field_names_the_closest_valid_one(override, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, "tiny_pretrain", [override])
+    assert hint in str(err.value)
+
+
+def test_an_unknown_field_with_no_near_name_gets_no_guess():
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, "tiny_pretrain", ["zzzzzz=1"])
+    assert "zzzzzz: unknown field (got 1)" in str(err.value) and "did you mean" not in str(err.value)
