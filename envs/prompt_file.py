@@ -175,6 +175,7 @@ class PromptFileTask:
     def __init__(self, cfg: PromptFileConfig, rewards: RewardFunctions):
         self.bad = BadRows(cfg.on_bad_row)
         rows = read_prompt_rows(cfg.files, self.bad)
+        rewards.check_columns({k for r in rows for k in r.columns}, ", ".join(cfg.files))
         if len(rows) <= cfg.heldout_rows:
             raise ConfigError(
                 f"prompts.files: {len(rows)} usable rows, not enough for prompts.heldout_rows={cfg.heldout_rows}"

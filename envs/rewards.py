@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -110,6 +111,27 @@ class RewardFunctions:
             f if short.count(f) == 1 else s.function for f, s in zip(short, self.specs, strict=True)
         ]
         self.on_error = on_error
+
+    def check_columns(self, columns: Iterable[str], source: str) -> None:
+        """Before any work starts: every parameter a function requires (no default, not one of the call's own) must
+        be a column of `source`. A ConfigError names the function, the parameter and the columns there are."""
+        have = set(columns)
+        for i, (spec, fn) in enumerate(zip(self.specs, self.fns, strict=True)):
+            try:
+                params = inspect.signature(fn).parameters.values()
+            except (TypeError, ValueError):  # no introspectable signature: checked when it is called
+                continue
+            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            need = [
+                p.name for p in params if p.kind in kinds and p.default is p.empty and p.name not in RESERVED
+            ]
+            missing = [n for n in need if n not in have]
+            if missing:
+                raise ConfigError(
+                    f"rewards[{i}].function: {spec.function} needs the column{'s' * (len(missing) > 1)} "
+                    f"{', '.join(map(repr, missing))}, which {source} lacks (its columns: "
+                    f"{', '.join(sorted(have)) or 'none besides the prompt'})"
+                )
 
     def __call__(
         self,

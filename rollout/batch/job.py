@@ -184,6 +184,8 @@ def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSu
     check_checkpoint(cfg)
     records = job_io.load_prompts(cfg)
     rewards = job_io.reward_functions(cfg)  # imported now: a bad reference fails before any work
+    if cfg.prompts_file is not None:  # a column a function needs and the file lacks: also before any work
+        rewards.check_columns({k for r in records for k in r.columns}, str(cfg.prompts_file))
     tok = load_tokenizer(cfg.checkpoint)
     job_io.check_manifest(out_dir, job_io.content_spec(cfg, records), len(records) * cfg.group_size)
     dump_config(cfg, out_dir / "_config.yaml")

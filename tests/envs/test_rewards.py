@@ -102,3 +102,26 @@ def test_reserved_columns_are_not_passed_and_metric_names_stay_distinct(mod, tmp
     assert out.rewards == [
         1.5
     ]  # `completion` / `prompts` columns did not clash with the call's own arguments
+
+
+def test_a_column_a_function_needs_is_checked_before_any_work(mod, tmp_path, capsys):
+    """The required parameters of each function against the file's columns: a missing one names the function, the
+    parameter and the columns there are; `blockrl train` stops on it before Ray starts (exit 2, no run files)."""
+    fns = RewardFunctions([RewardSpec(function=f"{mod}:length"), RewardSpec(function=f"{mod}:exact")])
+    fns.check_columns({"answer", "level"}, "p.jsonl")  # `exact` needs `answer`: there
+    with pytest.raises(
+        ConfigError,
+        match=r"rewards\[1\]\.function: .*:exact needs the column 'answer', which "
+        r"p\.jsonl lacks \(its columns: level, task\)",
+    ):
+        fns.check_columns({"task", "level"}, "p.jsonl")
+    from trainers.cli import main
+
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "2 + 2 =", "solution": "4"}\n' * 4)
+    run = tmp_path / "run"
+    argv = ["train", "--set", f"run_dir={run}", "--set", f"prompts.files=[{data}]"]
+    assert main([*argv, "--set", f"rewards=[{{function: '{mod}:exact'}}]"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the column 'answer'" in err and "its columns: solution" in err
+    assert not (run / "ray").exists() and not (run / "metrics.jsonl").exists()

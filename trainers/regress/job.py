@@ -358,6 +358,7 @@ def load_suite(cfg: RegressConfig) -> Suite:
         rows = read_prompt_rows([cfg.prompts_file], BadRows("error"), cfg.num_prompts)
     except RecordError as e:
         raise ConfigError(f"prompts_file: {e}") from None
+    rewards.check_columns({k for r in rows for k in r.columns}, cfg.prompts_file)
     data = json.dumps([[r.prompt, r.columns] for r in rows], sort_keys=True, default=str)
     return Suite(rows, rewards, cfg.solve_threshold, hashlib.sha256(data.encode()).hexdigest()[:16])
 
