@@ -48,6 +48,8 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
     parts = [f"step {step}/{total}"]
     if "eval/solve_rate" in m:
         parts.append(f"held-out solve {m['eval/solve_rate']:.1%}")
+    if "eval/reward_mean" in m:  # a prompt file's held-out rows
+        parts.append(f"held-out reward {m['eval/reward_mean']:.3f}")
     if "reward/mean" in m:
         parts.append(f"reward {m['reward/mean']:.2f}±{m.get('reward/std', 0.0):.2f}")
     if "rollout/tokens_per_forward" in m:

@@ -25,6 +25,11 @@ def test_format_line_is_dense_and_flags_alarms():
     assert "ALARM reward_mean" in line
 
 
+def test_the_step_0_evaluation_prints_its_values():
+    assert format_line(0, 3, {"eval/reward_mean": 0.25}) == "step 0/3 | held-out reward 0.250"
+    assert format_line(0, 3, {"eval/solve_rate": 0.5}) == "step 0/3 | held-out solve 50.0%"
+
+
 def test_jsonl_truncates_records_past_the_resumed_step(tmp_path):
     sink = JSONLSink(tmp_path / "metrics.jsonl")
     for s in range(1, 6):

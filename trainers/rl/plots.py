@@ -1,7 +1,7 @@
 """PNG curves of RL runs from their `metrics.jsonl`.
 
-- `plot_run(run_dir)` -> `<run_dir>/curves.png`: reward (mean and per task), acceptance (tokens per forward, accept
-  rate) and, when the run evaluates, the held-out solve rate.
+- `plot_run(run_dir)` -> `<run_dir>/curves.png`: reward (mean, and per task or reward function), acceptance (tokens
+  per forward, accept rate) and, when the run evaluates, the held-out solve rate or mean reward.
 - `plot_compare({label: run_dir}, out)`: acceptance of several runs side by side (e.g. the lambda_diff ablation),
   each step faint and a 5-step running mean bold; `compare_table` is the same comparison as a markdown table.
 
@@ -30,35 +30,56 @@ def _series(recs: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_run(run_dir: str | Path) -> Path:
     plt = pyplot()
     run_dir = Path(run_dir)
-    recs = _records(run_dir)
-    has_eval = any("eval/solve_rate" in r for r in recs)
-    fig, axes = plt.subplots(1, 3 if has_eval else 2, figsize=(16 if has_eval else 11, 4))
-    ax1, ax2 = axes[0], axes[1]
-    ax1.plot(*_series(recs, "reward/mean"), label="all", lw=2)
-    for key in sorted({k for r in recs for k in r if k.startswith("reward/") and k.endswith("/mean")}):
-        if key != "reward/mean":
-            ax1.plot(*_series(recs, key), label=key.split("/")[1], lw=1, alpha=0.7)
-    ax1.set(xlabel="RL step", ylabel="batch reward")
-    ax1.legend(fontsize=7)
-    ax2.plot(*_series(recs, "rollout/tokens_per_forward"), label="tokens per forward")
-    ax2.set(xlabel="RL step", ylabel="tokens per forward")
-    if any("rollout/accept_rate" in r for r in recs):
-        twin = ax2.twinx()
-        twin.plot(*_series(recs, "rollout/accept_rate"), color="tab:orange", label="accept rate")
-        twin.set_ylabel("accept rate")
-    ax2.legend(fontsize=7, loc="lower left")
-    if has_eval:
-        ax3 = axes[2]
-        ax3.plot(*_series(recs, "eval/solve_rate"), "o-", lw=2, label="task mix")
-        for key in sorted({k for r in recs for k in r if k.startswith("eval/") and k.count("/") == 2}):
-            ax3.plot(*_series(recs, key), ".--", lw=1, alpha=0.7, label=key.split("/")[1])
-        ax3.set(xlabel="RL step", ylabel="held-out solve rate (T=1)", ylim=(0, 1.02))
-        ax3.legend(fontsize=7)
-    fig.tight_layout()
+    fig = run_figure(_records(run_dir))
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _label(key: str) -> str:
+    """`reward/<task>/mean` -> the task, `reward/fn/<function>/mean` -> the function's name."""
+    return key.removeprefix("reward/").removesuffix("/mean").removeprefix("fn/")
+
+
+def run_figure(recs: list[dict]):
+    """The run's curves: batch reward (all, per task or reward function), acceptance, and the held-out evaluation
+    (solve rate on the built-in tasks, or mean reward on a prompt file's held-out rows) when the run has one."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    evals = [k for k in ("eval/solve_rate", "eval/reward_mean") if any(k in r for r in recs)]
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(16 if evals else 11, 4))
+    ax1, ax2 = axes[0], axes[1]
+    ax1.plot(*_series(recs, "reward/mean"), label="all", lw=2)
+    for key in sorted({k for r in recs for k in r if k.startswith("reward/") and k.endswith("/mean")}):
+        if key != "reward/mean":
+            ax1.plot(*_series(recs, key), label=_label(key), lw=1, alpha=0.7)
+    ax1.set(xlabel="RL step", ylabel="batch reward")
+    ax1.legend(fontsize=7)
+    lines = ax2.plot(*_series(recs, "rollout/tokens_per_forward"), label="tokens per forward")
+    ax2.set(xlabel="RL step", ylabel="tokens per forward")
+    if any("rollout/accept_rate" in r for r in recs):
+        twin = ax2.twinx()
+        lines += twin.plot(*_series(recs, "rollout/accept_rate"), color="tab:orange", label="accept rate")
+        twin.set_ylabel("accept rate")
+    ax2.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="lower left")  # both axes' lines
+    if evals:
+        ax3 = axes[2]
+        if "eval/solve_rate" in evals:
+            ax3.plot(*_series(recs, "eval/solve_rate"), "o-", lw=2, label="task mix")
+            for key in sorted({k for r in recs for k in r if k.startswith("eval/") and k.count("/") == 2}):
+                ax3.plot(*_series(recs, key), ".--", lw=1, alpha=0.7, label=key.split("/")[1])
+            ax3.set(ylabel="held-out solve rate (T=1)", ylim=(0, 1.02))
+        else:
+            ax3.plot(*_series(recs, "eval/reward_mean"), "o-", lw=2, label="held-out rows")
+            ax3.set(ylabel="held-out mean reward")
+        ax3.set(xlabel="RL step")
+        ax3.legend(fontsize=7)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+    fig.tight_layout()
+    return fig
 
 
 def _running_mean(ys: list[float], n: int = 5) -> list[float]:
@@ -68,6 +89,8 @@ def _running_mean(ys: list[float], n: int = 5) -> list[float]:
 def plot_compare(runs: dict[str, str | Path], out: str | Path) -> Path:
     """Acceptance rate and tokens per forward per RL step for each run, on shared axes (faint: each step; bold: the
     5-step running mean)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, run_dir) in enumerate(runs.items()):
@@ -80,6 +103,7 @@ def plot_compare(runs: dict[str, str | Path], out: str | Path) -> Path:
     ax2.set(xlabel="RL step", ylabel="tokens per forward")
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
