@@ -94,6 +94,46 @@ ROW_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class ExtraColumns:
+    """A prompt file's own columns, carried into every row it gave (so rollouts join back on them): every key but
+    `task` (a column already). Scalars keep the type Arrow infers; objects, lists and mixed types go as JSON text. A
+    name the row schema has already gets a `column_` prefix."""
+
+    names: dict[str, str] = field(default_factory=dict)  # key -> field name
+    types: dict[str, pa.DataType] = field(
+        default_factory=dict
+    )  # key -> Arrow type (string = JSON unless str)
+
+    @staticmethod
+    def of(records: list[PromptRecord]) -> ExtraColumns:
+        keys = [k for k in dict.fromkeys(k for r in records for k in r.columns) if k != "task"]
+        names, types = {}, {}
+        for k in keys:
+            values = [r.columns.get(k) for r in records]
+            names[k] = f"column_{k}" if k in ROW_SCHEMA.names else k
+            types[k] = pa.string()
+            if not any(isinstance(v, dict | list) for v in values):
+                try:
+                    t = pa.array(values).type
+                    types[k] = t if t != pa.null() else pa.string()
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    pass  # mixed types: JSON text
+        return ExtraColumns(names, types)
+
+    def schema(self) -> pa.Schema:
+        return pa.schema([*ROW_SCHEMA, *(pa.field(self.names[k], t) for k, t in self.types.items())])
+
+    def values(self, columns: dict) -> dict:
+        out = {}
+        for k, name in self.names.items():
+            v = columns.get(k)
+            if self.types[k] == pa.string() and v is not None and not isinstance(v, str):
+                v = json.dumps(v, sort_keys=True, default=str)
+            out[name] = v
+        return out
+
+
 class PromptFileError(ConfigError):
     """A malformed prompts file: the message names the file and the 1-based line/record/row."""
 
@@ -277,11 +317,11 @@ def shard_path(out_dir: Path, shard_id: int) -> Path:
     return out_dir / f"part-{shard_id:05d}.parquet"
 
 
-def write_shard(out_dir: Path, shard_id: int, rows: list[dict]) -> Path:
+def write_shard(out_dir: Path, shard_id: int, rows: list[dict], schema: pa.Schema = ROW_SCHEMA) -> Path:
     """Atomic: write a dot-prefixed temp file, fsync, rename into place."""
     final = shard_path(out_dir, shard_id)
     tmp = out_dir / f".{final.name}.tmp"
-    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), tmp)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -306,6 +346,7 @@ def trajectory_rows(
     group_size: int,
     tok,
     rewards: RewardFunctions,
+    extra: ExtraColumns | None = None,
 ) -> tuple[list[dict], int]:
     """(one ROW_SCHEMA row per sample, reward failures). A prompt row's reward is the weighted sum of the reward
     functions that scored it (null where none did; each term in `reward_terms`, null where it did not score or
@@ -357,5 +398,6 @@ def trajectory_rows(
                 "turn_ends": t.turn_ends,
                 "turn_rewards": t.turn_rewards,
             }
+            | (extra.values(rec.columns) if extra is not None else {})
         )
     return rows, scored.failures if scored is not None else 0

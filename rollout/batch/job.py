@@ -184,8 +184,10 @@ def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSu
     check_checkpoint(cfg)
     records = job_io.load_prompts(cfg)
     rewards = job_io.reward_functions(cfg)  # imported now: a bad reference fails before any work
+    extra = None
     if cfg.prompts_file is not None:  # a column a function needs and the file lacks: also before any work
         rewards.check_columns({k for r in records for k in r.columns}, str(cfg.prompts_file))
+        extra = job_io.ExtraColumns.of(records)  # the file's columns travel into its rows
     tok = load_tokenizer(cfg.checkpoint)
     job_io.check_manifest(out_dir, job_io.content_spec(cfg, records), len(records) * cfg.group_size)
     dump_config(cfg, out_dir / "_config.yaml")
@@ -208,9 +210,10 @@ def run_job(cfg: RolloutJobConfig, backend=None, progress: bool = True) -> JobSu
         try:
             for res in backend.run(shards):
                 rows, failed = job_io.trajectory_rows(
-                    res.trajectories, res.indices, records, cfg.group_size, tok, rewards
+                    res.trajectories, res.indices, records, cfg.group_size, tok, rewards, extra
                 )
-                job_io.write_shard(out_dir, res.shard.shard_id, rows)
+                schema = extra.schema() if extra is not None else job_io.ROW_SCHEMA
+                job_io.write_shard(out_dir, res.shard.shard_id, rows, schema)
                 failures += failed
                 tokens += sum(t.num_model_tokens for t in res.trajectories)
                 generated += 1

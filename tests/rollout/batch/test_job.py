@@ -268,6 +268,9 @@ def test_parquet_jsonl_and_json_inputs_give_the_same_rows_scored_only_for_known_
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in records for _ in range(2)]
     assert [r["task"] for r in rows[::2]] == ["chain_sum", "my_eval", None]
     assert [r["reward"] is None for r in rows] == [False, False, True, True, True, True]
+    # the file's own columns travel with their rows (a user joins on them); a parsed object as JSON text
+    assert [r["answer"] for r in rows[::2]] == [str(s.entry["answer"]), None, None]
+    assert rows[0]["metadata"] is not None and isinstance(json.loads(rows[0]["metadata"]), dict)
 
 
 def test_manifest_follows_content_not_paths(tmp_path, local):
@@ -455,6 +458,7 @@ def test_the_researchers_prompt_file_and_reward_functions(tmp_path):
     assert json.loads(rows[2]["prompt"]) == chat
     for r in rows:
         level = 1 if r["group_index"] == 0 else 2
+        assert r["level"] == level  # the file's column, carried into the Parquet
         terms = dict(r["reward_terms"])
         assert terms["has_digit"] == level * any(ch.isdigit() for ch in r["text"])
         assert terms["length"] == (len(r["tokens"]) if level == 1 else None)  # not scored: the term is null
