@@ -50,7 +50,9 @@ class DataConfig(Section):
     heldout_files: list[str] = Field(default_factory=list)
     """held-out files for evaluation; empty = hold out data.heldout_rows rows of data.files."""
     heldout_rows: int = Field(200, ge=1)
-    """rows of data.files held out (a seeded draw) when no data.heldout_files are given."""
+    """rows of data.files held out (a seeded draw) when no data.heldout_files are given. Left at its default it is
+    capped at a fifth of the usable rows (a small file keeps most of its rows for training); set, it is taken as
+    given. The split is logged in one line."""
     max_seq_len: int | None = Field(None, ge=8)
     """longest training sequence in tokens (text rows are cut into windows this long); None = the model's
     max_position_embeddings (at most 4096)."""
@@ -243,13 +245,26 @@ def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
         held, _ = encode_files(cfg.heldout_files, tokenizer, cfg, bad, "held-out")
         train = rows
     else:
-        if len(rows) <= cfg.heldout_rows:
+        n_held, why = cfg.heldout_rows, "data.heldout_rows"
+        if "heldout_rows" not in cfg.model_fields_set and n_held > len(rows) // 5:
+            n_held, why = (
+                max(1, len(rows) // 5),
+                f"a fifth of the file (data.heldout_rows={cfg.heldout_rows} is the cap)",
+            )
+        if len(rows) <= n_held:
             raise RecordError(
-                f"data.files: {len(rows)} usable rows, not more than data.heldout_rows={cfg.heldout_rows}; "
+                f"data.files: {len(rows)} usable rows, not more than data.heldout_rows={n_held}; "
                 "lower data.heldout_rows or give data.heldout_files"
             )
+        log.info(
+            "data: %d of %d rows held out for evaluation (%s), %d to train on",
+            n_held,
+            len(rows),
+            why,
+            len(rows) - n_held,
+        )
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held_idx = set(order[: cfg.heldout_rows])
+        held_idx = set(order[:n_held])
         held = [r for i, r in enumerate(rows) if i in held_idx]
         train = [r for i, r in enumerate(rows) if i not in held_idx]
     stats = {

@@ -64,6 +64,17 @@ def test_three_row_shapes_train_on_the_right_tokens(tmp_path, bpe_tokenizer):
     assert all(by_kind["text"].target[1:]) and not by_kind["text"].target[0]
 
 
+def test_the_default_heldout_split_is_capped_by_the_file_and_said(tmp_path, bpe_tokenizer, caplog):
+    """Left at its default (200), the held-out split of a 30-row file is a fifth of it, and one log line says so; a
+    value the user sets is taken as given."""
+    f = write_jsonl(tmp_path / "d.jsonl", rows(30))
+    with caplog.at_level("INFO", logger="trainers.lm.data"):
+        data = load_corpus(cfg(files=[f]), bpe_tokenizer)
+    assert len(data.heldout) == 6 and len(data.train) == 24
+    assert "data: 6 of 30 rows held out for evaluation (a fifth of the file" in caplog.text
+    assert len(load_corpus(cfg(files=[f], heldout_rows=10), bpe_tokenizer).heldout) == 10
+
+
 def test_heldout_split_is_seeded_and_disjoint(tmp_path, bpe_tokenizer):
     f = write_jsonl(tmp_path / "d.jsonl", rows(40))
 
