@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from common.config import Section
+from common.config import ConfigError, Section
 from common.records import BadRows, Record, RecordError, read_records
 from envs import splits
 from envs.splits import CORPUS_SEED, corpus, corpus_heldout
@@ -225,6 +226,14 @@ def encode_files(
             if fmt == "messages" or isinstance(rec.fields.get("prompt"), list):
                 by_format["chat"] = by_format.get("chat", 0) + 1
     return rows, by_format
+
+
+def check_files(cfg: DataConfig) -> None:
+    """Every data file exists: checked before the model loads, so a typo costs seconds, not a model load."""
+    for name in ("files", "heldout_files"):
+        for i, path in enumerate(getattr(cfg, name)):
+            if not Path(path).exists():
+                raise ConfigError(f"data.{name}[{i}]: {path} not found")
 
 
 def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:

@@ -49,6 +49,7 @@ from trainers.lm.data import (
     Corpus,
     DataConfig,
     Sampler,
+    check_files,
     collate,
     corpus_texts,
     load_corpus,
@@ -395,6 +396,7 @@ def adopt_chat_format(policy: HybridPolicy, tokenizer, data: Corpus) -> None:
 # ---------------------------------------------------------------------------------------------------- entry points
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     run_dir = Path(cfg.run_dir)
+    check_files(cfg.data)  # before the tokenizer and model are built
     if is_main_process():
         dump_config(cfg, run_dir / "config.yaml")
     if is_main_process():  # a crash mid-write leaves checkpoint.old: restore it first
@@ -441,6 +443,7 @@ def convert(cfg: ConvertConfig, resume: bool = False) -> dict:
     if not cfg.init and not resuming:
         raise ConfigError("init: convert needs an AR checkpoint directory (--set init=PATH)")
     require_checkpoint(src, "init")
+    check_files(cfg.data)  # before the model loads
     if is_main_process():
         dump_config(cfg, run_dir / "config.yaml")
     tokenizer = load_tokenizer(src) if (src / "tokenizer.json").is_file() else build_char_tokenizer()

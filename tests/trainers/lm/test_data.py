@@ -179,3 +179,17 @@ def test_a_datasets_dict_directory_reads_its_train_split(tmp_path, bpe_tokenizer
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rs)}).save_to_disk(str(tmp_path / "dd"))
     data = load_corpus(cfg(files=[str(tmp_path / "dd")], heldout_rows=1), bpe_tokenizer)
     assert len(data.train) + len(data.heldout) == 6
+
+
+def test_a_missing_data_file_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """`blockrl convert` with a misspelled data file stops at once, naming the field: the model is never loaded."""
+    from policy.hybrid import HybridPolicy
+    from trainers.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the data files were checked")
+
+    monkeypatch.setattr(HybridPolicy, "from_pretrained", no_load)
+    argv = ["convert", "--set", "init=checkpoints/tiny-moe", "--set", f"run_dir={tmp_path / 'run'}"]
+    assert main([*argv, "--set", f"data.files=[{tmp_path / 'chats.jsonll'}]"]) == 2
+    assert f"data.files[0]: {tmp_path / 'chats.jsonll'} not found" in capsys.readouterr().err
