@@ -215,7 +215,7 @@ def encode_files(
     rows: list[list[Example]] = []
     by_format: dict[str, int] = {}
     for path in files:
-        for rec in tqdm(read_records(path, bad), desc=f"{desc}: {path}", unit="row", leave=False):
+        for rec in tqdm(read_records(path, bad), desc=f"{desc}: {path}", unit=" rows", leave=False):
             try:
                 fmt = row_format(rec, cfg.format)
                 rows.append(encode_record(rec, fmt, tokenizer, cfg))
