@@ -55,7 +55,7 @@ def _hf_greedy(policy, tok, ids, n):
 
 
 def test_models_and_health(served):
-    client, _, _, _, url = served
+    *_, url = served
     assert [m.id for m in client.models.list().data] == [MODEL]
     health = httpx.get(url.removesuffix("/v1") + "/health").json()
     assert health["status"] == "ok" and health["policy_version"] == 0
@@ -209,7 +209,7 @@ def test_any_integer_seed(served):
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
-    client, _, _, _, url = served
+    *_, url = served
     raw = httpx.post(url + "/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     cases = [
@@ -262,7 +262,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
 
 
 def test_metrics_in_prometheus_text(served):
-    client, _, _, _, url = served
+    *_, url = served
     client.completions.create(model=MODEL, prompt=LONG, max_tokens=8)
     text = httpx.get(url.removesuffix("/v1") + "/metrics").text
     for name in (
@@ -461,3 +461,21 @@ def test_blockrl_serve_command(tmp_path):
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         assert client.completions.create(model=MODEL, prompt="1+1=", max_tokens=4).choices[0].token_ids
     assert server.proc.returncode is not None  # stopped
+
+
+def test_the_readme_serve_example_runs_and_answers(served):
+    """The README's client example, run as written against this server (its URL swapped in): a well-formed answer
+    from the shipped model, decoded at more than one token per forward."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "chat.completions.create" in b
+    )
+    *_, url = served
+    scope: dict = {}
+    exec(block.replace("http://127.0.0.1:8000/v1", url), scope)
+    choice = scope["r"].choices[0]
+    assert re.search(r"<answer>[a-z]+</answer>", choice.message.content), choice.message.content
+    assert choice.token_ids and choice.blockrl["tokens_per_forward"] > 1
