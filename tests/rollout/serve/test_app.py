@@ -55,7 +55,7 @@ def _hf_greedy(policy, tok, ids, n):
 
 
 def test_models_and_health(served):
-    *_, url = served
+    client, _, _, _, url = served
     assert [m.id for m in client.models.list().data] == [MODEL]
     health = httpx.get(url.removesuffix("/v1") + "/health").json()
     assert health["status"] == "ok" and health["policy_version"] == 0
@@ -209,7 +209,7 @@ def test_any_integer_seed(served):
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
-    *_, url = served
+    client, _, _, _, url = served
     raw = httpx.post(url + "/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     cases = [
@@ -262,7 +262,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
 
 
 def test_metrics_in_prometheus_text(served):
-    *_, url = served
+    client, _, _, _, url = served
     client.completions.create(model=MODEL, prompt=LONG, max_tokens=8)
     text = httpx.get(url.removesuffix("/v1") + "/metrics").text
     for name in (
