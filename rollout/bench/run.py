@@ -398,6 +398,7 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         policy, tok = load_bench_policy(cfg.checkpoint, cfg)
     cost = CostModel(policy.block_size)
     results: list[RunResult] = []
+    log.info("bench: checkpoint %s", cfg.checkpoint if cfg.model is None else "random-init model")
     for B in cfg.batch_sizes:
         n = max(B * cfg.prompts_per_row, cfg.min_prompts)
         samples = prompts_for(cfg, n)
@@ -414,7 +415,8 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         finish_rows(rows, cost)
         results += rows
     results += run_sweeps(policy, tok, cfg, cost)
-    for path in cfg.compare:
+    for i, path in enumerate(cfg.compare, start=1):
+        log.info("bench: comparison checkpoint %d of %d: %s (the same prompts)", i, len(cfg.compare), path)
         results += run_comparison(path, cfg)
     name = (
         f"random {cfg.model.arch} h{cfg.model.hidden_size} V{cfg.model_vocab}"

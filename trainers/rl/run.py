@@ -215,9 +215,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     )
 
     def evaluate() -> dict:  # held-out solve rate (built-in tasks) or mean reward (prompt-file rows)
-        if file_task is not None:
-            return heldout_reward(pool, tok, file_task, sampling, fmt)
-        return heldout_eval(pool, tok, heldout, sampling, fmt)
+        n = len(file_task.heldout) if file_task is not None else len(heldout)
+        log.info(
+            "held-out evaluation: %d prompts on %d workers (policy v%d)",
+            n,
+            len(pool.workers),
+            learner.version,
+        )
+        t0 = time.time()
+        out = (
+            heldout_reward(pool, tok, file_task, sampling, fmt)
+            if file_task is not None
+            else heldout_eval(pool, tok, heldout, sampling, fmt)
+        )
+        log.info("held-out evaluation done in %.0f s", time.time() - t0)
+        return out
 
     def publish() -> dict[str, float]:
         return _publish(pool, learner, cfg.sync, r.engine_settings().torch_dtype, r.gpus_per_worker)
