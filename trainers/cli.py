@@ -125,32 +125,32 @@ def cmd_trl_bench(args) -> int:
     return 0
 
 
-def cmd_learner_bench(args) -> int:
-    """Learner step time per freshness arm (lambda_diff / diffusion layout), alternated in one run."""
-    from trainers.rl.bench import LearnerBenchConfig, format_summary, run_learner_bench, write_json
+def _json_bench(args, config_cls, run, format_summary) -> int:
+    """A benchmark whose result is one JSON file (`--json`, else <run_dir>/results.json) and a printed summary."""
+    from trainers.rl.bench import write_json
 
-    cfg = load_config(LearnerBenchConfig, args.config, args.overrides)
+    cfg = load_config(config_cls, args.config, args.overrides)
     require_checkpoint(cfg.checkpoint)
-    result = run_learner_bench(cfg)
+    result = run(cfg)
     json_path = Path(args.json) if args.json else Path(cfg.run_dir) / "results.json"
     write_json(result, json_path)
     print(format_summary(result))
     print(f"results: {json_path}")
     return 0
+
+
+def cmd_learner_bench(args) -> int:
+    """Learner step time per freshness arm (lambda_diff / diffusion layout), alternated in one run."""
+    from trainers.rl.bench import LearnerBenchConfig, format_summary, run_learner_bench
+
+    return _json_bench(args, LearnerBenchConfig, run_learner_bench, format_summary)
 
 
 def cmd_sync_bench(args) -> int:
     """Weight sync to the rollout workers: collective vs object store, shipped and random-init 300M models."""
-    from trainers.rl.sync_bench import SyncBenchConfig, format_summary, run_sync_bench, write_json
+    from trainers.rl.sync_bench import SyncBenchConfig, format_summary, run_sync_bench
 
-    cfg = load_config(SyncBenchConfig, args.config, args.overrides)
-    require_checkpoint(cfg.checkpoint)
-    result = run_sync_bench(cfg)
-    json_path = Path(args.json) if args.json else Path(cfg.run_dir) / "results.json"
-    write_json(result, json_path)
-    print(format_summary(result))
-    print(f"results: {json_path}")
-    return 0
+    return _json_bench(args, SyncBenchConfig, run_sync_bench, format_summary)
 
 
 def cmd_rollout(args) -> int:

@@ -15,7 +15,6 @@ bit for bit against the learner's.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -157,8 +156,3 @@ def format_summary(result: dict) -> str:
             )
         lines.append(f"{'':<14} collective {m['collective_speedup']:.2f}x the object store")
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
