@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from policy.hybrid import HybridPolicy
 from rollout.cost_model import CostModel, EngineFactory, default_options
 from rollout.engine import BlockEngine, GenerateAPI
+from rollout.history import HistorySettings, HistoryStore
 from rollout.settings import EngineSettings
 from rollout.types import Option, SamplingParams, Trajectory
 
@@ -37,8 +38,11 @@ def engine_factory(
     draft_temperature: float = 1.0,
     tokenizer=None,
     verify_fn=None,
+    history: HistorySettings | None = None,
 ) -> EngineFactory:
-    """(option, max_batch) -> a BlockEngine on `policy` with these shared settings."""
+    """(option, max_batch) -> a BlockEngine on `policy` with these shared settings. Engines with history drafts
+    share one store (`HistoryStore`), kept across calls: later calls draft from earlier rollouts."""
+    store = HistoryStore(history)
 
     def make(opt: Option, max_batch: int) -> BlockEngine:
         return BlockEngine(
@@ -52,6 +56,8 @@ def engine_factory(
             draft_temperature,
             tokenizer,
             verify_fn=verify_fn,
+            drafts=opt.drafts,
+            history=store,
         )
 
     return make
@@ -59,10 +65,14 @@ def engine_factory(
 
 def build_engine(policy: HybridPolicy, settings: EngineSettings, tokenizer=None) -> BlockEngine | AutoSampler:
     """The engine a job's `EngineSettings` describe: a BlockEngine, or an AutoSampler over BlockEngines."""
-    make = engine_factory(policy, mix_weight=settings.mix_weight, tokenizer=tokenizer)
+    make = engine_factory(
+        policy, mix_weight=settings.mix_weight, tokenizer=tokenizer, history=settings.history
+    )
+    drafts = settings.resolved_drafts(policy.is_converted)
     if settings.sampler == "auto":
-        return AutoSampler(make, policy.block_size, max_batch=settings.max_batch)
-    return make(Option(settings.sampler, tuple(settings.levels)), settings.max_batch)
+        K = policy.block_size if drafts != "history" else settings.history.max_draft
+        return AutoSampler(make, K, max_batch=settings.max_batch, options=default_options(K, drafts))
+    return make(Option(settings.sampler, tuple(settings.levels), drafts), settings.max_batch)
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,8 @@ class AutoSampler(GenerateAPI):
         self.cost = CostModel(block_size)
         self.calibrated: set[int] = set()
         self.last_choice: Option | None = None
-        self.pilot = next(o for o in self.options if o.sampler != "ar" and len(o.levels) > 1)
+        spec = [o for o in self.options if o.sampler != "ar"]
+        self.pilot = next((o for o in spec if len(o.levels) > 1), spec[0])
         self.policy_version = 0  # stamped on the trajectories, like BlockEngine.policy_version
         probe = make_engine(self.options[0], 1)
         self.policy, self.tokenizer = probe.policy, probe.tokenizer  # the engines' shared policy; default EOS
@@ -102,8 +113,7 @@ class AutoSampler(GenerateAPI):
 
     def observe(self, trajs: Sequence[Trajectory]) -> None:
         for t in trajs:
-            if t.accept_counts:
-                self.cost.acceptance.observe(t.accept_counts, t.draft_counts)
+            self.cost.observe_run(t)
 
     def _engine(self, opt: Option, batch: int) -> BlockEngine:
         eng = self.make_engine(opt, batch)

@@ -17,24 +17,35 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from common.device import host_to_device
 from kernels.verify import VerifyOutput
 from policy.families import sliding_layer_window
 from rollout.cache import RaggedKVCache
+from rollout.cost_model import KMCurve, km_survival
+from rollout.history import HistorySequence
 from rollout.processors import constraint_mask, process_logits
 from rollout.stops import find_stop
 from rollout.types import Request, SamplingParams, StepEvent, Trajectory
 
-PHASES = ("body", "heads", "verify", "drafts", "bookkeeping")  # a decode step's parts (`StepTimer`)
+PHASES = (
+    "body",
+    "heads",
+    "verify",
+    "drafts",
+    "history",
+    "bookkeeping",
+)  # a decode step's parts (`StepTimer`)
 _UNTIMED = contextlib.nullcontext()
 
 
 class StepTimer:
     """Wall time of a decode step's phases: the forward body (mask layout, decoder layers), the LM heads (verify
     slots and the chosen proposal block), the verify (processors, uniforms, the fused ratio test and draw), draft
-    selection, and bookkeeping (the one host read, stop checks, cache commit). On CUDA each phase is bracketed by a
+    selection, history drafts (index updates and lookups, rollout/history.py), and bookkeeping (the one host read,
+    stop checks, cache commit). On CUDA each phase is bracketed by a
     synchronize, so profiling adds syncs: it measures, it is not the fast path."""
 
     def __init__(self, device: torch.device):
@@ -65,6 +76,8 @@ class _Row:
     top_n: int  # alternatives recorded per token
     # drafts the row carries into its next verify (host copy: a step's layout reads no device)
     n_drafts: int = 0
+    hist: HistorySequence | None = None  # the row's place in the history store (history drafts on)
+    hist_pred: float | None = None  # expected accepted length of the history draft it carries, None: none
 
 
 class _Group(NamedTuple):
@@ -124,6 +137,13 @@ class EngineCore:
         self.draft_probs = (
             torch.zeros(B, K, self.V, device=dev) if K and eng.draft == "sampled" else None
         )  # q of sampled drafts, which the next verify needs
+        # history drafts (rollout/history.py): which rows carry one (logit mixing and sampled drafts treat them as
+        # Dirac drafts), the diffusion drafts' live acceptance curve and the history estimates' calibration, which
+        # the per-row choice between the two reads (`_history_drafts`)
+        self.history = eng.history
+        self.dirac = torch.zeros(B, dtype=torch.bool, device=dev) if self.history is not None else None
+        self.diff_curve = KMCurve(np.zeros(K + 1), np.zeros(K + 1))
+        self.hist_calib = [1.0, 1.0]  # (accepted, predicted) over history drafts, with one pseudo-count
         self.queue: deque[tuple[int, Request]] = deque()
         self._next_id = 0
         self._banned: dict[tuple, torch.Tensor | None] = {}  # constraint mask per sampling key
@@ -173,6 +193,8 @@ class EngineCore:
             if row is not None and row.index == rid:
                 row.traj.finish_reason = "cancelled"
                 row.traj.timings["total"] = time.perf_counter() - row.started
+                if row.hist is not None:
+                    row.hist.finish()
                 self.slots[s] = None
                 return row.traj
         return None
@@ -288,7 +310,7 @@ class EngineCore:
         host_lens = [len(p) for p in prompts]
         lens = host_to_device(host_lens, dev)
         P = max(host_lens)
-        n = K + 1 if K else 0
+        n = K + 1 if eng.diffusion else 0
         R, Q = len(take), P + n
         pad = eng.policy.mask_token_id or 0
         ids = host_to_device([p + [pad] * (Q - len(p)) for p in prompts], dev)
@@ -309,16 +331,26 @@ class EngineCore:
             self.slots[s] = _Row(
                 rid, self._trajectory(req), gen, time.perf_counter(), p, _sampling_key(p), req.top_logprobs, K
             )
+            if self.history is not None:
+                group = req.group if req.group is not None else tuple(req.prompt_ids)
+                self.slots[s].hist = self.history.begin(group, req.prompt_ids)
+        if K and not eng.diffusion:  # history only: no draft until the history offers one (`_history_drafts`)
+            self.n_drafts[self._idx] = 0
+            for s in rows:
+                self.slots[s].n_drafts = 0
         self._group(rows)
         last = self.head(hidden[torch.arange(R, device=dev), lens - 1])  # [R, V]: AR distribution of token 1
         empty = torch.zeros(R, 0, dtype=torch.long, device=dev)
         out = self.verify(rows, last[:, None], empty, None, torch.zeros(R, dtype=torch.long, device=dev))
-        if K:
+        if eng.diffusion:
             proposal = hidden[:, P:]  # [R, K+1, H] at positions lens..lens+K: level 0 with na = 0
             self.set_drafts(
                 rows, proposal[:, None], torch.zeros(R, dtype=torch.long, device=dev), self._level0
             )
         self.emit(rows, out, drafts_used=None)
+        if self.history is not None:
+            with self.timed("history"):
+                self._history_drafts(rows)
 
     # ---------------------------------------------------------------------------------------------- decode
     def decode_step(self, rows: list[int]) -> None:
@@ -359,12 +391,15 @@ class EngineCore:
                 draws=K + 1,
             )
         accept_len = verified[0].accept_len
-        if K:
+        if eng.diffusion:
             proposals = hidden[:, V:].view(R, blocks, K + 1, -1)
             self.set_drafts(rows, proposals, accept_len, lay.levels_t, n_drafts if lay.end else None)
         with self.timed("bookkeeping"):
             na = self.emit(rows, verified, drafts_used=drafts)  # the step's one host read
             self.commit(accept_len + 1, [n + 1 for n in na])
+        if self.history is not None:
+            with self.timed("history"):
+                self._history_drafts(rows)
 
     def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts, draws: int = 1):
         """Per sampling group: processors -> (logit mixing) -> fused verify with per-row uniforms. Returns
@@ -376,7 +411,8 @@ class EngineCore:
         V = ar_logits.shape[1]
         q_all = self.draft_probs[self._idx, : V - 1] if self.draft_probs is not None and V > 1 else None
         top_n = min(self.V, max(self.slots[s].top_n for s in rows))
-        tensors = (ar_logits, drafts, draft_logits, n_drafts, q_all)
+        dirac = None if self.dirac is None or draft_logits is None else self.dirac[self._idx]
+        tensors = (ar_logits, drafts, draft_logits, n_drafts, q_all, dirac)
         parts = [self._verify_group(g, *(g.take(x) for x in tensors), top_n, draws) for g in self._pass]
         if len(parts) == 1:
             out, ar_lp, top = parts[0]
@@ -394,14 +430,17 @@ class EngineCore:
             full[g.pos] = x
         return full
 
-    def _verify_group(self, g: _Group, ar_logits, drafts, draft_logits, n_drafts, q, top_n, draws):
+    def _verify_group(self, g: _Group, ar_logits, drafts, draft_logits, n_drafts, q, dirac, top_n, draws):
         eng, rows, p, banned = self.eng, g.slots, g.params, g.banned
         K1 = ar_logits.shape[1]
         target = ar_logits
         if eng.sampler == "logit_mix" and eng.mix_weight < 1.0 and K1 > 1:
             w = eng.mix_weight
             mixed = w * ar_logits[:, :-1] + (1 - w) * draft_logits.float()
-            valid = (torch.arange(K1 - 1, device=ar_logits.device)[None] < n_drafts[:, None])[..., None]
+            valid = torch.arange(K1 - 1, device=ar_logits.device)[None] < n_drafts[:, None]
+            if dirac is not None:  # a history draft's positions keep the pure AR target (nothing to mix)
+                valid = valid & ~dirac[:, None]
+            valid = valid[..., None]
             target = torch.cat([torch.where(valid, mixed, ar_logits[:, :-1]), ar_logits[:, -1:]], dim=1)
         target = process_logits(target, p, banned)
         if p.temperature == 0:
@@ -493,6 +532,7 @@ class EngineCore:
         host = packed.tolist()
         na = [int(h[0]) for h in host]
         now = time.perf_counter()
+        self._hist_updates = []
         for r, s in enumerate(rows):
             row = self.slots[s]
             t, h = row.traj, host[r]
@@ -501,6 +541,13 @@ class EngineCore:
             if drafts_used is not None:  # a decode step (prefill emits the first anchor)
                 t.accept_counts.append(na[r])
                 t.draft_counts.append(int(h[1]))
+                if row.hist_pred is not None:  # its drafts came from history
+                    t.history_steps += 1
+                    t.history_accepted += na[r]
+                    self.hist_calib[0] += na[r]
+                    self.hist_calib[1] += row.hist_pred
+                elif int(h[1]):
+                    self.diff_curve.observe(na[r], int(h[1]))
             t.num_forwards += 1
             chunk = [int(x) for x in h[3 : 3 + n]]
             if t.audit is not None:
@@ -509,6 +556,7 @@ class EngineCore:
                         "drafts": drafts_used[r, : int(h[1])].tolist() if drafts_used is not None else [],
                         "accept_len": na[r],
                         "committed": chunk,
+                        "history": row.hist_pred is not None,  # the drafts came from history
                     }
                 )
             start = len(t.tokens)
@@ -525,6 +573,8 @@ class EngineCore:
                 t.finish_reason = reason
                 t.timings["total"] = now - row.started
                 self.slots[s] = None
+            if row.hist is not None:
+                self._hist_updates.append((row, t.tokens[start:], cut is not None))
             self._events.append(
                 StepEvent(
                     row.index,
@@ -535,6 +585,55 @@ class EngineCore:
                 )
             )
         return na
+
+    def _history_drafts(self, rows: list[int]) -> None:
+        """After a step's emit: index each row's new tokens, then give each row still decoding the history draft
+        (rollout/history.py) where the rule (`HistorySettings.rule`) prefers it to the diffusion draft it got. The
+        default rule compares expected accepted lengths: the history draft's own estimate, scaled by how history
+        estimates have fared so far (accepted / predicted), against sum_{i<=n} P(na >= i) of the n diffusion
+        drafts, from their live acceptance curve. One host-to-device copy, only when some row's drafts change
+        source."""
+        K, rule, dev = self.eng.K, self.history.cfg.rule, self.eng.device
+        scale = self.hist_calib[0] / self.hist_calib[1]
+        e_diff = None
+        use, changed, packed = [], False, []
+        for row, new, finished in self._hist_updates:
+            row.hist.extend(new)
+            had = row.hist_pred is not None
+            row.hist_pred = None
+            d = None
+            if finished:
+                row.hist.finish()
+            else:
+                d = row.hist.propose(K)
+            take = d is not None
+            if take and self.eng.diffusion and row.n_drafts and rule != "history":
+                if rule == "diffusion":
+                    take = False
+                else:
+                    if e_diff is None:  # E[accepted | n drafts] = sum_{i=1..n} c_i, for every n at once
+                        e_diff = km_survival(self.diff_curve.hazard()).cumsum() - 1.0
+                    take = d.expected * scale > e_diff[min(row.n_drafts, K)]
+            if take:
+                row.hist_pred = d.expected
+                row.n_drafts = len(d.tokens)
+            use.append(take)
+            changed |= take or had
+            toks = d.tokens if take else []
+            packed.append([int(take), len(toks), *toks, *[0] * (K - len(toks))])
+        if not changed:
+            return
+        packed_t = host_to_device(packed, dev)  # [R, 2 + K]: uses history, its length, its tokens
+        rows_t, use_t = self._idx, packed_t[:, 0].bool()
+        self.drafts[rows_t, :K] = torch.where(use_t[:, None], packed_t[:, 2:], self.drafts[rows_t, :K])
+        self.n_drafts[rows_t] = torch.where(use_t, packed_t[:, 1], self.n_drafts[rows_t])
+        if self.dirac is not None:
+            self.dirac[rows_t] = use_t
+        if self.draft_probs is not None and any(
+            use
+        ):  # q of a Dirac draft: one-hot (the ratio test's p(d) / 1)
+            sel = use_t.nonzero().squeeze(1)
+            self.draft_probs[rows_t[sel]] = torch.nn.functional.one_hot(packed_t[sel, 2:], self.V).float()
 
 
 def _alternatives(flat: list[float], n: int, K1: int, want: int) -> list[list[tuple[int, float]]]:

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rollout.types import END, Option, split_levels
+from rollout.types import END, Option, Trajectory, split_levels
 
 # (option, max_batch) -> an engine running that option; `auto` and the calibration build engines through one
 EngineFactory = Callable[[Option, int], "object"]
 
 
 @dataclass
-class _Curve:
+class KMCurve:
     """Kaplan-Meier counts of one set of decode steps: position i at risk / rejected, i = 1..K (0 unused)."""
 
     at_risk: np.ndarray
@@ -44,7 +44,7 @@ class _Curve:
         return np.divide(self.rejected, self.at_risk, out=np.ones_like(self.rejected), where=self.at_risk > 0)
 
 
-def _survival(hazard: np.ndarray) -> np.ndarray:
+def km_survival(hazard: np.ndarray) -> np.ndarray:
     h = hazard.copy()
     h[0] = 0.0
     return np.cumprod(1.0 - h)
@@ -64,11 +64,11 @@ class AcceptanceStats:
 
     block_size: int
     steps: int = 0
-    curves: dict[str, _Curve] = field(default_factory=dict)
+    curves: dict[str, KMCurve] = field(default_factory=dict)
 
     def __post_init__(self):
         for k in ("all", "fresh", "stale"):
-            self.curves.setdefault(k, _Curve(np.zeros(self.block_size + 1), np.zeros(self.block_size + 1)))
+            self.curves.setdefault(k, KMCurve(np.zeros(self.block_size + 1), np.zeros(self.block_size + 1)))
 
     def observe(self, accept_counts: Sequence[int], draft_counts: Sequence[int]) -> None:
         """One trajectory's decode steps, in order."""
@@ -85,9 +85,9 @@ class AcceptanceStats:
         ("fresh") or after a rejection ("stale")."""
         pooled = self.curves["all"].hazard()
         if state == "all":
-            return _survival(pooled)
+            return km_survival(pooled)
         c = self.curves[state]
-        return _survival(np.where(c.at_risk > 0, c.hazard(), pooled))
+        return km_survival(np.where(c.at_risk > 0, c.hazard(), pooled))
 
     def acceptance_by_position(self, state: str = "all") -> list[float]:
         """P(draft i accepted | drafts 1..i-1 accepted), i = 1..K (over the steps `survival(state)` covers)."""
@@ -161,8 +161,11 @@ def step_queries(block_size: int, levels: Sequence[int | str], n: int) -> int:
     return n + (block_size + 1) * (sum(p <= n for p in fixed) + bool(tail))
 
 
-def default_options(block_size: int) -> list[Option]:
-    """`auto`'s candidates: ar, and lossless at a few level sets, with and without the draft's end (`END`)."""
+def default_options(block_size: int, drafts: str = "diffusion") -> list[Option]:
+    """`auto`'s candidates: ar, and lossless at a few level sets, with and without the draft's end (`END`), with
+    drafts from `drafts` (history only: ar and lossless[history])."""
+    if drafts == "history":
+        return [Option("ar"), Option("lossless", (), "history")]
     K = block_size
     sets = [
         (0,),
@@ -172,7 +175,7 @@ def default_options(block_size: int) -> list[Option]:
     ]
     fixed = sorted({tuple(sorted(set(s))) for s in sets}, key=len)
     tails = [(END,), (0, END)] + ([(0, K // 2, END)] if K >= 2 else [])
-    return [Option("ar"), *[Option("lossless", s) for s in fixed + tails]]
+    return [Option("ar"), *[Option("lossless", s, drafts) for s in fixed + tails]]
 
 
 @dataclass
@@ -185,6 +188,8 @@ class CostModel:
     # one-row step without drafts, per option: the least a step of that option lays out (`ChainStats.base_queries`)
     draftless_seconds: dict[str, float] = field(default_factory=dict)
     acceptance: AcceptanceStats = None
+    # options with history drafts, by name: (tokens committed, decode steps) observed, their tokens per step
+    observed: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.acceptance is None:
@@ -246,10 +251,29 @@ class CostModel:
         pts = sorted(n for (name, n) in self.prefill_seconds if name == opt.name)
         return float(np.interp(rows, pts, [self.prefill_seconds[(opt.name, n)] for n in pts]))
 
-    @staticmethod
-    def chain(opt: Option, acc: AcceptanceStats) -> ChainStats:
-        """Tokens and queries per decode step of `opt` under the acceptance `acc` has seen."""
+    def observe_run(self, t: Trajectory) -> None:
+        """One trajectory's decode steps: the diffusion acceptance curve learns only from rows that drafted from
+        the drafter alone (history drafts are accepted at another rate); an option with history drafts keeps its
+        observed tokens per step."""
+        if not t.accept_counts:
+            return
+        if t.history_steps == 0:
+            self.acceptance.observe(t.accept_counts, t.draft_counts)
+        if t.sampler.endswith(("[history]", "+history")):
+            seen = self.observed.setdefault(t.sampler, [0, 0])
+            seen[0] += sum(t.accept_counts) + len(t.accept_counts)
+            seen[1] += len(t.accept_counts)
+
+    def chain(self, opt: Option, acc: AcceptanceStats) -> ChainStats:
+        """Tokens and queries per decode step of `opt` under the acceptance `acc` has seen. An option with history
+        drafts is projected from its own observed tokens per step, at the full layout's cost (a pass is laid out
+        for its longest draft); before it has run, history-only as AR and `both` as its diffusion drafts alone."""
         if opt.sampler == "ar":
+            return ChainStats(1.0)
+        seen = self.observed.get(opt.name)
+        if opt.drafts != "diffusion" and seen and seen[1]:
+            return ChainStats(seen[0] / seen[1])
+        if opt.drafts == "history":
             return ChainStats(1.0)
         return draft_chain(acc.survival("fresh"), opt.levels, stale=acc.survival("stale"))
 

@@ -32,7 +32,9 @@ from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
 from policy.tokenizer import eos_ids
 from rollout.core import PHASES, EngineCore, StepTimer
+from rollout.history import HistoryStore
 from rollout.types import (
+    DRAFTS,
     END,
     Option,
     Request,
@@ -123,23 +125,47 @@ class BlockEngine(GenerateAPI):
         tokenizer=None,
         policy_version: int = 0,
         verify_fn=None,
+        drafts: str = "diffusion",
+        history: HistoryStore | None = None,
     ):
+        """drafts: where a step's drafts come from (`DRAFTS`): the diffusion drafter (a converted policy), history
+        (rollout/history.py: any causal LM, converted or not), or both, chosen per row and step. `history` is the
+        store those drafts come from, shared by every engine of a job (a new one when None)."""
         if sampler == "auto":
             raise ValueError("sampler 'auto' chooses among engines: build it with rollout.auto.build_engine")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if sampler != "ar" and not policy.is_converted:
-            raise ValueError(f"sampler {sampler!r} needs a converted policy (mask token); use sampler='ar'")
+        if drafts not in DRAFTS:
+            raise ValueError(f"drafts must be one of {DRAFTS}, got {drafts!r}")
+        self.diffusion = sampler != "ar" and drafts != "history"  # the proposal blocks run
+        if self.diffusion and not policy.is_converted:
+            raise ValueError(
+                f"sampler {sampler!r} with diffusion drafts needs a converted policy (mask token); "
+                "use drafts='history' (no conversion) or sampler='ar'"
+            )
+        if sampler == "logit_mix" and drafts == "history":
+            raise ValueError(
+                "logit_mix mixes the diffusion drafter's logits: use drafts 'diffusion' or 'both'"
+            )
         if draft not in ("dirac", "sampled"):
             raise ValueError(f"draft must be 'dirac' or 'sampled', got {draft!r}")
         if not 0.0 <= mix_weight <= 1.0:
             raise ValueError(f"mix_weight must be in [0, 1], got {mix_weight}")
         self.policy = policy
         self.sampler = sampler
-        self.K = 0 if sampler == "ar" else (block_size or policy.block_size)
+        self.drafts = "diffusion" if sampler == "ar" else drafts
+        self.history = None
+        if sampler != "ar" and drafts != "diffusion":
+            self.history = history if history is not None else HistoryStore()
+        if sampler == "ar":
+            self.K = 0
+        elif self.diffusion:
+            self.K = block_size or policy.block_size
+        else:  # history drafts only: as long as the store's setting (no proposal blocks)
+            self.K = block_size or self.history.cfg.max_draft
         fixed, tail = split_levels(levels)
-        self.levels = [] if sampler == "ar" else list(fixed)
-        self.tail = bool(self.K) and tail  # the draft's end is a level too (rollout.types.split_levels)
+        self.levels = list(fixed) if self.diffusion else []
+        self.tail = self.diffusion and tail  # the draft's end is a level too (rollout.types.split_levels)
         self.max_batch = max_batch
         self.mix_weight = mix_weight
         self.draft = draft
@@ -148,7 +174,7 @@ class BlockEngine(GenerateAPI):
         self.policy_version = policy_version
         self.device = next(policy.parameters()).device
         self.verify_fn = verify_fn or default_verify(self.device)  # Triton on CUDA, torch reference on CPU
-        if self.K:
+        if self.diffusion:
             check_levels(self.K, levels)
         # one layout per longest draft n = 0..K, built here: a step copies nothing to the device
         self._layouts = [self._build_layout(n) for n in range(self.K + 1)]
@@ -163,6 +189,8 @@ class BlockEngine(GenerateAPI):
         dev, K = self.device, self.K
         if not K:  # ar: the anchor alone
             offsets, mask, levels = torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), []
+        elif not self.diffusion:  # history drafts only: the verify segment, causal
+            offsets, mask, levels = torch.arange(n + 1), torch.ones(n + 1, n + 1, dtype=torch.bool).tril(), []
         else:
             levels = [p for p in self.levels if p <= n]
             offsets, _ = decode_step_layout(K, levels, n + 1)
@@ -194,7 +222,7 @@ class BlockEngine(GenerateAPI):
     @property
     def option(self) -> Option:
         """The concrete sampler this engine runs (stamped on every trajectory)."""
-        return Option(self.sampler, (*self.levels, END) if self.tail else tuple(self.levels))
+        return Option(self.sampler, (*self.levels, END) if self.tail else tuple(self.levels), self.drafts)
 
     @property
     def vocab_size(self) -> int:

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from common.config import Section
 from common.device import DeviceSettings
+from rollout.history import HistorySettings
 from rollout.types import Levels, check_level_list
 
 
@@ -24,6 +25,12 @@ class EngineSettings(DeviceSettings):
     levels: Levels = Field(default_factory=lambda: ["end"])
     """proposal levels per pass; `end` = the end of each step's draft (rollout.types.split_levels). Default [end]: the
     fastest set measured at B = 1 and within 3% of [0] at 16 rows (docs/benchmarks.md, "The lean decode step")."""
+    drafts: Literal["auto", "diffusion", "history", "both"] = "auto"
+    """where drafts come from: the diffusion drafter (a converted model), history (rollout/history.py: the row's
+    own text, its group's siblings and recent rollouts of its prompt; any causal LM, no conversion), or both, chosen
+    per row and step. auto = diffusion on a converted model, history on a plain one."""
+    history: HistorySettings = Field(default_factory=HistorySettings)
+    """the history draft source: memory bound, eviction, matching (`drafts: history | both`)."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """w of logit_mix."""
     max_batch: int = Field(16, ge=1)
@@ -34,6 +41,12 @@ class EngineSettings(DeviceSettings):
     def _levels(cls, v: Levels) -> Levels:
         check_level_list(v)
         return v
+
+    def resolved_drafts(self, converted: bool) -> str:
+        """`drafts` with `auto` resolved for a policy that is (or is not) converted."""
+        if self.drafts == "auto":
+            return "diffusion" if converted else "history"
+        return self.drafts
 
     def engine_settings(self) -> EngineSettings:
         """Just the engine fields (jobs inherit this class): the typed object the workers get."""

@@ -38,16 +38,25 @@ def check_level_list(levels) -> tuple[tuple[int, ...], bool]:
     return fixed, tail
 
 
+DRAFTS = ("diffusion", "history", "both")  # where a step's drafts come from (rollout/history.py)
+
+
 @dataclass(frozen=True)
 class Option:
     """A concrete sampler: what `auto` chooses among and what every trajectory records it was generated with."""
 
     sampler: str  # "ar" | "lossless" | "logit_mix"
     levels: tuple[int | str, ...] = ()  # ints, and END for the draft's end (`split_levels`)
+    drafts: str = "diffusion"  # `DRAFTS`: the diffusion drafter, history drafts (rollout/history.py), or both
 
     @property
     def name(self) -> str:
-        return self.sampler if self.sampler == "ar" else f"{self.sampler}{levels_label(self.levels)}"
+        """`ar`, `lossless[end]`, `lossless[history]` (history drafts only), `lossless[end]+history` (both)."""
+        if self.sampler == "ar":
+            return "ar"
+        if self.drafts == "history":
+            return f"{self.sampler}[history]"
+        return f"{self.sampler}{levels_label(self.levels)}" + ("+history" if self.drafts == "both" else "")
 
 
 def levels_label(levels) -> str:
@@ -92,6 +101,8 @@ class Trajectory:
     accept_counts: list[int] = field(default_factory=list)  # drafts accepted at each decode step
     draft_counts: list[int] = field(default_factory=list)  # drafts offered at each decode step
     num_forwards: int = 0  # forward passes this row took part in (prefill included)
+    history_steps: int = 0  # decode steps whose drafts came from history (rollout/history.py)
+    history_accepted: int = 0  # history draft tokens accepted over those steps
     policy_version: int = 0
     # the concrete option that generated it (`Option.name`); "auto" where turns mixed options
     sampler: str = ""
@@ -135,6 +146,8 @@ class Request:
     stream: int = 0  # random stream index within the seed (the prompt index in generate, the choice in serve)
     audit: bool = False
     top_logprobs: int = 0  # alternatives recorded per token (Trajectory.top_logprobs); 0 = none
+    # rows of one group share history drafts (a GRPO group's samples; rollout/history.py); None = the prompt
+    group: tuple | int | str | None = None
 
     def __post_init__(self):
         if len(self.prompt_ids) == 0:
