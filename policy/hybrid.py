@@ -488,6 +488,11 @@ def checkpoint_prompt_format(path: str | os.PathLike) -> str:
     return _checkpoint_metadata(path).get("prompt_format", "text")
 
 
+def checkpoint_is_converted(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint is converted (has a mask token: `HybridPolicy.is_converted`), from its config alone."""
+    return _checkpoint_metadata(path).get("mask_token_id") is not None
+
+
 def checkpoint_block_size(path: str | os.PathLike) -> int:
     """A checkpoint's block size K (`HybridPolicy.block_size`), read from its config alone."""
     return int(_checkpoint_metadata(path).get("block_size", 16))

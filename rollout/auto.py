@@ -60,6 +60,7 @@ def engine_factory(
             history=store,
         )
 
+    make.history = store  # the shared store (a benchmark clears it between timed runs)
     return make
 
 
@@ -111,6 +112,13 @@ class AutoSampler(GenerateAPI):
         last = self.last_choice.name if self.last_choice is not None else None
         return AutoState(self.cost.acceptance.steps, self.pilot.name, last)
 
+    @property
+    def needs_pilot(self) -> bool:
+        """No acceptance seen yet; with history drafts, no call run with them yet."""
+        if self.pilot.drafts != "diffusion":
+            return self.cost.history_steps(self.pilot) == 0
+        return self.cost.acceptance.steps == 0
+
     def observe(self, trajs: Sequence[Trajectory]) -> None:
         for t in trajs:
             self.cost.observe_run(t)
@@ -131,7 +139,7 @@ class AutoSampler(GenerateAPI):
         calibrated batch size that covers them (powers of two up to max_batch, each calibrated on first use)."""
         B = min(self.max_batch, 1 << max(0, busy_rows - 1).bit_length())
         self._calibrate(B)
-        choice = self.pilot if self.cost.acceptance.steps == 0 else self.cost.choose(self.options, B)
+        choice = self.pilot if self.needs_pilot else self.cost.choose(self.options, B)
         self.last_choice = choice
         return choice
 
@@ -141,10 +149,15 @@ class AutoSampler(GenerateAPI):
         B = min(self.max_batch, len(prompt_ids))
         self._calibrate(B)
         results: list[Trajectory] = []
-        if self.cost.acceptance.steps == 0:
-            head, prompt_ids = prompt_ids[:B], prompt_ids[B:]
-            pilot = self._engine(self.pilot, B).run(head, params, index_offset, audit)
+        if self.needs_pilot:
+            # a diffusion pilot needs one batch; history drafts are judged on a whole call, because what they yield
+            # depends on the call itself: a group's later samples draft from its earlier ones
+            cut = B if self.pilot.drafts == "diffusion" else len(prompt_ids)
+            head, prompt_ids = prompt_ids[:cut], prompt_ids[cut:]
+            eng = self._engine(self.pilot, B)
+            pilot = eng.run(head, params, index_offset, audit)
             self.observe(pilot)
+            self.cost.observe_steps(self.pilot, eng.step_stats)
             results += pilot
             if not prompt_ids:
                 self.last_choice = self.pilot
@@ -158,6 +171,8 @@ class AutoSampler(GenerateAPI):
             self.cost.project(self.options[0], B),
         )
         offset = index_offset + len(results)  # global prompt index: no random stream is reused
-        trajs = self._engine(choice, B).run(prompt_ids, params, offset, audit)
+        eng = self._engine(choice, B)
+        trajs = eng.run(prompt_ids, params, offset, audit)
         self.observe(trajs)
+        self.cost.observe_steps(choice, eng.step_stats)
         return results + trajs

@@ -143,7 +143,11 @@ class EngineCore:
         self.history = eng.history
         self.dirac = torch.zeros(B, dtype=torch.bool, device=dev) if self.history is not None else None
         self.diff_curve = KMCurve(np.zeros(K + 1), np.zeros(K + 1))
+        self.hist_curve = KMCurve(np.zeros(K + 1), np.zeros(K + 1))  # history drafts' acceptance by position
         self.hist_calib = [1.0, 1.0]  # (accepted, predicted) over history drafts, with one pseudo-count
+        self.step_fit: dict[
+            int, np.ndarray
+        ] = {}  # rows -> decayed sums for step seconds ~ a + b * verify length
         self.queue: deque[tuple[int, Request]] = deque()
         self._next_id = 0
         self._banned: dict[tuple, torch.Tensor | None] = {}  # constraint mask per sampling key
@@ -359,9 +363,12 @@ class EngineCore:
         every row's drafts and levels no draft reaches are not computed."""
         eng, dev, K = self.eng, self.eng.device, self.eng.K
         with self.timed("bookkeeping"):
+            t_step = time.perf_counter()
             rows_t = self._idx = self.index(rows)  # the slot indices of this pass
             self._group(rows)
             longest = K if self.full_layout else max(self.slots[s].n_drafts for s in rows)
+            if self.history is not None and longest and not self.full_layout:
+                longest = self._pass_length(rows, longest)
             lay = self._layout = eng.step_layout(longest)
         R, V = len(rows), lay.verify_len
         n_drafts = self.n_drafts[rows_t] if K else torch.zeros(R, dtype=torch.long, device=dev)
@@ -400,6 +407,14 @@ class EngineCore:
         if self.history is not None:
             with self.timed("history"):
                 self._history_drafts(rows)
+        dt = time.perf_counter() - t_step
+        seen = eng.step_stats.setdefault(
+            len(rows), [0.0, 0]
+        )  # (seconds, steps) per row count, kept by the engine
+        seen[0] += dt
+        seen[1] += 1
+        if self.history is not None:
+            self._observe_step(len(rows), longest, dt)
 
     def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts, draws: int = 1):
         """Per sampling group: processors -> (logit mixing) -> fused verify with per-row uniforms. Returns
@@ -542,6 +557,7 @@ class EngineCore:
                 t.accept_counts.append(na[r])
                 t.draft_counts.append(int(h[1]))
                 if row.hist_pred is not None:  # its drafts came from history
+                    self.hist_curve.observe(na[r], int(h[1]))
                     t.history_steps += 1
                     t.history_accepted += na[r]
                     self.hist_calib[0] += na[r]
@@ -585,6 +601,47 @@ class EngineCore:
                 )
             )
         return na
+
+    def _pass_length(self, rows: list[int], longest: int) -> int:
+        """The verify length of a pass with history drafts: a pass is laid out for its longest draft, so every row
+        pays for one row's long draft. Choose n <= longest maximising the pass's expected tokens per second,
+        (rows + sum_r sum_{i <= min(n_r, n)} P(draft i of row r accepted)) / (a + b * n), with acceptance from the
+        live curves (history or diffusion, by the row's source) and the step cost fit from this core's own timed
+        steps at this many rows; drafts past n are dropped. Until two lengths have been timed: the longest."""
+        fit = self.step_fit.get(len(rows))
+        if fit is None or fit[0] < 4:
+            return longest
+        n_obs, sx, sy, sxx, sxy = fit
+        var = sxx - sx * sx / n_obs
+        if var <= 1e-9:
+            return longest
+        b = max(0.0, (sxy - sx * sy / n_obs) / var)
+        a = max(1e-6, (sy - b * sx) / n_obs)
+        gain = np.zeros(longest + 1)
+        curves = {}
+        for s in rows:
+            row = self.slots[s]
+            n = min(row.n_drafts, longest)
+            if n:
+                src = "h" if row.hist_pred is not None else "d"
+                if src not in curves:
+                    c = self.hist_curve if src == "h" else self.diff_curve
+                    # a prior of hazard 0.3 where few steps were seen, so an unseen position is still tried
+                    curves[src] = np.cumprod(1.0 - (c.rejected + 0.3) / (c.at_risk + 1.0))
+                gain[1 : n + 1] += curves[src][:n]
+        tokens = len(rows) + np.cumsum(gain)
+        best = int(np.argmax(tokens / (a + b * np.arange(longest + 1))))
+        if best < longest:
+            self.n_drafts[self._idx] = self.n_drafts[self._idx].clamp(max=best)
+            for s in rows:
+                self.slots[s].n_drafts = min(self.slots[s].n_drafts, best)
+        return best
+
+    def _observe_step(self, R: int, n: int, seconds: float) -> None:
+        """One timed decode step (R rows, verify length n + 1) into the decayed least-squares sums of its cost."""
+        fit = self.step_fit.setdefault(R, np.zeros(5))
+        fit *= 0.98  # recent steps weigh more (the machine's load changes)
+        fit += (1.0, n, seconds, n * n, n * seconds)
 
     def _history_drafts(self, rows: list[int]) -> None:
         """After a step's emit: index each row's new tokens, then give each row still decoding the history draft

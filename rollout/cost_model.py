@@ -190,6 +190,10 @@ class CostModel:
     acceptance: AcceptanceStats = None
     # options with history drafts, by name: (tokens committed, decode steps) observed, their tokens per step
     observed: dict[str, list[int]] = field(default_factory=dict)
+    # options with history drafts, by (name, rows): (seconds, steps) of their real decode steps. A history pass is
+    # laid out by what its rows drafted (`EngineCore._pass_length`), so its cost is measured where it ran, not
+    # projected from the full layout
+    observed_steps: dict[tuple[str, int], list[float]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.acceptance is None:
@@ -237,6 +241,9 @@ class CostModel:
         full one's, affine in queries; without a draft-less timing, between the AR step's (no query past the
         anchor) and the full one's. A batch's step is laid out for its longest draft, which is nearly always
         full."""
+        seen = self.observed_steps.get((opt.name, b))
+        if seen and seen[1] >= 8:
+            return seen[0] / seen[1]
         pts = sorted(n for (name, n) in self.step_seconds if name == opt.name)
         full = float(np.interp(b, pts, [self.step_seconds[(opt.name, n)] for n in pts]))
         if b != 1 or chain is None or opt.sampler == "ar":
@@ -263,6 +270,19 @@ class CostModel:
             seen = self.observed.setdefault(t.sampler, [0, 0])
             seen[0] += sum(t.accept_counts) + len(t.accept_counts)
             seen[1] += len(t.accept_counts)
+
+    def observe_steps(self, opt: Option, step_stats: dict[int, list]) -> None:
+        """An engine's timed decode steps by row count (`BlockEngine.step_stats`), for an option with history."""
+        if opt.drafts == "diffusion":
+            return
+        for rows, (sec, n) in step_stats.items():
+            seen = self.observed_steps.setdefault((opt.name, rows), [0.0, 0])
+            seen[0] += sec
+            seen[1] += n
+
+    def history_steps(self, opt: Option) -> int:
+        """Decode steps observed for an option with history drafts (auto keeps piloting it until it has enough)."""
+        return self.observed.get(opt.name, [0, 0])[1]
 
     def chain(self, opt: Option, acc: AcceptanceStats) -> ChainStats:
         """Tokens and queries per decode step of `opt` under the acceptance `acc` has seen. An option with history

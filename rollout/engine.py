@@ -167,6 +167,7 @@ class BlockEngine(GenerateAPI):
         self.levels = list(fixed) if self.diffusion else []
         self.tail = self.diffusion and tail  # the draft's end is a level too (rollout.types.split_levels)
         self.max_batch = max_batch
+        self.step_stats: dict[int, list] = {}  # active rows -> [seconds, decode steps] of this engine's steps
         self.mix_weight = mix_weight
         self.draft = draft
         self.draft_temperature = draft_temperature
@@ -241,11 +242,29 @@ class BlockEngine(GenerateAPI):
             raise ValueError("stop_strings need the engine's tokenizer")
         self.policy.eval()
         core = EngineCore(self, min(self.max_batch, len(prompt_ids)))
-        ids = [core.add(Request(p, params, index_offset + i, audit)) for i, p in enumerate(prompt_ids)]
+        ids = [0] * len(prompt_ids)
+        for i in self.admission_order(prompt_ids):
+            ids[i] = core.add(Request(prompt_ids[i], params, index_offset + i, audit))
         done: dict[int, Trajectory] = {}
         while core.has_work:
             done |= {ev.request_id: ev.finished for ev in core.step() if ev.finished is not None}
         return [done[i] for i in ids]
+
+    def admission_order(self, prompt_ids: list[list[int]]) -> list[int]:
+        """The order prompts join the batch. With history drafts, a group's samples (equal prompts) are spread out:
+        the first sample of every group, then the second, ...; so a group's later samples decode after its earlier
+        ones have written theirs, and draft from them (Seer's insight), instead of all in lockstep with nothing
+        ahead to copy. Each sample keeps its own random stream (seeded by its index), so the order changes which
+        drafts are offered, never the distribution sampled."""
+        if self.history is None:
+            return list(range(len(prompt_ids)))
+        seen: dict[tuple, int] = {}
+        rank = []
+        for i, p in enumerate(prompt_ids):
+            k = tuple(p)
+            rank.append((seen.get(k, 0), i))
+            seen[k] = seen.get(k, 0) + 1
+        return [i for _, i in sorted(rank)]
 
     def _probe(
         self, prompt_ids: list[list[int]], temperature: float, caller: str, full_layout: bool = True

@@ -100,6 +100,11 @@ class HistoryStore:
         self.tokens = 0
         self._next = 0
 
+    def clear(self) -> None:
+        """Forget every group (a benchmark's timed runs each start from an empty store)."""
+        self.groups.clear()
+        self.tokens = 0
+
     def begin(self, group: Hashable, prompt: Sequence[int]) -> HistorySequence:
         """A new row of `group`: its prompt is indexed (once per group), and its output as it is extended."""
         g = self.groups.get(group)

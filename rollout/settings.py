@@ -11,8 +11,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from common.config import Section
+from common.config import ConfigError, Section
 from common.device import DeviceSettings
+from rollout.engine import check_levels
 from rollout.history import HistorySettings
 from rollout.types import Levels, check_level_list
 
@@ -47,6 +48,28 @@ class EngineSettings(DeviceSettings):
         if self.drafts == "auto":
             return "diffusion" if converted else "history"
         return self.drafts
+
+    def check_checkpoint(self, converted: bool, block_size: int, prefix: str = "") -> None:
+        """Raise ConfigError, naming the field (after `prefix`, e.g. "rollout."), where these settings cannot run
+        on a checkpoint that is (or is not) converted, with block size K = `block_size`: before any work starts."""
+        if self.sampler == "ar":
+            return
+        drafts = self.resolved_drafts(converted)
+        if drafts != "history" and not converted:
+            raise ConfigError(
+                f"{prefix}drafts: {self.drafts!r} needs a converted checkpoint (the diffusion drafter); a plain "
+                "one drafts from history: drafts: history (or auto), or run blockrl convert"
+            )
+        if self.sampler == "logit_mix" and drafts == "history":
+            raise ConfigError(
+                f"{prefix}sampler: logit_mix mixes the diffusion drafter's logits, and history drafts have none; "
+                "use lossless (a plain checkpoint drafts from history only)"
+            )
+        if drafts != "history" and self.sampler != "auto":
+            try:
+                check_levels(block_size, self.levels)
+            except ValueError as e:
+                raise ConfigError(f"{prefix}levels: {e}") from None
 
     def engine_settings(self) -> EngineSettings:
         """Just the engine fields (jobs inherit this class): the typed object the workers get."""

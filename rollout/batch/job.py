@@ -44,10 +44,14 @@ from tqdm import tqdm
 
 from common.checkpoint import missing_checkpoint
 from common.config import ConfigError, dump_config
-from policy.hybrid import checkpoint_prompt_format, load_tokenizer
+from policy.hybrid import (
+    checkpoint_block_size,
+    checkpoint_is_converted,
+    checkpoint_prompt_format,
+    load_tokenizer,
+)
 from rollout.batch import io as job_io  # the job's inputs (prompts) and outputs (shards, manifest)
 from rollout.batch.config import RolloutJobConfig
-from rollout.engine import check_levels
 from rollout.settings import EngineSettings, WorkerSettings
 from rollout.types import SamplingParams
 from rollout.worker import RolloutWorker, Shard, ShardResult, state_dict_numpy
@@ -123,16 +127,7 @@ def check_checkpoint(cfg: RolloutJobConfig) -> None:
     path = Path(cfg.checkpoint) / "config.json"
     if not path.is_file():
         raise ConfigError(missing_checkpoint(cfg.checkpoint, "checkpoint"))
-    block_size = json.loads(path.read_text()).get("blockrl", {}).get("block_size")
-    if cfg.sampler != "ar" and block_size is None:
-        raise ConfigError(
-            f"sampler: {cfg.sampler!r} needs a converted checkpoint ({cfg.checkpoint} is not); use ar"
-        )
-    if cfg.sampler in ("lossless", "logit_mix"):
-        try:
-            check_levels(block_size, cfg.levels)
-        except ValueError as e:
-            raise ConfigError(f"levels: {e}") from None
+    cfg.check_checkpoint(checkpoint_is_converted(cfg.checkpoint), checkpoint_block_size(cfg.checkpoint))
 
 
 def make_backend(cfg: RolloutJobConfig, kind: Literal["ray", "local"] = "ray") -> RayBackend | LocalBackend:

@@ -56,6 +56,7 @@ def print_table(results: list[RunResult]) -> None:
             r.sampler
             + (f" w={r.mix_weight}" if r.mix_weight is not None else "")
             + (f" T_d={r.draft_temperature:g}" if r.draft_temperature is not None else "")
+            + (" history" if r.drafts == "history" else " +history" if r.drafts == "both" else "")
             + (f" -> {r.choice}" if r.choice else "")
             + (f" K={r.block_size}" if r.sweep == "block_size" else "")
         )

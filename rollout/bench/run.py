@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from common.config import ConfigError, Section, ShippedPath
+from common.config import Section, ShippedPath
 from common.device import DeviceSettings
 from envs import splits
 from envs.tasks import TaskName, TaskSample, score
@@ -34,7 +34,9 @@ from policy.generate import hf_generate
 from policy.hybrid import HybridPolicy, load_tokenizer
 from policy.tokenizer import build_char_tokenizer, encode_prompt
 from rollout.auto import AutoSampler, engine_factory
-from rollout.cost_model import AcceptanceStats, CostModel
+from rollout.cost_model import AcceptanceStats, CostModel, default_options
+from rollout.history import HistorySettings
+from rollout.settings import EngineSettings
 from rollout.types import Levels, Option
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class BenchConfig(DeviceSettings):
     """`blockrl bench` settings (`device`, `dtype`: where every sampler, HF generate included, runs)."""
 
     checkpoint: ShippedPath = "checkpoints/tiny-moe"
-    """converted checkpoint directory."""
+    """checkpoint directory: converted (diffusion and history drafts) or a plain HF causal LM (history drafts)."""
     run_dir: str = "runs/bench"
     """where results.json and bench.png go."""
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 16])
@@ -90,6 +92,14 @@ class BenchConfig(DeviceSettings):
     """timed repeats per cell (median reported)."""
     levels: list[Levels] = Field(default_factory=lambda: [[0], [0, 4, 8], [0, 4, 8, 12]])
     """level sets lossless is run with (all reported; the best is the headline)."""
+    drafts: list[Literal["auto", "diffusion", "history", "both"]] = Field(default_factory=lambda: ["auto"])
+    """draft sources of the lossless rows: each level set runs once per source (`history` once: it has no
+    levels); auto = diffusion on a converted checkpoint, history on a plain one. Sources a plain checkpoint cannot
+    run are left out, and said so."""
+    group_size: int = Field(1, ge=1)
+    """samples per prompt, decoded side by side as a GRPO group (siblings share history drafts)."""
+    history: HistorySettings = HistorySettings()
+    """the history draft source. Every timed run starts from an empty store (no earlier epoch to draft from)."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """w of logit_mix."""
     mix_levels: Levels = Field(default_factory=lambda: [0, 4, 8])
@@ -123,6 +133,9 @@ class RunResult:
     block_size: int = 0
     mix_weight: float | None = None
     draft_temperature: float | None = None  # logit_mix with sampled drafts at this T_d (None: Dirac drafts)
+    drafts: str = ""  # the draft source (diffusion | history | both; "" for hf and ar)
+    group_size: int = 1  # samples per prompt (GRPO groups)
+    history_share: float = 0.0  # share of decode steps whose drafts came from history
     tokens_per_s: float = 0.0
     tokens_per_s_runs: list[float] = field(default_factory=list)
     speedup_vs_hf: float = 0.0
@@ -220,6 +233,7 @@ class Cell:
         block_size=None,
         mix_weight=None,
         draft_temperature=None,
+        drafts: str = "diffusion",
     ):
         self.policy, self.tok, self.samples, self.B, self.cfg, self.sampler = (
             policy,
@@ -232,16 +246,21 @@ class Cell:
         self.levels = tuple(levels)
         fmt = policy.resolve_prompt_format(cfg.prompt_format)
         self.prompts = [encode_prompt(tok, s.prompt, fmt) for s in samples]
+        self.drafts = drafts if sampler not in ("hf", "ar") else ""
+        if drafts == "history":
+            self.levels = ()
         self.res = RunResult(
             B,
             sampler,
-            list(levels) if sampler in ("lossless", "logit_mix") else [],
+            list(self.levels) if sampler in ("lossless", "logit_mix") else [],
             block_size or (policy.block_size if sampler != "ar" else 0),
             mix_weight,
             draft_temperature,
             prompt_format=fmt,
+            drafts=self.drafts,
+            group_size=cfg.group_size,
         )
-        self.engine = None
+        self.engine = self.history = None
         if sampler != "hf":
             make = engine_factory(
                 policy,
@@ -250,12 +269,15 @@ class Cell:
                 mix_weight=mix_weight if mix_weight is not None else 0.5,
                 draft="dirac" if draft_temperature is None else "sampled",
                 draft_temperature=1.0 if draft_temperature is None else draft_temperature,
+                history=cfg.history,
             )
-            self.engine = (
-                AutoSampler(make, policy.block_size, max_batch=B)
-                if sampler == "auto"
-                else make(Option(sampler, self.levels), B)
-            )
+            self.history = make.history
+            if sampler == "auto":
+                K = cfg.history.max_draft if drafts == "history" else policy.block_size
+                self.engine = AutoSampler(make, K, max_batch=B, options=default_options(K, drafts))
+            else:
+                self.engine = make(Option(sampler, self.levels, drafts), B)
+                self.res.block_size = self.engine.K
         self.outs: list[list[int]] = []
         self.trajs = None
 
@@ -274,6 +296,8 @@ class Cell:
 
     def run_once(self, rep: int) -> None:
         cfg = self.cfg
+        if self.history is not None:
+            self.history.clear()  # no run drafts from an earlier repeat of the same prompts
         with PeakRSS(next(self.policy.parameters()).device) as mem:
             t0 = time.perf_counter()
             if self.engine is None:
@@ -306,6 +330,8 @@ class Cell:
             res.tokens_per_forward = sum(t.num_tokens for t in trajs) / max(
                 1, sum(t.num_forwards for t in trajs)
             )
+            steps = sum(len(t.accept_counts) for t in trajs)
+            res.history_share = sum(t.history_steps for t in trajs) / max(1, steps)
             if self.sampler != "ar":
                 acc = AcceptanceStats(res.block_size)
                 for t in trajs:
@@ -314,7 +340,9 @@ class Cell:
                 res.accept_after_rejection = acc.acceptance_by_position("stale")
                 res.accept_after_full = acc.acceptance_by_position("fresh")
                 res._acc = acc
-            res._option = Option("ar") if self.sampler == "ar" else Option(self.sampler, self.levels)
+            res._option = (
+                Option("ar") if self.sampler == "ar" else Option(self.sampler, self.levels, self.drafts)
+            )
             if self.sampler == "auto":
                 res._option = self.engine.last_choice
                 res.choice = res._option.name
@@ -344,16 +372,20 @@ def profile_row(policy, tok, samples: list[TaskSample], cfg: BenchConfig, option
     """ms per decode step of `option` on these prompts (one batch), by phase (`BlockEngine.profile_decode_steps`)."""
     fmt = policy.resolve_prompt_format(cfg.prompt_format)
     ids = [encode_prompt(tok, s.prompt, fmt) for s in samples]
-    engine = engine_factory(policy, tokenizer=tok, mix_weight=cfg.mix_weight)(option, len(ids))
+    make = engine_factory(policy, tokenizer=tok, mix_weight=cfg.mix_weight, history=cfg.history)
+    engine = make(option, len(ids))
     phases = engine.profile_decode_steps(ids, cfg.profile_steps, cfg.temperature)
     return {k: 1e3 * v for k, v in phases.items()}
 
 
 def prompts_for(cfg: BenchConfig, n: int) -> list[TaskSample]:
-    per = -(-n // len(cfg.tasks))
+    """n samples: ceil(n / group_size) held-out prompts, each `group_size` times in a row (a GRPO group)."""
+    distinct = -(-n // cfg.group_size)
+    per = -(-distinct // len(cfg.tasks))
     pool = splits.bench_prompts(cfg.tasks, per, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    return [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
+    picked = [pool[i] for i in torch.randperm(len(pool), generator=g)[:distinct].tolist()]
+    return [s for s in picked for _ in range(cfg.group_size)][:n]
 
 
 def project(cost: CostModel, res: RunResult) -> float | None:
@@ -367,8 +399,6 @@ def project(cost: CostModel, res: RunResult) -> float | None:
 def load_bench_policy(path: str, cfg: BenchConfig):
     policy = HybridPolicy.from_pretrained(path, dtype=cfg.torch_dtype).to(cfg.torch_device())
     tok = load_tokenizer(path)
-    if not policy.is_converted:
-        raise ConfigError(f"checkpoint: {path} is not a converted blockrl checkpoint (run blockrl convert)")
     if cfg.experts_implementation and policy.moe:
         policy.model.set_experts_implementation(cfg.experts_implementation)
     return policy.eval(), tok
@@ -402,9 +432,10 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
     for B in cfg.batch_sizes:
         n = max(B * cfg.prompts_per_row, cfg.min_prompts)
         samples = prompts_for(cfg, n)
-        specs = [("hf", {}), ("ar", {})]
-        specs += [("lossless", {"levels": lv}) for lv in cfg.levels]
-        specs += [("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}), ("auto", {})]
+        specs = [("hf", {}), ("ar", {}), *lossless_specs(cfg, policy)]
+        if policy.is_converted:  # logit_mix mixes the drafter's logits
+            specs.append(("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}))
+        specs.append(("auto", {"drafts": bench_drafts(cfg, policy)[0]}))
         rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
         for res in rows:
             # time this option's steps now, in the machine state the runs just saw
@@ -430,13 +461,35 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
     return results
 
 
+def bench_drafts(cfg: BenchConfig, policy) -> list[str]:
+    """The draft sources this checkpoint runs (`BenchConfig.drafts`, auto resolved); a plain checkpoint runs
+    history only (said once when others were asked for)."""
+    out = []
+    for d in cfg.drafts:
+        d = EngineSettings(drafts=d).resolved_drafts(policy.is_converted)
+        if d != "history" and not policy.is_converted:
+            log.info("bench: drafts %s left out: the checkpoint is not converted (no diffusion drafter)", d)
+            continue
+        out.append(d)
+    return list(dict.fromkeys(out)) or ["history"]
+
+
+def lossless_specs(cfg: BenchConfig, policy) -> list[tuple[str, dict]]:
+    """The lossless rows: every level set per draft source, history once."""
+    out = []
+    for d in bench_drafts(cfg, policy):
+        levels = [()] if d == "history" else cfg.levels
+        out += [("lossless", {"levels": lv, "drafts": d}) for lv in levels]
+    return out
+
+
 def run_comparison(path: str, cfg: BenchConfig) -> list[RunResult]:
     """Another checkpoint on the same prompts: hf, ar and every lossless level set at every batch size."""
     policy, tok = load_bench_policy(path, cfg)
     out = []
     for B in cfg.batch_sizes:
         samples = prompts_for(cfg, max(B * cfg.prompts_per_row, cfg.min_prompts))
-        specs = [("hf", {}), ("ar", {})] + [("lossless", {"levels": lv}) for lv in cfg.levels]
+        specs = [("hf", {}), ("ar", {}), *lossless_specs(cfg, policy)]
         rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
         finish_rows(rows, None)
         for r in rows:

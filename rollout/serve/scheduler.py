@@ -35,6 +35,7 @@ from policy.hybrid import HybridPolicy
 from policy.tokenizer import pad_id
 from rollout.auto import AutoSampler, engine_factory
 from rollout.core import EngineCore
+from rollout.cost_model import default_options
 from rollout.serve.config import ServeConfig
 from rollout.serve.metrics import ServeMetrics
 from rollout.stops import find_stop
@@ -204,10 +205,15 @@ class Scheduler:
     def __init__(self, policy: HybridPolicy, tokenizer, cfg: ServeConfig, metrics: ServeMetrics):
         self.policy, self.tokenizer, self.cfg, self.metrics = policy, tokenizer, cfg, metrics
         self.version = 0
-        self.make = engine_factory(policy, mix_weight=cfg.mix_weight, tokenizer=tokenizer)
+        self.make = engine_factory(
+            policy, mix_weight=cfg.mix_weight, tokenizer=tokenizer, history=cfg.history
+        )
+        # a plain (unconverted) model drafts from history only (`EngineSettings.drafts`)
+        self.drafts = cfg.resolved_drafts(policy.is_converted)
+        K = cfg.history.max_draft if self.drafts == "history" else policy.block_size
         self.auto = (
-            AutoSampler(self.make, policy.block_size, max_batch=cfg.max_batch)
-            if policy.is_converted and cfg.backend == "engine"
+            AutoSampler(self.make, K, max_batch=cfg.max_batch, options=default_options(K, self.drafts))
+            if cfg.backend == "engine"
             else None
         )
         self.cores: dict[str, EngineCore | HFCore] = {}
@@ -263,7 +269,12 @@ class Scheduler:
     def samplers(self) -> tuple[str, ...]:
         if self.cfg.backend == "hf":
             return ("ar", "lossless", "logit_mix", "auto")  # accepted, and all served by HF generate
-        return ("ar", "lossless", "logit_mix", "auto") if self.policy.is_converted else ("ar",)
+        # logit_mix mixes the diffusion drafter's logits: a plain model has none
+        return (
+            ("ar", "lossless", "logit_mix", "auto")
+            if self.drafts != "history"
+            else ("ar", "lossless", "auto")
+        )
 
     # ------------------------------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
@@ -327,7 +338,7 @@ class Scheduler:
         if sampler == "auto":
             opt = self._auto_option()
         else:
-            opt = Option(sampler, () if sampler == "ar" else tuple(self.cfg.levels))
+            opt = Option(sampler, () if sampler == "ar" else tuple(self.cfg.levels), self.drafts)
         if opt.name not in self.cores:
             engine = self.make(opt, self.cfg.max_batch)
             engine.policy_version = self.version

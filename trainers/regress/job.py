@@ -78,6 +78,8 @@ class SamplerSpec(Section):
     """proposal levels per pass (ignored by ar and auto)."""
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)
     """w of logit_mix."""
+    drafts: Literal["auto", "diffusion", "history", "both"] = "auto"
+    """draft source (`EngineSettings.drafts`): auto = diffusion on a converted checkpoint, history on a plain one."""
     prompt_format: Literal["auto", "text", "raw", "chat"] = "auto"
     """prompt encoding: auto = the checkpoint's training format; a `raw` row (no special tokens) measures, and gates,
     the drafter's sensitivity to the prompt format."""
@@ -87,7 +89,11 @@ class SamplerSpec(Section):
 
     def engine_settings(self, max_batch: int) -> EngineSettings:
         return EngineSettings(
-            sampler=self.sampler, levels=self.levels, mix_weight=self.mix_weight, max_batch=max_batch
+            sampler=self.sampler,
+            levels=self.levels,
+            mix_weight=self.mix_weight,
+            drafts=self.drafts,
+            max_batch=max_batch,
         )
 
 
@@ -504,8 +510,10 @@ def run_regress(cfg: RegressConfig, update_baseline: bool = False) -> Outcome:
     dump_config(cfg, run_dir / "config.yaml")
     torch.set_num_threads(cfg.threads)
     policy = HybridPolicy.from_pretrained(cfg.checkpoint, dtype=cfg.torch_dtype).to(cfg.torch_device()).eval()
-    if not policy.is_converted and any(s.sampler != "ar" for s in cfg.samplers):
-        raise ConfigError(f"checkpoint: {cfg.checkpoint} is not converted; only sampler 'ar' can run on it")
+    for i, s in enumerate(cfg.samplers):
+        s.engine_settings(cfg.max_batch).check_checkpoint(
+            policy.is_converted, policy.block_size, f"samplers[{i}] ({s.name})."
+        )
     tok = load_tokenizer(cfg.checkpoint)
     log.info(
         "regress: %s, %d prompts x %d samples, samplers %s",

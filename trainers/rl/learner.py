@@ -300,7 +300,9 @@ class Learner:
         ctx: DistContext | None = None,
     ):
         self.cfg, self.version = cfg, version
-        self.lambda_diff = cfg.lambda_diff  # the drift action may raise it; checkpointed with the learner
+        # the drift action may raise it; checkpointed with the learner. A plain (unconverted) policy has no drafter
+        # to keep fresh: it drafts from history only, which needs no training
+        self.lambda_diff = cfg.lambda_diff if policy.is_converted else 0.0
         self.ctx = ctx or DistContext(device=resolve_device(cfg.device, "learner.device"))
         device = self.device = self.ctx.device
         value_head = ValueHead(policy.model.config.hidden_size) if cfg.algo == "ppo" else None

@@ -35,7 +35,13 @@ from envs import splits
 from envs.prompt_file import PromptFileConfig, PromptFileTask
 from envs.rewards import RewardFunctions, RewardSpec
 from envs.tasks import TaskName
-from policy.hybrid import HybridPolicy, checkpoint_block_size, checkpoint_prompt_format, load_tokenizer
+from policy.hybrid import (
+    HybridPolicy,
+    checkpoint_block_size,
+    checkpoint_is_converted,
+    checkpoint_prompt_format,
+    load_tokenizer,
+)
 from policy.tokenizer import pad_id
 from rollout.pool import RolloutPool, init_ray, reserve
 from rollout.settings import EngineSettings, WorkerSettings
@@ -168,6 +174,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     )  # the policy the learner (and so this step) starts from
     tok = load_tokenizer(cfg.checkpoint)
     r = cfg.rollout
+    converted = checkpoint_is_converted(source)
+    r.check_checkpoint(converted, checkpoint_block_size(source), "rollout.")
+    if not converted:  # a plain causal LM: history drafts only, and nothing to keep fresh
+        if cfg.drift_action == "raise_lambda_diff":
+            raise ConfigError(
+                "drift_action: raise_lambda_diff needs a converted checkpoint (a drafter to train)"
+            )
+        log.info(
+            "%s is not converted: rollouts draft from history (rollout.drafts=%s); learner.lambda_diff=%g is "
+            "not used (no drafter to train)",
+            source,
+            r.resolved_drafts(False),
+            cfg.learner.lambda_diff,
+        )
     fmt = checkpoint_prompt_format(source) if cfg.prompt_format == "auto" else cfg.prompt_format
     if cfg.env and fmt == "chat":
         raise ConfigError(f"prompt_format: env {cfg.env} feeds text turns; chat-format prompts need `tasks`")
@@ -206,7 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         fmt,
         file_task,
     )
-    K = checkpoint_block_size(source) if r.sampler != "ar" else 0
+    K = 0 if r.sampler == "ar" else checkpoint_block_size(source) if converted else r.history.max_draft
 
     heldout = (
         None
