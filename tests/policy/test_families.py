@@ -296,11 +296,16 @@ def test_family_is_exact_or_refused(family):
         return
     policy = build_policy(family)
 
-    # (a) engine greedy == HF greedy generate, ragged batch with a slot refill
-    eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=3)
+    # (a) engine greedy == HF greedy generate, ragged batch with a slot refill: diffusion and history drafts side by
+    # side, and history drafts alone (the path of a plain, unconverted model: no proposal blocks)
+    eng = BlockEngine(policy, sampler="lossless", levels=[0, 2], max_batch=3, drafts="both")
     greedy = eng.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, eos_token_id=None)
-    for p, t in zip(PROMPTS, greedy, strict=True):
-        assert t.tokens == hf_greedy(policy, p, NEW_TOKENS), f"{family}: greedy differs from HF generate"
+    refs = [hf_greedy(policy, p, NEW_TOKENS) for p in PROMPTS]
+    for t, ref in zip(greedy, refs, strict=True):
+        assert t.tokens == ref, f"{family}: greedy differs from HF generate"
+    history = BlockEngine(policy, sampler="lossless", max_batch=3, drafts="history")
+    greedy = history.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, eos_token_id=None)
+    assert [t.tokens for t in greedy] == refs, f"{family}: greedy with history drafts differs from HF generate"
 
     # (b) the engine's AR log-probs at T=1 == log_softmax of the model's own logits
     sampled = eng.generate(PROMPTS[:3], max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0, eos_token_id=None)

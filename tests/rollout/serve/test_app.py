@@ -479,3 +479,24 @@ def test_the_readme_serve_example_runs_and_answers(served):
     choice = scope["r"].choices[0]
     assert re.search(r"<answer>[a-z]+</answer>", choice.message.content), choice.message.content
     assert choice.token_ids and choice.blockrl["tokens_per_forward"] > 1
+
+
+def test_plain_model_serves_lossless_with_history_drafts():
+    """A checkpoint that was never converted serves lossless (history drafts: no drafter): greedy equals HF greedy on
+    a multi-turn chat whose last turn repeats the first, the repeat is drafted from the conversation itself, and
+    logit_mix (which needs the drafter's logits) is refused by name."""
+    policy = HybridPolicy.from_pretrained(CKPT).eval()
+    policy.mask_token_id = None  # as a plain HF checkpoint loads
+    tok = load_tokenizer(CKPT)
+    with ServerThread(_cfg(), policy, tok) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        first = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=40, temperature=0)
+        answer = first.choices[0].message.content
+        chat = [*CHAT, {"role": "assistant", "content": answer}, *CHAT]
+        ids = list(tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
+        r = client.completions.create(model=MODEL, prompt=ids, max_tokens=40, temperature=0)
+        c = r.choices[0]
+        assert c.token_ids == _hf_greedy(policy, tok, ids, 40)
+        assert c.blockrl["sampler"] == "lossless[history]" and c.blockrl["tokens_per_forward"] > 1.5
+        with pytest.raises(openai.BadRequestError, match="sampler"):
+            client.completions.create(model=MODEL, prompt=ids, max_tokens=4, extra_body={"sampler": "logit_mix"})

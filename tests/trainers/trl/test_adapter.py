@@ -145,6 +145,19 @@ def test_two_grpo_steps_lossless_shared_weights(tmp_path, tok, dataset):
         assert batch["policy_version"] == [call] * n
 
 
+def test_plain_model_rolls_out_with_history_drafts(tmp_path, tok, dataset):
+    """A trainer's model that was never converted (no blockrl metadata): the engine drafts from history only, and
+    the lossless rollouts' log-probs still equal the trainer's own."""
+    rollout = BlockRolloutFunc(sampler="lossless", levels=["end"])
+    trainer, model = make_trainer(tmp_path, tok, dataset, rollout, BlockGRPOTrainer, steps=1)
+    delattr(model.config, "blockrl")  # as a plain HF checkpoint loads
+    trainer.train()
+    assert rollout.engine.option.name == "lossless[history]"
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert log["sampling/sampling_logp_difference/max"] < 1e-3
+    assert log["rollout/tokens_per_forward"] >= 1.0
+
+
 def test_separate_copy_is_loaded_only_when_the_version_moves(tmp_path, tok, dataset):
     """A separate engine policy is re-loaded after every optimizer step and equals the trainer's weights."""
     engine_policy = HybridPolicy.from_pretrained(CKPT)
