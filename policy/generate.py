@@ -35,6 +35,21 @@ def hf_generate(
     prompt_format: PromptFormat = "text",
 ) -> list[list[int]]:
     """Completion ids (EOS included, nothing after) of `model.generate` for every prompt, `batch_size` at a time."""
+    ids = [encode_prompt(tok, p, prompt_format) for p in prompts]
+    return hf_generate_ids(model, tok, ids, max_new_tokens, temperature, batch_size, seed)
+
+
+@torch.inference_mode()
+def hf_generate_ids(
+    model,
+    tok,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int = 0,
+) -> list[list[int]]:
+    """`hf_generate` on prompts already encoded (a prompt file's rows, chats through the chat template)."""
     model.eval()
     torch.manual_seed(seed)
     pad = pad_id(tok)
@@ -42,8 +57,8 @@ def hf_generate(
     device = next(model.parameters()).device
     eos = list(eos_ids(tok, model.generation_config)) or None
     outs: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = left_pad([encode_prompt(tok, p, prompt_format) for p in prompts[i : i + batch_size]], pad)
+    for i in range(0, len(prompt_ids), batch_size):
+        enc = left_pad(prompt_ids[i : i + batch_size], pad)
         enc = {k: v.to(device) for k, v in enc.items()}
         gen = model.generate(
             **enc,

@@ -48,8 +48,9 @@ from common.config import Section
 class HistorySettings(Section):
     """The history draft source (`drafts: history | both`)."""
 
-    max_tokens: int = Field(2_000_000, ge=1)
-    """memory bound: tokens indexed over all groups (about 100 bytes each)."""
+    max_tokens: int = Field(1_000_000, ge=1)
+    """memory bound: tokens indexed over all groups (about 200 bytes each where no n-gram repeats, less in real
+    text: 1M tokens is at most ~200 MB per engine)."""
     max_per_group: int = Field(32, ge=1)
     """finished rollouts kept per group (prompt); the oldest is evicted first."""
     min_match: int = Field(2, ge=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from common.plots import pyplot
-from rollout.bench.run import BenchConfig, RunResult
+from rollout.bench.run import BenchConfig, RunResult, model_label
 from rollout.types import levels_label
 
 
@@ -36,45 +36,42 @@ def print_table(results: list[RunResult]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="blockrl bench (median tokens/s over repeats)")
-    for col in (
-        "B",
-        "sampler",
-        "levels",
-        "tok/s",
-        "vs HF",
-        "vs ar",
-        "TPF",
-        "solve",
-        "proj tok/s",
-        "mem MB",
-        "sweep",
-    ):
+    models = {r.label or r.checkpoint for r in results}
+    table = Table(title=f"blockrl bench: {', '.join(sorted(models))} (median tokens/s over repeats)")
+    for col in ("B", "sampler", "tok/s", "vs HF", "vs ar", "TPF", "solve", "MB"):
         table.add_column(col, justify="right")
     for r in results:
-        name = (
-            r.sampler
-            + (f" w={r.mix_weight}" if r.mix_weight is not None else "")
-            + (f" T_d={r.draft_temperature:g}" if r.draft_temperature is not None else "")
-            + (" history" if r.drafts == "history" else " +history" if r.drafts == "both" else "")
-            + (f" -> {r.choice}" if r.choice else "")
-            + (f" K={r.block_size}" if r.sweep == "block_size" else "")
-        )
-        proj = f"{r.projected_tokens_per_s:.0f}" if r.projected_tokens_per_s else "-"
         table.add_row(
             str(r.batch_size),
-            escape(name),  # `lossless[end]` and `[end]` would read as markup
-            escape(levels_label(r.levels)),
+            escape(row_name(r)),  # `lossless[end]` would read as markup
             f"{r.tokens_per_s:.0f}",
             f"{r.speedup_vs_hf:.2f}x" if r.speedup_vs_hf else "-",
             f"{r.speedup_vs_ar:.2f}x" if r.speedup_vs_ar else "-",
             f"{r.tokens_per_forward:.2f}",
-            f"{r.solve_rate:.0%} ({r.solved}/{r.samples})",
-            proj,
+            f"{r.solve_rate:.0%} ({r.solved}/{r.samples})" if r.samples else "-",
             f"{r.peak_mem_mb:.0f}",
-            r.sweep,
         )
-    Console(width=max(160, Console().width)).print(table)
+    console = Console(width=min(100, Console().width))  # fits a 100-column terminal (cells wrap)
+    console.print(table)
+    for r in results:
+        if r.note:
+            console.print(escape(r.note), soft_wrap=True)
+
+
+def row_name(r: RunResult) -> str:
+    """sampler, levels and draft source, the settings that differ, auto's choice and the sweep, in one cell."""
+    name = r.sampler
+    if r.drafts == "history":
+        name += "[history]"
+    elif r.sampler in ("lossless", "logit_mix"):
+        name += levels_label(r.levels) + ("+history" if r.drafts == "both" else "")
+    name += f" w={r.mix_weight}" if r.mix_weight is not None else ""
+    name += f" T_d={r.draft_temperature:g}" if r.draft_temperature is not None else ""
+    name += f" K={r.block_size}" if r.sweep == "block_size" else ""
+    name += f" -> {r.choice}" if r.choice else ""
+    if r.sweep and r.sweep not in ("block_size", "levels"):
+        name += f" ({r.sweep})"
+    return name
 
 
 def print_profile(results: list[RunResult]) -> None:
@@ -95,7 +92,7 @@ def print_profile(results: list[RunResult]) -> None:
         total = r.step_ms["total"]
         cells = [f"{r.step_ms[ph]:.2f} ({r.step_ms[ph] / total:.0%})" for ph in (*PHASES, "other")]
         t.add_row(str(r.batch_size), r.sampler, escape(levels_label(r.levels)), f"{total:.2f}", *cells)
-    Console(width=max(160, Console().width)).print(t)
+    Console(width=min(100, Console().width)).print(t)
 
 
 def checkpoint_summary(results: list[RunResult]) -> list[dict]:
@@ -158,7 +155,7 @@ def print_checkpoints(results: list[RunResult]) -> None:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            Path(r["checkpoint"]).name,
+            model_label(r["checkpoint"]),
             str(r["vocab_size"]),
             r["prompt_format"],
             str(r["batch_size"]),
@@ -169,7 +166,7 @@ def print_checkpoints(results: list[RunResult]) -> None:
             f"{r['speedup_vs_ar']:.2f}x",
             f"{r['solve_rate']:.0%}",
         )
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=min(100, Console().width)).print(table)
 
 
 def plot(results: list[RunResult], path: Path) -> None:

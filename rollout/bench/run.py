@@ -13,6 +13,7 @@ stop at EOS or max_new_tokens.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
@@ -25,14 +26,16 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from common.config import Section, ShippedPath
+from common.config import ConfigError, Section, ShippedPath
 from common.device import DeviceSettings
+from common.records import BadRows, RecordError
 from envs import splits
+from envs.prompt_file import PromptFileConfig, PromptRow, read_prompt_rows
 from envs.tasks import TaskName, TaskSample, score
 from policy.factory import ModelSpec, build_model, make_config
-from policy.generate import hf_generate
+from policy.generate import hf_generate_ids
 from policy.hybrid import HybridPolicy, load_tokenizer
-from policy.tokenizer import build_char_tokenizer, encode_prompt
+from policy.tokenizer import build_char_tokenizer
 from rollout.auto import AutoSampler, engine_factory
 from rollout.cost_model import AcceptanceStats, CostModel, default_options
 from rollout.history import HistorySettings
@@ -79,7 +82,13 @@ class BenchConfig(DeviceSettings):
     min_prompts: int = Field(12, ge=1)
     """floor on prompts per run."""
     tasks: list[TaskName] = Field(default_factory=lambda: ["spell_backward", "letter_counting", "chain_sum"])
-    """tasks the prompts come from."""
+    """built-in tasks the prompts come from (held-out prompts, scored: the solve rate), unless `prompts.files`."""
+    prompts: PromptFileConfig = PromptFileConfig()
+    """your prompt files, as `blockrl train` reads them (`prompt` text or conversation, or `messages` rows),
+    encoded as train encodes them: the bench decodes these instead of the built-in tasks (no solve rate: a file's
+    rows are scored by your reward functions, which the bench does not run)."""
+    label: str | None = None
+    """the model's name in the table and the JSON; None = its directory (with the parent for a generic name)."""
     seed: int = 7
     """prompt and sampling seed."""
     prompt_format: Literal["auto", "text", "raw", "chat"] = "auto"
@@ -91,7 +100,10 @@ class BenchConfig(DeviceSettings):
     repeats: int = Field(3, ge=1)
     """timed repeats per cell (median reported)."""
     levels: list[Levels] = Field(default_factory=lambda: [[0], [0, 4, 8], [0, 4, 8, 12]])
-    """level sets lossless is run with (all reported; the best is the headline)."""
+    """level sets lossless is run with (all reported; the best is the headline); [] = no lossless rows besides
+    auto's choice (the quick default)."""
+    logit_mix: bool = True
+    """also run logit_mix at `mix_levels` with `mix_weight` (converted checkpoints)."""
     drafts: list[Literal["auto", "diffusion", "history", "both"]] = Field(default_factory=lambda: ["auto"])
     """draft sources of the lossless rows: each level set runs once per source (`history` once: it has no
     levels); auto = diffusion on a converted checkpoint, history on a plain one. Sources a plain checkpoint cannot
@@ -136,6 +148,7 @@ class RunResult:
     drafts: str = ""  # the draft source (diffusion | history | both; "" for hf and ar)
     group_size: int = 1  # samples per prompt (GRPO groups)
     history_share: float = 0.0  # share of decode steps whose drafts came from history
+    note: str = ""  # why a block-decoding row lost to ar, and what would help (`explain_losses`)
     tokens_per_s: float = 0.0
     tokens_per_s_runs: list[float] = field(default_factory=list)
     speedup_vs_hf: float = 0.0
@@ -156,6 +169,7 @@ class RunResult:
     sweep: str = ""  # which sweep a row belongs to ("" = default comparison)
     prompt_format: str = ""  # how the prompts were encoded (text | raw | chat)
     checkpoint: str = ""  # the checkpoint directory that ran
+    label: str = ""  # its name in tables (`BenchConfig.label`, or `model_label`)
     vocab_size: int = 0  # its tokenizer's vocabulary
     step_ms: dict[str, float] = field(default_factory=dict)  # --profile: ms per decode step by phase
     _acc: AcceptanceStats | None = field(default=None, repr=False)  # observed acceptance (for the projection)
@@ -210,12 +224,16 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def bench_hf_generate(
-    policy, tok, samples: list[TaskSample], B: int, cfg: BenchConfig, seed: int
-) -> list[list[int]]:
-    prompts = [s.prompt for s in samples]
-    fmt = policy.resolve_prompt_format(cfg.prompt_format)
-    return hf_generate(policy.model, tok, prompts, cfg.max_new_tokens, cfg.temperature, B, seed, fmt)
+@dataclass(frozen=True)
+class BenchPrompt:
+    """One prompt of a bench run: a built-in task sample (scored) or a row of the user's prompt file."""
+
+    row: PromptRow
+    sample: TaskSample | None = None  # None: a prompt-file row (not scored)
+
+    def encode(self, tok, prompt_format: str) -> list[int]:
+        """As `blockrl train` encodes it: text in the run's prompt format, a conversation through the template."""
+        return self.row.encode(tok, prompt_format)
 
 
 class Cell:
@@ -245,7 +263,7 @@ class Cell:
         )
         self.levels = tuple(levels)
         fmt = policy.resolve_prompt_format(cfg.prompt_format)
-        self.prompts = [encode_prompt(tok, s.prompt, fmt) for s in samples]
+        self.prompts = [s.encode(tok, fmt) for s in samples]
         self.drafts = drafts if sampler not in ("hf", "ar") else ""
         if drafts == "history":
             self.levels = ()
@@ -291,8 +309,13 @@ class Cell:
                 seed=self.cfg.seed,
             )
         else:
-            short = self.cfg.model_copy(update={"max_new_tokens": 16})
-            bench_hf_generate(self.policy, self.tok, self.samples[: self.B], self.B, short, self.cfg.seed)
+            self._hf(self.prompts[: self.B], 16, self.cfg.seed)
+
+    def _hf(self, ids: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
+        cfg = self.cfg
+        return hf_generate_ids(
+            self.policy.model, self.tok, ids, max_new_tokens, cfg.temperature, self.B, seed
+        )
 
     def run_once(self, rep: int) -> None:
         cfg = self.cfg
@@ -301,9 +324,7 @@ class Cell:
         with PeakRSS(next(self.policy.parameters()).device) as mem:
             t0 = time.perf_counter()
             if self.engine is None:
-                self.outs = bench_hf_generate(
-                    self.policy, self.tok, self.samples, self.B, cfg, cfg.seed + rep
-                )
+                self.outs = self._hf(self.prompts, cfg.max_new_tokens, cfg.seed + rep)
             else:
                 self.trajs = self.engine.generate(
                     self.prompts,
@@ -323,9 +344,10 @@ class Cell:
         res.tokens_generated = sum(map(len, outs))
         res._lengths = [len(o) for o in outs]
         texts = self.tok.batch_decode(outs, skip_special_tokens=True)
-        res.solved = sum(int(score(s, t) == 1.0) for s, t in zip(self.samples, texts, strict=True))
-        res.samples = len(self.samples)
-        res.solve_rate = res.solved / res.samples
+        scored = [(p.sample, t) for p, t in zip(self.samples, texts, strict=True) if p.sample is not None]
+        res.solved = sum(int(score(s, t) == 1.0) for s, t in scored)
+        res.samples = len(scored)  # 0: prompt-file rows, not scored here
+        res.solve_rate = res.solved / max(1, res.samples)
         if trajs is not None:
             res.tokens_per_forward = sum(t.num_tokens for t in trajs) / max(
                 1, sum(t.num_forwards for t in trajs)
@@ -368,24 +390,48 @@ def run_cell(policy, tok, samples, B: int, cfg: BenchConfig, sampler: str, **kw)
     return res, cell.trajs
 
 
-def profile_row(policy, tok, samples: list[TaskSample], cfg: BenchConfig, option: Option) -> dict[str, float]:
+def profile_row(
+    policy, tok, samples: list[BenchPrompt], cfg: BenchConfig, option: Option
+) -> dict[str, float]:
     """ms per decode step of `option` on these prompts (one batch), by phase (`BlockEngine.profile_decode_steps`)."""
     fmt = policy.resolve_prompt_format(cfg.prompt_format)
-    ids = [encode_prompt(tok, s.prompt, fmt) for s in samples]
+    ids = [s.encode(tok, fmt) for s in samples]
     make = engine_factory(policy, tokenizer=tok, mix_weight=cfg.mix_weight, history=cfg.history)
     engine = make(option, len(ids))
     phases = engine.profile_decode_steps(ids, cfg.profile_steps, cfg.temperature)
     return {k: 1e3 * v for k, v in phases.items()}
 
 
-def prompts_for(cfg: BenchConfig, n: int) -> list[TaskSample]:
-    """n samples: ceil(n / group_size) held-out prompts, each `group_size` times in a row (a GRPO group)."""
+def prompts_for(cfg: BenchConfig, n: int) -> list[BenchPrompt]:
+    """n samples: ceil(n / group_size) prompts (held-out built-in task prompts, or rows of `prompts.files`, in a
+    seeded order), each `group_size` times in a row (a GRPO group)."""
     distinct = -(-n // cfg.group_size)
-    per = -(-distinct // len(cfg.tasks))
-    pool = splits.bench_prompts(cfg.tasks, per, cfg.seed)
+    if cfg.prompts.files:
+        pool = [BenchPrompt(r) for r in file_rows(tuple(cfg.prompts.files), cfg.prompts.on_bad_row)]
+    else:
+        per = -(-distinct // len(cfg.tasks))
+        pool = [
+            BenchPrompt(PromptRow.from_task(s, s.task), s)
+            for s in splits.bench_prompts(cfg.tasks, per, cfg.seed)
+        ]
     g = torch.Generator().manual_seed(cfg.seed)
-    picked = [pool[i] for i in torch.randperm(len(pool), generator=g)[:distinct].tolist()]
+    order = torch.randperm(len(pool), generator=g).tolist()
+    picked = [pool[order[i % len(pool)]] for i in range(distinct)]  # a short file is cycled
     return [s for s in picked for _ in range(cfg.group_size)][:n]
+
+
+@functools.lru_cache(maxsize=4)
+def file_rows(files: tuple[str, ...], on_bad_row: str) -> list[PromptRow]:
+    """The usable rows of the bench's prompt files (read once per run); a bad file or row raises ConfigError
+    naming it, as `blockrl train` does."""
+    bad = BadRows(on_bad_row)
+    try:
+        rows = read_prompt_rows(list(files), bad)
+    except RecordError as e:
+        raise ConfigError(f"prompts.files: {e}") from None
+    if bad.skipped:
+        log.info("bench: prompts: %d rows, %s", len(rows), bad.summary())
+    return rows
 
 
 def project(cost: CostModel, res: RunResult) -> float | None:
@@ -433,7 +479,7 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         n = max(B * cfg.prompts_per_row, cfg.min_prompts)
         samples = prompts_for(cfg, n)
         specs = [("hf", {}), ("ar", {}), *lossless_specs(cfg, policy)]
-        if policy.is_converted:  # logit_mix mixes the drafter's logits
+        if policy.is_converted and cfg.logit_mix:  # logit_mix mixes the drafter's logits
             specs.append(("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}))
         specs.append(("auto", {"drafts": bench_drafts(cfg, policy)[0]}))
         rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
@@ -444,6 +490,7 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
             if cfg.profile and res.sampler in ("ar", "lossless", "logit_mix"):
                 res.step_ms = profile_row(policy, tok, samples[:B], cfg, res._option)
         finish_rows(rows, cost)
+        explain_losses(rows, cost)
         results += rows
     results += run_sweeps(policy, tok, cfg, cost)
     for i, path in enumerate(cfg.compare, start=1):
@@ -457,6 +504,7 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
     vocab = policy.model.get_input_embeddings().weight.shape[0]
     for r in results:
         r.checkpoint = r.checkpoint or str(name)
+        r.label = r.label or cfg.label or (name if cfg.model else model_label(name))
         r.vocab_size = r.vocab_size or vocab
     return results
 
@@ -477,10 +525,49 @@ def bench_drafts(cfg: BenchConfig, policy) -> list[str]:
 def lossless_specs(cfg: BenchConfig, policy) -> list[tuple[str, dict]]:
     """The lossless rows: every level set per draft source, history once."""
     out = []
-    for d in bench_drafts(cfg, policy):
+    for d in (
+        bench_drafts(cfg, policy) if cfg.levels else []
+    ):  # no level sets: no lossless rows (the quick bench)
         levels = [()] if d == "history" else cfg.levels
         out += [("lossless", {"levels": lv, "drafts": d}) for lv in levels]
     return out
+
+
+def model_label(path: str) -> str:
+    """A checkpoint's name for tables: its directory, with the parent when the name alone says nothing (a run's
+    `final` or `checkpoint`)."""
+    p = Path(path)
+    return (
+        f"{p.parent.name}/{p.name}"
+        if p.name in ("final", "checkpoint", "latest") and p.parent.name
+        else p.name
+    )
+
+
+def explain_losses(rows: list[RunResult], cost: CostModel) -> None:
+    """One line on each block-decoding row slower than ar (`RunResult.note`): the tokens per forward it reached, what
+    a step of it costs against an ar step on this machine (the tokens per forward it needs to break even), and
+    what would help."""
+    ar = next((r for r in rows if r.sampler == "ar"), None)
+    for r in rows:
+        opt = r._option
+        if ar is None or opt is None or opt.sampler == "ar" or not r.speedup_vs_ar or r.speedup_vs_ar >= 1.0:
+            continue
+        B = r.batch_size
+        ratio = None
+        if (opt.name, B) in cost.step_seconds and ("ar", B) in cost.step_seconds:
+            ratio = cost.step_cost(opt, B) / cost.step_seconds[("ar", B)]
+        cost_part = f"; a step costs {ratio:.1f}x an ar step here, so it needs ~{ratio:.1f}" if ratio else ""
+        help_ = (
+            "history drafts pay where text repeats (GRPO groups, later epochs, multi-turn chats)"
+            if opt.drafts == "history"
+            else "train the drafter longer (blockrl convert, or the RL freshness term), add history drafts "
+            "(drafts: both)"
+        )
+        r.note = (
+            f"B={B} {opt.name}: {r.speedup_vs_ar:.2f}x ar at {r.tokens_per_forward:.2f} tokens per forward"
+            f"{cost_part}. To help: {help_}; or sampler: auto, which runs ar where blocks do not pay."
+        )
 
 
 def run_comparison(path: str, cfg: BenchConfig) -> list[RunResult]:
@@ -493,7 +580,7 @@ def run_comparison(path: str, cfg: BenchConfig) -> list[RunResult]:
         rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
         finish_rows(rows, None)
         for r in rows:
-            r.sweep, r.checkpoint = f"checkpoint={Path(path).name}", str(path)
+            r.sweep, r.checkpoint, r.label = f"checkpoint={Path(path).name}", str(path), model_label(path)
             r.vocab_size = policy.model.get_input_embeddings().weight.shape[0]
         out += rows
     return out
@@ -546,13 +633,15 @@ def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult
             r, _ = run_cell(policy, tok, s, b, cfg, sampler, levels=cfg.mix_levels)
             r.sweep = "batch_size"
             out.append(r)
-    for (
-        extra
-    ) in sw.prompt_lens:  # longer prompts: worked examples of other prompts as context (in-distribution)
-        padded = [
-            TaskSample(s.task, worked_prefix(samples, i, extra) + s.prompt, s.completion, s.entry)
-            for i, s in enumerate(samples)
-        ]
+    tasks = [s.sample for s in samples if s.sample is not None]
+    if sw.prompt_lens and len(tasks) < len(samples):
+        log.info("bench: sweep.prompt_lens left out: it pads built-in task prompts with worked examples")
+    for extra in sw.prompt_lens if len(tasks) == len(samples) else []:
+        # longer prompts: worked examples of other prompts as context (in-distribution)
+        padded = []
+        for i, s in enumerate(tasks):
+            long = TaskSample(s.task, worked_prefix(tasks, i, extra) + s.prompt, s.completion, s.entry)
+            padded.append(BenchPrompt(PromptRow.from_task(long, s.task), long))
         for sampler in ("ar", "lossless"):
             r, _ = run_cell(policy, tok, padded, B, cfg, sampler, levels=cfg.mix_levels)
             r.sweep = f"prompt_len+{extra}"

@@ -305,7 +305,9 @@ def test_family_is_exact_or_refused(family):
         assert t.tokens == ref, f"{family}: greedy differs from HF generate"
     history = BlockEngine(policy, sampler="lossless", max_batch=3, drafts="history")
     greedy = history.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, eos_token_id=None)
-    assert [t.tokens for t in greedy] == refs, f"{family}: greedy with history drafts differs from HF generate"
+    assert [t.tokens for t in greedy] == refs, (
+        f"{family}: greedy with history drafts differs from HF generate"
+    )
 
     # (b) the engine's AR log-probs at T=1 == log_softmax of the model's own logits
     sampled = eng.generate(PROMPTS[:3], max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0, eos_token_id=None)

@@ -188,7 +188,11 @@ class RegressConfig(DeviceSettings):
             d["solve_threshold"] = self.solve_threshold
         # gate_speedup is a gating choice, like the tolerances: not part of what makes runs comparable
         samplers = {
-            s.name: s.model_dump(mode="json", exclude={"name", "gate_speedup"}) for s in self.samplers
+            s.name: s.model_dump(
+                mode="json",
+                exclude={"name", "gate_speedup"} | ({"drafts"} if s.drafts == "auto" else set()),
+            )
+            for s in self.samplers
         }
         return d | {"samplers": samplers}
 

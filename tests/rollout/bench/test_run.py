@@ -25,6 +25,8 @@ def test_bench_cli_writes_json_with_all_samplers(tmp_path, tokenizer, bpe_tokeni
     code = main(
         [
             "bench",
+            "--config",
+            "bench_full",
             "--set",
             f"checkpoint={ckpt}",
             "--set",
@@ -111,6 +113,7 @@ SMALL = {
     "threads": 1,
     "sweep.prompt_formats": "[]",
     "compare": "[]",
+    "logit_mix": "true",
 }
 
 
@@ -173,3 +176,63 @@ def test_bench_on_a_random_model_of_a_given_shape_and_vocabulary(tmp_path):
         assert sum(ms[ph] for ph in (*PHASES, "other")) == pytest.approx(ms["total"], rel=1e-6)
         assert ms["body"] > 0 and ms["heads"] > 0 and ms["bookkeeping"] > 0
         assert (ms["drafts"] > 0) == (r["sampler"] != "ar")  # ar drafts nothing
+
+
+def test_quick_bench_of_a_plain_model_on_the_users_prompt_file(tmp_path, tokenizer, capsys):
+    """The default bench on a model nobody converted and a prompt file (text and chat rows): HF, ar and auto (with
+    its choice) on those prompts, encoded as train encodes them, no solve rate, the table within 100 columns."""
+    ckpt = tmp_path / "mine" / "final"
+    build_model(tiny_moe_config(len(tokenizer))).save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"count to {i}: ", "answer": i}) + "\n" for i in range(3))
+    )
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "--json",
+        str(out),
+        "--set",
+        f"checkpoint={ckpt}",
+        "--set",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    for k, v in {
+        "prompts.files": f"[{prompts}]",
+        "repeats": 1,
+        "batch_sizes": "[2]",
+        "max_new_tokens": 8,
+        "min_prompts": 4,
+        "prompts_per_row": 1,
+        "group_size": 2,
+        "threads": 1,
+    }.items():
+        argv += ["--set", f"{k}={v}"]
+    assert main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["sampler"] for r in runs] == ["hf", "ar", "auto"]
+    assert all(r["samples"] == 0 and r["label"] == "mine/final" for r in runs)  # file rows: not scored
+    assert runs[2]["drafts"] == "history" and runs[2]["choice"] in ("ar", "lossless[history]")
+    printed = capsys.readouterr().out
+    table = [ln for ln in printed.splitlines() if any(c in ln for c in "┃│┏┗━")]
+    assert "mine/final" in printed and table and max(map(len, table)) <= 100
+
+
+def test_a_losing_row_says_why_and_what_would_help():
+    from rollout.bench.run import RunResult, explain_losses
+    from rollout.cost_model import CostModel
+    from rollout.types import Option
+
+    cost = CostModel(16)
+    opt = Option("lossless", ("end",))
+    cost.step_seconds |= {("ar", 16): 0.010, (opt.name, 16): 0.030}
+    ar = RunResult(16, "ar", speedup_vs_ar=1.0, _option=Option("ar"))
+    slow = RunResult(16, "lossless", ["end"], speedup_vs_ar=0.45, tokens_per_forward=1.3, _option=opt)
+    fast = RunResult(
+        16, "lossless", [0], speedup_vs_ar=1.2, tokens_per_forward=4.0, _option=Option("lossless", (0,))
+    )
+    explain_losses([ar, slow, fast], cost)
+    assert "0.45x ar at 1.30 tokens per forward" in slow.note and "3.0x an ar step" in slow.note
+    assert "train the drafter longer" in slow.note and "history drafts" in slow.note
+    assert ar.note == fast.note == ""

@@ -499,4 +499,6 @@ def test_plain_model_serves_lossless_with_history_drafts():
         assert c.token_ids == _hf_greedy(policy, tok, ids, 40)
         assert c.blockrl["sampler"] == "lossless[history]" and c.blockrl["tokens_per_forward"] > 1.5
         with pytest.raises(openai.BadRequestError, match="sampler"):
-            client.completions.create(model=MODEL, prompt=ids, max_tokens=4, extra_body={"sampler": "logit_mix"})
+            client.completions.create(
+                model=MODEL, prompt=ids, max_tokens=4, extra_body={"sampler": "logit_mix"}
+            )

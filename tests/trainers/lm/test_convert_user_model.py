@@ -82,7 +82,7 @@ def test_convert_bench_and_train_a_plain_bpe_chat_model_on_a_chat_file(tmp_path,
         sweep__batch_size=2,
         compare="[]",
     )
-    assert main(["bench", *bench]) == 0
+    assert main(["bench", "--config", "bench_full", *bench]) == 0
     runs = json.loads((tmp_path / "bench" / "results.json").read_text())["runs"]
     assert {r["prompt_format"] for r in runs if not r["sweep"]} == {"chat"}
     assert {r["sampler"] for r in runs if r["sweep"] == "prompt_format=raw"} == {"ar", "lossless"}
