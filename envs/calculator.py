@@ -66,10 +66,7 @@ class CalculatorEnv(TaskEnv):
         return prompt, info
 
     def step(self, action: str):
-        if self.sample is None:
-            raise RuntimeError(f"{self.name}: call reset() before step()")
-        if not isinstance(action, str):
-            raise TypeError(f"{self.name}: action must be the turn's text (str), got {type(action).__name__}")
+        self.check_step(action)
         self.turns += 1
         self.transcript += action
         info = {"task": self.task, "turn": self.turns}

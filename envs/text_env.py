@@ -91,13 +91,15 @@ class TaskEnv(TextEnv):
         self._last = self.sample.prompt
         return self.sample.prompt, {"task": self.task}
 
-    def step(self, action: str):
+    def check_step(self, action) -> None:
+        """A step needs a reset first, and the turn's text as its action."""
         if self.sample is None:
-            raise RuntimeError(f"{self.task}: call reset() before step()")
+            raise RuntimeError(f"{self.name}: call reset() before step()")
         if not isinstance(action, str):
-            raise TypeError(
-                f"{self.task}: action must be the completion text (str), got {type(action).__name__}"
-            )
+            raise TypeError(f"{self.name}: action must be the turn's text (str), got {type(action).__name__}")
+
+    def step(self, action: str):
+        self.check_step(action)
         sample = self.sample
         reward, info = self.safe_reward(lambda: self.reward_fn(sample, action), repr(sample.prompt))
         self._last = sample.prompt + action

@@ -16,17 +16,21 @@ so auto is never knowingly slower than plain AR. Every trajectory names the opti
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from policy.hybrid import HybridPolicy
-from rollout.cost_model import CostModel, EngineFactory, default_options
+from rollout.cost_model import CostModel, EngineFactory, default_options, pilot_options
 from rollout.engine import BlockEngine, GenerateAPI
 from rollout.history import HistorySettings, HistoryStore
 from rollout.settings import EngineSettings
 from rollout.types import Option, SamplingParams, Trajectory
 
 log = logging.getLogger(__name__)
+
+# row decode steps auto runs history drafts for before it judges them: about 16 answers of 64 tokens at 4 per step
+HISTORY_PILOT_STEPS = 256
 
 
 def engine_factory(
@@ -101,8 +105,7 @@ class AutoSampler(GenerateAPI):
         self.cost = CostModel(block_size)
         self.calibrated: set[int] = set()
         self.last_choice: Option | None = None
-        spec = [o for o in self.options if o.sampler != "ar"]
-        self.pilot = next((o for o in spec if len(o.levels) > 1), spec[0])
+        self.pilots = pilot_options(self.options)
         self.policy_version = 0  # stamped on the trajectories, like BlockEngine.policy_version
         probe = make_engine(self.options[0], 1)
         self.policy, self.tokenizer = probe.policy, probe.tokenizer  # the engines' shared policy; default EOS
@@ -112,12 +115,21 @@ class AutoSampler(GenerateAPI):
         last = self.last_choice.name if self.last_choice is not None else None
         return AutoState(self.cost.acceptance.steps, self.pilot.name, last)
 
+    def _unpiloted(self, opt: Option) -> bool:
+        """No acceptance seen yet; with history drafts, fewer than `HISTORY_PILOT_STEPS` decode steps run with them
+        (a short first call, such as a warm-up, drafts from an empty store and would judge history on nothing)."""
+        if opt.drafts != "diffusion":
+            return self.cost.history_steps(opt) < HISTORY_PILOT_STEPS
+        return self.cost.acceptance.steps == 0
+
+    @property
+    def pilot(self) -> Option:
+        """The next option to pilot (the first, once all have been)."""
+        return next((o for o in self.pilots if self._unpiloted(o)), self.pilots[0])
+
     @property
     def needs_pilot(self) -> bool:
-        """No acceptance seen yet; with history drafts, no call run with them yet."""
-        if self.pilot.drafts != "diffusion":
-            return self.cost.history_steps(self.pilot) == 0
-        return self.cost.acceptance.steps == 0
+        return any(self._unpiloted(o) for o in self.pilots)
 
     def observe(self, trajs: Sequence[Trajectory]) -> None:
         for t in trajs:
@@ -128,16 +140,26 @@ class AutoSampler(GenerateAPI):
         eng.policy_version = self.policy_version
         return eng
 
+    def _bucket(self, rows: int) -> int:
+        """The calibrated batch size that covers `rows`: powers of two up to max_batch (a multi-turn job's calls
+        shrink as episodes end; each size would otherwise be timed anew)."""
+        return min(self.max_batch, 1 << max(0, rows - 1).bit_length())
+
     def _calibrate(self, batch_size: int) -> None:
         if batch_size not in self.calibrated:
+            log.info(
+                "auto: timing %d options at batch %d (once per batch size)", len(self.options), batch_size
+            )
+            t0 = time.perf_counter()
             self.cost.calibrate(self.make_engine, self.options, [batch_size])
             self.calibrated.add(batch_size)
+            log.info("auto: timed batch %d in %.1fs", batch_size, time.perf_counter() - t0)
 
     def choose_for(self, busy_rows: int) -> Option:
         """The option a request joining `busy_rows` others should run (the server's per-request auto): the
         lossless pilot until some acceptance has been observed (`observe`), then the cost model's choice at the
         calibrated batch size that covers them (powers of two up to max_batch, each calibrated on first use)."""
-        B = min(self.max_batch, 1 << max(0, busy_rows - 1).bit_length())
+        B = self._bucket(busy_rows)
         self._calibrate(B)
         choice = self.pilot if self.needs_pilot else self.cost.choose(self.options, B)
         self.last_choice = choice
@@ -146,21 +168,22 @@ class AutoSampler(GenerateAPI):
     def run(
         self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0, audit: bool = False
     ) -> list[Trajectory]:
-        B = min(self.max_batch, len(prompt_ids))
+        B = self._bucket(len(prompt_ids))
         self._calibrate(B)
         results: list[Trajectory] = []
         if self.needs_pilot:
             # a diffusion pilot needs one batch; history drafts are judged on a whole call, because what they yield
             # depends on the call itself: a group's later samples draft from its earlier ones
-            cut = B if self.pilot.drafts == "diffusion" else len(prompt_ids)
+            pilot = self.pilot
+            cut = B if pilot.drafts == "diffusion" else len(prompt_ids)
             head, prompt_ids = prompt_ids[:cut], prompt_ids[cut:]
-            eng = self._engine(self.pilot, B)
-            pilot = eng.run(head, params, index_offset, audit)
-            self.observe(pilot)
-            self.cost.observe_steps(self.pilot, eng.step_stats)
-            results += pilot
+            eng = self._engine(pilot, B)
+            trajs = eng.run(head, params, index_offset, audit)
+            self.observe(trajs)
+            self.cost.observe_steps(pilot, eng.step_stats)
+            results += trajs
             if not prompt_ids:
-                self.last_choice = self.pilot
+                self.last_choice = pilot
                 return results
         choice = self.cost.choose(self.options, B)
         self.last_choice = choice

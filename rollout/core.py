@@ -39,6 +39,7 @@ PHASES = (
     "bookkeeping",
 )  # a decode step's parts (`StepTimer`)
 _UNTIMED = contextlib.nullcontext()
+CURVE_KEEP = 0.99  # per decode step: the draft-source curves remember about the last 100 steps
 
 
 class StepTimer:
@@ -548,6 +549,12 @@ class EngineCore:
         na = [int(h[0]) for h in host]
         now = time.perf_counter()
         self._hist_updates = []
+        if drafts_used is not None and self.history is not None:
+            # the live curves that choose a row's draft source forget at CURVE_KEEP per step (an RL run's drafter
+            # and policy change under them: a cold drafter's first curve would otherwise rule a trained one)
+            self.diff_curve.decay(CURVE_KEEP)
+            self.hist_curve.decay(CURVE_KEEP)
+            self.hist_calib = [1.0 + (a - 1.0) * CURVE_KEEP for a in self.hist_calib]
         for r, s in enumerate(rows):
             row = self.slots[s]
             t, h = row.traj, host[r]
@@ -609,7 +616,7 @@ class EngineCore:
         live curves (history or diffusion, by the row's source) and the step cost fit from this core's own timed
         steps at this many rows; drafts past n are dropped. Until two lengths have been timed: the longest."""
         fit = self.step_fit.get(len(rows))
-        if fit is None or fit[0] < 4:
+        if fit is None or fit[0] < 4 or not self.history.cfg.adaptive_length:
             return longest
         n_obs, sx, sy, sxx, sxy = fit
         var = sxx - sx * sx / n_obs

@@ -43,6 +43,11 @@ class KMCurve:
     def hazard(self) -> np.ndarray:
         return np.divide(self.rejected, self.at_risk, out=np.ones_like(self.rejected), where=self.at_risk > 0)
 
+    def decay(self, keep: float) -> None:
+        """Weigh what was seen so far by `keep` (a live curve follows a drafter and policy that change)."""
+        self.at_risk *= keep
+        self.rejected *= keep
+
 
 def km_survival(hazard: np.ndarray) -> np.ndarray:
     h = hazard.copy()
@@ -162,8 +167,10 @@ def step_queries(block_size: int, levels: Sequence[int | str], n: int) -> int:
 
 
 def default_options(block_size: int, drafts: str = "diffusion") -> list[Option]:
-    """`auto`'s candidates: ar, and lossless at a few level sets, with and without the draft's end (`END`), with
-    drafts from `drafts` (history only: ar and lossless[history])."""
+    """`auto`'s candidates: ar, and lossless at a few level sets, with and without the draft's end (`END`).
+    history: ar and lossless[history]. both: the diffusion sets, history alone, and the first multi-level set with
+    both sources (`pilot_options` runs the last two before the cost model chooses); a pass with diffusion drafts is
+    laid out for a whole block, so on a task the drafter does not know history alone can be the fastest."""
     if drafts == "history":
         return [Option("ar"), Option("lossless", (), "history")]
     K = block_size
@@ -175,7 +182,19 @@ def default_options(block_size: int, drafts: str = "diffusion") -> list[Option]:
     ]
     fixed = sorted({tuple(sorted(set(s))) for s in sets}, key=len)
     tails = [(END,), (0, END)] + ([(0, K // 2, END)] if K >= 2 else [])
+    if drafts == "both":
+        pilot = next(s for s in fixed if len(s) > 1) if len(fixed) > 1 else fixed[0]
+        extra = [Option("lossless", pilot, "both"), Option("lossless", (), "history")]
+        return [Option("ar"), *[Option("lossless", s, "diffusion") for s in fixed + tails], *extra]
     return [Option("ar"), *[Option("lossless", s, drafts) for s in fixed + tails]]
+
+
+def pilot_options(options: Sequence[Option]) -> list[Option]:
+    """The options `auto` runs before it lets the cost model choose: those with history drafts (whose yield is
+    observed, not projected), else the first diffusion option with several levels (for the acceptance curve)."""
+    spec = [o for o in options if o.sampler != "ar"]
+    hist = [o for o in spec if o.drafts != "diffusion"]
+    return hist or [next((o for o in spec if len(o.levels) > 1), spec[0])]
 
 
 @dataclass

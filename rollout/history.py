@@ -63,6 +63,10 @@ class HistorySettings(Section):
     """a draft stops where its estimated prefix probability falls below this."""
     max_draft: int = Field(16, ge=1)
     """longest history draft on a model with no diffusion drafter (a converted model drafts at most its K)."""
+    adaptive_length: bool = True
+    """cut each pass's verify length to what the measured step cost says pays (faster; since the cut follows
+    wall-clock timings, a seeded run is exact but not bit-reproducible). false: every pass verifies its longest
+    draft, and a seeded run is reproducible for the same batch."""
     rule: str = Field("expected", pattern="^(expected|history|diffusion)$")
     """per row and step, with `drafts: both`: `expected` = the draft with the larger expected accepted length;
     `history` = a history draft whenever there is one; `diffusion` = history only where no diffusion draft is."""

@@ -300,16 +300,26 @@ class Cell:
         self.trajs = None
 
     def warm_up(self) -> None:
-        """Untimed (auto calibrates its cost model here, once per batch size)."""
-        if self.engine is not None:
+        """Untimed. auto calibrates its cost model here (once per batch size) and runs its pilots on whole calls of
+        these prompts (at most 4, each from an empty history store), so the timed runs show what it then chooses:
+        a job pilots on its first calls the same way."""
+        cfg = self.cfg
+        if self.engine is None:
+            self._hf(self.prompts[: self.B], 16, cfg.seed)
+            return
+        self.engine.generate(
+            self.prompts[: self.B], max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed
+        )
+        for k in range(4):
+            if not getattr(self.engine, "needs_pilot", False):
+                break
+            self.history.clear()
             self.engine.generate(
-                self.prompts[: self.B],
-                max_new_tokens=16,
-                temperature=self.cfg.temperature,
-                seed=self.cfg.seed,
+                self.prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                seed=cfg.seed - 1 - k,
             )
-        else:
-            self._hf(self.prompts[: self.B], 16, self.cfg.seed)
 
     def _hf(self, ids: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
         cfg = self.cfg

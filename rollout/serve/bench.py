@@ -6,6 +6,11 @@ concurrency c and repeat, every arm (the HF server, and the engine server with e
 serves the same `requests` completions from c closed-loop clients (each sends its next request when the last one
 returns), in an order that alternates between repeats. Per run: wall seconds, completion tokens/s, p50/p99 request
 latency, tokens per forward. The summary takes medians over repeats and each arm's ratio to HF at that c.
+
+`lossless+history` is a third server, the engine with history drafts beside its diffusion drafts (`drafts: both`;
+history alone on a plain checkpoint). `turns > 1` makes every request a conversation of that many turns: each turn
+asks the first turn's question again with the earlier answers in context (a chat whose turns repeat earlier text,
+as agents' do), through the chat endpoint on a chat-format checkpoint and as one growing text prompt otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import json
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,7 +33,8 @@ from rollout.serve.config import ServeConfig
 from rollout.serve.run import ServerProcess
 from rollout.types import Levels
 
-Arm = Literal["hf", "ar", "lossless", "logit_mix", "auto"]
+Arm = Literal["hf", "ar", "lossless", "logit_mix", "auto", "lossless+history"]
+HISTORY_ARM = "lossless+history"
 
 
 class ServeBenchConfig(Section):
@@ -38,11 +45,14 @@ class ServeBenchConfig(Section):
     run_dir: str = "runs/serve_bench"
     """results.json, serve_bench.png and the servers' logs."""
     arms: list[Arm] = Field(default_factory=lambda: ["hf", "ar", "lossless"])
-    """hf = the HF-generate server; the others = the engine server with that sampler per request."""
+    """hf = the HF-generate server; the others = the engine server with that sampler per request;
+    lossless+history = lossless on an engine server that also drafts from history (`drafts: both`)."""
     concurrency: list[int] = Field(default_factory=lambda: [1, 8, 32])
     """concurrent clients."""
     requests: int = Field(32, ge=1)
-    """completions per arm, concurrency and repeat."""
+    """completions (conversations, with turns > 1) per arm, concurrency and repeat."""
+    turns: int = Field(1, ge=1)
+    """turns per conversation: each asks the first turn's question again, the earlier answers in context."""
     repeats: int = Field(2, ge=1)
     """runs per arm and concurrency (order alternates)."""
     max_tokens: int = Field(96, ge=1)
@@ -75,6 +85,7 @@ class LoadRun:
     p99_s: float
     tokens_per_forward: float
     failed: int
+    completions: int = 0  # requests answered (conversations x turns)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -82,9 +93,12 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def drive(url: str, model: str, prompts: list[str], concurrency: int, cfg: ServeBenchConfig, sampler):
-    """`len(prompts)` completions from `concurrency` closed-loop clients -> (wall s, [(latency, tokens, tpf)], 0);
-    any failed request stops the benchmark."""
+async def drive(
+    url: str, model: str, prompts: list[str], concurrency: int, cfg: ServeBenchConfig, sampler, chat
+):
+    """`len(prompts)` conversations of `cfg.turns` turns (one completion each with turns = 1) from `concurrency`
+    closed-loop clients -> (wall s, [(latency, tokens, tpf)] per turn, 0); any failed request stops the
+    benchmark. `chat` = send messages to the chat endpoint (the prompts are then the users' messages)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
@@ -92,24 +106,36 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, cfg:
     done: list[tuple[float, int, float]] = []
     failed: list[str] = []
 
+    async def turn(i: int, t: int, context: str, messages: list[dict]):
+        kw = dict(
+            model=model,
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            seed=None if sampler == "auto" else cfg.seed + i + 7919 * t,  # a seed pins auto to lossless
+            extra_body={"sampler": sampler} if sampler else None,
+        )
+        if chat:
+            r = await client.chat.completions.create(messages=messages, **kw)
+            return r.choices[0], r.choices[0].message.content or ""
+        r = await client.completions.create(prompt=context, **kw)
+        return r.choices[0], r.choices[0].text
+
     async def worker():
         while todo:
             i, prompt = todo.pop()
-            t0 = time.perf_counter()
-            try:
-                r = await client.completions.create(
-                    model=model,
-                    prompt=prompt,
-                    max_tokens=cfg.max_tokens,
-                    temperature=cfg.temperature,
-                    seed=None if sampler == "auto" else cfg.seed + i,  # a seed pins auto to lossless
-                    extra_body={"sampler": sampler} if sampler else None,
-                )
-            except openai.APIError as e:
-                failed.append(f"request {i}: {e}")
-                continue
-            c = r.choices[0]
-            done.append((time.perf_counter() - t0, len(c.token_ids), c.blockrl["tokens_per_forward"]))
+            context, messages = "", []
+            for t in range(cfg.turns):
+                context += prompt
+                messages.append({"role": "user", "content": prompt})
+                t0 = time.perf_counter()
+                try:
+                    c, text = await turn(i, t, context, messages)
+                except openai.APIError as e:
+                    failed.append(f"request {i} turn {t + 1}: {e}")
+                    break
+                done.append((time.perf_counter() - t0, len(c.token_ids), c.blockrl["tokens_per_forward"]))
+                context += text + "\n"
+                messages.append({"role": "assistant", "content": text})
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -123,7 +149,7 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, cfg:
 def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     import logging
 
-    from policy.hybrid import checkpoint_prompt_format, load_tokenizer
+    from policy.hybrid import checkpoint_is_converted, checkpoint_prompt_format, load_tokenizer
     from policy.tokenizer import encode_prompt
 
     for name in ("httpx", "httpx2", "openai"):  # one line per request otherwise
@@ -132,9 +158,19 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.checkpoint)
     fmt = checkpoint_prompt_format(cfg.checkpoint)
-    pool = splits.bench_prompts(cfg.tasks, -(-cfg.requests // len(cfg.tasks)), cfg.seed)[: cfg.requests]
-    # the training format's text: chat-format checkpoints get their template rendered (completions take text)
-    prompts = [tok.decode(encode_prompt(tok, s.prompt, fmt)) if fmt == "chat" else s.prompt for s in pool]
+    # fresh prompts for every (concurrency, repeat) and the warm-up: no run drafts from an earlier run's answers to
+    # the same questions (a history server keeps them); every arm of one (concurrency, repeat) gets the same ones
+    runs_n = len(cfg.concurrency) * cfg.repeats + 1
+    n = cfg.requests * runs_n
+    pool = splits.bench_prompts(cfg.tasks, -(-n // len(cfg.tasks)), cfg.seed)[:n]
+    # conversations on a chat-format checkpoint go through the chat endpoint (the server renders the template);
+    # single completions take the training format's text (a chat checkpoint's template rendered here)
+    chat = fmt == "chat" and cfg.turns > 1
+    texts = [
+        tok.decode(encode_prompt(tok, s.prompt, fmt)) if fmt == "chat" and not chat else s.prompt
+        for s in pool
+    ]
+    sets = [texts[k * cfg.requests : (k + 1) * cfg.requests] for k in range(runs_n)]
     base = dict(
         checkpoint=cfg.checkpoint,
         port=0,
@@ -151,35 +187,40 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     servers = {"engine": ServeConfig(backend="engine", sampler="lossless", **base)}
     if "hf" in cfg.arms:
         servers["hf"] = ServeConfig(backend="hf", sampler="ar", **base)
-    with ServerProcess(servers["engine"], run_dir / "engine.log") as engine_url:
-        hf = ServerProcess(servers["hf"], run_dir / "hf.log") if "hf" in servers else None
-        hf_url = hf.__enter__() if hf else None
-        try:
-            for arm in cfg.arms:  # warm: first requests load kernels, calibrate auto
-                asyncio.run(
-                    drive(hf_url if arm == "hf" else engine_url, model, prompts[:2], 1, cfg, _sampler(arm))
-                )
-            for c in cfg.concurrency:
-                for rep in range(cfg.repeats):
-                    order = cfg.arms if rep % 2 == 0 else cfg.arms[::-1]
-                    for arm in order:
-                        url = hf_url if arm == "hf" else engine_url
-                        seconds, done, failed = asyncio.run(drive(url, model, prompts, c, cfg, _sampler(arm)))
-                        lat = [d[0] for d in done] or [0.0]
-                        tokens = sum(d[1] for d in done)
-                        tpf = sum(d[2] * d[1] for d in done) / max(1, tokens)
-                        r = LoadRun(
-                            arm, c, rep, seconds, tokens, tokens / seconds, statistics.median(lat),
-                            percentile(lat, 0.99), tpf, failed,
-                        )  # fmt: skip
-                        runs.append(r)
-                        log(
-                            f"c={c:<3} {arm:<10} {r.tokens_per_s:8.0f} tok/s  p50 {r.p50_s:6.2f}s  "
-                            f"p99 {r.p99_s:6.2f}s  tokens/forward {tpf:4.2f}  failed {failed}"
-                        )
-        finally:
-            if hf:
-                hf.__exit__()
+    if HISTORY_ARM in cfg.arms:  # both draft sources (history alone on a plain checkpoint)
+        drafts = "both" if checkpoint_is_converted(cfg.checkpoint) else "history"
+        servers[HISTORY_ARM] = ServeConfig(backend="engine", sampler="lossless", drafts=drafts, **base)
+    with ExitStack() as stack:
+        urls = {
+            name: stack.enter_context(ServerProcess(sc, run_dir / f"{name.replace('+', '_')}.log"))
+            for name, sc in servers.items()
+        }
+
+        def url_of(arm: str) -> str:
+            return urls[arm] if arm in ("hf", HISTORY_ARM) else urls["engine"]
+
+        for arm in cfg.arms:  # warm: first requests load kernels, calibrate auto
+            asyncio.run(drive(url_of(arm), model, sets[-1][:2], 1, cfg, _sampler(arm), chat))
+        for ci, c in enumerate(cfg.concurrency):
+            for rep in range(cfg.repeats):
+                prompts = sets[ci * cfg.repeats + rep]
+                order = cfg.arms if rep % 2 == 0 else cfg.arms[::-1]
+                for arm in order:
+                    seconds, done, failed = asyncio.run(
+                        drive(url_of(arm), model, prompts, c, cfg, _sampler(arm), chat)
+                    )
+                    lat = [d[0] for d in done] or [0.0]
+                    tokens = sum(d[1] for d in done)
+                    tpf = sum(d[2] * d[1] for d in done) / max(1, tokens)
+                    r = LoadRun(
+                        arm, c, rep, seconds, tokens, tokens / seconds, statistics.median(lat),
+                        percentile(lat, 0.99), tpf, failed, len(done),
+                    )  # fmt: skip
+                    runs.append(r)
+                    log(
+                        f"c={c:<3} {arm:<16} {r.tokens_per_s:8.0f} tok/s  p50 {r.p50_s:6.2f}s  "
+                        f"p99 {r.p99_s:6.2f}s  tokens/forward {tpf:4.2f}  failed {failed}"
+                    )
     out = {
         "config": cfg.model_dump(mode="json"),
         "runs": [asdict(r) for r in runs],
@@ -193,7 +234,7 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
 
 
 def _sampler(arm: str) -> str | None:
-    return None if arm == "hf" else arm
+    return None if arm == "hf" else arm.removesuffix("+history")
 
 
 def summarize(runs: list[LoadRun]) -> list[dict]:
@@ -225,12 +266,12 @@ def summarize(runs: list[LoadRun]) -> list[dict]:
 def format_summary(out: dict) -> str:
     lines = [f"blockrl serve-bench on {out['device']} (median over repeats; vs_hf = tokens/s ratio)"]
     lines.append(
-        f"{'clients':>7} {'arm':<10} {'tok/s':>8} {'vs hf':>6} {'p50 s':>7} {'p99 s':>7} {'tok/fwd':>7}"
+        f"{'clients':>7} {'arm':<16} {'tok/s':>8} {'vs hf':>6} {'p50 s':>7} {'p99 s':>7} {'tok/fwd':>7}"
     )
     for r in out["summary"]:
         ratio = f"{r['vs_hf']:.2f}x" if r["vs_hf"] is not None else "-"
         lines.append(
-            f"{r['concurrency']:>7} {r['arm']:<10} {r['tokens_per_s']:>8.0f} {ratio:>6} {r['p50_s']:>7.2f} "
+            f"{r['concurrency']:>7} {r['arm']:<16} {r['tokens_per_s']:>8.0f} {ratio:>6} {r['p50_s']:>7.2f} "
             f"{r['p99_s']:>7.2f} {r['tokens_per_forward']:>7.2f}"
         )
     return "\n".join(lines)

@@ -251,6 +251,16 @@ def test_auto_never_reuses_a_random_stream_across_repeated_prompts():
     assert len({tuple(t.tokens) for t in trajs}) > 3
 
 
+def test_auto_times_each_power_of_two_batch_once():
+    """A multi-turn job's calls shrink as its episodes end (16, 9, 5, 3 rows ...): auto times its options once per
+    power-of-two batch up to max_batch, not once per call size."""
+    policy = lively_policy("moe")
+    eng = AutoSampler(engine_factory(policy), policy.block_size, max_batch=8)
+    for n in (7, 5, 3, 2, 6, 1):
+        eng.generate([[2, 5 + i] for i in range(n)], max_new_tokens=4, temperature=1.0, seed=n)
+    assert eng.calibrated == {8, 4, 2, 1}
+
+
 @pytest.mark.parametrize("sampler", ["ar", "lossless"])
 def test_top_k_1_and_tiny_top_p_sample_the_argmax(sampler):
     """Processors shape the target itself: top_k=1 (or a tiny top_p) at T=1 must reproduce greedy decoding."""

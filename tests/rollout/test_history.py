@@ -125,10 +125,23 @@ def test_history_drafts_keep_lossless_exact(drafts, draft):
     policy = plain_policy(vocab=6, seed=3) if drafts == "history" else lively_policy("moe", 5, 2, seed=3)
     prompt = [2, 3]
     exact = exact_ar_distribution(policy, prompt, 3)
-    eng = BlockEngine(policy, "lossless", levels=[0], max_batch=500, drafts=drafts, draft=draft)
+    # every pass verifies its longest draft: the run is reproducible, so its history use is too
+    store = HistoryStore(HistorySettings(adaptive_length=False))
+    eng = BlockEngine(
+        policy, "lossless", levels=[0], max_batch=500, drafts=drafts, draft=draft, history=store
+    )
     trajs = eng.generate([prompt] * N, max_new_tokens=3, temperature=1.0, seed=7, eos_token_id=None)
     assert sum(t.history_accepted for t in trajs) > N * 0.1  # history drafts were really used
     assert empirical_tv(trajs, exact) < tv_threshold(exact.values(), N)
+
+
+def test_a_seeded_run_with_history_drafts_is_reproducible_without_the_adaptive_length():
+    def run():
+        store = HistoryStore(HistorySettings(adaptive_length=False))
+        eng = BlockEngine(plain_policy(), "lossless", max_batch=4, drafts="history", history=store)
+        return [t.tokens for t in eng.generate(PROMPTS * 4, 24, temperature=1.0, seed=5, eos_token_id=None)]
+
+    assert run() == run()
 
 
 def test_logit_mix_verifies_history_drafts_against_the_pure_ar_target():
@@ -156,3 +169,31 @@ def test_plain_model_refuses_diffusion_drafts_and_logit_mix_needs_the_drafter():
         BlockEngine(plain_policy(), "lossless", drafts="diffusion")
     with pytest.raises(ValueError, match="logit_mix"):
         BlockEngine(lively_policy("moe"), "logit_mix", drafts="history")
+
+
+@pytest.mark.parametrize("drafts", ["history", "both"])
+def test_auto_pilots_history_drafts_until_it_has_seen_enough_steps(drafts):
+    """A short first call (a warm-up) drafts from an empty store: auto keeps running each option with history
+    drafts (whole calls, so siblings can share) until it has seen HISTORY_PILOT_STEPS decode steps of it, and only
+    then lets the cost model choose. With both sources it pilots both and history alone."""
+    from rollout.auto import HISTORY_PILOT_STEPS, build_engine
+    from rollout.settings import EngineSettings
+
+    policy = plain_policy() if drafts == "history" else lively_policy("moe")
+    auto = build_engine(policy, EngineSettings(sampler="auto", max_batch=2, drafts=drafts))
+    expect = (
+        ["lossless[history]"] if drafts == "history" else ["lossless[0, 1, 2]+history", "lossless[history]"]
+    )
+    assert [o.name for o in auto.pilots] == expect
+    warm = auto.generate(PROMPTS[:2], max_new_tokens=4, temperature=0, eos_token_id=None)
+    assert {t.sampler for t in warm} == {expect[0]} and auto.needs_pilot
+    ran = []
+    while auto.needs_pilot:
+        pilot = auto.pilot.name
+        trajs = auto.generate(PROMPTS * 4, max_new_tokens=40, temperature=0, eos_token_id=None)
+        assert {t.sampler for t in trajs} == {pilot}
+        ran.append(pilot)
+    assert sorted(set(ran)) == sorted(expect)
+    assert all(auto.cost.history_steps(o) >= HISTORY_PILOT_STEPS for o in auto.pilots)
+    auto.generate(PROMPTS, max_new_tokens=8, temperature=0, eos_token_id=None)
+    assert auto.last_choice == auto.cost.choose(auto.options, 2)  # the cost model's pick now, not a pilot's

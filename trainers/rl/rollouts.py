@@ -179,7 +179,8 @@ def heldout_eval(
 
 
 def rollout_metrics(batch: StepBatch, group: int, K: int) -> dict[str, float]:
-    """Acceptance (tokens per forward, accept rate, by draft position), lengths, reward and pass@group per task."""
+    """Acceptance (tokens per forward, accept rate, by draft position, history drafts' share), lengths, reward
+    and pass@group per task."""
     trajs, rewards = batch.trajs, batch.rewards
     m = {
         "rollout/tokens_per_forward": sum(t.num_tokens for t in trajs)
@@ -188,6 +189,12 @@ def rollout_metrics(batch: StepBatch, group: int, K: int) -> dict[str, float]:
         "perf/tok_per_s": sum(t.num_tokens for t in trajs) / max(1e-9, batch.rollout_s),
         "time/rollout_s": batch.rollout_s,
     }
+    steps = sum(len(t.accept_counts) for t in trajs)
+    if any(t.history_steps for t in trajs):  # history drafts: the share of decode steps that verified one
+        m["rollout/history_share"] = sum(t.history_steps for t in trajs) / max(1, steps)
+        m["rollout/history_accepted_per_step"] = sum(t.history_accepted for t in trajs) / max(
+            1, sum(t.history_steps for t in trajs)
+        )
     if K and any(t.accept_counts for t in trajs):
         acc = AcceptanceStats(K)
         for t in trajs:

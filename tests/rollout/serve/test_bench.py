@@ -42,3 +42,26 @@ def test_summary_takes_medians_over_repeats():
     rows = {r["arm"]: r for r in summarize(runs)}
     assert rows["hf"]["tokens_per_s"] == statistics.median([100, 300, 200])
     assert rows["ar"]["vs_hf"] == pytest.approx(500 / 200)
+
+
+def test_history_arm_serves_conversations_whose_turns_repeat_earlier_text(tmp_path):
+    """`lossless+history` runs on its own server with both draft sources; with turns = 2 every conversation asks
+    its question twice, and each turn is one completion."""
+    import yaml
+
+    cfg = ServeBenchConfig(
+        run_dir=str(tmp_path),
+        arms=["lossless", "lossless+history"],
+        concurrency=[2],
+        requests=2,
+        turns=2,
+        repeats=1,
+        max_tokens=8,
+        max_batch=2,
+        device="cpu",
+    )
+    out = run_serve_bench(cfg, log=lambda _: None)
+    assert {r["arm"] for r in out["runs"]} == set(cfg.arms)
+    assert all(r["completions"] == 2 * 2 and r["failed"] == 0 for r in out["runs"])
+    served = yaml.safe_load((tmp_path / "lossless_history.yaml").read_text())
+    assert served["drafts"] == "both" and served["sampler"] == "lossless"
