@@ -6,6 +6,7 @@ where the plots, JSONL and wandb run are.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from rollout.engine import BlockEngine
 from trainers.lm.evaluate import wilson
 from trainers.rl.run import TrainConfig, train
 
+log = logging.getLogger(__name__)
+
 
 def heldout_solve_and_speed(
     checkpoint: str | Path, tok, tasks: list[str], per_task: int, batch: int, seed: int
@@ -32,10 +35,12 @@ def heldout_solve_and_speed(
     prompts = [encode_prompt(tok, s.prompt, policy.prompt_format) for s in samples]
     out = {}
     for sampler in ("lossless", "ar"):
+        log.info("demo: %s on %d held-out prompts of %s (batch %d)", sampler, len(prompts), checkpoint, batch)
         eng = BlockEngine(policy, sampler=sampler, levels=[0, 4, 8], max_batch=batch, tokenizer=tok)
         t0 = time.perf_counter()
         trajs = eng.generate(prompts, max_new_tokens=160, temperature=1.0, seed=splits.HELDOUT_SAMPLING_SEED)
         dt = time.perf_counter() - t0
+        log.info("demo: %s done in %.1fs", sampler, dt)
         out[f"{sampler}_tok_s"] = sum(t.num_tokens for t in trajs) / dt
         if sampler == "lossless":
             solved = sum(
