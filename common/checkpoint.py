@@ -23,13 +23,33 @@ STATE_FILE = "trainer_state.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states: CPU torch, numpy, python, and one CUDA state per visible GPU under "cuda"."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": _cuda_rng_states(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _cuda_rng_states() -> list[torch.Tensor]:
+    """Per-GPU generator states; [] where CUDA was never initialised in this process: it never drew on a GPU, so
+    there is nothing to resume (and a CPU-only driver is not made to open a CUDA context just to checkpoint)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return []
+    return list(torch.cuda.get_rng_state_all())
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`'s output. CUDA states are restored for the GPUs both runs have: a checkpoint written
+    without them (older format, or a CPU run) or with a different GPU count still loads."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    cuda = state.get("cuda", [])
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)  # lazy until CUDA initialises
 
 
 def atomic_dir_write(dest: Path, write) -> None:

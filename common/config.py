@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -119,6 +120,55 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, docstring) of every field, nested sections flattened after a row of their own
+    (`name.*`, no type) (`blockrl CMD --help`)."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        path = f"{prefix}{name}"
+        section = field.annotation if isinstance(field.annotation, type) else None
+        if section is not None and issubclass(section, BaseModel):
+            rows.append((f"{path}.*", "", "", " ".join((field.description or "").split())))
+            rows += describe_fields(section, f"{path}.")
+            continue
+        if field.default_factory is not None:
+            default = repr(field.default_factory())
+        else:
+            default = "required" if field.is_required() else repr(field.default)
+        if len(default) > 60:
+            default = default[:57] + "..."
+        rows.append(
+            (path, _type_name(field.annotation), default, " ".join((field.description or "").split()))
+        )
+    return rows
+
+
+def _type_name(ann: Any) -> str:
+    """A field's type as a user writes it: `int`, `list[str]`, `a | b` for a Literal's choices, `str | None`."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return "None" if ann is type(None) else getattr(ann, "__name__", str(ann))
+
+
+def format_fields(cls: type[BaseModel], width: int = 100) -> str:
+    """The fields of a config as help text: `name: type = default` and its docstring, wrapped to `width`."""
+    import textwrap
+
+    out = [f"config fields ({cls.__name__}; set any with --set NAME=VALUE):"]
+    for name, kind, default, doc in describe_fields(cls):
+        out.append(f"  {name}: {kind} = {default}" if kind else f"  {name}")  # a section: its fields follow
+        if doc:
+            out += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)
 
 
 def resolve_config_path(name: str | Path) -> Path:

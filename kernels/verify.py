@@ -21,6 +21,7 @@ j < na is d_{j+1}, slot na is the drawn token, the rest -1), logprobs [R, K+1] =
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -152,22 +153,25 @@ def verify_triton(
     tokens = torch.full((R, K1), -1, dtype=torch.int64, device=dev)
     logprobs = torch.zeros(R, K1, dtype=torch.float32, device=dev)
     greedy = temperature == 0
-    verify_kernel[(R,)](
-        logits,
-        drafts,
-        q,
-        num_drafts.to(torch.int64).contiguous(),
-        uniforms.float().contiguous(),
-        accept,
-        tokens,
-        logprobs,
-        K,
-        V,
-        1.0 if greedy else 1.0 / temperature,
-        HAS_Q=draft_probs is not None and not greedy,
-        GREEDY=greedy,
-        BLOCK_V=min(1024, triton.next_power_of_2(V)),
-    )
+    # Triton launches on the current CUDA device: make it the tensors' (an engine on cuda:1 while cuda:0 is current)
+    on_dev = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with on_dev:
+        verify_kernel[(R,)](
+            logits,
+            drafts,
+            q,
+            num_drafts.to(torch.int64).contiguous(),
+            uniforms.float().contiguous(),
+            accept,
+            tokens,
+            logprobs,
+            K,
+            V,
+            1.0 if greedy else 1.0 / temperature,
+            HAS_Q=draft_probs is not None and not greedy,
+            GREEDY=greedy,
+            BLOCK_V=min(1024, triton.next_power_of_2(V)),
+        )
     return VerifyOutput(accept, tokens, logprobs)
 
 

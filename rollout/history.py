@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import Field
 
@@ -67,7 +68,7 @@ class HistorySettings(Section):
     """cut each pass's verify length to what the measured step cost says pays (faster; since the cut follows
     wall-clock timings, a seeded run is exact but not bit-reproducible). false: every pass verifies its longest
     draft, and a seeded run is reproducible for the same batch."""
-    rule: str = Field("expected", pattern="^(expected|history|diffusion)$")
+    rule: Literal["expected", "history", "diffusion"] = "expected"
     """per row and step, with `drafts: both`: `expected` = the draft with the larger expected accepted length;
     `history` = a history draft whenever there is one; `diffusion` = history only where no diffusion draft is."""
 

@@ -1,10 +1,26 @@
 """Shared fixtures: tiny random models and the char tokenizer; side effects stay in tmp dirs."""
 
+# ruff: noqa: E402  (the environment is set, by a small GPU check, before torch is imported: see the NOTE below)
+
+import glob
 import os
+import shutil
+
+
+def _has_nvidia_gpu() -> bool:
+    """Whether this process would see an NVIDIA GPU, decided without importing torch (see the NOTE below): the
+    driver's tool is on PATH, a device node exists, and CUDA_VISIBLE_DEVICES does not hide every device."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hidden = visible is not None and visible.strip() in ("", "-1")
+    return shutil.which("nvidia-smi") is not None and bool(glob.glob("/dev/nvidia[0-9]*")) and not hidden
+
 
 # NOTE: Triton reads TRITON_INTERPRET when triton.language and each kernel are decorated, so it must be set before
-# torch (which imports triton) is imported. CPU test runs use the interpreter; run GPU tests with TRITON_INTERPRET=0.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch (which imports triton) is imported. Rule: without a GPU the interpreter is on by default (CPU-tensor kernel
+# tests run under it); with one it is off by default, so `pytest -m gpu` compiles real kernels. An explicit
+# TRITON_INTERPRET in the environment always wins.
+if not _has_nvidia_gpu():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -259,6 +259,9 @@ class Command:
     flags: tuple[tuple[str, dict], ...] = ()
     takes_config: bool = True
     set_help: str | None = None  # --set without --config: what it overrides
+    config: str | None = (
+        None  # "module:Class" of its config, whose fields `--help` lists (imported only then)
+    )
 
 
 # Every subcommand, in `blockrl --help` order: the one place a job is wired to the command line.
@@ -274,6 +277,7 @@ COMMANDS = (
             ("--checkpoint", {"default": str(SHIPPED_CHECKPOINT), "help": "converted checkpoint to train"}),
             ("--steps", {"type": int, "default": 15, "help": "GRPO steps (default 15)"}),
         ),
+        config="trainers.rl.run:TrainConfig",
     ),
     Command(
         "train",
@@ -281,6 +285,7 @@ COMMANDS = (
         cmd_train,
         "grpo_tiny",
         (RESUME,),
+        config="trainers.rl.run:TrainConfig",
     ),
     Command(
         "bench",
@@ -288,6 +293,7 @@ COMMANDS = (
         cmd_bench,
         "bench",
         (JSON, PROFILE),
+        config="rollout.bench.run:BenchConfig",
     ),
     Command(
         "export-tasks",
@@ -312,6 +318,7 @@ COMMANDS = (
         cmd_trl_bench,
         None,
         (JSON,),
+        config="trainers.trl.bench:TRLBenchConfig",
     ),
     Command(
         "learner-bench",
@@ -319,6 +326,7 @@ COMMANDS = (
         cmd_learner_bench,
         None,
         (JSON,),
+        config="trainers.rl.bench:LearnerBenchConfig",
     ),
     Command(
         "sync-bench",
@@ -326,9 +334,14 @@ COMMANDS = (
         cmd_sync_bench,
         None,
         (JSON,),
+        config="trainers.rl.sync_bench:SyncBenchConfig",
     ),
     Command(
-        "rollout", "N trajectories on Ray workers -> sharded Parquet (resumable)", cmd_rollout, "rollout"
+        "rollout",
+        "N trajectories on Ray workers -> sharded Parquet (resumable)",
+        cmd_rollout,
+        "rollout",
+        config="rollout.batch.config:RolloutJobConfig",
     ),
     Command(
         "regress",
@@ -336,6 +349,7 @@ COMMANDS = (
         cmd_regress,
         "regress",
         (("--update-baseline", {"action": "store_true", "help": "rewrite the baseline file from this run"}),),
+        config="trainers.regress.job:RegressConfig",
     ),
     Command(
         "serve",
@@ -352,6 +366,7 @@ COMMANDS = (
                 {"type": int, "default": None, "help": "TCP port (overrides the config; 0 = any free)"},
             ),
         ),
+        config="rollout.serve.config:ServeConfig",
     ),
     Command(
         "serve-bench",
@@ -359,9 +374,15 @@ COMMANDS = (
         cmd_serve_bench,
         None,
         (JSON,),
+        config="rollout.serve.bench:ServeBenchConfig",
     ),
     Command(
-        "pretrain", "AR pretraining from scratch on the task corpus", cmd_pretrain, "tiny_pretrain", (RESUME,)
+        "pretrain",
+        "AR pretraining from scratch on the task corpus",
+        cmd_pretrain,
+        "tiny_pretrain",
+        (RESUME,),
+        config="trainers.lm.train:PretrainConfig",
     ),
     Command(
         "convert",
@@ -369,8 +390,36 @@ COMMANDS = (
         cmd_convert,
         "tiny_convert",
         (RESUME,),
+        config="trainers.lm.train:ConvertConfig",
     ),
 )
+
+
+class _FieldsHelp(argparse.Action):
+    """`blockrl CMD --help`: the flags, then every field of CMD's config with its type, default and docstring
+    (the config class is imported only when help is asked for)."""
+
+    def __init__(self, *args, config: str, **kw):
+        super().__init__(*args, **kw)
+        self.config = config
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import importlib
+
+        from common.config import format_fields
+
+        module, cls = self.config.split(":")
+        fields = format_fields(getattr(importlib.import_module(module), cls))
+        preset = parser.get_default("config")
+        note = (
+            f"\n\ndefaults are the config class's; the preset (configs/{preset}.yaml) sets some"
+            if preset
+            else ""
+        )
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = fields + note
+        parser.print_help()
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,7 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in COMMANDS:
-        p = sub.add_parser(c.name, help=c.help)
+        p = sub.add_parser(c.name, help=c.help, add_help=c.config is None)
+        if c.config is not None:
+            p.add_argument(
+                "-h", "--help", action=_FieldsHelp, nargs=0, config=c.config, help="show this help"
+            )
         if c.takes_config:
             default = c.preset or "defaults"
             p.add_argument(

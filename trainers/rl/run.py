@@ -71,7 +71,7 @@ class TrainConfig(Section):
     run_dir: str = "runs/grpo"
     """output: config.yaml, metrics.jsonl, checkpoint/, wandb/."""
     checkpoint: ShippedPath = "checkpoints/tiny-moe"
-    """converted policy to start from."""
+    """policy to start from: a converted checkpoint, or a plain HF causal LM (history drafts only)."""
     seed: int = 0
     """prompt sampling and rollout seeds."""
     steps: int = Field(20, ge=1)
