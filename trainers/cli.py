@@ -99,9 +99,10 @@ def cmd_bench(args) -> int:
     require_checkpoint(cfg.checkpoint)
     for path in cfg.compare:
         require_checkpoint(path, "compare")
-    results = run_bench(cfg)
     run_dir = Path(cfg.run_dir)
     json_path = Path(args.json) if args.json else run_dir / "results.json"
+    # after each batch size, the rows so far (marked partial), so a run cut short still leaves numbers
+    results = run_bench(cfg, on_batch=lambda rows, done: write_json(rows, json_path, cfg, done))
     write_json(results, json_path, cfg)
     plot(results, run_dir / "bench.png")
     print_table(results)

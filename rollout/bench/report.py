@@ -13,11 +13,24 @@ from rollout.bench.run import BenchConfig, RunResult, model_label
 from rollout.types import levels_label
 
 
-def write_json(results: list[RunResult], path: Path, cfg: BenchConfig) -> None:
+def write_json(
+    results: list[RunResult], path: Path, cfg: BenchConfig, batch_sizes_done: list[int] | None = None
+) -> None:
+    """The results JSON. With `batch_sizes_done` it is a partial one, written as each batch size finishes
+    (`"partial": true`: the run may yet stop, e.g. at a time box); the final write has `"partial": false`.
+    Written to a temporary file and renamed, so a run killed mid-write leaves the previous file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"config": cfg.model_dump(mode="json"), "device": device_name(), "threads": cfg.threads}
-    body = {"meta": meta, "runs": [r.to_json() for r in results], "checkpoints": checkpoint_summary(results)}
-    path.write_text(json.dumps(body, indent=1))
+    body = {
+        "partial": batch_sizes_done is not None,
+        "batch_sizes_done": list(cfg.batch_sizes) if batch_sizes_done is None else batch_sizes_done,
+        "meta": meta,
+        "runs": [r.to_json() for r in results],
+        "checkpoints": checkpoint_summary(results),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, path)
 
 
 def device_name() -> str:

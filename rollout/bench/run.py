@@ -19,6 +19,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -476,7 +477,11 @@ def random_bench_policy(cfg: BenchConfig):
     return policy.to(device=cfg.torch_device(), dtype=cfg.torch_dtype).eval(), tok
 
 
-def run_bench(cfg: BenchConfig) -> list[RunResult]:
+def run_bench(
+    cfg: BenchConfig, on_batch: Callable[[list[RunResult], list[int]], None] | None = None
+) -> list[RunResult]:
+    """Every row of the run. `on_batch(results, batch_sizes_done)` is called after each batch size of the default
+    comparison, so a run stopped part-way (a time box) still leaves the batch sizes it finished on disk."""
     torch.set_num_threads(cfg.threads)
     if cfg.model is not None:
         policy, tok = random_bench_policy(cfg)
@@ -484,6 +489,7 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
         policy, tok = load_bench_policy(cfg.checkpoint, cfg)
     cost = CostModel(policy.block_size)
     results: list[RunResult] = []
+    done: list[int] = []  # batch sizes of the default comparison finished so far
     log.info("bench: checkpoint %s", cfg.checkpoint if cfg.model is None else "random-init model")
     for B in cfg.batch_sizes:
         n = max(B * cfg.prompts_per_row, cfg.min_prompts)
@@ -501,22 +507,32 @@ def run_bench(cfg: BenchConfig) -> list[RunResult]:
                 res.step_ms = profile_row(policy, tok, samples[:B], cfg, res._option)
         finish_rows(rows, cost)
         explain_losses(rows, cost)
+        name_rows(rows, cfg, policy)
         results += rows
+        done.append(B)
+        if on_batch is not None:
+            on_batch(results, list(done))
     results += run_sweeps(policy, tok, cfg, cost)
     for i, path in enumerate(cfg.compare, start=1):
         log.info("bench: comparison checkpoint %d of %d: %s (the same prompts)", i, len(cfg.compare), path)
         results += run_comparison(path, cfg)
+    name_rows(results, cfg, policy)
+    return results
+
+
+def name_rows(rows: list[RunResult], cfg: BenchConfig, policy) -> None:
+    """Stamp the bench's own model (checkpoint, label, vocabulary) on rows that name none yet (comparison rows
+    name theirs)."""
     name = (
         f"random {cfg.model.arch} h{cfg.model.hidden_size} V{cfg.model_vocab}"
         if cfg.model
         else cfg.checkpoint
     )
     vocab = policy.model.get_input_embeddings().weight.shape[0]
-    for r in results:
+    for r in rows:
         r.checkpoint = r.checkpoint or str(name)
         r.label = r.label or cfg.label or (name if cfg.model else model_label(name))
         r.vocab_size = r.vocab_size or vocab
-    return results
 
 
 def bench_drafts(cfg: BenchConfig, policy) -> list[str]:

@@ -142,8 +142,50 @@ def test_bench_runs_in_bf16_on_cpu(tmp_path, tokenizer):
     )
     body = json.loads(out.read_text())
     assert body["meta"]["config"]["dtype"] == "bfloat16"
+    assert body["partial"] is False and body["batch_sizes_done"] == [2]  # the final write
     assert {r["sampler"] for r in body["runs"]} == {"hf", "ar", "lossless", "logit_mix", "auto"}
     assert all(r["tokens_per_s"] > 0 and r["tokens_per_forward"] >= 1.0 for r in body["runs"])
+
+
+def test_a_bench_stopped_part_way_leaves_the_batch_sizes_it_finished(tmp_path, tokenizer, monkeypatch):
+    """The JSON is written after each batch size (marked partial), so a run killed at a time box (the GPU check's)
+    still leaves numbers: here the second batch size's cells raise, and B=1's rows are on disk."""
+    import rollout.bench.run as bench_run
+
+    ckpt = tmp_path / "ckpt"
+    converted(ckpt, tokenizer)
+    real, calls = bench_run.run_cells, []
+
+    def second_batch_size_fails(cells, repeats):
+        calls.append(cells[0].B)
+        if len(calls) == 2:
+            raise RuntimeError("stopped at the second batch size")
+        return real(cells, repeats)
+
+    monkeypatch.setattr(bench_run, "run_cells", second_batch_size_fails)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--json", str(out)]
+    sets = SMALL | {
+        "checkpoint": ckpt,
+        "run_dir": tmp_path / "run",
+        "batch_sizes": "[1,2]",
+        "max_new_tokens": 6,
+        "levels": "[[0]]",
+        "logit_mix": "false",
+    }
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v}"]
+    with pytest.raises(RuntimeError, match="second batch size"):
+        main(argv)
+    assert calls == [1, 2]
+    body = json.loads(out.read_text())
+    assert body["partial"] is True and body["batch_sizes_done"] == [1]
+    runs = body["runs"]
+    assert [r["sampler"] for r in runs] == ["hf", "ar", "lossless", "auto"]
+    assert {r["batch_size"] for r in runs} == {1}
+    assert all(r["tokens_per_s"] > 0 and r["checkpoint"] == str(ckpt) for r in runs)
+    assert [s["batch_size"] for s in body["checkpoints"]] == [1]
+    assert not (tmp_path / "run" / "bench.png").exists()  # no plot of a run that did not finish
 
 
 def test_bench_on_a_random_model_of_a_given_shape_and_vocabulary(tmp_path):
