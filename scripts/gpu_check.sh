@@ -7,7 +7,8 @@
 # pyproject's pins do not apply; the preflight prints the versions it found into the summary. PY=... overrides the
 # interpreter (default python3).
 #
-# 0. installs what is missing: wheels carried in .whl/ (pip download ... -d .whl, see the device README) go to
+# 0. installs what is missing: the wheels in .whl/ (`bash scripts/fetch_device_wheels.sh` here, from the list in
+#    scripts/device_wheels.txt; the device tool carries the folder with carry: [".whl"]) go to
 #    /tmp/site, which is put first on PYTHONPATH; nothing is fetched. The bench and the engine need pydantic and
 #    gymnasium (and their dependencies), which the device machine lacks;
 # 1. preflight: CUDA must be there (torch.cuda.is_available(), >= 1 device, a matmul on it), the versions and the
