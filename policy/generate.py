@@ -12,9 +12,9 @@ import torch
 from policy.tokenizer import PromptFormat, encode_prompt, eos_ids, pad_id
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask [B, S] for decoder-only generation."""
-    S = max(len(r) for r in rows)
+def left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask [B, S] for decoder-only generation; S = the longest row, or `width`."""
+    S = max(max(len(r) for r in rows), width or 0)
     ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
     attn = torch.zeros(len(rows), S, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -39,6 +39,16 @@ def hf_generate(
     return hf_generate_ids(model, tok, ids, max_new_tokens, temperature, batch_size, seed)
 
 
+def compile_forward(model) -> None:
+    """HF's documented fast path for `generate`: the forward under `torch.compile` (CUDA graphs on a GPU), used with
+    a static KV cache. Once per model; the graphs are built on the first calls of each shape."""
+    if getattr(model, "_blockrl_compiled", False):
+        return
+    cuda = next(model.parameters()).device.type == "cuda"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead" if cuda else None)
+    model._blockrl_compiled = True
+
+
 @torch.inference_mode()
 def hf_generate_ids(
     model,
@@ -48,21 +58,30 @@ def hf_generate_ids(
     temperature: float,
     batch_size: int,
     seed: int = 0,
+    compiled: bool = False,
 ) -> list[list[int]]:
-    """`hf_generate` on prompts already encoded (a prompt file's rows, chats through the chat template)."""
+    """`hf_generate` on prompts already encoded (a prompt file's rows, chats through the chat template).
+    `compiled`: HF's static cache and a compiled forward (`compile_forward`), every batch left-padded to the longest
+    prompt of the call, so that every batch of a call has one shape and one static cache length."""
     model.eval()
     torch.manual_seed(seed)
     pad = pad_id(tok)
     sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
     device = next(model.parameters()).device
     eos = list(eos_ids(tok, model.generation_config)) or None
+    static = {}
+    if compiled:
+        compile_forward(model)
+        static = dict(cache_implementation="static")
+    width = max(len(r) for r in prompt_ids) if compiled else None  # one shape for every batch of the call
     outs: list[list[int]] = []
     for i in range(0, len(prompt_ids), batch_size):
-        enc = left_pad(prompt_ids[i : i + batch_size], pad)
+        enc = left_pad(prompt_ids[i : i + batch_size], pad, width)
         enc = {k: v.to(device) for k, v in enc.items()}
         gen = model.generate(
             **enc,
             **sampling,
+            **static,
             do_sample=temperature > 0,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,

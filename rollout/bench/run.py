@@ -105,6 +105,9 @@ class BenchConfig(DeviceSettings):
     auto's choice (the quick default)."""
     logit_mix: bool = True
     """also run logit_mix at `mix_levels` with `mix_weight` (converted checkpoints)."""
+    hf_compiled: bool = False
+    """also HF generate with a static cache and `torch.compile` (HF's documented fast path; compiled in the untimed
+    warm-up, once per batch size): every row's `speedup_vs_best_ar` is then against the fastest AR row of the run."""
     drafts: list[Literal["auto", "diffusion", "history", "both"]] = Field(default_factory=lambda: ["auto"])
     """draft sources of the lossless rows: each level set runs once per source (`history` once: it has no
     levels); auto = diffusion on a converted checkpoint, history on a plain one. Sources a plain checkpoint cannot
@@ -141,7 +144,7 @@ class BenchConfig(DeviceSettings):
 @dataclass
 class RunResult:
     batch_size: int
-    sampler: str  # hf | ar | lossless | logit_mix | auto
+    sampler: str  # hf | hf_compiled | ar | lossless | logit_mix | auto
     levels: Levels = field(default_factory=list)
     block_size: int = 0
     mix_weight: float | None = None
@@ -154,6 +157,9 @@ class RunResult:
     tokens_per_s_runs: list[float] = field(default_factory=list)
     speedup_vs_hf: float = 0.0
     speedup_vs_ar: float = 0.0
+    speedup_vs_best_ar: float = (
+        0.0  # against the fastest AR row of its group: hf, hf_compiled or the engine's ar
+    )
     tokens_per_forward: float = 1.0
     accept_by_position: list[float] = field(default_factory=list)
     # acceptance by position over the steps after a rejected draft, and over the rest (after a full acceptance
@@ -265,7 +271,7 @@ class Cell:
         self.levels = tuple(levels)
         fmt = policy.resolve_prompt_format(cfg.prompt_format)
         self.prompts = [s.encode(tok, fmt) for s in samples]
-        self.drafts = drafts if sampler not in ("hf", "ar") else ""
+        self.drafts = drafts if sampler not in ("hf", "hf_compiled", "ar") else ""
         if drafts == "history":
             self.levels = ()
         self.res = RunResult(
@@ -280,7 +286,7 @@ class Cell:
             group_size=cfg.group_size,
         )
         self.engine = self.history = None
-        if sampler != "hf":
+        if sampler not in ("hf", "hf_compiled"):
             make = engine_factory(
                 policy,
                 block_size=block_size,
@@ -305,6 +311,11 @@ class Cell:
         these prompts (at most 4, each from an empty history store), so the timed runs show what it then chooses:
         a job pilots on its first calls the same way."""
         cfg = self.cfg
+        if self.engine is None and self.sampler == "hf_compiled":
+            # the timed runs' shapes (every prompt, the full budget) build the graphs
+            log.info("bench B=%d: compiling HF generate with a static cache (untimed)", self.B)
+            self._hf(self.prompts, cfg.max_new_tokens, cfg.seed)
+            return
         if self.engine is None:
             self._hf(self.prompts[: self.B], 16, cfg.seed)
             return
@@ -325,7 +336,14 @@ class Cell:
     def _hf(self, ids: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
         cfg = self.cfg
         return hf_generate_ids(
-            self.policy.model, self.tok, ids, max_new_tokens, cfg.temperature, self.B, seed
+            self.policy.model,
+            self.tok,
+            ids,
+            max_new_tokens,
+            cfg.temperature,
+            self.B,
+            seed,
+            compiled=self.sampler == "hf_compiled",
         )
 
     def run_once(self, rep: int) -> None:
@@ -483,6 +501,8 @@ def run_bench(
     """Every row of the run. `on_batch(results, batch_sizes_done)` is called after each batch size of the default
     comparison, so a run stopped part-way (a time box) still leaves the batch sizes it finished on disk."""
     torch.set_num_threads(cfg.threads)
+    if cfg.hf_compiled:  # torch.compile's cache stays in the run directory
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.run_dir).resolve() / ".inductor"))
     if cfg.model is not None:
         policy, tok = random_bench_policy(cfg)
     else:
@@ -494,7 +514,8 @@ def run_bench(
     for B in cfg.batch_sizes:
         n = max(B * cfg.prompts_per_row, cfg.min_prompts)
         samples = prompts_for(cfg, n)
-        specs = [("hf", {}), ("ar", {}), *lossless_specs(cfg, policy)]
+        specs = [("hf", {}), *([("hf_compiled", {})] if cfg.hf_compiled else []), ("ar", {})]
+        specs += lossless_specs(cfg, policy)
         if policy.is_converted and cfg.logit_mix:  # logit_mix mixes the drafter's logits
             specs.append(("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}))
         specs.append(("auto", {"drafts": bench_drafts(cfg, policy)[0]}))
@@ -617,9 +638,11 @@ def finish_rows(rows: list[RunResult], cost: CostModel | None) -> None:
     sweep rows change K or prompts, which the main calibration does not cover)."""
     hf = next((r.tokens_per_s for r in rows if r.sampler == "hf"), None)
     ar = next((r.tokens_per_s for r in rows if r.sampler == "ar"), None)
+    best = max((r.tokens_per_s for r in rows if r.sampler in ("hf", "hf_compiled", "ar")), default=None)
     for r in rows:
         r.speedup_vs_hf = r.tokens_per_s / hf if hf else 0.0
         r.speedup_vs_ar = r.tokens_per_s / ar if ar else 0.0
+        r.speedup_vs_best_ar = r.tokens_per_s / best if best else 0.0
         r.projected_tokens_per_s = project(cost, r) if cost is not None else None
 
 
