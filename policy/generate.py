@@ -39,14 +39,16 @@ def hf_generate(
     return hf_generate_ids(model, tok, ids, max_new_tokens, temperature, batch_size, seed)
 
 
-def compile_forward(model) -> None:
-    """HF's documented fast path for `generate`: the forward under `torch.compile` (CUDA graphs on a GPU), used with
-    a static KV cache. Once per model; the graphs are built on the first calls of each shape."""
-    if getattr(model, "_blockrl_compiled", False):
-        return
+def static_compiled(model) -> dict:
+    """`generate` kwargs for HF's documented fast path: a static KV cache, and the decoding forward compiled by
+    `generate` itself (`compile_config`: CUDA graphs on a GPU; on a CPU HF compiles only when told to, which this
+    does). The model's own forward is untouched, so engines on the same model stay eager."""
+    from transformers import CompileConfig
+
     cuda = next(model.parameters()).device.type == "cuda"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead" if cuda else None)
-    model._blockrl_compiled = True
+    cc = CompileConfig(mode="reduce-overhead" if cuda else "default")
+    cc._compile_all_devices = True  # HF's switch for compiling on a CPU (its own tests use it)
+    return dict(cache_implementation="static", compile_config=cc)
 
 
 @torch.inference_mode()
@@ -61,7 +63,7 @@ def hf_generate_ids(
     compiled: bool = False,
 ) -> list[list[int]]:
     """`hf_generate` on prompts already encoded (a prompt file's rows, chats through the chat template).
-    `compiled`: HF's static cache and a compiled forward (`compile_forward`), every batch left-padded to the longest
+    `compiled`: HF's static cache and compiled decoding (`static_compiled`), every batch left-padded to the longest
     prompt of the call, so that every batch of a call has one shape and one static cache length."""
     model.eval()
     torch.manual_seed(seed)
@@ -69,10 +71,7 @@ def hf_generate_ids(
     sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
     device = next(model.parameters()).device
     eos = list(eos_ids(tok, model.generation_config)) or None
-    static = {}
-    if compiled:
-        compile_forward(model)
-        static = dict(cache_implementation="static")
+    static = static_compiled(model) if compiled else {}
     width = max(len(r) for r in prompt_ids) if compiled else None  # one shape for every batch of the call
     outs: list[list[int]] = []
     for i in range(0, len(prompt_ids), batch_size):

@@ -14,8 +14,11 @@ def test_compiled_static_cache_generate_is_token_identical_to_eager_at_t0(tmp_pa
     cfg.initializer_range = 0.3  # a peaked random model: greedy ties are unlikely
     model = build_model(cfg, seed=3).eval()
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15]]
+    torch._dynamo.reset()
     eager = hf_generate_ids(model, tokenizer, prompts, 12, 0.0, 2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
     compiled = hf_generate_ids(model, tokenizer, prompts, 12, 0.0, 2, compiled=True)
     assert compiled == eager and all(len(c) > 0 for c in compiled)
-    assert getattr(model, "_blockrl_compiled", False)  # the forward really was compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # decoding really was compiled
+    assert hf_generate_ids(model, tokenizer, prompts, 12, 0.0, 2) == eager  # and the model itself stays eager
     torch._dynamo.reset()
