@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from policy.hybrid import HybridPolicy
@@ -145,13 +145,14 @@ class AutoSampler(GenerateAPI):
         shrink as episodes end; each size would otherwise be timed anew)."""
         return min(self.max_batch, 1 << max(0, rows - 1).bit_length())
 
-    def _calibrate(self, batch_size: int) -> None:
+    def calibrate(self, batch_size: int, stop: Callable[[], bool] | None = None) -> None:
+        """Time every option at this batch size, once (`CostModel.calibrate`; `stop` can end it early)."""
         if batch_size not in self.calibrated:
             log.info(
                 "auto: timing %d options at batch %d (once per batch size)", len(self.options), batch_size
             )
             t0 = time.perf_counter()
-            self.cost.calibrate(self.make_engine, self.options, [batch_size])
+            self.cost.calibrate(self.make_engine, self.options, [batch_size], stop=stop)
             self.calibrated.add(batch_size)
             log.info("auto: timed batch %d in %.1fs", batch_size, time.perf_counter() - t0)
 
@@ -160,7 +161,7 @@ class AutoSampler(GenerateAPI):
         lossless pilot until some acceptance has been observed (`observe`), then the cost model's choice at the
         calibrated batch size that covers them (powers of two up to max_batch, each calibrated on first use)."""
         B = self._bucket(busy_rows)
-        self._calibrate(B)
+        self.calibrate(B)
         choice = self.pilot if self.needs_pilot else self.cost.choose(self.options, B)
         self.last_choice = choice
         return choice
@@ -169,7 +170,7 @@ class AutoSampler(GenerateAPI):
         self, prompt_ids: list[list[int]], params: SamplingParams, index_offset: int = 0, audit: bool = False
     ) -> list[Trajectory]:
         B = self._bucket(len(prompt_ids))
-        self._calibrate(B)
+        self.calibrate(B)
         results: list[Trajectory] = []
         if self.needs_pilot:
             # a diffusion pilot needs one batch; history drafts are judged on a whole call, because what they yield

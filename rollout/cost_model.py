@@ -197,6 +197,10 @@ def pilot_options(options: Sequence[Option]) -> list[Option]:
     return hist or [next((o for o in spec if len(o.levels) > 1), spec[0])]
 
 
+class CalibrationStopped(RuntimeError):
+    """`CostModel.calibrate` was told to stop before it had timed everything (its timings so far are partial)."""
+
+
 @dataclass
 class CostModel:
     """Step seconds per (option, batch) measured on this device, and the live acceptance curve."""
@@ -227,11 +231,19 @@ class CostModel:
         steps: int = 6,
         repeats: int = 3,
         tails: bool = False,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         """Time real engine steps (median over repeats) per option and batch size: one decode step at the full
         layout, and the prefill of that many prompts; at one row also the draft-less step (the layout's least).
         `tails` also times the smaller batches a run passes through as its rows finish (B/2, B/4, 1), and the
-        prefills of that many rows (a step's freed slots are refilled together)."""
+        prefills of that many rows (a step's freed slots are refilled together). `stop` is asked before every
+        timed probe; when it says True, `CalibrationStopped` is raised (a server shutting down while it starts)."""
+
+        def probe(eng, prompts, draftless=False) -> tuple[float, float]:
+            if stop is not None and stop():
+                raise CalibrationStopped("calibration stopped")
+            return eng.time_decode_steps(prompts, steps, draftless=draftless)
+
         g = torch.Generator().manual_seed(0)
         sizes = set(batch_sizes)
         if tails:
@@ -245,11 +257,11 @@ class CostModel:
             ]
             for opt in options:
                 eng = make_engine(opt, B)
-                times = [eng.time_decode_steps(prompts, steps) for _ in range(repeats)]
+                times = [probe(eng, prompts) for _ in range(repeats)]
                 self.step_seconds[(opt.name, B)] = statistics.median(t[1] for t in times)
                 self.prefill_seconds[(opt.name, B)] = statistics.median(t[0] for t in times)
                 if B == 1 and opt.sampler != "ar":
-                    bare = [eng.time_decode_steps(prompts, steps, draftless=True)[1] for _ in range(repeats)]
+                    bare = [probe(eng, prompts, draftless=True)[1] for _ in range(repeats)]
                     self.draftless_seconds[opt.name] = statistics.median(bare)
 
     def step_cost(self, opt: Option, b: int, chain: ChainStats | None = None) -> float:

@@ -1,13 +1,15 @@
 """`blockrl serve`: the HTTP face of the scheduler, on FastAPI + uvicorn (docs/serve.md).
 
-    GET  /health                 liveness and the policy version serving
+    GET  /health                 liveness and the policy version serving (503 "starting" while it starts)
     GET  /v1/models              the one model served
     POST /v1/completions         text or token-id prompts; SSE with "stream": true
     POST /v1/chat/completions    messages rendered with the checkpoint's chat template
     POST /v1/weights             load new weights from a checkpoint directory (admin token)
     GET  /metrics                Prometheus text format
 
-Running it: rollout/serve/run.py (`blockrl serve`, and a server on a thread or in a child process).
+Running it: rollout/serve/run.py (`blockrl serve`, and a server on a thread or in a child process). The socket is
+bound before the model loads; until this app is built and its scheduler calibrated and started, run.py's `ServeApp`
+answers every request itself (503, status "starting").
 
 Every handler validates, builds one `Request` per choice, submits them and turns the deliveries into OpenAI bodies
 or stream chunks. A client that disconnects cancels its choices; their slots free at the next step. Bad requests get
@@ -22,7 +24,6 @@ import logging
 import os
 import secrets
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -48,23 +49,21 @@ def load_served_policy(cfg: ServeConfig) -> tuple[HybridPolicy, object]:
     return policy, load_tokenizer(cfg.checkpoint)
 
 
-def create_app(cfg: ServeConfig, policy: HybridPolicy | None = None, tokenizer=None) -> FastAPI:
-    if policy is None:
-        policy, tokenizer = load_served_policy(cfg)
+def served_name(cfg: ServeConfig) -> str:
+    """The model id clients pass as `model`."""
+    return cfg.model_name or Path(cfg.checkpoint).name
+
+
+def create_app(cfg: ServeConfig, policy: HybridPolicy, tokenizer=None) -> FastAPI:
+    """The served app, once the policy is loaded. Its scheduler (`app.state.scheduler`) is calibrated, started and
+    stopped by whoever serves the app: `rollout/serve/run.py: ServeApp`, which answers while it starts."""
     metrics = ServeMetrics()
     scheduler = Scheduler(policy, tokenizer, cfg, metrics)
-    name = cfg.model_name or Path(cfg.checkpoint).name
+    name = served_name(cfg)
     context = int(getattr(policy.config, "max_position_embeddings", 0) or 1 << 20)
     eos = policy.eos_ids(tokenizer)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        scheduler.start()
-        log.info("serving %s (%s, max_batch %d)", name, cfg.sampler, cfg.max_batch)
-        yield
-        scheduler.stop()
-
-    app = FastAPI(title="blockrl", lifespan=lifespan)
+    app = FastAPI(title="blockrl")
     app.state.scheduler, app.state.metrics = scheduler, metrics
 
     # ------------------------------------------------------------------------------------------ errors

@@ -27,6 +27,9 @@ class ServeConfig(EngineSettings):
     auto_calibration: Literal["start", "first_use"] = "start"
     """when `auto` times its options at each batch size it may run (powers of two up to max_batch): all before
     serving (startup takes longer), or each on first use (that request, and every one sharing the engine, waits)."""
+    calibration_cache: str | None = "runs/serve_cache"
+    """directory of auto's cached calibrations, one JSON file per checkpoint, machine and timing settings (a
+    restart with all of them unchanged skips the timing); relative to the working directory; None = no cache."""
     threads: int = Field(0, ge=0)
     """torch threads (0 = torch's default)."""
     max_n: int = Field(16, ge=1)

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,7 @@ from policy.tokenizer import pad_id
 from rollout.auto import AutoSampler, engine_factory
 from rollout.core import EngineCore
 from rollout.cost_model import default_options
+from rollout.serve.calibration import cache_path, calibration_key, read_calibration, write_calibration
 from rollout.serve.config import ServeConfig
 from rollout.serve.metrics import ServeMetrics
 from rollout.stops import find_stop
@@ -229,21 +231,62 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ any thread
     def start(self) -> None:
-        if self.auto is not None and self.cfg.auto_calibration == "start":
-            self.calibrate()
+        """Start the engine thread (after `load_calibration` / `calibrate`, which run on the caller's thread)."""
         self._thread.start()
 
-    def calibrate(self) -> None:
-        """Time every option `auto` chooses among at each batch size it may see (powers of two up to max_batch),
-        before serving: otherwise the first `auto` request at each size would stall the engine while it is timed."""
+    @property
+    def calibrates_at_start(self) -> bool:
+        return self.auto is not None and self.cfg.auto_calibration == "start"
+
+    def _cache_file(self) -> tuple[Path, dict] | None:
+        """This server's calibration cache file and the key it must hold; None without auto or a cache dir."""
+        if self.auto is None or not self.cfg.calibration_cache:
+            return None
+        device = next(self.policy.parameters()).device
+        key = calibration_key(self.cfg, device, self.auto.options, self.auto.K, self.calibration_sizes)
+        return cache_path(self.cfg.calibration_cache, key), key
+
+    @property
+    def calibration_sizes(self) -> list[int]:
+        """The batch sizes auto times: powers of two up to max_batch, and max_batch (`AutoSampler._bucket`)."""
+        return sorted({min(self.cfg.max_batch, 1 << i) for i in range(self.cfg.max_batch.bit_length() + 1)})
+
+    def load_calibration(self) -> Path | None:
+        """auto's timings from the cache file whose key matches this checkpoint, machine and settings exactly;
+        the file's path when one did (nothing is timed then, at start or on first use), else None."""
+        found = self._cache_file()
+        if found is None:
+            return None
+        path, key = found
+        if not read_calibration(path, key, self.auto.cost, self.calibration_sizes):
+            return None
+        self.auto.calibrated.update(self.calibration_sizes)
+        return path
+
+    def calibrate(self, stop: Callable[[], bool] | None = None) -> Path | None:
+        """Time every option `auto` chooses among at each batch size it may see (`calibration_sizes`), before
+        serving: otherwise the first `auto` request at each size would stall the engine while it is timed. `stop`
+        is asked between timed probes (`CalibrationStopped` when it says True). Writes the cache file, and returns
+        its path (None when there is no cache dir or it could not be written)."""
         t0 = time.perf_counter()
-        b = 1
-        while True:
-            self.auto.choose_for(b)
-            if b >= self.cfg.max_batch:
-                break
-            b *= 2
+        found = self._cache_file()
+        log.info(
+            "auto: calibrating %d options at batch sizes %s (%s)",
+            len(self.auto.options),
+            self.calibration_sizes,
+            f"not in the cache: {found[0]}" if found else "no calibration_cache",
+        )
+        for b in self.calibration_sizes:
+            self.auto.calibrate(b, stop)
         log.info("auto calibrated up to batch %d in %.1fs", self.cfg.max_batch, time.perf_counter() - t0)
+        if found is None:
+            return None
+        try:
+            write_calibration(found[0], found[1], self.auto.cost)
+        except OSError as e:  # a read-only or full disk costs the next start its time, never this one
+            log.warning("auto: could not write the calibration cache %s: %s", found[0], e)
+            return None
+        return found[0]
 
     def stop(self) -> None:
         self._stop.set()
