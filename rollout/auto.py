@@ -43,6 +43,7 @@ def engine_factory(
     tokenizer=None,
     verify_fn=None,
     history: HistorySettings | None = None,
+    compile: str = "off",
 ) -> EngineFactory:
     """(option, max_batch) -> a BlockEngine on `policy` with these shared settings. Engines with history drafts
     share one store (`HistoryStore`), kept across calls: later calls draft from earlier rollouts."""
@@ -62,6 +63,7 @@ def engine_factory(
             verify_fn=verify_fn,
             drafts=opt.drafts,
             history=store,
+            compile=compile,
         )
 
     make.history = store  # the shared store (a benchmark clears it between timed runs)
@@ -71,7 +73,11 @@ def engine_factory(
 def build_engine(policy: HybridPolicy, settings: EngineSettings, tokenizer=None) -> BlockEngine | AutoSampler:
     """The engine a job's `EngineSettings` describe: a BlockEngine, or an AutoSampler over BlockEngines."""
     make = engine_factory(
-        policy, mix_weight=settings.mix_weight, tokenizer=tokenizer, history=settings.history
+        policy,
+        mix_weight=settings.mix_weight,
+        tokenizer=tokenizer,
+        history=settings.history,
+        compile=settings.compile,
     )
     drafts = settings.resolved_drafts(policy.is_converted)
     if settings.sampler == "auto":

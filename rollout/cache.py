@@ -30,7 +30,9 @@ class _RaggedState:
         self.rows: torch.Tensor | None = None  # rows of the current forward (None = all)
         self.write_pos: torch.Tensor | None = None  # [R, Q] cache positions of this forward's queries
         self.uniform_start: int | None = None  # common length when every row of the forward has the same one
-        self.extent = 0  # keys attended over: max(lens of rows) + Q
+        self.extent = 0  # keys attended over: max(lens of rows) + Q (rounded up to `extent_bucket`)
+        self.extent_bucket = 1  # > 1 under CUDA graphs: one captured graph serves every extent of a bucket
+        self.static = False  # buffers marked as static addresses (CUDA graphs write into them in place)
 
 
 class RaggedLayer(CacheLayerMixin):
@@ -50,20 +52,28 @@ class RaggedLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(B, Hv, self.capacity, Dv)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
+        self._mark_static()
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def _mark_static(self) -> None:
+        if self.state.static:  # a compiled step's CUDA graph writes into these buffers, never a copy of them
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Room for `needed` positions per row (doubling); outside any compiled region (`RaggedKVCache.begin`)."""
         cap = self.keys.shape[2]
         if needed > cap:
             grow = (0, 0, 0, max(needed, 2 * cap) - cap)  # pad the sequence dim
             self.keys = torch.nn.functional.pad(self.keys, grow)
             self.values = torch.nn.functional.pad(self.values, grow)
+            self._mark_static()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """key_states [R, H, Q, D] of the current rows -> their keys over [0, extent)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         st = self.state
-        self._ensure_capacity(st.extent)
+        self.ensure_capacity(st.extent)  # a no-op after `begin`, which grew every initialized layer
         if st.write_pos is None:  # all rows, same length: a plain slice write, no index_put
             start = st.uniform_start
             self.keys[:, :, start : st.extent] = key_states
@@ -91,9 +101,19 @@ class RaggedKVCache(Cache):
     """Per-row-length KV cache. Use: `mask = begin(rows, qmask)` -> model forward -> `commit(rows, kept)`."""
 
     def __init__(
-        self, num_layers: int, batch_size: int, device: torch.device | str = "cpu", capacity: int = 256
+        self,
+        num_layers: int,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        capacity: int = 256,
+        extent_bucket: int = 1,
     ):
+        """extent_bucket > 1: the buffers are static addresses and every forward attends over an extent rounded up
+        to a multiple of it, through the indexed write and a full mask (what a CUDA graph of the step needs: a
+        bounded set of shapes, and a cache it writes into in place)."""
         self.state = _RaggedState(batch_size, torch.device(device))
+        self.state.extent_bucket = extent_bucket
+        self.state.static = extent_bucket > 1
         super().__init__(layers=[RaggedLayer(self.state, capacity) for _ in range(num_layers)])
 
     @property
@@ -115,9 +135,14 @@ class RaggedKVCache(Cache):
         lens = st.lens if rows is None else st.lens[rows]
         Q = qmask.shape[-1]
         lo, hi = min(st.host_lens[r] for r in row_ids), max(st.host_lens[r] for r in row_ids)
-        st.extent = hi + Q
+        bucket = st.extent_bucket
+        st.extent = -(-(hi + Q) // bucket) * bucket
+        for layer in self.layers:  # grown here, outside the forward (and any graph compiled of it)
+            if layer.is_initialized:
+                layer.ensure_capacity(st.extent)
         st.uniform_start = lo if lo == hi else None
-        slice_write = st.uniform_start is not None and rows is None  # contiguous, see RaggedLayer.update
+        # contiguous, see RaggedLayer.update (a padded extent needs the indexed write and the mask)
+        slice_write = st.uniform_start is not None and rows is None and bucket == 1
         if slice_write and Q == 1:
             st.write_pos = None
             return None

@@ -22,6 +22,7 @@ import torch
 
 from common.device import host_to_device
 from kernels.verify import VerifyOutput
+from policy.compiled import CUDA_EXTENT_BUCKET
 from policy.families import sliding_layer_window
 from rollout.cache import RaggedKVCache
 from rollout.cost_model import KMCurve, km_survival
@@ -123,7 +124,9 @@ class EngineCore:
         B, K, dev = max_batch or eng.max_batch, eng.K, eng.device
         cfg = eng.policy.config
         self.V = eng.vocab_size
-        self.cache = RaggedKVCache(cfg.num_hidden_layers, B, dev)
+        self.cache = RaggedKVCache(
+            cfg.num_hidden_layers, B, dev, extent_bucket=CUDA_EXTENT_BUCKET if eng.cuda_graphs else 1
+        )
         self.dtype = eng.policy.model.dtype
         self.window = sliding_layer_window(cfg)  # sliding-window layers need key positions in the mask
         self.slots: list[_Row | None] = [None] * B
@@ -233,15 +236,18 @@ class EngineCore:
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
-        self, rows: list[int], ids: torch.Tensor, pos: torch.Tensor, qmask: torch.Tensor
+        self, rows: list[int], ids: torch.Tensor, pos: torch.Tensor, qmask: torch.Tensor, decode: bool = False
     ) -> torch.Tensor:
-        """ids/pos [R, Q], qmask bool [R or 1, Q, Q] -> final hidden states [R, Q, H] over cache + queries.
+        """ids/pos [R, Q], qmask bool [R or 1, Q, Q] -> final hidden states [R, Q, H] over cache + queries. A decode
+        step's body runs compiled when the engine compiles (`BlockEngine.body`); prefill stays eager.
 
         Logits are taken later with `head`, only for the rows that are used (verify slots, the last prompt token,
         the one proposal block each row drafts from): with a real vocabulary, [R, Q, V] logits for every level
         would dominate memory."""
-        # None: every slot, the cache's view path
-        rows_t = None if len(rows) == len(self.slots) else self._idx
+        compiled = decode and self.eng.body is not None
+        # None: every slot, the cache's view path (a compiled step always indexes its rows and passes a mask: one
+        # graph, whichever rows step)
+        rows_t = None if len(rows) == len(self.slots) and not compiled else self._idx
         self._rows_t, self._rows = rows_t, rows
         mask = self.cache.begin(rows_t, qmask, rows)  # [R, Q, extent] or None (uniform single-query step)
         policy = self.eng.policy
@@ -254,7 +260,8 @@ class EngineCore:
             keys = torch.arange(extent, device=ids.device)[None]
             rel = (keys - lens[:, None]).clamp(0, ids.shape[1] - 1)
             k_pos = torch.where(keys < lens[:, None], keys, pos.gather(1, rel))  # [R, extent] token positions
-        out = policy.model.base_model(
+        body = self.eng.body if compiled else policy.model.base_model
+        out = body(
             input_ids=ids,
             position_ids=pos,
             attention_mask=None if mask is None else policy.attention_mask_4d(mask, self.dtype, pos, k_pos),
@@ -385,7 +392,7 @@ class EngineCore:
                 pos = pos + lay.end_rows[None] * n_drafts[:, None]
                 hidden_past = lay.verify_slot[None, None, :] > n_drafts[:, None, None]  # [R, 1, Q]
                 qmask = qmask & ~(lay.end_rows[None, :, None] & hidden_past)
-            hidden = self.forward(rows, ids, pos, qmask)
+            hidden = self.forward(rows, ids, pos, qmask, decode=True)
         with self.timed("heads"):
             ar_logits = self.head(hidden[:, :V])
         with self.timed("verify"):

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from kernels.verify import default_verify
+from policy.compiled import CompileMode, compile_enabled, compiled_body
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
 from policy.tokenizer import eos_ids
@@ -127,10 +128,12 @@ class BlockEngine(GenerateAPI):
         verify_fn=None,
         drafts: str = "diffusion",
         history: HistoryStore | None = None,
+        compile: CompileMode = "off",
     ):
         """drafts: where a step's drafts come from (`DRAFTS`): the diffusion drafter (a converted policy), history
         (rollout/history.py: any causal LM, converted or not), or both, chosen per row and step. `history` is the
-        store those drafts come from, shared by every engine of a job (a new one when None)."""
+        store those drafts come from, shared by every engine of a job (a new one when None). compile: the decode
+        steps' model body under torch.compile (policy/compiled.py; auto = on CUDA only)."""
         if sampler == "auto":
             raise ValueError("sampler 'auto' chooses among engines: build it with rollout.auto.build_engine")
         if sampler not in SAMPLERS:
@@ -175,6 +178,10 @@ class BlockEngine(GenerateAPI):
         self.policy_version = policy_version
         self.device = next(policy.parameters()).device
         self.verify_fn = verify_fn or default_verify(self.device)  # Triton on CUDA, torch reference on CPU
+        self.compile = compile
+        self.body = compiled_body(policy, self.device) if compile_enabled(compile, self.device) else None
+        # CUDA graphs record one graph per shape: verify lengths go up to powers of two, extents to a bucket
+        self.cuda_graphs = self.body is not None and self.body.cuda_graphs
         if self.diffusion:
             check_levels(self.K, levels)
         # one layout per longest draft n = 0..K, built here: a step copies nothing to the device
@@ -183,7 +190,11 @@ class BlockEngine(GenerateAPI):
     def step_layout(self, n: int) -> StepLayout:
         """The decode step's layout for a pass whose rows carry at most n drafts: a verify segment of n + 1 slots
         (a slot past every row's draft verifies nothing), the fixed levels such a draft can reach (p <= n), and,
-        when `end` is a level, one more block per row at its own draft's end (`EngineCore.decode_step` places it)."""
+        when `end` is a level, one more block per row at its own draft's end (`EngineCore.decode_step` places it).
+        Under CUDA graphs n is rounded up to a power of two (at most K): slots past every draft verify nothing, and
+        the step has log2(K) + 2 query lengths instead of K + 1."""
+        if self.cuda_graphs and n:
+            n = min(self.K, 1 << (n - 1).bit_length())
         return self._layouts[n]
 
     def _build_layout(self, n: int) -> StepLayout:

@@ -36,6 +36,10 @@ class EngineSettings(DeviceSettings):
     """w of logit_mix."""
     max_batch: int = Field(16, ge=1)
     """engine batch per worker (continuous batching)."""
+    compile: Literal["off", "on", "auto"] = "auto"
+    """the decode step's model body under torch.compile (policy/compiled.py): on CUDA also captured as CUDA graphs.
+    auto = on CUDA only (on the CPU it saves little and compiles for tens of seconds per process); prefill stays
+    eager; a family that does not compile runs eager, with one logged reason."""
 
     @field_validator("levels")
     @classmethod

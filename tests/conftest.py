@@ -43,9 +43,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _isolate(tmp_path, monkeypatch):
+def _isolate(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / ".mpl"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / ".hf"))
+    # torch.compile's kernels: one cache for the session, inside pytest's temp dir (a graph compiled again after a
+    # dynamo reset, or by another test, loads instead of compiling)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "inductor"))
     torch.manual_seed(0)
 
 

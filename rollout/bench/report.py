@@ -78,6 +78,7 @@ def row_name(r: RunResult) -> str:
         name += "[history]"
     elif r.sampler in ("lossless", "logit_mix"):
         name += levels_label(r.levels) + ("+history" if r.drafts == "both" else "")
+    name += "+compiled" if r.compiled else ""
     name += f" w={r.mix_weight}" if r.mix_weight is not None else ""
     name += f" T_d={r.draft_temperature:g}" if r.draft_temperature is not None else ""
     name += f" K={r.block_size}" if r.sweep == "block_size" else ""

@@ -108,6 +108,9 @@ class BenchConfig(DeviceSettings):
     hf_compiled: bool = False
     """also HF generate with a static cache and `torch.compile` (HF's documented fast path; compiled in the untimed
     warm-up, once per batch size): every row's `speedup_vs_best_ar` is then against the fastest AR row of the run."""
+    compiled: bool = False
+    """also the engine's compiled rows (`compile: on`, policy/compiled.py): ar and every lossless row again with the
+    decode step's model body under torch.compile, compiled in the untimed warm-up (its seconds in `compile_s`)."""
     drafts: list[Literal["auto", "diffusion", "history", "both"]] = Field(default_factory=lambda: ["auto"])
     """draft sources of the lossless rows: each level set runs once per source (`history` once: it has no
     levels); auto = diffusion on a converted checkpoint, history on a plain one. Sources a plain checkpoint cannot
@@ -150,6 +153,10 @@ class RunResult:
     mix_weight: float | None = None
     draft_temperature: float | None = None  # logit_mix with sampled drafts at this T_d (None: Dirac drafts)
     drafts: str = ""  # the draft source (diffusion | history | both; "" for hf and ar)
+    compiled: bool = False  # the engine's decode step compiled (`BenchConfig.compiled`)
+    compile_s: float = (
+        0.0  # seconds this row's warm-up spent compiling (graphs are shared: later rows reuse them)
+    )
     group_size: int = 1  # samples per prompt (GRPO groups)
     history_share: float = 0.0  # share of decode steps whose drafts came from history
     note: str = ""  # why a block-decoding row lost to ar, and what would help (`explain_losses`)
@@ -259,6 +266,7 @@ class Cell:
         mix_weight=None,
         draft_temperature=None,
         drafts: str = "diffusion",
+        compiled: bool = False,
     ):
         self.policy, self.tok, self.samples, self.B, self.cfg, self.sampler = (
             policy,
@@ -284,6 +292,7 @@ class Cell:
             prompt_format=fmt,
             drafts=self.drafts,
             group_size=cfg.group_size,
+            compiled=compiled,
         )
         self.engine = self.history = None
         if sampler not in ("hf", "hf_compiled"):
@@ -295,6 +304,7 @@ class Cell:
                 draft="dirac" if draft_temperature is None else "sampled",
                 draft_temperature=1.0 if draft_temperature is None else draft_temperature,
                 history=cfg.history,
+                compile="on" if compiled else "off",
             )
             self.history = make.history
             if sampler == "auto":
@@ -319,9 +329,16 @@ class Cell:
         if self.engine is None:
             self._hf(self.prompts[: self.B], 16, cfg.seed)
             return
+        body = getattr(self.engine, "body", None)
+        before = body.compile_seconds if body is not None else 0.0
         self.engine.generate(
             self.prompts[: self.B], max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed
         )
+        if body is not None:  # the one-row graph too (a batch's last row), so no timed run compiles
+            self.engine.generate(
+                self.prompts[:1], max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed
+            )
+            self.res.compile_s = body.compile_seconds - before
         for k in range(4):
             if not getattr(self.engine, "needs_pilot", False):
                 break
@@ -420,12 +437,18 @@ def run_cell(policy, tok, samples, B: int, cfg: BenchConfig, sampler: str, **kw)
 
 
 def profile_row(
-    policy, tok, samples: list[BenchPrompt], cfg: BenchConfig, option: Option
+    policy, tok, samples: list[BenchPrompt], cfg: BenchConfig, option: Option, compiled: bool = False
 ) -> dict[str, float]:
     """ms per decode step of `option` on these prompts (one batch), by phase (`BlockEngine.profile_decode_steps`)."""
     fmt = policy.resolve_prompt_format(cfg.prompt_format)
     ids = [s.encode(tok, fmt) for s in samples]
-    make = engine_factory(policy, tokenizer=tok, mix_weight=cfg.mix_weight, history=cfg.history)
+    make = engine_factory(
+        policy,
+        tokenizer=tok,
+        mix_weight=cfg.mix_weight,
+        history=cfg.history,
+        compile="on" if compiled else "off",
+    )
     engine = make(option, len(ids))
     phases = engine.profile_decode_steps(ids, cfg.profile_steps, cfg.temperature)
     return {k: 1e3 * v for k, v in phases.items()}
@@ -516,16 +539,18 @@ def run_bench(
         samples = prompts_for(cfg, n)
         specs = [("hf", {}), *([("hf_compiled", {})] if cfg.hf_compiled else []), ("ar", {})]
         specs += lossless_specs(cfg, policy)
+        if cfg.compiled:  # the engine's compiled ar and lossless rows
+            specs += [(s, {**kw, "compiled": True}) for s, kw in specs if s in ("ar", "lossless")]
         if policy.is_converted and cfg.logit_mix:  # logit_mix mixes the drafter's logits
             specs.append(("logit_mix", {"levels": cfg.mix_levels, "mix_weight": cfg.mix_weight}))
         specs.append(("auto", {"drafts": bench_drafts(cfg, policy)[0]}))
         rows = run_cells([Cell(policy, tok, samples, B, cfg, s, **kw) for s, kw in specs], cfg.repeats)
         for res in rows:
             # time this option's steps now, in the machine state the runs just saw
-            if res._option is not None:
+            if res._option is not None and not res.compiled:  # (compiled rows: no projection)
                 cost.calibrate(engine_factory(policy), [res._option], [B], steps=12, tails=True)
             if cfg.profile and res.sampler in ("ar", "lossless", "logit_mix"):
-                res.step_ms = profile_row(policy, tok, samples[:B], cfg, res._option)
+                res.step_ms = profile_row(policy, tok, samples[:B], cfg, res._option, res.compiled)
         finish_rows(rows, cost)
         explain_losses(rows, cost)
         name_rows(rows, cfg, policy)
@@ -602,7 +627,7 @@ def explain_losses(rows: list[RunResult], cost: CostModel) -> None:
             continue
         B = r.batch_size
         ratio = None
-        if (opt.name, B) in cost.step_seconds and ("ar", B) in cost.step_seconds:
+        if (opt.name, B) in cost.step_seconds and ("ar", B) in cost.step_seconds and not r.compiled:
             ratio = cost.step_cost(opt, B) / cost.step_seconds[("ar", B)]
         cost_part = f"; a step costs {ratio:.1f}x an ar step here, so it needs ~{ratio:.1f}" if ratio else ""
         help_ = (
@@ -637,13 +662,14 @@ def finish_rows(rows: list[RunResult], cost: CostModel | None) -> None:
     """Ratios against the HF and engine-ar rows of the same group, plus projections (when a cost model is given:
     sweep rows change K or prompts, which the main calibration does not cover)."""
     hf = next((r.tokens_per_s for r in rows if r.sampler == "hf"), None)
-    ar = next((r.tokens_per_s for r in rows if r.sampler == "ar"), None)
+    ar = next((r.tokens_per_s for r in rows if r.sampler == "ar" and not r.compiled), None)
     best = max((r.tokens_per_s for r in rows if r.sampler in ("hf", "hf_compiled", "ar")), default=None)
     for r in rows:
         r.speedup_vs_hf = r.tokens_per_s / hf if hf else 0.0
         r.speedup_vs_ar = r.tokens_per_s / ar if ar else 0.0
         r.speedup_vs_best_ar = r.tokens_per_s / best if best else 0.0
-        r.projected_tokens_per_s = project(cost, r) if cost is not None else None
+        # (the cost model times eager steps: a compiled row has no projection)
+        r.projected_tokens_per_s = project(cost, r) if cost is not None and not r.compiled else None
 
 
 def run_sweeps(policy, tok, cfg: BenchConfig, cost: CostModel) -> list[RunResult]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from policy.compiled import compile_enabled
 from rollout.cost_model import CostModel
 from rollout.serve.config import ServeConfig
 from rollout.types import Option
@@ -23,7 +24,7 @@ def calibration_key(
 ) -> dict:
     """Everything auto's step timings depend on, as JSON values: the checkpoint (its path, and the size and mtime
     of its config and weight files), the machine (CPU model and count, torch threads, the device and its GPU, the
-    dtype, torch's version) and the timing settings (options, batch sizes, block size). A cached calibration is
+    dtype, torch's version) and the timing settings (options, batch sizes, block size, compiled or not). A cached calibration is
     used only under an equal key."""
     ckpt = Path(cfg.checkpoint).resolve()
     files = [
@@ -44,6 +45,7 @@ def calibration_key(
         "options": [o.name for o in options],
         "batch_sizes": list(sizes),
         "block_size": block_size,
+        "compile": compile_enabled(cfg.compile, device),  # a compiled step costs less: its own timings
         "format": CALIBRATION_FORMAT,
     }
     return {"checkpoint": str(ckpt), "files": files, "machine": machine, "settings": settings}

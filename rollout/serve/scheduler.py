@@ -208,7 +208,11 @@ class Scheduler:
         self.policy, self.tokenizer, self.cfg, self.metrics = policy, tokenizer, cfg, metrics
         self.version = 0
         self.make = engine_factory(
-            policy, mix_weight=cfg.mix_weight, tokenizer=tokenizer, history=cfg.history
+            policy,
+            mix_weight=cfg.mix_weight,
+            tokenizer=tokenizer,
+            history=cfg.history,
+            compile=cfg.compile,
         )
         # a plain (unconverted) model drafts from history only (`EngineSettings.drafts`)
         self.drafts = cfg.resolved_drafts(policy.is_converted)

@@ -55,8 +55,8 @@ def test_cache_holds_exactly_the_committed_prefix(monkeypatch):
     checked = []
     orig_forward = engine_mod.EngineCore.forward
 
-    def checking_forward(self, rows, ids, pos, qmask):
-        hidden = orig_forward(self, rows, ids, pos, qmask)
+    def checking_forward(self, rows, ids, pos, qmask, decode=False):
+        hidden = orig_forward(self, rows, ids, pos, qmask, decode)
         logits = self.head(hidden[:, :1])
         if self.slots[rows[0]] is not None and self.slots[rows[0]].traj.tokens:  # a decode step
             for r, s in enumerate(rows):

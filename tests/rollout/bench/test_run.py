@@ -278,3 +278,34 @@ def test_a_losing_row_says_why_and_what_would_help():
     assert "0.45x ar at 1.30 tokens per forward" in slow.note and "3.0x an ar step" in slow.note
     assert "train the drafter longer" in slow.note and "history drafts" in slow.note
     assert ar.note == fast.note == ""
+
+
+def test_compiled_rows_and_the_fastest_ar_baseline(tmp_path, tokenizer):
+    """compiled=true adds the engine's compiled ar and lossless rows (greedy: the eager rows' tokens per forward);
+    `vs ar` stays against the eager engine ar, and `speedup_vs_best_ar` is against the fastest AR row of the run,
+    compiled ar included."""
+    ckpt = tmp_path / "ckpt"
+    converted(ckpt, tokenizer)
+    out = tmp_path / "bench.json"
+    small_bench(
+        out,
+        checkpoint=ckpt,
+        run_dir=tmp_path / "run",
+        max_new_tokens=12,
+        temperature=0.0,
+        levels="[[0,2]]",
+        logit_mix="false",
+        compiled="true",
+    )
+    runs = json.loads(out.read_text())["runs"]
+    rows = {(r["sampler"], r["compiled"]): r for r in runs}
+    assert set(rows) == {("hf", False), ("ar", False), ("lossless", False), ("auto", False)} | {
+        ("ar", True),
+        ("lossless", True),
+    }
+    assert rows[("lossless", True)]["tokens_per_forward"] == rows[("lossless", False)]["tokens_per_forward"]
+    best = max(rows[k]["tokens_per_s"] for k in [("hf", False), ("ar", False), ("ar", True)])
+    for r in runs:
+        assert r["speedup_vs_best_ar"] == pytest.approx(r["tokens_per_s"] / best)
+        assert r["speedup_vs_ar"] == pytest.approx(r["tokens_per_s"] / rows[("ar", False)]["tokens_per_s"])
+    assert all(r["compile_s"] >= 0 for r in runs) and rows[("ar", False)]["compile_s"] == 0
