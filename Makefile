@@ -6,6 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export MPLCONFIGDIR := $(CURDIR)/.mplconfig
 export HF_HOME := $(CURDIR)/.hf_home
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.inductor_cache
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline

@@ -15,6 +15,10 @@ or recomputed. When the forward covers every row, the keys handed to attention a
 
 from __future__ import annotations
 
+import gc
+import weakref
+from collections import defaultdict
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -53,6 +57,14 @@ class RaggedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
         self._mark_static()
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Use these buffers (a finished cache's, `KVPool`): their contents are stale and never read, every row's
+        length starting at 0."""
+        self.keys, self.values = keys, values
+        self.capacity = keys.shape[2]
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
 
     def _mark_static(self) -> None:
         if self.state.static:  # a compiled step's CUDA graph writes into these buffers, never a copy of them
@@ -97,6 +109,48 @@ class RaggedLayer(CacheLayerMixin):
         return -1
 
 
+class KVPool:
+    """The buffers of caches that are gone, for the next cache of the same batch. Under CUDA graphs the buffers are
+    static inputs of the captured graphs: a new cache per `generate` call would give them new addresses and
+    re-record every graph (torch gives up on CUDA graphs after its re-record limit). Reused, they keep their
+    addresses from call to call. One pool per policy (`kv_pool`); caches alive at the same time (the server's
+    cores) get buffers of their own."""
+
+    def __init__(self):
+        self.free: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = defaultdict(list)
+        self.out = 0  # caches holding buffers of this pool
+
+    def take(self, cache: RaggedKVCache) -> None:
+        """Give `cache`'s layers the largest free set of buffers of its batch size, if there is one; when `cache` is
+        garbage-collected, its layers' buffers come back here. With none free while others are out, one garbage
+        collection first: a cache that dynamo traced stays in a reference cycle of its tracing state after its
+        core is gone, until the collector runs."""
+        free = self.free[len(cache.state.host_lens)]
+        if not free and self.out:
+            gc.collect()
+        if free:
+            free.sort(key=lambda bufs: bufs[0][0].shape[2])
+            for layer, (k, v) in zip(cache.layers, free.pop(), strict=True):
+                layer.adopt(k, v)
+        self.out += 1
+        weakref.finalize(cache, self._give_back, cache.layers)
+
+    def _give_back(self, layers: list[RaggedLayer]) -> None:
+        self.out -= 1
+        if all(layer.is_initialized for layer in layers):
+            self.free[layers[0].keys.shape[0]].append([(layer.keys, layer.values) for layer in layers])
+
+
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def kv_pool(owner) -> KVPool:
+    """The pool of `owner` (a policy: its caches all have its layer shapes and dtype)."""
+    if owner not in _POOLS:
+        _POOLS[owner] = KVPool()
+    return _POOLS[owner]
+
+
 class RaggedKVCache(Cache):
     """Per-row-length KV cache. Use: `mask = begin(rows, qmask)` -> model forward -> `commit(rows, kept)`."""
 
@@ -107,18 +161,26 @@ class RaggedKVCache(Cache):
         device: torch.device | str = "cpu",
         capacity: int = 256,
         extent_bucket: int = 1,
+        pool: KVPool | None = None,
     ):
         """extent_bucket > 1: the buffers are static addresses and every forward attends over an extent rounded up
         to a multiple of it, through the indexed write and a full mask (what a CUDA graph of the step needs: a
-        bounded set of shapes, and a cache it writes into in place)."""
+        bounded set of shapes, and a cache it writes into in place). pool: where the buffers come from and go back
+        to (`KVPool`), so that they keep their addresses across calls."""
         self.state = _RaggedState(batch_size, torch.device(device))
         self.state.extent_bucket = extent_bucket
         self.state.static = extent_bucket > 1
         super().__init__(layers=[RaggedLayer(self.state, capacity) for _ in range(num_layers)])
+        if pool is not None:
+            pool.take(self)
 
     @property
     def lens(self) -> torch.Tensor:
         return self.state.lens
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.state.host_lens)
 
     def begin(
         self, rows: torch.Tensor | None, qmask: torch.Tensor, row_ids: list[int]

@@ -10,59 +10,25 @@ request. The algorithm, step by step: the module docstring of rollout/engine.py 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from common.device import host_to_device
-from kernels.verify import VerifyOutput
 from policy.compiled import CUDA_EXTENT_BUCKET
 from policy.families import sliding_layer_window
-from rollout.cache import RaggedKVCache
-from rollout.cost_model import KMCurve, km_survival
+from rollout.cache import RaggedKVCache, kv_pool
+from rollout.cost_model import KMCurve
+from rollout.draft_choice import CURVE_KEEP, DraftChoice
 from rollout.history import HistorySequence
-from rollout.processors import constraint_mask, process_logits
+from rollout.processors import constraint_mask
+from rollout.step_timer import UNTIMED, StepTimer
+from rollout.step_verify import PassGroup, VerifyDrafts
 from rollout.stops import find_stop
 from rollout.types import Request, SamplingParams, StepEvent, Trajectory
-
-PHASES = (
-    "body",
-    "heads",
-    "verify",
-    "drafts",
-    "history",
-    "bookkeeping",
-)  # a decode step's parts (`StepTimer`)
-_UNTIMED = contextlib.nullcontext()
-CURVE_KEEP = 0.99  # per decode step: the draft-source curves remember about the last 100 steps
-
-
-class StepTimer:
-    """Wall time of a decode step's phases: the forward body (mask layout, decoder layers), the LM heads (verify
-    slots and the chosen proposal block), the verify (processors, uniforms, the fused ratio test and draw), draft
-    selection, history drafts (index updates and lookups, rollout/history.py), and bookkeeping (the one host read,
-    stop checks, cache commit). On CUDA each phase is bracketed by a
-    synchronize, so profiling adds syncs: it measures, it is not the fast path."""
-
-    def __init__(self, device: torch.device):
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.cuda = device.type == "cuda"
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        if self.cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        yield
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds[phase] += time.perf_counter() - t
 
 
 @dataclass
@@ -82,28 +48,12 @@ class _Row:
     hist_pred: float | None = None  # expected accepted length of the history draft it carries, None: none
 
 
-class _Group(NamedTuple):
-    """Rows of one pass that share sampling settings (`EngineCore._group`)."""
-
-    pos: torch.Tensor | None  # their positions among the pass's rows; None = all of them
-    slots: list[int]
-    params: SamplingParams
-    banned: torch.Tensor | None  # constraint mask of these settings
-
-    def take(self, x):
-        """x's rows of this group (x itself for the one group of a uniform pass, None stays None)."""
-        return x if x is None or self.pos is None else x[self.pos]
-
-
-_VERIFY_FIELDS = [f.name for f in dataclasses.fields(VerifyOutput)]
-
-
 def _sampling_key(p: SamplingParams) -> tuple:
     """The settings that shape a row's distribution: rows that share them are processed and verified together."""
     return (p.temperature, p.top_p, p.top_k, p.banned_token_ids, p.allowed_token_ids)
 
 
-class EngineCore:
+class EngineCore(VerifyDrafts, DraftChoice):
     """The engine's step-level API, and the one code path of every generation. Requests join (`add`) and leave
     (finished, or `cancel`) between steps; each `step` prefills queued requests into free slots, runs one decode
     step over every active row, and returns what each request got (`StepEvent`). `BlockEngine.run` drives it over
@@ -124,8 +74,15 @@ class EngineCore:
         B, K, dev = max_batch or eng.max_batch, eng.K, eng.device
         cfg = eng.policy.config
         self.V = eng.vocab_size
+        # compiled: at least 2 cache rows, so torch never specializes the graphs on a one-row cache (a one-slot
+        # core's graph would not serve a batch's last row, nor the reverse); under CUDA graphs the buffers come from
+        # the policy's pool, at the addresses the graphs captured
         self.cache = RaggedKVCache(
-            cfg.num_hidden_layers, B, dev, extent_bucket=CUDA_EXTENT_BUCKET if eng.cuda_graphs else 1
+            cfg.num_hidden_layers,
+            max(B, 2) if eng.body is not None else B,
+            dev,
+            extent_bucket=CUDA_EXTENT_BUCKET if eng.cuda_graphs else 1,
+            pool=kv_pool(eng.policy) if eng.cuda_graphs else None,
         )
         self.dtype = eng.policy.model.dtype
         self.window = sliding_layer_window(cfg)  # sliding-window layers need key positions in the mask
@@ -232,7 +189,7 @@ class EngineCore:
         return traj
 
     def timed(self, phase: str):
-        return _UNTIMED if self.timer is None else self.timer(phase)
+        return UNTIMED if self.timer is None else self.timer(phase)
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
@@ -247,7 +204,7 @@ class EngineCore:
         compiled = decode and self.eng.body is not None
         # None: every slot, the cache's view path (a compiled step always indexes its rows and passes a mask: one
         # graph, whichever rows step)
-        rows_t = None if len(rows) == len(self.slots) and not compiled else self._idx
+        rows_t = None if len(rows) == self.cache.batch_size and not compiled else self._idx
         self._rows_t, self._rows = rows_t, rows
         mask = self.cache.begin(rows_t, qmask, rows)  # [R, Q, extent] or None (uniform single-query step)
         policy = self.eng.policy
@@ -298,7 +255,7 @@ class EngineCore:
 
     def _group(self, rows: list[int]) -> None:
         """Split this pass's rows by sampling settings, once per pass (verify and drafting both read it):
-        `self._pass` = [_Group], one in the common case (positions None: every row of the pass)."""
+        `self._pass` = [PassGroup], one in the common case (positions None: every row of the pass)."""
         by: dict[tuple, list[int]] = {}
         for r, s in enumerate(rows):
             by.setdefault(self.slots[s].key, []).append(r)
@@ -308,7 +265,7 @@ class EngineCore:
             if key not in self._banned:
                 self._banned[key] = constraint_mask(params, self.V, self.eng.device)
             idx = None if len(by) == 1 else self.index(pos)
-            groups.append(_Group(idx, [rows[r] for r in pos], params, self._banned[key]))
+            groups.append(PassGroup(idx, [rows[r] for r in pos], params, self._banned[key]))
         self._pass = groups
 
     # ---------------------------------------------------------------------------------------------- prefill
@@ -424,117 +381,6 @@ class EngineCore:
         if self.history is not None:
             self._observe_step(len(rows), longest, dt)
 
-    def verify(self, rows, ar_logits, drafts, draft_logits, n_drafts, draws: int = 1):
-        """Per sampling group: processors -> (logit mixing) -> fused verify with per-row uniforms. Returns
-        (VerifyOutput, ar_logprobs, n_drafts, top) with top = (log-probs, ids) [R, V, n] of the most likely
-        tokens under the behaviour distribution when a row asked for alternatives, else None.
-
-        Each row draws `draws` uniforms (K+1 in a decode step) however long the pass's verify segment is, so a
-        row's random stream never depends on the rows beside it."""
-        V = ar_logits.shape[1]
-        q_all = self.draft_probs[self._idx, : V - 1] if self.draft_probs is not None and V > 1 else None
-        top_n = min(self.V, max(self.slots[s].top_n for s in rows))
-        dirac = None if self.dirac is None or draft_logits is None else self.dirac[self._idx]
-        tensors = (ar_logits, drafts, draft_logits, n_drafts, q_all, dirac)
-        parts = [self._verify_group(g, *(g.take(x) for x in tensors), top_n, draws) for g in self._pass]
-        if len(parts) == 1:
-            out, ar_lp, top = parts[0]
-        else:  # each output field, scattered back over the pass's rows
-            R = len(rows)
-            out = VerifyOutput(*(self._scatter([getattr(p[0], f) for p in parts], R) for f in _VERIFY_FIELDS))
-            ar_lp = self._scatter([p[1] for p in parts], R)
-            top = tuple(self._scatter([p[2][i] for p in parts], R) for i in range(2)) if top_n else None
-        return out, ar_lp, n_drafts, top
-
-    def _scatter(self, parts: list[torch.Tensor], R: int) -> torch.Tensor:
-        """Per-group results (each group's rows in order) -> one tensor over all R rows of the pass."""
-        full = parts[0].new_empty((R, *parts[0].shape[1:]))
-        for x, g in zip(parts, self._pass, strict=True):
-            full[g.pos] = x
-        return full
-
-    def _verify_group(self, g: _Group, ar_logits, drafts, draft_logits, n_drafts, q, dirac, top_n, draws):
-        eng, rows, p, banned = self.eng, g.slots, g.params, g.banned
-        K1 = ar_logits.shape[1]
-        target = ar_logits
-        if eng.sampler == "logit_mix" and eng.mix_weight < 1.0 and K1 > 1:
-            w = eng.mix_weight
-            mixed = w * ar_logits[:, :-1] + (1 - w) * draft_logits.float()
-            valid = torch.arange(K1 - 1, device=ar_logits.device)[None] < n_drafts[:, None]
-            if dirac is not None:  # a history draft's positions keep the pure AR target (nothing to mix)
-                valid = valid & ~dirac[:, None]
-            valid = valid[..., None]
-            target = torch.cat([torch.where(valid, mixed, ar_logits[:, :-1]), ar_logits[:, -1:]], dim=1)
-        target = process_logits(target, p, banned)
-        if p.temperature == 0:
-            q = None
-        gens = [self.slots[s].gen for s in rows]
-        u = torch.stack([torch.rand(max(draws, K1), generator=g, device=ar_logits.device) for g in gens])
-        # draft i's test reads u_i and the final draw the last uniform, whatever the pass's verify length
-        u = torch.cat([u[:, : K1 - 1], u[:, -1:]], dim=1)
-        out = eng.verify_fn(target, drafts, q, n_drafts, u, p.temperature)
-        if p.temperature == 0:
-            ar_lp = torch.zeros_like(out.logprobs)
-        elif target is ar_logits or eng.sampler != "logit_mix":
-            ar_lp = out.logprobs
-        else:
-            lp = torch.log_softmax(process_logits(ar_logits, p, banned) / p.temperature, dim=-1)
-            emitted = torch.arange(K1, device=lp.device)[None] <= out.accept_len[:, None]
-            ar_lp = torch.where(emitted, lp.gather(-1, out.tokens.clamp(min=0)[..., None]).squeeze(-1), 0.0)
-        top = None
-        if top_n:  # only when asked: the alternatives under the distribution the tokens were drawn from
-            scaled = target if p.temperature in (0.0, 1.0) else target / p.temperature
-            top = torch.log_softmax(scaled, dim=-1).topk(top_n, dim=-1)
-        return out, ar_lp, top
-
-    def set_drafts(
-        self,
-        rows: list[int],
-        proposals: torch.Tensor,
-        accept_len: torch.Tensor,
-        levels: torch.Tensor,
-        ends: torch.Tensor | None = None,
-    ) -> None:
-        """Next drafts from the closest-below proposal. proposals: hidden states [R, L(+1), K+1, H] of the blocks
-        at the fixed `levels` [L], then, with `ends` (each row's draft count [R]), the block at each row's draft
-        end, which a row that accepted its whole draft drafts from; accept_len [R]."""
-        K = self.eng.K
-        dev = proposals.device
-        R = len(rows)
-        if len(levels):
-            lvl = torch.searchsorted(levels, accept_len, right=True) - 1  # largest level p <= na
-        else:
-            lvl = torch.full_like(accept_len, -1)
-        found = lvl >= 0  # with levels [end] a rejected draft has none: the next step verifies no draft
-        p = levels[lvl.clamp(min=0)] if len(levels) else torch.zeros_like(accept_len)
-        if ends is not None:
-            full = accept_len == ends
-            lvl, p, found = torch.where(full, len(levels), lvl), torch.where(full, ends, p), found | full
-        lvl = lvl.clamp(min=0)
-        chosen = proposals[torch.arange(R, device=dev), lvl]  # [R, K+1, H]
-        first = accept_len - p + 1  # slot of position b+na+2
-        slot = (first[:, None] + torch.arange(K, device=dev)[None]).clamp(0, K)  # [R, K]
-        with self.timed("heads"):
-            dl = self.head(chosen.gather(1, slot[..., None].expand(R, K, chosen.shape[-1])))  # [R, K, V]
-        with self.timed("drafts"):
-            n = torch.where(found, K - accept_len + p, 0)
-            rows_t = self._idx
-            if self.draft_logits is not None:
-                self.draft_logits[rows_t] = dl.to(self.draft_logits.dtype)
-            self.n_drafts[rows_t] = n
-            parts = []
-            for g in self._pass:
-                processed = process_logits(g.take(dl), g.params, g.banned)
-                if self.eng.draft == "sampled" and g.params.temperature > 0:
-                    probs = torch.softmax(processed / self.eng.draft_temperature, dim=-1)
-                    self.draft_probs[g.take(rows_t)] = probs  # q, reused by the next verify
-                    u = torch.stack([torch.rand(K, generator=self.slots[s].gen, device=dev) for s in g.slots])
-                    cdf = probs.cumsum(-1)
-                    parts.append((cdf <= u[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1))
-                else:
-                    parts.append(processed.argmax(-1))
-            self.drafts[rows_t] = parts[0] if len(parts) == 1 else self._scatter(parts, R)
-
     # ---------------------------------------------------------------------------------------------- outputs
     def emit(self, rows: list[int], verified, drafts_used) -> list[int]:
         """Append each row's committed tokens, cut at stops, free finished slots, queue each request's StepEvent;
@@ -615,96 +461,6 @@ class EngineCore:
                 )
             )
         return na
-
-    def _pass_length(self, rows: list[int], longest: int) -> int:
-        """The verify length of a pass with history drafts: a pass is laid out for its longest draft, so every row
-        pays for one row's long draft. Choose n <= longest maximising the pass's expected tokens per second,
-        (rows + sum_r sum_{i <= min(n_r, n)} P(draft i of row r accepted)) / (a + b * n), with acceptance from the
-        live curves (history or diffusion, by the row's source) and the step cost fit from this core's own timed
-        steps at this many rows; drafts past n are dropped. Until two lengths have been timed: the longest."""
-        fit = self.step_fit.get(len(rows))
-        if fit is None or fit[0] < 4 or not self.history.cfg.adaptive_length:
-            return longest
-        n_obs, sx, sy, sxx, sxy = fit
-        var = sxx - sx * sx / n_obs
-        if var <= 1e-9:
-            return longest
-        b = max(0.0, (sxy - sx * sy / n_obs) / var)
-        a = max(1e-6, (sy - b * sx) / n_obs)
-        gain = np.zeros(longest + 1)
-        curves = {}
-        for s in rows:
-            row = self.slots[s]
-            n = min(row.n_drafts, longest)
-            if n:
-                src = "h" if row.hist_pred is not None else "d"
-                if src not in curves:
-                    c = self.hist_curve if src == "h" else self.diff_curve
-                    # a prior of hazard 0.3 where few steps were seen, so an unseen position is still tried
-                    curves[src] = np.cumprod(1.0 - (c.rejected + 0.3) / (c.at_risk + 1.0))
-                gain[1 : n + 1] += curves[src][:n]
-        tokens = len(rows) + np.cumsum(gain)
-        best = int(np.argmax(tokens / (a + b * np.arange(longest + 1))))
-        if best < longest:
-            self.n_drafts[self._idx] = self.n_drafts[self._idx].clamp(max=best)
-            for s in rows:
-                self.slots[s].n_drafts = min(self.slots[s].n_drafts, best)
-        return best
-
-    def _observe_step(self, R: int, n: int, seconds: float) -> None:
-        """One timed decode step (R rows, verify length n + 1) into the decayed least-squares sums of its cost."""
-        fit = self.step_fit.setdefault(R, np.zeros(5))
-        fit *= 0.98  # recent steps weigh more (the machine's load changes)
-        fit += (1.0, n, seconds, n * n, n * seconds)
-
-    def _history_drafts(self, rows: list[int]) -> None:
-        """After a step's emit: index each row's new tokens, then give each row still decoding the history draft
-        (rollout/history.py) where the rule (`HistorySettings.rule`) prefers it to the diffusion draft it got. The
-        default rule compares expected accepted lengths: the history draft's own estimate, scaled by how history
-        estimates have fared so far (accepted / predicted), against sum_{i<=n} P(na >= i) of the n diffusion
-        drafts, from their live acceptance curve. One host-to-device copy, only when some row's drafts change
-        source."""
-        K, rule, dev = self.eng.K, self.history.cfg.rule, self.eng.device
-        scale = self.hist_calib[0] / self.hist_calib[1]
-        e_diff = None
-        use, changed, packed = [], False, []
-        for row, new, finished in self._hist_updates:
-            row.hist.extend(new)
-            had = row.hist_pred is not None
-            row.hist_pred = None
-            d = None
-            if finished:
-                row.hist.finish()
-            else:
-                d = row.hist.propose(K)
-            take = d is not None
-            if take and self.eng.diffusion and row.n_drafts and rule != "history":
-                if rule == "diffusion":
-                    take = False
-                else:
-                    if e_diff is None:  # E[accepted | n drafts] = sum_{i=1..n} c_i, for every n at once
-                        e_diff = km_survival(self.diff_curve.hazard()).cumsum() - 1.0
-                    take = d.expected * scale > e_diff[min(row.n_drafts, K)]
-            if take:
-                row.hist_pred = d.expected
-                row.n_drafts = len(d.tokens)
-            use.append(take)
-            changed |= take or had
-            toks = d.tokens if take else []
-            packed.append([int(take), len(toks), *toks, *[0] * (K - len(toks))])
-        if not changed:
-            return
-        packed_t = host_to_device(packed, dev)  # [R, 2 + K]: uses history, its length, its tokens
-        rows_t, use_t = self._idx, packed_t[:, 0].bool()
-        self.drafts[rows_t, :K] = torch.where(use_t[:, None], packed_t[:, 2:], self.drafts[rows_t, :K])
-        self.n_drafts[rows_t] = torch.where(use_t, packed_t[:, 1], self.n_drafts[rows_t])
-        if self.dirac is not None:
-            self.dirac[rows_t] = use_t
-        if self.draft_probs is not None and any(
-            use
-        ):  # q of a Dirac draft: one-hot (the ratio test's p(d) / 1)
-            sel = use_t.nonzero().squeeze(1)
-            self.draft_probs[rows_t[sel]] = torch.nn.functional.one_hot(packed_t[sel, 2:], self.V).float()
 
 
 def _alternatives(flat: list[float], n: int, K1: int, want: int) -> list[list[tuple[int, float]]]:

@@ -32,8 +32,9 @@ from policy.compiled import CompileMode, compile_enabled, compiled_body
 from policy.hybrid import HybridPolicy
 from policy.masks import decode_step_layout, decode_step_mask
 from policy.tokenizer import eos_ids
-from rollout.core import PHASES, EngineCore, StepTimer
+from rollout.core import EngineCore
 from rollout.history import HistoryStore
+from rollout.step_timer import PHASES, StepTimer
 from rollout.types import (
     DRAFTS,
     END,

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from common.device import resolve_device
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import load_tokenizer
 from rollout.auto import AutoSampler, build_engine
 from rollout.engine import BlockEngine
 from rollout.settings import EngineSettings

@@ -18,12 +18,16 @@
 # 2. runs the `gpu`-marked tests (Triton verify kernel vs its reference on CUDA, FlexAttention training vs the dense
 #    mask, engine greedy vs HF generate on the GPU, bf16 sampling, one host sync per decode step counted by CUDA's
 #    sync debug mode, decode masks on sdpa's fused kernels with the math backend excluded: tests/kernels,
-#    tests/policy/test_flex.py, tests/rollout/test_engine.py, tests/rollout/test_core.py). "ok" needs at least one
-#    test passed: all skipped, or none collected (exit 5), is a failure;
+#    tests/policy/test_flex.py, tests/rollout/test_engine.py, tests/rollout/test_core.py, and the compiled step as
+#    CUDA graphs: greedy == eager, no new graph on other shapes, tests/rollout/test_compile.py). "ok" needs at least
+#    one test passed: all skipped, or none collected (exit 5), is a failure;
 # 3. `blockrl bench` in bf16 at B = 1, 4, 16, 64 (n = B prompts, 64 new tokens, hf/ar/lossless[0,4,8]/logit_mix/auto)
 #    on the shipped checkpoint, and on a random-init MoE of realistic shape (hidden 1024, 16 layers, 16 experts
 #    top-2, vocabulary 32,768; speed and memory only: it has no drafter). The JSON is rewritten after each batch
-#    size ("partial": true), so a bench cut at its time box still reports the batch sizes it finished;
+#    size ("partial": true), so a bench cut at its time box still reports the batch sizes it finished; and the
+#    compiled rows at B = 1, 16, 64: the engine's ar and lossless[end] with the decode step as CUDA graphs
+#    (compiled=true) beside HF generate with a static cache and torch.compile (hf_compiled=true), each row's
+#    compile seconds, and every row against the fastest AR row (`vs best AR`);
 # 4. 3 RL steps with rollout workers on the GPU in a placement group with the learner's bundle (needs ray, whose
 #    wheel is too big to travel to the device machine: skipped, and said so, where it is not installed; 30 s);
 # 4b. 2 colocated RL steps on one GPU in one process (scripts/gpu_colocate.py: learner and bf16 rollout copy take
@@ -31,7 +35,8 @@
 #     (scripts/gpu_sync.py; skipped, and said so, on a one-GPU machine);
 # 5. writes summary.json and summary.md to OUT_DIR, beside the stages' logs (at most 8 files: what the device tool
 #    returns). The summary is rewritten after every stage, so a run killed from outside still leaves one.
-# Every stage is time-boxed: its cap (below; they add up to 450 s) or what is left of one 460 s budget, whichever is
+# Every stage is time-boxed: its cap (below; the stages that can run on one GPU add up to 455 s; Ray's and NCCL's
+# are skipped there) or what is left of one 460 s budget, whichever is
 # less; the final summary has 15 s more, so the whole ends within 8 minutes on one H100 or H200. Run directories and
 # caches live in WORK (/tmp/gpu_check, emptied first); only the summaries and logs go to OUT_DIR. Exit status 0 only
 # when the summary's result is ok.
@@ -42,7 +47,7 @@ WORK=/tmp/gpu_check
 BUDGET=460
 DEADLINE=$((SECONDS + BUDGET))
 PY="${PY:-python3}"
-STAGES=(preflight gpu_tests bench_shipped bench_moe rl_steps colocate nccl_sync)
+STAGES=(preflight gpu_tests bench_shipped bench_compiled bench_moe rl_steps colocate nccl_sync)
 rm -rf "$WORK"
 mkdir -p "$OUT_DIR" "$WORK"
 : > "$WORK/steps.txt"
@@ -111,14 +116,15 @@ fails = pre.get("failed_imports", {})
 optional = set(pre.get("optional", []))
 md += ["imports that failed: " + ("none" if not fails else "; ".join(
     f"{k} ({v}{', optional' if k in optional else ''})" for k, v in fails.items())), ""]
-for name in ("bench_shipped", "bench_moe"):
+BENCHES = ("bench_shipped", "bench_compiled", "bench_moe")
+for name in BENCHES:
     body = json.loads(read(work / f"{name}.json") or "null")
     if body and body.get("partial") and name in steps:
         steps[name] += f"; partial JSON: batch sizes {body['batch_sizes_done']} done"
 for s in [k for k in steps if k not in stages] + stages:  # wheels first, where there were any
     summary["stages"][s] = steps.get(s, "not reached")
 md += ["## stages", ""] + [f"- {k}: {v}" for k, v in summary["stages"].items()]
-for name in ("bench_shipped", "bench_moe"):
+for name in BENCHES:
     body = json.loads(read(work / f"{name}.json") or "null")
     if not body:
         continue
@@ -126,10 +132,12 @@ for name in ("bench_shipped", "bench_moe"):
     summary["bench"][name] = {"partial": body.get("partial"), "batch_sizes_done": body.get("batch_sizes_done"),
                               "runs": runs}
     md += ["", f"## {name}" + (" (partial)" if body.get("partial") else ""), "",
-           "| B | sampler | levels | tok/s | vs HF | vs ar | TPF | peak MB |", "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['batch_size']} | {r['sampler']} | {r['levels']} | {r['tokens_per_s']:.0f} | "
-           f"{r['speedup_vs_hf']:.2f}x | {r['speedup_vs_ar']:.2f}x | {r['tokens_per_forward']:.2f} | "
-           f"{r['peak_mem_mb']:.0f} |" for r in runs]
+           "| B | sampler | levels | tok/s | vs HF | vs ar | vs best AR | TPF | peak MB | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['batch_size']} | {r['sampler']}{'+compiled' if r.get('compiled') else ''} | {r['levels']} | "
+           f"{r['tokens_per_s']:.0f} | {r['speedup_vs_hf']:.2f}x | {r['speedup_vs_ar']:.2f}x | "
+           f"{r.get('speedup_vs_best_ar', 0):.2f}x | {r['tokens_per_forward']:.2f} | {r['peak_mem_mb']:.0f} | "
+           f"{r.get('compile_s', 0):.0f} |" for r in runs]
 col = work / "colocate.json"
 if col.is_file():
     recs = json.loads(col.read_text())["steps"]
@@ -251,9 +259,10 @@ if [ -n "$why" ]; then
 else
     PER_TEST=()
     grep -qxF pytest_timeout "$WORK/import_failed.txt" || PER_TEST=(--timeout 60)
-    if run gpu_tests 110 "$OUT_DIR/gpu_tests.log" "$PY" -m pytest -rfEs -m gpu -p no:cacheprovider \
+    if run gpu_tests 130 "$OUT_DIR/gpu_tests.log" "$PY" -m pytest -rfEs -m gpu -p no:cacheprovider \
         --junitxml "$WORK/gpu_tests.xml" --continue-on-collection-errors "${PER_TEST[@]}" tests/kernels \
-        tests/policy/test_flex.py tests/rollout/test_engine.py tests/rollout/test_core.py; then
+        tests/policy/test_flex.py tests/rollout/test_engine.py tests/rollout/test_core.py \
+        tests/rollout/test_compile.py; then
         read -r passed counts < <("$PY" - "$WORK/gpu_tests.xml" <<'PYEOF'
 import sys, xml.etree.ElementTree as ET
 try:
@@ -288,19 +297,32 @@ BENCH=(--set device=cuda --set dtype=bfloat16 --set "batch_sizes=[1,4,16,64]" --
 why=$(blocked "${BENCH_NEEDS[@]}")
 if [ -n "$why" ]; then
     status bench_shipped "$why"
-elif run bench_shipped 75 "$OUT_DIR/bench_shipped.log" "$PY" -m trainers.cli bench "${BENCH[@]}" \
+elif run bench_shipped 60 "$OUT_DIR/bench_shipped.log" "$PY" -m trainers.cli bench "${BENCH[@]}" \
     --set run_dir="$WORK/bench_shipped" --json "$WORK/bench_shipped.json"; then
     status bench_shipped "$(verdict "$RC")"
 fi
 summarize running
 
-# 3b. bench, random-init MoE of realistic shape (about 0.4B parameters), bf16: speed and memory only
+# 3b. the compiled rows: the engine's decode step as CUDA graphs (ar and lossless[end]) beside HF generate with a
+# static cache and torch.compile, at B = 1, 16, 64 (each row compiles in its untimed warm-up; `compile_s`)
+why=$(blocked "${BENCH_NEEDS[@]}")
+if [ -n "$why" ]; then
+    status bench_compiled "$why"
+elif run bench_compiled 95 "$OUT_DIR/bench_compiled.log" "$PY" -m trainers.cli bench "${BENCH[@]}" \
+    --set "batch_sizes=[1,16,64]" --set "levels=[[end]]" --set logit_mix=false --set compiled=true \
+    --set hf_compiled=true --set repeats=1 --set run_dir="$WORK/bench_compiled" \
+    --json "$WORK/bench_compiled.json"; then
+    status bench_compiled "$(verdict "$RC")"
+fi
+summarize running
+
+# 3c. bench, random-init MoE of realistic shape (about 0.4B parameters), bf16: speed and memory only
 MOE="{arch: qwen3_moe, hidden_size: 1024, num_layers: 16, num_heads: 16, num_kv_heads: 4, moe_intermediate_size: 512,"
 MOE="$MOE num_experts: 16, experts_per_token: 2, max_positions: 2048}"
 why=$(blocked "${BENCH_NEEDS[@]}")
 if [ -n "$why" ]; then
     status bench_moe "$why"
-elif run bench_moe 75 "$OUT_DIR/bench_moe.log" "$PY" -m trainers.cli bench "${BENCH[@]}" --set "model=$MOE" \
+elif run bench_moe 45 "$OUT_DIR/bench_moe.log" "$PY" -m trainers.cli bench "${BENCH[@]}" --set "model=$MOE" \
     --set model_vocab=32768 --set repeats=1 --set run_dir="$WORK/bench_moe" --json "$WORK/bench_moe.json"; then
     status bench_moe "$(verdict "$RC")"
 fi
@@ -322,7 +344,7 @@ summarize running
 why=$(blocked trainers.rl.colocate trainers.rl.learner rollout.worker policy.hybrid)
 if [ -n "$why" ]; then
     status colocate "$why"
-elif run colocate 50 "$OUT_DIR/colocate.log" "$PY" scripts/gpu_colocate.py --steps 2 --out "$WORK/colocate.json"; then
+elif run colocate 40 "$OUT_DIR/colocate.log" "$PY" scripts/gpu_colocate.py --steps 2 --out "$WORK/colocate.json"; then
     status colocate "$(verdict "$RC")"
 fi
 why=$(blocked rollout.weight_sync rollout.worker policy.hybrid)

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import load_tokenizer
 from policy.tokenizer import pad_id
 from rollout.settings import EngineSettings
 from rollout.types import SamplingParams

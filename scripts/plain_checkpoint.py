@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from policy.hybrid import METADATA_KEY, HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import METADATA_KEY, load_tokenizer
 
 
 def main(src: str, dst: str) -> None:

@@ -23,6 +23,9 @@ def _quiet_env() -> None:
     root = Path.cwd()
     os.environ.setdefault("MPLCONFIGDIR", str(root / ".mplconfig"))
     os.environ.setdefault("HF_HOME", str(root / ".hf_home"))
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(root / ".inductor_cache")
+    )  # compiled kernels (compile: on)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -90,8 +93,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from rollout.bench.config import BenchConfig
     from rollout.bench.report import plot, print_checkpoints, print_profile, print_table, write_json
-    from rollout.bench.run import BenchConfig, run_bench
+    from rollout.bench.run import run_bench
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
     if args.profile:
@@ -202,7 +206,8 @@ def cmd_serve_bench(args) -> int:
 
 def cmd_regress(args) -> int:
     """Nightly reward regression: seeded suite per sampler vs a stored baseline; exit 1 naming failing metrics."""
-    from trainers.regress.job import RegressConfig, run_regress
+    from trainers.regress.config import RegressConfig
+    from trainers.regress.job import run_regress
     from trainers.regress.report import format_console
 
     out = run_regress(load_config(RegressConfig, args.config, args.overrides), args.update_baseline)
@@ -294,7 +299,7 @@ COMMANDS = (
         cmd_bench,
         "bench",
         (JSON, PROFILE),
-        config="rollout.bench.run:BenchConfig",
+        config="rollout.bench.config:BenchConfig",
     ),
     Command(
         "export-tasks",
@@ -350,7 +355,7 @@ COMMANDS = (
         cmd_regress,
         "regress",
         (("--update-baseline", {"action": "store_true", "help": "rewrite the baseline file from this run"}),),
-        config="trainers.regress.job:RegressConfig",
+        config="trainers.regress.config:RegressConfig",
     ),
     Command(
         "serve",

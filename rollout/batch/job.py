@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from common.checkpoint import missing_checkpoint
 from common.config import ConfigError, dump_config
-from policy.hybrid import (
+from policy.metadata import (
     checkpoint_block_size,
     checkpoint_is_converted,
     checkpoint_prompt_format,

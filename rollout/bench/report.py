@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from common.plots import pyplot
-from rollout.bench.run import BenchConfig, RunResult, model_label
+from rollout.bench.config import BenchConfig, RunResult
+from rollout.bench.run import model_label
 from rollout.types import levels_label
 
 
@@ -105,7 +106,8 @@ def print_profile(results: list[RunResult]) -> None:
     for r in rows:
         total = r.step_ms["total"]
         cells = [f"{r.step_ms[ph]:.2f} ({r.step_ms[ph] / total:.0%})" for ph in (*PHASES, "other")]
-        t.add_row(str(r.batch_size), r.sampler, escape(levels_label(r.levels)), f"{total:.2f}", *cells)
+        sampler = r.sampler + ("+compiled" if r.compiled else "")
+        t.add_row(str(r.batch_size), sampler, escape(levels_label(r.levels)), f"{total:.2f}", *cells)
     Console(width=min(100, Console().width)).print(t)
 
 

@@ -33,7 +33,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from common.checkpoint import missing_checkpoint
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import load_tokenizer
 from policy.tokenizer import ChatFormatError, encode_chat_prompt, encode_prompt
 from rollout.serve import protocol as P
 from rollout.serve.config import ServeConfig

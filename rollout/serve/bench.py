@@ -149,7 +149,7 @@ async def drive(
 def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     import logging
 
-    from policy.hybrid import checkpoint_is_converted, checkpoint_prompt_format, load_tokenizer
+    from policy.metadata import checkpoint_is_converted, checkpoint_prompt_format, load_tokenizer
     from policy.tokenizer import encode_prompt
 
     for name in ("httpx", "httpx2", "openai"):  # one line per request otherwise

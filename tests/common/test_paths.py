@@ -14,7 +14,7 @@ import pytest
 
 from common.config import load_config
 from common.paths import INSTALL_ROOT, SHIPPED_CHECKPOINT, resolve_shipped
-from trainers.regress.job import RegressConfig
+from trainers.regress.config import RegressConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

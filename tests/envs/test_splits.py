@@ -10,7 +10,8 @@ from common.config import load_config
 from envs import splits
 from envs.tasks import CORPUS_TASKS, iter_samples
 from trainers.lm.data import DataConfig, heldout_samples
-from trainers.regress.job import RegressConfig, load_suite
+from trainers.regress.config import RegressConfig
+from trainers.regress.job import load_suite
 from trainers.rl.rollouts import StepRollouts
 
 TASKS = list(CORPUS_TASKS)

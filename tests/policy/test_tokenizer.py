@@ -123,7 +123,7 @@ def test_a_legacy_checkpoint_tokenizer_keeps_its_training_bos(tmp_path):
     it); loading one makes `tokenizer(text)` add it."""
     from policy import HybridPolicy
     from policy.factory import build_model, tiny_dense_config
-    from policy.hybrid import METADATA_KEY, load_tokenizer
+    from policy.metadata import METADATA_KEY, load_tokenizer
 
     tok = build_char_tokenizer()
     tok.add_bos_token = False  # the old tokenizer config

@@ -2,6 +2,7 @@
 stated bound of an eager from-scratch forward, no recompiles in steady state, exact sampling compiled, and an eager
 fallback with one logged reason where the body does not compile."""
 
+import gc
 import logging
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from policy.compiled import compile_enabled, graphs_compiled
 from rollout import BlockEngine
 from rollout import engine as engine_mod
+from rollout.cache import KVPool, RaggedKVCache
 from tests.conftest import PROMPTS, lively_policy
 from tests.rollout.test_engine import empirical_tv, exact_ar_distribution, hf_greedy, tv_threshold
 
@@ -48,14 +50,20 @@ def test_compile_time_is_measured(policy):
 
 def test_no_recompiles_in_steady_state(policy):
     """Once a step's variants have compiled (one row or several; one query or several), calls with other row
-    counts, prompt lengths, cache extents, temperatures and draft lengths compile nothing (torch's own counter)."""
+    counts (one-slot engines too), prompt lengths, cache extents, temperatures and draft lengths compile nothing
+    (torch's own counter)."""
     for sampler in ("lossless", "ar"):
         BlockEngine(policy, sampler=sampler, levels=["end"], max_batch=3, compile="on").generate(
             PROMPTS, 24, temperature=0, eos_token_id=None
         )
     before = graphs_compiled()
     prompts = [[2, 3], [2, 5, 7, 8, 9, 10, 11, 12, 13], [4, 4], [5], [6, 7, 8]]
-    for sampler, levels, batch in [("lossless", ["end"], 2), ("lossless", [0, 2], 4), ("ar", [0], 5)]:
+    for sampler, levels, batch in [
+        ("lossless", ["end"], 1),
+        ("lossless", [0, 2], 4),
+        ("ar", [0], 5),
+        ("ar", [0], 1),
+    ]:
         eng = BlockEngine(policy, sampler=sampler, levels=levels, max_batch=batch, compile="on")
         trajs = eng.generate(prompts, 60, temperature=1.0, seed=3, eos_token_id=None)
         assert all(len(t.tokens) == 60 for t in trajs)
@@ -119,6 +127,59 @@ def test_a_body_that_does_not_compile_runs_eager_with_one_logged_reason(caplog):
     assert eng.body.fallback is not None
     said = [r for r in caplog.records if "does not compile" in r.getMessage()]
     assert len(said) == 1 and "llama" in said[0].getMessage()
+
+
+def test_the_cuda_graph_layout_runs_on_the_cpu(policy, monkeypatch):
+    """The layout CUDA graphs get (extents padded to a multiple of 256, verify lengths rounded up to powers of two,
+    KV buffers from the policy's pool), run here through the CPU's compiled body: greedy output is unchanged, and a
+    second call decodes in the first call's buffers (the addresses a captured graph holds)."""
+    eager = BlockEngine(policy, sampler="lossless", levels=["end"], max_batch=3)
+    want = eager.generate(PROMPTS, 40, temperature=0, eos_token_id=None)
+    eng = BlockEngine(policy, sampler="lossless", levels=["end"], max_batch=3, compile="on")
+    eng.cuda_graphs = True  # what a CUDA device sets
+    seen, buffers = [], []
+    orig = engine_mod.EngineCore.forward
+
+    def recording(self, rows, ids, pos, qmask, decode=False):
+        hidden = orig(self, rows, ids, pos, qmask, decode)
+        if decode:
+            seen.append((self.cache.state.extent, self._layout.verify_len))
+            buffers.append(self.cache.layers[0].keys.data_ptr())
+        return hidden
+
+    monkeypatch.setattr(engine_mod.EngineCore, "forward", recording)
+    got = eng.generate(PROMPTS, 40, temperature=0, eos_token_id=None)
+    assert [t.tokens for t in got] == [t.tokens for t in want]
+    first = set(buffers)
+    eng.generate(PROMPTS, 40, temperature=0, eos_token_id=None)
+    assert set(buffers) == first and len(first) == 1  # the pool's buffers, both calls
+    assert all(extent % 256 == 0 for extent, _ in seen)
+    assert {n - 1 for _, n in seen} <= {0, 1, 2, 4} and len({n for _, n in seen}) > 1  # K = 4
+
+
+def test_kv_pool_reuses_buffers_of_caches_that_are_gone():
+    """A cache gets a finished cache's buffers of its batch size (the largest, after growth); caches alive at the
+    same time never share."""
+    pool = KVPool()
+
+    def cache(batch):
+        c = RaggedKVCache(2, batch, capacity=8, pool=pool)
+        for layer in c.layers:
+            if not layer.is_initialized:
+                layer.lazy_initialization(torch.zeros(batch, 2, 1, 4), torch.zeros(batch, 2, 1, 4))
+        return c
+
+    a, b = cache(3), cache(3)
+    ptrs = {c.layers[0].keys.data_ptr() for c in (a, b)}
+    assert len(ptrs) == 2
+    a.layers[0].ensure_capacity(20)
+    a.layers[1].ensure_capacity(20)
+    grown = a.layers[0].keys.data_ptr()
+    del a
+    gc.collect()
+    c = cache(3)
+    assert c.layers[0].keys.data_ptr() == grown and c.layers[0].capacity >= 20
+    assert cache(2).layers[0].keys.shape[0] == 2  # another batch size: its own buffers
 
 
 @pytest.mark.gpu

@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ConfigDict
 
     from common.config import load_config
-    from policy.hybrid import HybridPolicy, load_tokenizer
+    from policy.hybrid import HybridPolicy
+    from policy.metadata import load_tokenizer
     from trainers.lm.data import DataConfig, heldout_samples
 
     class PresetSections(Section):

@@ -34,8 +34,9 @@ from common.distributed import DistContext, LossModule, Parallel, is_main_proces
 from common.metrics import append_jsonl, truncate_jsonl
 from policy.factory import ModelSpec, build_model, count_parameters, make_config
 from policy.families import UnsupportedModelError
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
 from policy.losses import ar_ce
+from policy.metadata import load_tokenizer
 from policy.tokenizer import (
     CHATML,
     build_char_tokenizer,

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from common.config import load_config
-from trainers.regress.job import RegressConfig, load_baseline
+from trainers.regress.config import RegressConfig
+from trainers.regress.job import load_baseline
 from trainers.regress.stats import ToleranceConfig, bit_gates, gate_decisions
 
 

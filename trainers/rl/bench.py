@@ -27,7 +27,8 @@ from tqdm import tqdm
 from common.config import Section, ShippedPath
 from envs import splits
 from envs.tasks import TaskName, score
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import load_tokenizer
 from policy.tokenizer import encode_prompt, pad_id
 from rollout.bench.report import device_name
 from rollout.engine import BlockEngine

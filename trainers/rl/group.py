@@ -28,10 +28,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from common.checkpoint import read_trainer_state
+from common.checkpoint import read_trainer_state, rng_state, set_rng_state
 from common.distributed import DistContext
 from common.memory import PhaseMemory
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import load_tokenizer
 from rollout.settings import EngineSettings
 from rollout.weight_sync import SyncAddress
 from rollout.worker import Shard, ShardResult
@@ -78,7 +79,11 @@ class LearnerRank:
         self.tokenizer = load_tokenizer(checkpoint)
         self.memory = PhaseMemory(ctx.device)
         if resume is not None:
-            self.learner.load_state_dict(read_trainer_state(resume)["learner"])
+            state = read_trainer_state(resume)
+            self.learner.load_state_dict(state["learner"])
+            ranks_rng = state.get("learner_rng") or []
+            if self.rank < len(ranks_rng):  # this rank's own streams (a resume under more ranks: the new ones fresh)
+                set_rng_state(ranks_rng[self.rank])
         return self.learner.version, self.learner.lambda_diff
 
     def step(self, batch: RolloutBatch) -> dict[str, float]:
@@ -110,6 +115,10 @@ class LearnerRank:
 
     def set_lambda_diff(self, value: float) -> None:
         self.learner.lambda_diff = value
+
+    def rng(self) -> dict:
+        """This rank's RNG states (CPU and every GPU it sees: the learner draws its diffusion block starts there)."""
+        return rng_state()
 
     def save(self, dest: str, extra: dict) -> None:
         self.learner.save(Path(dest), self.tokenizer, extra)
@@ -226,8 +235,10 @@ class LearnerGroup:
         self._lambda_diff = value
 
     def save(self, dest: Path, extra: dict) -> None:
-        """The resumable checkpoint: full HF policy + name-keyed learner state, written by rank 0."""
-        self._all([a.save.remote(str(dest), extra) for a in self.ranks], "checkpoint")
+        """The resumable checkpoint: full HF policy + name-keyed learner state, written by rank 0, with every rank's
+        RNG states (`learner_rng`, restored rank by rank on resume: exact resume on a GPU too)."""
+        ranks_rng = self._all([a.rng.remote() for a in self.ranks], "RNG states")
+        self._all([a.save.remote(str(dest), extra | {"learner_rng": ranks_rng}) for a in self.ranks], "checkpoint")
 
     def weights_numpy(self):
         """The object-store path: a ref to rank 0's numpy state dict (all ranks join the gather; a failure names

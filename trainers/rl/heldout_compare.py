@@ -17,7 +17,8 @@ import torch
 
 from envs import splits
 from envs.tasks import CORPUS_TASKS, score
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import load_tokenizer
 from policy.tokenizer import encode_prompt
 from rollout.engine import BlockEngine
 from trainers.lm.evaluate import wilson

@@ -35,8 +35,8 @@ from envs import splits
 from envs.prompt_file import PromptFileConfig, PromptFileTask
 from envs.rewards import RewardFunctions, RewardSpec
 from envs.tasks import TaskName
-from policy.hybrid import (
-    HybridPolicy,
+from policy.hybrid import HybridPolicy
+from policy.metadata import (
     checkpoint_block_size,
     checkpoint_is_converted,
     checkpoint_prompt_format,

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from common.config import Section, ShippedPath
 from common.device import DTypeName
 from policy.factory import ModelSpec, build_model, count_parameters, make_config
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import load_tokenizer
 from rollout.bench.report import device_name
 from rollout.pool import RolloutPool, init_ray
 from rollout.settings import EngineSettings

@@ -58,7 +58,8 @@ from torch.distributed.tensor import DTensor
 from trl.data_utils import is_conversational
 
 from common.device import DTYPES, DeviceName, DTypeName, resolve_device
-from policy.hybrid import METADATA_KEY, HybridPolicy
+from policy.hybrid import HybridPolicy
+from policy.metadata import METADATA_KEY
 from rollout.auto import AutoSampler, build_engine
 from rollout.engine import BlockEngine
 from rollout.multiturn import run_turns

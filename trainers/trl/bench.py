@@ -38,7 +38,7 @@ from common.config import Section, ShippedPath
 from common.plots import pyplot
 from envs import splits
 from envs.tasks import CORPUS_TASKS, TaskName, TaskSample, score
-from policy.hybrid import load_tokenizer
+from policy.metadata import load_tokenizer
 from rollout.bench.report import device_name
 from rollout.types import Levels
 from trainers.trl.adapter import BlockGRPOTrainer, BlockRolloutFunc

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from common.paths import SHIPPED_CHECKPOINT
 from envs.tasks import iter_samples
 from envs.text_env import TaskEnv
-from policy.hybrid import load_tokenizer
+from policy.metadata import load_tokenizer
 from rollout.batch.io import ManifestMismatchError, PromptFileError, env_seed
 from rollout.batch.job import RolloutJobConfig, make_backend, run_job
 from trainers.cli import main

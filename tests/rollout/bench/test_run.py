@@ -262,7 +262,8 @@ def test_quick_bench_of_a_plain_model_on_the_users_prompt_file(tmp_path, tokeniz
 
 
 def test_a_losing_row_says_why_and_what_would_help():
-    from rollout.bench.run import RunResult, explain_losses
+    from rollout.bench.config import RunResult
+    from rollout.bench.run import explain_losses
     from rollout.cost_model import CostModel
     from rollout.types import Option
 

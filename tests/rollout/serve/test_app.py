@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from common.paths import SHIPPED_BPE_CHECKPOINT
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import load_tokenizer
 from rollout.serve.config import ServeConfig
 from rollout.serve.run import ServerProcess, ServerThread
 

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainers.cli import main
-from trainers.regress.job import RegressConfig, load_baseline, speedup_floor
+from trainers.regress.config import RegressConfig
+from trainers.regress.job import load_baseline, speedup_floor
 from trainers.regress.stats import (
     ToleranceConfig,
     compare,

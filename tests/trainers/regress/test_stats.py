@@ -11,7 +11,8 @@ import pytest
 
 from common.config import load_config
 from trainers.lm.evaluate import wilson
-from trainers.regress.job import RegressConfig, SamplerMetrics
+from trainers.regress.config import RegressConfig
+from trainers.regress.job import SamplerMetrics
 from trainers.regress.simulate import simulate_alarm_rate
 from trainers.regress.stats import (
     ToleranceConfig,

@@ -131,7 +131,9 @@ def test_a_checkpoint_resumes_under_another_world_size(cluster, checkpoint, tmp_
         two.save(tmp_path / "from2", {"step": 1})
     finally:
         two.close()
-    assert read_trainer_state(tmp_path / "from2")["learner"]["version"] == 1
+    saved = read_trainer_state(tmp_path / "from2")
+    assert saved["learner"]["version"] == 1
+    assert len(saved["learner_rng"]) == 2 and all("torch" in r and "cuda" in r for r in saved["learner_rng"])
     one = Learner(HybridPolicy.from_pretrained(tmp_path / "from2"), cfg)
     one.load_state_dict(read_trainer_state(tmp_path / "from2")["learner"])
     assert_same([first, one.step(batch), one.step(batch)], want)

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from envs.tasks import iter_samples
-from policy.hybrid import HybridPolicy, load_tokenizer
+from policy.hybrid import HybridPolicy
+from policy.metadata import load_tokenizer
 from trainers.rl.losses import ImportanceConfig, importance_weights
 from trainers.trl.adapter import (
     BlockGRPOTrainer,

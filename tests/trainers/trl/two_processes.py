@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from envs.tasks import iter_samples
-from policy.hybrid import load_tokenizer
+from policy.metadata import load_tokenizer
 from trainers.trl.adapter import BlockRolloutFunc, weights_fingerprint
 
 CKPT = "checkpoints/tiny-moe"
