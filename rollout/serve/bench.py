@@ -33,8 +33,11 @@ from rollout.serve.config import ServeConfig
 from rollout.serve.run import ServerProcess
 from rollout.types import Levels
 
-Arm = Literal["hf", "ar", "lossless", "logit_mix", "auto", "lossless+history"]
+Arm = Literal[
+    "hf", "ar", "lossless", "logit_mix", "auto", "lossless+history", "ar+compiled", "lossless+compiled"
+]
 HISTORY_ARM = "lossless+history"
+COMPILED = "+compiled"  # an arm on the engine server with the decode step compiled (`compile: on`)
 
 
 class ServeBenchConfig(Section):
@@ -46,7 +49,10 @@ class ServeBenchConfig(Section):
     """results.json, serve_bench.png and the servers' logs."""
     arms: list[Arm] = Field(default_factory=lambda: ["hf", "ar", "lossless"])
     """hf = the HF-generate server; the others = the engine server with that sampler per request;
-    lossless+history = lossless on an engine server that also drafts from history (`drafts: both`)."""
+    lossless+history = lossless on an engine server that also drafts from history (`drafts: both`); ar+compiled,
+    lossless+compiled = on an engine server whose decode step is compiled (`compile: on`; its graphs compile in
+    the warm-up). HF's own static-cache fast path is not an arm: it compiles one graph per batch shape, and a
+    server's batches change shape every step (`blockrl bench --set hf_compiled=true` measures it)."""
     concurrency: list[int] = Field(default_factory=lambda: [1, 8, 32])
     """concurrent clients."""
     requests: int = Field(32, ge=1)
@@ -184,7 +190,9 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     )
     model = Path(cfg.checkpoint).name
     runs: list[LoadRun] = []
-    servers = {"engine": ServeConfig(backend="engine", sampler="lossless", **base)}
+    servers = {"engine": ServeConfig(backend="engine", sampler="lossless", compile="off", **base)}
+    if any(a.endswith(COMPILED) for a in cfg.arms):
+        servers["compiled"] = ServeConfig(backend="engine", sampler="lossless", compile="on", **base)
     if "hf" in cfg.arms:
         servers["hf"] = ServeConfig(backend="hf", sampler="ar", **base)
     if HISTORY_ARM in cfg.arms:  # both draft sources (history alone on a plain checkpoint)
@@ -197,10 +205,13 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
         }
 
         def url_of(arm: str) -> str:
-            return urls[arm] if arm in ("hf", HISTORY_ARM) else urls["engine"]
+            return urls[server_of(arm)]
 
-        for arm in cfg.arms:  # warm: first requests load kernels, calibrate auto
+        for (
+            arm
+        ) in cfg.arms:  # warm: first requests load kernels, calibrate auto, compile (one row and several)
             asyncio.run(drive(url_of(arm), model, sets[-1][:2], 1, cfg, _sampler(arm), chat))
+            asyncio.run(drive(url_of(arm), model, sets[-1][:4], 2, cfg, _sampler(arm), chat))
         for ci, c in enumerate(cfg.concurrency):
             for rep in range(cfg.repeats):
                 prompts = sets[ci * cfg.repeats + rep]
@@ -233,8 +244,16 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     return out
 
 
+def server_of(arm: str) -> str:
+    """Which of the bench's servers an arm's requests go to."""
+    if arm.endswith(COMPILED):
+        return "compiled"
+    return arm if arm in ("hf", HISTORY_ARM) else "engine"
+
+
 def _sampler(arm: str) -> str | None:
-    return None if arm == "hf" else arm.removesuffix("+history")
+    """The sampler an arm asks for per request (None: the HF server's own)."""
+    return None if arm == "hf" else arm.removesuffix("+history").removesuffix(COMPILED)
 
 
 def summarize(runs: list[LoadRun]) -> list[dict]:

@@ -82,7 +82,8 @@ class LearnerRank:
             state = read_trainer_state(resume)
             self.learner.load_state_dict(state["learner"])
             ranks_rng = state.get("learner_rng") or []
-            if self.rank < len(ranks_rng):  # this rank's own streams (a resume under more ranks: the new ones fresh)
+            # this rank's own streams (resumed under more ranks, the new ones start fresh)
+            if self.rank < len(ranks_rng):
                 set_rng_state(ranks_rng[self.rank])
         return self.learner.version, self.learner.lambda_diff
 
@@ -238,7 +239,9 @@ class LearnerGroup:
         """The resumable checkpoint: full HF policy + name-keyed learner state, written by rank 0, with every rank's
         RNG states (`learner_rng`, restored rank by rank on resume: exact resume on a GPU too)."""
         ranks_rng = self._all([a.rng.remote() for a in self.ranks], "RNG states")
-        self._all([a.save.remote(str(dest), extra | {"learner_rng": ranks_rng}) for a in self.ranks], "checkpoint")
+        self._all(
+            [a.save.remote(str(dest), extra | {"learner_rng": ranks_rng}) for a in self.ranks], "checkpoint"
+        )
 
     def weights_numpy(self):
         """The object-store path: a ref to rank 0's numpy state dict (all ranks join the gather; a failure names

@@ -44,7 +44,8 @@ from rollout.types import Levels
 from trainers.trl.adapter import BlockGRPOTrainer, BlockRolloutFunc
 
 log = logging.getLogger(__name__)
-Variant = Literal["hf", "ar", "lossless", "logit_mix", "auto"]
+Variant = Literal["hf", "ar", "lossless", "logit_mix", "auto", "ar+compiled", "lossless+compiled"]
+COMPILED = "+compiled"  # the engine's decode step compiled (`compile: on`)
 
 
 class TRLBenchConfig(Section):
@@ -55,7 +56,8 @@ class TRLBenchConfig(Section):
     run_dir: str = "runs/trl_bench"
     """where results.json and trl_bench.png go; TRL's output_dir lives inside it."""
     variants: list[Variant] = Field(default_factory=lambda: ["hf", "lossless"])
-    """hf = TRL's default generate; others = BlockRolloutFunc with that sampler."""
+    """hf = TRL's default generate; others = BlockRolloutFunc with that sampler; `+compiled` with the engine's decode
+    step compiled (`compile: on`; it compiles in the warm-up steps)."""
     tasks: list[TaskName] = Field(default_factory=lambda: list(CORPUS_TASKS))
     """tasks the prompts come from."""
     prompts_per_task: int = Field(32, ge=1)
@@ -194,7 +196,8 @@ def _build(cfg: TRLBenchConfig, variant: str, dataset, tok, by_prompt, baton: _B
     rollout = None
     if variant != "hf":
         rollout = BlockRolloutFunc(
-            sampler=variant,
+            sampler=variant.removesuffix(COMPILED),
+            compile="on" if variant.endswith(COMPILED) else "off",
             levels=cfg.levels,
             mix_weight=cfg.mix_weight,
             max_batch=cfg.batch_size,
@@ -202,7 +205,9 @@ def _build(cfg: TRLBenchConfig, variant: str, dataset, tok, by_prompt, baton: _B
         )
     timer = _StepTimer(variant, baton, bar)
     model = AutoModelForCausalLM.from_pretrained(cfg.checkpoint)
-    cls = BlockGRPOTrainer if variant == "logit_mix" else GRPOTrainer  # exact samplers need no correction
+    cls = (
+        BlockGRPOTrainer if variant.startswith("logit_mix") else GRPOTrainer
+    )  # exact samplers need no correction
     trainer = cls(
         model=model,
         processing_class=tok,

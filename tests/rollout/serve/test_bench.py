@@ -6,7 +6,16 @@ import statistics
 
 import pytest
 
-from rollout.serve.bench import LoadRun, ServeBenchConfig, format_summary, plot, run_serve_bench, summarize
+from rollout.serve.bench import (
+    LoadRun,
+    ServeBenchConfig,
+    _sampler,
+    format_summary,
+    plot,
+    run_serve_bench,
+    server_of,
+    summarize,
+)
 
 
 def test_serve_bench_runs_every_arm_side_by_side(tmp_path):
@@ -65,3 +74,17 @@ def test_history_arm_serves_conversations_whose_turns_repeat_earlier_text(tmp_pa
     assert all(r["completions"] == 2 * 2 and r["failed"] == 0 for r in out["runs"])
     served = yaml.safe_load((tmp_path / "lossless_history.yaml").read_text())
     assert served["drafts"] == "both" and served["sampler"] == "lossless"
+
+
+def test_each_arm_goes_to_its_server_with_its_sampler():
+    """Compiled arms go to the engine server that compiles (`compile: on`), asking for their plain sampler; the
+    history arm to its own server; the rest to the eager engine server."""
+    want = {
+        "hf": ("hf", None),
+        "ar": ("engine", "ar"),
+        "lossless": ("engine", "lossless"),
+        "lossless+history": ("lossless+history", "lossless"),
+        "ar+compiled": ("compiled", "ar"),
+        "lossless+compiled": ("compiled", "lossless"),
+    }
+    assert {a: (server_of(a), _sampler(a)) for a in want} == want
