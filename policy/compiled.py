@@ -50,7 +50,7 @@ class CompiledBody:
     """`policy.model.base_model(**inputs)`, compiled; eager after a failure, with the reason in `fallback`."""
 
     def __init__(self, policy, device: torch.device):
-        self.policy = policy
+        self._policy = weakref.ref(policy)  # the policy keys `_BODIES` weakly: no strong reference back
         self.cuda_graphs = device.type == "cuda"
         self.fallback: str | None = None  # why the body runs eager, once it does
         self.compile_seconds = 0.0  # wall time of the calls that compiled a new graph
@@ -65,6 +65,10 @@ class CompiledBody:
             options=None if self.cuda_graphs else {"cpp_wrapper": True},
         )
 
+    @property
+    def policy(self):
+        return self._policy()
+
     def __call__(self, **inputs):
         if self.fallback is not None:
             return self.policy.model.base_model(**inputs)
@@ -75,7 +79,11 @@ class CompiledBody:
             # no duck sizing: a first step over every slot must not tie the row count to the cache's batch
             with torch.fx.experimental._config.patch(use_duck_shape=False):
                 out = self._fn(**inputs)
-        except Exception as e:  # any compile failure means eager, said once
+        except torch.OutOfMemoryError:
+            raise  # the device is full: not a reason to give up compiling, nor one eager would escape
+        except (
+            Exception
+        ) as e:  # a compile failure (dynamo, inductor, the C++ toolchain) means eager, said once
             family = self.policy.model.config.model_type
             first = (str(e).strip().splitlines() or [""])[0][:300]
             self.fallback = f"{type(e).__name__}: {first}"

@@ -59,9 +59,9 @@ class RaggedLayer(CacheLayerMixin):
         self._mark_static()
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Use these buffers (a finished cache's, `KVPool`): their contents are stale and never read, every row's
-        length starting at 0."""
-        self.keys, self.values = keys, values
+        """Use these buffers (a finished cache's, `KVPool`), zeroed: stale entries are masked, but a non-finite one
+        would still reach the output through a zero attention weight (0 * inf)."""
+        self.keys, self.values = keys.zero_(), values.zero_()
         self.capacity = keys.shape[2]
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
@@ -120,6 +120,10 @@ class KVPool:
         self.free: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = defaultdict(list)
         self.out = 0  # caches holding buffers of this pool
 
+    def release(self) -> None:
+        """Drop the free buffers (colocated mode hands the device to the learner between rollouts)."""
+        self.free.clear()
+
     def take(self, cache: RaggedKVCache) -> None:
         """Give `cache`'s layers the largest free set of buffers of its batch size, if there is one; when `cache` is
         garbage-collected, its layers' buffers come back here. With none free while others are out, one garbage
@@ -128,9 +132,9 @@ class KVPool:
         free = self.free[len(cache.state.host_lens)]
         if not free and self.out:
             gc.collect()
-        if free:
-            free.sort(key=lambda bufs: bufs[0][0].shape[2])
-            for layer, (k, v) in zip(cache.layers, free.pop(), strict=True):
+        if free:  # the largest (a collection inside a sort could append to the list: no sort)
+            largest = max(range(len(free)), key=lambda i: free[i][0][0].shape[2])
+            for layer, (k, v) in zip(cache.layers, free.pop(largest), strict=True):
                 layer.adopt(k, v)
         self.out += 1
         weakref.finalize(cache, self._give_back, cache.layers)

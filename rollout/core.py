@@ -75,11 +75,13 @@ class EngineCore(VerifyDrafts, DraftChoice):
         cfg = eng.policy.config
         self.V = eng.vocab_size
         # compiled: at least 2 cache rows, so torch never specializes the graphs on a one-row cache (a one-slot
-        # core's graph would not serve a batch's last row, nor the reverse); under CUDA graphs the buffers come from
-        # the policy's pool, at the addresses the graphs captured
+        # core's graph would not serve a batch's last row, nor the reverse); under CUDA graphs the cache has the
+        # engine's max_batch rows whatever this call's size (one buffer set and fewer captured shapes), its
+        # buffers from the policy's pool, at the addresses the graphs captured
+        cache_rows = B if eng.body is None else max(eng.max_batch if eng.cuda_graphs else B, 2)
         self.cache = RaggedKVCache(
             cfg.num_hidden_layers,
-            max(B, 2) if eng.body is not None else B,
+            cache_rows,
             dev,
             extent_bucket=CUDA_EXTENT_BUCKET if eng.cuda_graphs else 1,
             pool=kv_pool(eng.policy) if eng.cuda_graphs else None,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from common.device import resolve_device
+from policy.compiled import compile_enabled
 from policy.hybrid import HybridPolicy
 from policy.metadata import load_tokenizer
 from rollout.auto import AutoSampler, build_engine
@@ -96,6 +97,11 @@ class RolloutWorker:
         self.engine: BlockEngine | AutoSampler | None = None
         self.version = 0
         self._sync: SyncGroup | None = None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether this worker's engine compiles its decode step (`EngineSettings.compile` on its device)."""
+        return compile_enabled(self.settings.compile, self.device)
 
     def ping(self) -> int:
         return self.version

@@ -199,3 +199,5 @@ def test_on_cuda_graphs_greedy_equals_eager_and_settles(sampler):
     before = graphs_compiled()
     compiled.generate([[2, 3], [2, 5, 7, 8, 9, 10, 11], [4]], 60, temperature=1.0, seed=1, eos_token_id=None)
     assert graphs_compiled() == before
+    # the steps really ran as CUDA graphs: inductor skipped none (a CPU tensor, an unmarked mutated input)
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0

@@ -18,8 +18,10 @@ from __future__ import annotations
 import time
 
 import torch
+from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
 from common.memory import PhaseMemory
+from rollout.cache import kv_pool
 from rollout.settings import EngineSettings
 from rollout.weight_sync import load_in_place, sync_targets
 from rollout.worker import RolloutWorker, Shard, ShardResult
@@ -60,6 +62,11 @@ class ColocatedRollouts:
         phase (`memory/{sync,rollout,train}_gb`)."""
         if self.on_gpu:
             self.worker.policy.to("cpu")  # the rollout copy lives on the GPU only while rollouts run
+            # a compiled engine's KV buffers and captured CUDA graphs hold GPU memory too, and the graphs captured
+            # the weights' old addresses: both go, and the next rollout re-captures (policy/compiled.py)
+            kv_pool(self.worker.policy).release()
+            if self.worker.compiled:
+                reset_cudagraph_trees()
             torch.cuda.empty_cache()  # the engine's KV cache went with its run: hand its blocks back
             self.learner.move_optimizer_state(self.learner.device)
         with self.memory.phase("train"):
