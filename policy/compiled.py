@@ -85,8 +85,9 @@ class CompiledBody:
             Exception
         ) as e:  # a compile failure (dynamo, inductor, the C++ toolchain) means eager, said once
             family = self.policy.model.config.model_type
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            self.fallback = f"{type(e).__name__}: {first}"
+            cause = getattr(e, "inner_exception", None) or e  # inductor's failure wraps the one that says why
+            first = (str(cause).strip().splitlines() or [""])[0][:300]
+            self.fallback = f"{type(cause).__name__}: {first}"
             log.warning(
                 "compile: %s does not compile (%s); its decode steps run eager", family, self.fallback
             )
