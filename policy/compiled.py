@@ -29,6 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CompileMode = Literal["off", "on", "auto"]
+MAX_GRAPHS = 4  # a settled decode step's graphs: one row or several x one query or several
 CUDA_EXTENT_BUCKET = 256  # CUDA graphs: the attended cache extent is padded to a multiple of this
 
 
@@ -100,6 +101,14 @@ class CompiledBody:
             self.compile_seconds += seconds
             self.graphs += new
             log.info("compile: %d graph(s) of the decode step compiled in %.1fs", new, seconds)
+            if self.graphs > MAX_GRAPHS >= self.graphs - new:  # said once
+                log.warning(
+                    "compile: %s recompiles per shape (%d graphs; a settled step has at most %d): past torch's "
+                    "recompile limit its new shapes run eager",
+                    self.policy.model.config.model_type,
+                    self.graphs,
+                    MAX_GRAPHS,
+                )
         return out
 
 

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from policy.compiled import MAX_GRAPHS  # noqa: E402
 from policy.hybrid import UnsupportedModelError  # noqa: E402
 from rollout import BlockEngine  # noqa: E402
 from tests.policy.test_families import (  # noqa: E402
@@ -54,6 +55,8 @@ def sweep_one(family: str) -> tuple[str, str, float]:
     if body.fallback is not None:
         return "eager (fallback)", body.fallback + ("" if same else "; greedy DIFFERS from HF"), 0.0
     status = "compiled" if same else "compiled, greedy DIFFERS from HF"
+    if body.graphs > MAX_GRAPHS:  # more than a settled step has: it recompiles per shape
+        status += ", recompiles"
     return status, f"{body.graphs} graphs", body.compile_seconds
 
 
